@@ -1,0 +1,60 @@
+"""Step-wise DPO (Step-DPO, arXiv 2406.18332; used by PSR, arXiv 2503.03746 section 3.4).
+
+For a prompt x = question + previous steps s_1..s_{k-1} (+ the `Step k: ` header), a chosen step s_w and a
+rejected step s_l (one step each, no EOS appended):
+
+    r_w = beta * (log pi(s_w | x) - log pi_ref(s_w | x))
+    r_l = beta * (log pi(s_l | x) - log pi_ref(s_l | x))
+    loss = -log sigmoid(r_w - r_l)
+
+where log pi(s | x) sums the token log-probabilities of the step's tokens only (the prompt is masked).
+The reference pi_ref is the previous iteration's model, frozen.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class DPOOutput(NamedTuple):
+    loss: torch.Tensor  # mean over the batch
+    chosen_rewards: torch.Tensor  # r_w per example (detached)
+    rejected_rewards: torch.Tensor  # r_l per example (detached)
+
+
+def step_dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+) -> DPOOutput:
+    """The loss above from per-example summed step log-probabilities (shape [batch])."""
+    chosen = beta * (policy_chosen_logps - reference_chosen_logps)
+    rejected = beta * (policy_rejected_logps - reference_rejected_logps)
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return DPOOutput(loss, chosen.detach(), rejected.detach())
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label_t | tokens < t) over positions where `loss_mask` is 1.
+
+    `logits` [B, T, V] predicts the token at t+1 from position t; `labels`, `loss_mask` are [B, T] aligned
+    with the input ids. Only the masked (step) positions are gathered, so the log-softmax never
+    materializes a float32 [B, T, V] tensor of the whole vocabulary.
+    """
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
+    mask = loss_mask[:, 1:].bool()
+    # logsumexp over the vocabulary only where needed: [N, V] for the N step tokens.
+    picked = logits[mask]
+    token_logps = picked.float().gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(
+        picked.float(), dim=-1
+    )
+    rows = mask.nonzero(as_tuple=True)[0]
+    out = torch.zeros(logits.shape[0], dtype=token_logps.dtype, device=logits.device)
+    return out.index_add(0, rows, token_logps)
