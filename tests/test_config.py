@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from psr_ray import config as C
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_defaults_follow_the_paper():
+    cfg = C.PSRConfig()
+    assert cfg.rollout.num_candidates == 6
+    assert (cfg.rollout.temperature, cfg.rollout.top_p) == (0.5, 0.95)
+    assert cfg.search.max_steps == 20
+    assert cfg.trainer.learning_rate == 5e-7
+    assert cfg.trainer.global_batch_size == 32
+    assert cfg.trainer.num_epochs == 1
+    assert cfg.run.prompts_per_iteration == (400, 800, 1200)
+    assert cfg.judge.both_orders and cfg.judge.mode == "explain"
+    C.validate(cfg, gpu_available=False)
+
+
+def test_configs_are_frozen():
+    cfg = C.PSRConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rollout.num_candidates = 3  # type: ignore[misc]
+
+
+def test_prompt_schedule_repeats_last_entry():
+    cfg = C.PSRConfig()
+    assert [cfg.prompts_for_iteration(i) for i in range(5)] == [400, 800, 1200, 1200, 1200]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = C.load([str(path)])
+    C.validate(cfg, gpu_available=True)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in SHIPPED}
+    assert {"embedded_cpu.yaml", "qwen2.5-math-7b.yaml"} <= names
+
+
+def test_overrides_apply_and_coerce(tmp_path):
+    cfg = C.load([], ["rollout.num_candidates=4", "trainer.beta=1", "run.prompts_per_iteration=[5,6]", "eval.benchmarks=gsm8k"])
+    assert cfg.rollout.num_candidates == 4
+    assert cfg.trainer.beta == 1.0 and isinstance(cfg.trainer.beta, float)
+    assert cfg.run.prompts_per_iteration == (5, 6)
+    assert cfg.eval.benchmarks == ("gsm8k",)
+
+
+def test_yaml_merge_order(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("rollout:\n  num_candidates: 3\n  temperature: 0.9\n")
+    b.write_text("rollout:\n  num_candidates: 5\n")
+    cfg = C.load([str(a), str(b)], ["rollout.top_p=0.5"])
+    assert (cfg.rollout.num_candidates, cfg.rollout.temperature, cfg.rollout.top_p) == (5, 0.9, 0.5)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("rollout.bogus=1", "rollout.bogus"),
+        ("nosuch.x=1", "nosuch"),
+        ("rollout.num_candidates=abc", "rollout.num_candidates"),
+        ("trainer.use_gpu=3", "trainer.use_gpu"),
+        ("rollout=3", "rollout"),
+    ],
+)
+def test_load_rejects_unknown_keys_and_wrong_types(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        C.load([], [override])
+
+
+def test_load_rejects_missing_file_and_bad_override():
+    with pytest.raises(ValueError, match="does not exist"):
+        C.load(["/nonexistent.yaml"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        C.load([], ["rollout.num_candidates"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("rollout.num_candidates=1", "rollout.num_candidates"),
+        ("rollout.num_workers=-1", "rollout.num_workers"),
+        ("judge.num_workers=0", "judge.num_workers"),
+        ("rollout.top_p=0", "rollout.top_p"),
+        ("judge.mode=vote", "judge.mode"),
+        ("search.max_steps=0", "search.max_steps"),
+        ("trainer.beta=-0.1", "trainer.beta"),
+        ("trainer.global_batch_size=3", "trainer.global_batch_size"),
+        ("trainer.zero_stage=4", "trainer.zero_stage"),
+        ("weight_sync.backend=carrier_pigeon", "weight_sync.backend"),
+        ("run.num_iterations=0", "run.num_iterations"),
+        ("run.prompts_per_iteration=[0]", "run.prompts_per_iteration"),
+        ("run.wandb_mode=loud", "run.wandb_mode"),
+        ("eval.limit=-1", "eval.limit"),
+        ("model.path=/no/such/model", "model.path"),
+        ("model.path=embedded:gpt5", "model.path"),
+        ("data.source=/no/such.jsonl", "data.source"),
+    ],
+)
+def test_validate_names_the_field(override, field):
+    cfg = C.load([], [override])
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        C.validate(cfg, gpu_available=False)
+
+
+def test_gpu_requests_without_gpu_fail_locally_but_not_for_a_cluster():
+    cfg = C.load([], ["rollout.num_gpus_per_worker=1", "trainer.use_gpu=true"])
+    with pytest.raises(ValueError, match="rollout.num_gpus_per_worker, trainer.use_gpu ask"):
+        C.validate(cfg, gpu_available=False)
+    C.validate(cfg, gpu_available=True)
+    remote = C.load([], ["rollout.num_gpus_per_worker=1", "run.ray_address=auto"])
+    C.validate(remote, gpu_available=False)
+
+
+def test_validate_reports_every_error_at_once():
+    cfg = C.load([], ["rollout.num_candidates=1", "trainer.beta=0"])
+    with pytest.raises(ValueError) as err:
+        C.validate(cfg, gpu_available=False)
+    assert "rollout.num_candidates" in str(err.value) and "trainer.beta" in str(err.value)
+
+
+def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
+    for path in (str(tmp_path), "Qwen/Qwen2.5-Math-7B-Instruct"):
+        C.validate(C.load([], [f"model.path={path}"]), gpu_available=False)
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(ValueError, match="model.path"):
+        C.validate(C.load([], [f"model.path={tmp_path / 'weights.bin'}"]), gpu_available=False)
