@@ -112,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from psr_ray import commands  # the commands that start Ray and engines
 
-    return getattr(commands, args.command.replace("-", "_"))(cfg, args)
+    try:
+        return getattr(commands, args.command.replace("-", "_"))(cfg, args)
+    except ValueError as err:  # a user mistake found late (data, checkpoints, resume dirs): no traceback
+        print(f"psr-ray {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

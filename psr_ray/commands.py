@@ -3,34 +3,85 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from psr_ray.config import PSRConfig
-
-
-def _not_yet(what: str, issue: int) -> int:
-    print(f"psr-ray: {what} is not available in this version yet (tracked as issue {issue}).")
-    return 2
+from psr_ray.config import PSRConfig, validate
 
 
 def run(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    return _not_yet("`run` (the M1 -> Mk driver loop)", 6)
+    from psr_ray.loop import run as run_loop
+
+    run_loop(cfg, resume_dir=args.resume)
+    return 0
 
 
 def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    return _not_yet("`generate` (the step-wise self-judged search)", 3)
+    """One search pass with the configured model over `--num-problems` problems."""
+    from psr_ray.cluster import init_ray
+    from psr_ray.data.problems import load_problems
+    from psr_ray.judge.worker import create_judge_workers
+    from psr_ray.models import resolve_model_path
+    from psr_ray.rollout.scheduler import generate_pairs
+    from psr_ray.rollout.worker import create_rollout_workers
+
+    if args.num_problems < 1:
+        raise SystemExit("psr-ray generate: --num-problems must be >= 1")
+    output_dir = args.output or cfg.run.output_dir
+    loaded = load_problems(cfg.data.source, split=cfg.data.split, limit=args.num_problems,
+                           seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars)
+    if loaded.skipped:
+        print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
+    model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
+    init_ray(cfg)
+    summary = generate_pairs(
+        cfg, loaded.problems, iteration=1, policy_version=1,
+        rollout_workers=create_rollout_workers(cfg, model_path, policy_version=1),
+        judge_workers=create_judge_workers(cfg, model_path, policy_version=1),
+        output_dir=output_dir,
+    )
+    for key, value in summary.to_dict().items():
+        print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    return 0
 
 
 def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    return _not_yet("`train` (the ZeRO-3 step-DPO trainer group)", 4)
+    """Step-DPO of model.path (also the frozen reference) on a Parquet folder of pairs."""
+    from psr_ray.cluster import init_ray
+    from psr_ray.models import resolve_model_path
+    from psr_ray.trainer.group import read_pairs_dataset, train_dpo
+
+    model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
+    init_ray(cfg)
+    dataset = read_pairs_dataset(args.pairs)
+    result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
+                       output_dir=args.output or f"{cfg.run.output_dir}/train", policy_version=2)
+    final = result.metrics[-1] if result.metrics else {}
+    print(f"trained {result.num_optimizer_steps} optimizer steps; HF export: {result.hf_dir}")
+    for key, value in final.items():
+        print(f"  {key:24s} {value:.4f}")
+    return 0
 
 
 def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
-    return _not_yet("`eval` (benchmark evaluation)", 5)
+    from psr_ray.cluster import init_ray
+    from psr_ray.eval import run_eval_command
+
+    benchmarks = args.benchmarks.split(",") if args.benchmarks else list(cfg.eval.benchmarks)
+    limit = cfg.eval.limit if args.limit is None else args.limit
+    if args.model:
+        cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model)))
+    init_ray(cfg)
+    run_eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")
+    return 0
 
 
 def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    return _not_yet("`init` (IFT/EFT data and SFT into M1)", 7)
+    print("psr-ray: `init` (IFT/EFT data and SFT into M1) is not available in this version yet (issue 7).")
+    return 2
 
 
 def submit(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    return _not_yet("`submit` (ray job submission)", 8)
+    from psr_ray.cli import DEFAULT_CONFIG
+    from psr_ray.submit import submit as submit_job
+
+    return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait)

@@ -102,3 +102,36 @@ class WandbLogger:
         if self._run is not None:
             self._run.finish()
             self._run = None
+
+
+def grafana_dashboard() -> dict[str, Any]:
+    """A Grafana dashboard of every instrument above (cluster/grafana_dashboard.json is this, written by
+    `python -m psr_ray.metrics > cluster/grafana_dashboard.json`; a test keeps the two equal)."""
+    panels = []
+    for index, (name, (kind, description)) in enumerate(INSTRUMENTS.items()):
+        series = f"ray_psr_{name}"
+        expr = f"sum(rate({series}_total[1m]))" if kind == "counter" else f"max({series})"
+        panels.append({
+            "id": index + 1,
+            "type": "timeseries",
+            "title": f"{name} ({'per second' if kind == 'counter' else 'latest'})",
+            "description": description,
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 7, "w": 8, "x": 8 * (index % 3), "y": 7 * (index // 3)},
+            "targets": [{"expr": expr, "legendFormat": name, "refId": "A"}],
+        })
+    return {
+        "title": "psr_ray",
+        "uid": "psr-ray",
+        "schemaVersion": 39,
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "10s",
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+        "panels": panels,
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(grafana_dashboard(), indent=2))

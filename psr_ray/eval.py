@@ -1,0 +1,221 @@
+"""Greedy evaluation on math benchmarks: accuracy, step statistics (the paper's Table 4) and step-format
+compliance. Scoring is pure; `evaluate` sends prompts to engine actors (psr_ray/engine_api.py
+`generate`), and `run_eval_command` is `psr-ray eval`: it starts the engines itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from psr_ray.data.problems import Problem, load_benchmark
+from psr_ray.prompts import render_solution_prompt
+from psr_ray.steps import extract_boxed, split_steps, step_header
+from psr_ray.verify import extract_answer, is_equivalent
+
+
+@dataclass(frozen=True)
+class SolutionScore:
+    problem_id: str
+    text: str  # the whole solution, forced `Step 1: ` header included
+    predicted: str | None  # verify.extract_answer: boxed, else "the answer is", else the last number
+    correct: bool
+    correct_boxed: bool  # the paper's rule: only the last \boxed{} counts
+    num_steps: int
+    num_tokens: int
+    formatted: bool  # at least one non-empty `Step n:` step and a non-empty \boxed{} answer
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    benchmark: str
+    n: int
+    accuracy: float
+    accuracy_boxed: float
+    steps_per_solution: float
+    tokens_per_step: float
+    format_compliance: float
+    num_tokens: int
+    num_skipped: int  # benchmark rows without a usable question or answer
+    scores: tuple[SolutionScore, ...]
+
+    def row(self, iteration: int) -> dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "benchmark": self.benchmark,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "accuracy_boxed": self.accuracy_boxed,
+            "steps_per_solution": self.steps_per_solution,
+            "tokens_per_step": self.tokens_per_step,
+            "format_compliance": self.format_compliance,
+            "num_tokens": self.num_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    benchmarks: tuple[BenchmarkResult, ...]
+    elapsed_s: float  # wall time of generation (all benchmarks at once), scoring excluded
+    num_engines: int
+
+    @property
+    def num_problems(self) -> int:
+        return sum(b.n for b in self.benchmarks)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b.num_tokens for b in self.benchmarks)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def problems_per_s(self) -> float:
+        return self.num_problems / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def rows(self, iteration: int = 0) -> list[dict[str, Any]]:
+        return [b.row(iteration) for b in self.benchmarks]
+
+
+def score_solution(problem: Problem, generated: str, num_tokens: int) -> SolutionScore:
+    """Scores one greedy generation; `generated` is what came after the prompt's forced `Step 1: `."""
+    text = step_header(1) + generated
+    steps = [s for s in split_steps(text) if s]
+    boxed = extract_boxed(text)
+    predicted = extract_answer(text)
+    return SolutionScore(
+        problem_id=problem.problem_id,
+        text=text,
+        predicted=predicted,
+        correct=is_equivalent(predicted, problem.answer),
+        correct_boxed=bool(boxed) and is_equivalent(boxed, problem.answer),
+        num_steps=len(steps),
+        num_tokens=num_tokens,
+        formatted=bool(steps) and bool(boxed),
+    )
+
+
+def summarize(benchmark: str, scores: list[SolutionScore], *, num_skipped: int = 0) -> BenchmarkResult:
+    """Per-benchmark figures. Tokens per step is total tokens over total steps (long solutions weigh more,
+    as in a corpus statistic); an empty benchmark gives zeros."""
+    n = len(scores)
+    total_steps = sum(s.num_steps for s in scores)
+    total_tokens = sum(s.num_tokens for s in scores)
+    return BenchmarkResult(
+        benchmark=benchmark,
+        n=n,
+        accuracy=_share(sum(s.correct for s in scores), n),
+        accuracy_boxed=_share(sum(s.correct_boxed for s in scores), n),
+        steps_per_solution=_share(total_steps, n),
+        tokens_per_step=_share(total_tokens, total_steps),
+        format_compliance=_share(sum(s.formatted for s in scores), n),
+        num_tokens=total_tokens,
+        num_skipped=num_skipped,
+        scores=tuple(scores),
+    )
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole else 0.0
+
+
+def split_batches(num_prompts: int, *, num_engines: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) batches of at most `batch_size`, at least one per engine when there are enough prompts,
+    sizes within one of each other so the engines finish together."""
+    if num_prompts == 0:
+        return []
+    count = min(num_prompts, max(num_engines, math.ceil(num_prompts / batch_size)))
+    base, extra = divmod(num_prompts, count)
+    bounds, start = [], 0
+    for i in range(count):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def generate_all(engines: list[Any], prompts: list[str], *, max_tokens: int, batch_size: int = 256) -> list[Any]:
+    """Greedy generations for `prompts`, in order, spread over the engine actors (batch i -> engine i mod k).
+    Each actor runs its calls one after another; vLLM batches the prompts of a call internally."""
+    import ray
+
+    if not engines:
+        raise ValueError("evaluation needs at least one engine actor")
+    batches = split_batches(len(prompts), num_engines=len(engines), batch_size=batch_size)
+    refs = [
+        engines[i % len(engines)].generate.remote(prompts[start:end], max_tokens=max_tokens)
+        for i, (start, end) in enumerate(batches)
+    ]
+    return [generation for batch in ray.get(refs) for generation in batch]
+
+
+def evaluate(
+    engines: list[Any],
+    tokenizer: Any,
+    benchmarks: list[str] | tuple[str, ...],
+    *,
+    limit: int | None,
+    max_tokens: int,
+    batch_size: int = 256,
+) -> EvalResult:
+    """Greedy solutions to the first `limit` problems (None/0: all) of each benchmark, scored."""
+    if not benchmarks:
+        raise ValueError("name at least one benchmark, e.g. --benchmarks gsm8k,math500")
+    loaded = {name: load_benchmark(name, limit=limit) for name in benchmarks}
+    items = [(name, problem) for name in benchmarks for problem in loaded[name].problems]
+    prompts = [render_solution_prompt(tokenizer, problem.question) for _, problem in items]
+    start = time.perf_counter()
+    generations = generate_all(engines, prompts, max_tokens=max_tokens, batch_size=batch_size)
+    elapsed = time.perf_counter() - start
+    scores: dict[str, list[SolutionScore]] = {name: [] for name in benchmarks}
+    for (name, problem), generation in zip(items, generations, strict=True):
+        scores[name].append(score_solution(problem, generation.text, generation.num_tokens))
+    results = tuple(summarize(name, scores[name], num_skipped=len(loaded[name].skipped)) for name in benchmarks)
+    return EvalResult(results, elapsed, len(engines))
+
+
+def throughput_line(result: EvalResult) -> str:
+    return (
+        f"{result.num_problems} problems, {result.num_tokens} generated tokens in {result.elapsed_s:.1f} s on "
+        f"{result.num_engines} engine(s): {result.tokens_per_s:.1f} tokens/s, {result.problems_per_s:.2f} problems/s"
+    )
+
+
+def run_eval_command(
+    cfg: Any, model: str, benchmarks: list[str] | tuple[str, ...], limit: int | None, *, output_dir: str | None = None
+) -> EvalResult:
+    """`psr-ray eval --model PATH_OR_ID --benchmarks gsm8k,math500 --limit N`: starts Ray here unless it is
+    running (or `run.ray_address` names a cluster), creates `rollout.num_workers` engine actors, evaluates,
+    prints the table and the throughput, and writes the report to `output_dir` when given."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from psr_ray.models import resolve_model_path
+    from psr_ray.report import format_table, write_report, write_solutions
+    from psr_ray.rollout.worker import create_rollout_workers
+
+    model_path = resolve_model_path(model, cfg.run.cache_dir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.ray_address, include_dashboard=False)
+    # Named engines already running (a driver's, a test session's) are reused and left running.
+    running = set(ray.util.list_named_actors())
+    engines = create_rollout_workers(cfg, model_path)
+    try:
+        result = evaluate(engines, tokenizer, benchmarks, limit=limit or None, max_tokens=cfg.eval.max_tokens)
+    finally:
+        for engine, info in zip(engines, ray.get([e.ready.remote() for e in engines]), strict=True):
+            if info["name"] not in running:
+                ray.kill(engine)
+    print(format_table(result.rows()))
+    print(throughput_line(result))
+    if output_dir is not None:
+        write_report(result.rows(), output_dir)
+        write_solutions(result, output_dir)
+    return result

@@ -1,0 +1,277 @@
+"""The PSR driver loop, top to bottom.
+
+The configured model is M1 (policy version 1). Iteration k = 1..K:
+
+  1. search   M_k proposes candidate steps and judges them pairwise; pairs stream to Parquet
+  2. train    step-DPO of M_{k+1} against the frozen reference M_k, consuming that stream as it grows
+  3. sync     the trainer's rank 0 pushes M_{k+1} into every rollout and judge engine in place
+  4. eval     greedy accuracy of M_{k+1} on the benchmarks (M1 is evaluated first, as iteration 0)
+
+Every finished stage is recorded in `<output_dir>/state.json` (psr_ray.run_state), so `psr-ray run --resume`
+continues a killed run from its last finished stage. Results go to `<output_dir>/results.{json,md}`,
+`accuracy.png` and wandb.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from psr_ray.config import PSRConfig, from_dict
+from psr_ray.run_state import RunState
+
+FIRST_POLICY_VERSION = 1
+
+
+@dataclasses.dataclass
+class Run:
+    """What the stages share: the cluster's engines, the problems, the served policy and the results."""
+
+    cfg: PSRConfig
+    out: Path
+    state: RunState
+    rollout: list[Any]
+    judge: list[Any]
+    tokenizer: Any
+    problems: list[Any]
+    policy_dir: str
+    policy_version: int
+    logger: Any
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def engines(self) -> list[Any]:
+        return self.rollout + self.judge
+
+
+def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Run:
+    """Runs (or resumes) all iterations. The returned `Run` holds the results rows and the engine handles:
+    the engines live as long as it does (they are the driver's actors, not detached)."""
+    from tqdm import tqdm
+
+    psr = _start(cfg, resume_dir)
+    cfg = psr.cfg
+    stages = tqdm(total=1 + 4 * cfg.run.num_iterations, desc="PSR", unit="stage", dynamic_ncols=True)
+    try:
+        _evaluate(psr, iteration=0)
+        stages.update(1)
+        for k in range(1, cfg.run.num_iterations + 1):
+            stages.set_description(f"PSR iteration {k}/{cfg.run.num_iterations}")
+            _search_and_train(psr, k)
+            stages.update(2)
+            _sync(psr, k)
+            stages.update(1)
+            _evaluate(psr, iteration=k)
+            stages.update(1)
+    finally:
+        stages.close()
+        psr.logger.finish()
+    print(f"\nResults ({psr.out / 'results.md'}):\n")
+    print((psr.out / "results.md").read_text())
+    return psr
+
+
+def _start(cfg: PSRConfig, resume_dir: str | None) -> Run:
+    from transformers import AutoTokenizer
+
+    from psr_ray.cluster import init_ray
+    from psr_ray.data.problems import load_problems
+    from psr_ray.judge.worker import create_judge_workers
+    from psr_ray.metrics import WandbLogger
+    from psr_ray.models import resolve_model_path
+    from psr_ray.rollout.worker import create_rollout_workers
+
+    out = Path(resume_dir or cfg.run.output_dir).expanduser()
+    state = RunState(out)
+    if resume_dir is not None:
+        if not state.exists:
+            raise ValueError(f"--resume {resume_dir}: no state.json there; start a new run with `psr-ray run`")
+        cfg = from_dict(state.data["config"])  # the run continues with the config it started with
+        print(f"[psr_ray] resuming {out}: {_finished_summary(state)}")
+    elif state.exists:
+        raise ValueError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
+                         "or choose another run.output_dir")
+    else:
+        state.set_config(cfg.to_dict())
+
+    base_model = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
+    policy_version, policy_dir = FIRST_POLICY_VERSION, base_model
+    for k in range(1, cfg.run.num_iterations + 1):
+        train = state.stage(k, "train")
+        if train is not None:
+            policy_version, policy_dir = train["policy_version"], train["hf_dir"]
+
+    init_ray(cfg)
+    loaded = load_problems(cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed,
+                           max_chars=cfg.data.max_problem_chars)
+    if loaded.skipped:
+        print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
+    if not loaded.problems:
+        raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
+    logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
+                         config=cfg.to_dict(), dir=str(out))
+    # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
+    psr = Run(
+        cfg=cfg,
+        out=out,
+        state=state,
+        rollout=create_rollout_workers(cfg, policy_dir, policy_version=policy_version),
+        judge=create_judge_workers(cfg, policy_dir, policy_version=policy_version),
+        tokenizer=AutoTokenizer.from_pretrained(base_model, trust_remote_code=cfg.model.trust_remote_code),
+        problems=loaded.problems,
+        policy_dir=policy_dir,
+        policy_version=policy_version,
+        logger=logger,
+    )
+    _check_engine_versions(psr)
+    return psr
+
+
+def problems_for_iteration(cfg: PSRConfig, problems: list[Any], k: int) -> list[Any]:
+    """Iteration k's prompts: the next `prompts_for_iteration` problems after earlier iterations' (wrapping)."""
+    start = sum(cfg.prompts_for_iteration(i) for i in range(k - 1))
+    count = cfg.prompts_for_iteration(k - 1)
+    return [problems[(start + i) % len(problems)] for i in range(min(count, len(problems)))]
+
+
+def _search_and_train(psr: Run, k: int) -> None:
+    """Search with M_k while the trainer consumes the pairs as they stream in, then train M_{k+1}."""
+    from psr_ray.data.pairs_io import stream_pairs_dataset
+    from psr_ray.rollout.scheduler import generate_pairs
+    from psr_ray.trainer.group import train_dpo
+    from psr_ray.weight_sync.base import make_sender
+
+    if psr.state.done(k, "train"):
+        return
+    cfg, next_version = psr.cfg, psr.policy_version + 1
+    problems = problems_for_iteration(cfg, psr.problems, k)
+    sender = make_sender(_backend(cfg), [_name(e) for e in psr.engines], bucket_mb=cfg.weight_sync.bucket_mb)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
+        search = None
+        if not psr.state.done(k, "search"):
+            search = pool.submit(
+                generate_pairs, cfg, problems, iteration=k, policy_version=psr.policy_version,
+                rollout_workers=psr.rollout, judge_workers=psr.judge, output_dir=str(psr.out),
+            )
+        dataset = stream_pairs_dataset(str(psr.out), k)
+        result = train_dpo(
+            cfg,
+            policy_path=psr.policy_dir,
+            reference_path=psr.policy_dir,  # the previous iteration's model, frozen
+            dataset=dataset,
+            output_dir=str(psr.out / "checkpoints" / f"iter_{k}"),
+            policy_version=next_version,
+            num_pairs=_expected_pairs(cfg, len(problems)),
+            on_weights=lambda state_dict: sender.send(state_dict, policy_version=next_version),
+        )
+        if search is not None:
+            summary = search.result()
+            psr.state.record(k, "search", summary.to_dict())
+    search_summary = psr.state.stage(k, "search") or {}
+    train_summary = {
+        "policy_version": result.policy_version,
+        "hf_dir": result.hf_dir,
+        "checkpoint_dir": result.checkpoint_dir,
+        "num_optimizer_steps": result.num_optimizer_steps,
+        "seconds": time.perf_counter() - start,
+        "final": result.metrics[-1] if result.metrics else {},
+    }
+    psr.state.record(k, "train", train_summary)
+    for step, metrics in enumerate(result.metrics):
+        psr.logger.log({**metrics, "iteration": k, "train/step_in_iteration": step})
+    psr.logger.log({f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
+                   | {"iteration": k})
+    psr.policy_dir, psr.policy_version = result.hf_dir, result.policy_version
+
+
+def _sync(psr: Run, k: int) -> None:
+    """The trainer pushed the weights already; verify every engine serves M_{k+1}, else load the export."""
+    import ray
+
+    from psr_ray import metrics
+    from psr_ray.weight_sync.base import engine_versions
+
+    if psr.state.done(k, "sync"):
+        return
+    start = time.perf_counter()
+    versions = engine_versions(psr.engines)
+    stale = [e for e, v in zip(psr.engines, versions, strict=True) if v != psr.policy_version]
+    if stale:  # a resumed run, or an engine restarted after the push: load the checkpoint's HF export
+        ray.get([e.update_weights_from_path.remote(psr.policy_dir, policy_version=psr.policy_version) for e in stale])
+    _check_engine_versions(psr)
+    seconds = time.perf_counter() - start
+    metrics.set_gauge("policy_version", psr.policy_version)
+    psr.state.record(k, "sync", {"policy_version": psr.policy_version, "reloaded_from_export": len(stale),
+                                 "verify_seconds": seconds})
+
+
+def _evaluate(psr: Run, *, iteration: int) -> None:
+    from psr_ray.eval import evaluate
+    from psr_ray.report import write_report
+
+    done = psr.state.stage(iteration, "eval")
+    if done is None:
+        cfg = psr.cfg
+        result = evaluate(psr.engines, psr.tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
+                          max_tokens=cfg.eval.max_tokens)
+        done = {"rows": [_result_row(psr, row, iteration) for row in result.rows(iteration)],
+                "seconds": result.elapsed_s}
+        psr.state.record(iteration, "eval", done)
+        for row in done["rows"]:
+            psr.logger.log({f"eval/{row['benchmark']}/accuracy": row["accuracy"], "iteration": iteration})
+    psr.rows = [row for k in sorted(psr.state.data["iterations"], key=int)
+                for row in (psr.state.stage(int(k), "eval") or {}).get("rows", [])]
+    paths = write_report(psr.rows, str(psr.out))
+    psr.logger.log_image("eval/accuracy", str(paths["plot"]))
+
+
+def _result_row(psr: Run, row: dict[str, Any], iteration: int) -> dict[str, Any]:
+    """An eval row with the iteration's search and training figures beside it (the results table)."""
+    search = psr.state.stage(iteration, "search") or {}
+    train = psr.state.stage(iteration, "train") or {}
+    return {
+        **row,
+        "policy_version": psr.policy_version,
+        "pairs": search.get("pairs_total"),
+        "rollbacks": search.get("rollbacks"),
+        "unparseable_rate": search.get("unparseable_rate"),
+        "search_train_s": train.get("seconds"),
+    }
+
+
+def _check_engine_versions(psr: Run) -> None:
+    from psr_ray.weight_sync.base import engine_versions
+
+    versions = engine_versions(psr.engines)
+    if any(v != psr.policy_version for v in versions):
+        raise RuntimeError(f"engines serve policy versions {versions}, expected {psr.policy_version}")
+
+
+def _backend(cfg: PSRConfig) -> str:
+    from psr_ray.weight_sync.base import resolve_backend
+
+    engines_gpu = cfg.rollout.num_gpus_per_worker > 0 and cfg.judge.num_gpus_per_worker > 0
+    # Colocation (engines sharing the trainer's GPUs) is not configured yet: GPUs apart use NCCL.
+    return resolve_backend(cfg.weight_sync.backend, trainer_gpu=cfg.trainer.use_gpu, engines_gpu=engines_gpu,
+                           colocated=False)
+
+
+def _name(engine: Any) -> str:
+    import ray
+
+    return ray.get(engine.ready.remote())["name"]
+
+
+def _expected_pairs(cfg: PSRConfig, num_problems: int) -> int:
+    # The cosine schedule needs a length before the stream ends: about half the step cap per problem.
+    return max(1, num_problems * max(1, cfg.search.max_steps // 2))
+
+
+def _finished_summary(state: RunState) -> str:
+    done = [f"{k}:{'+'.join(s for s in ('search', 'train', 'sync', 'eval') if state.done(int(k), s))}"
+            for k in sorted(state.data["iterations"], key=int)]
+    return "finished " + (", ".join(done) if done else "nothing yet")

@@ -1,0 +1,119 @@
+"""Tokenization and padding of step pairs (DPO) and prompt/target rows (SFT). Torch only: no Ray, no DeepSpeed.
+
+Prompt and completion are tokenized separately and concatenated, exactly as the engine saw them: the prompt
+ends with the `Step k: ` header and the step's tokens were generated after it. No EOS is appended (a step
+is not the end of a solution). Loss masks cover the completion tokens only. Over-long rows lose prompt
+tokens from the left (the question's start is the most expendable context of a late step), then, only if
+the completion alone is too long, completion tokens from the right; both are counted. Batches are padded
+to their own longest row, never to `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from psr_ray.prompts import render_solver_prompt
+
+DPO_COLUMNS = ("question", "prefix", "step_index", "chosen", "rejected")
+SFT_COLUMNS = ("prompt_text", "target_text")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One sequence: token ids and a 0/1 mask of the tokens whose log-probability counts."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool
+
+
+def encode_completion(tokenizer: Any, prompt: str, completion: str, *, max_seq_len: int) -> Encoded:
+    """`prompt` + `completion` ids, the completion masked in; left-truncates the prompt to fit."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return _fit(prompt_ids, completion_ids, max_seq_len)
+
+
+def _fit(prompt_ids: list[int], completion_ids: list[int], max_seq_len: int) -> Encoded:
+    truncated = False
+    # At least one prompt token must stay: the first completion token is predicted from it.
+    if len(completion_ids) > max_seq_len - 1:
+        completion_ids = completion_ids[: max_seq_len - 1]
+        truncated = True
+    room = max_seq_len - len(completion_ids)
+    if len(prompt_ids) > room:
+        prompt_ids = prompt_ids[len(prompt_ids) - room :]
+        truncated = True
+    return Encoded(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), truncated)
+
+
+def encode_pair(tokenizer: Any, row: dict[str, Any], *, max_seq_len: int) -> tuple[Encoded, Encoded]:
+    """(chosen, rejected) sequences of one step pair; both share the prompt of `render_solver_prompt`."""
+    prompt = render_solver_prompt(tokenizer, row["question"], row["prefix"], int(row["step_index"]))
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    chosen_ids = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
+    rejected_ids = tokenizer(row["rejected"], add_special_tokens=False)["input_ids"]
+    return _fit(prompt_ids, chosen_ids, max_seq_len), _fit(prompt_ids, rejected_ids, max_seq_len)
+
+
+def pad_batch(rows: list[Encoded], *, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pads to the longest row (rounded up to `pad_to_multiple_of`): input_ids, attention_mask, loss_mask."""
+    if not rows:
+        raise ValueError("cannot pad an empty batch")
+    length = max(len(r.input_ids) for r in rows)
+    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        input_ids[i, :n] = torch.tensor(r.input_ids)
+        attention_mask[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(r.loss_mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_pairs(
+    tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, pad_to_multiple_of: int = 1
+) -> tuple[dict[str, torch.Tensor], int]:
+    """B pairs -> one [2B, T] batch (chosen rows 0..B-1, rejected rows B..2B-1, one forward pass for both)
+    and the number of truncated sequences."""
+    encoded = [encode_pair(tokenizer, row, max_seq_len=max_seq_len) for row in rows]
+    sequences = [c for c, _ in encoded] + [r for _, r in encoded]
+    batch = pad_batch(sequences, pad_token_id=_pad_id(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+    return batch, sum(s.truncated for s in sequences)
+
+
+def collate_sft(
+    tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, pad_to_multiple_of: int = 1
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Rows with `prompt_text`, `target_text` -> a padded batch (loss on target tokens) and truncations.
+    The prompt text is used verbatim (already rendered with the chat template by the caller)."""
+    sequences = [
+        encode_completion(tokenizer, row["prompt_text"], row["target_text"], max_seq_len=max_seq_len) for row in rows
+    ]
+    batch = pad_batch(sequences, pad_token_id=_pad_id(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+    return batch, sum(s.truncated for s in sequences)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    # Padded positions are masked out of attention and loss, so any id works when there is no pad token.
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+
+
+def rows_of(batch: Any) -> list[dict[str, Any]]:
+    """A Ray Data batch (pyarrow Table, or dict of column arrays) -> list of row dicts."""
+    if hasattr(batch, "to_pylist"):
+        return batch.to_pylist()
+    columns = list(batch)
+    size = len(batch[columns[0]]) if columns else 0
+    return [{c: _plain(batch[c][i]) for c in columns} for i in range(size)]
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value

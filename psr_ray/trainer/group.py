@@ -1,0 +1,238 @@
+"""Driver side of the trainer group: one Ray Train `TorchTrainer.fit()` per iteration (DPO) or SFT stage.
+
+    result = train_dpo(cfg, policy_path=..., reference_path=..., dataset=pairs_ds, output_dir=...,
+                       policy_version=k + 1)
+    result.hf_dir         # HF export: load it with transformers or into the vLLM engines
+    result.metrics        # one dict per optimizer step, for wandb
+
+Resume: a complete checkpoint of the same (or a later) policy version under `output_dir` is returned as is
+without training; otherwise the latest complete checkpoint's DeepSpeed shards (weights and optimizer state)
+replace the weights of `policy_path` before training. Shards are read back by the workers from `output_dir`,
+so on a multi-node cluster it must be a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psr_ray.config import PSRConfig
+from psr_ray.data.schema import STEP_PAIR_SCHEMA, check_table
+from psr_ray.trainer import checkpoint as ckpt
+from psr_ray.trainer.batches import DPO_COLUMNS, SFT_COLUMNS
+from psr_ray.trainer.worker import DATASET_NAME, train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    policy_version: int
+    checkpoint_dir: str
+    hf_dir: str
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    num_optimizer_steps: int = 0
+    # ObjectRef of {HF name: CPU tensor} when `return_state_dict=True`; kept alive by `_holder`.
+    state_dict_ref: Any = None
+    resumed: bool = False
+    _holder: Any = field(default=None, repr=False)
+
+
+def train_dpo(
+    cfg: PSRConfig,
+    *,
+    policy_path: str,
+    reference_path: str,
+    dataset: Any,
+    output_dir: str,
+    policy_version: int,
+    num_pairs: int | None = None,
+    on_weights: Callable[[dict[str, Any] | None], None] | None = None,
+    return_state_dict: bool = False,
+) -> TrainResult:
+    """Step-DPO of `policy_path` against the frozen `reference_path` on `dataset` (rows of STEP_PAIR_SCHEMA,
+    at least the columns question, prefix, step_index, chosen, rejected), `cfg.trainer.num_epochs` epochs.
+
+    `num_pairs` sizes the cosine schedule; None counts the dataset (pass it for a streaming dataset, whose
+    count would wait for the producers). `on_weights(state_dict)` runs on every rank inside the group after
+    training (the weight-sync hook, `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights,
+    the other ranks None. `return_state_dict=True` also puts them in the object store (`state_dict_ref`)."""
+    _require_columns(dataset, DPO_COLUMNS, "train_dpo")
+    return _fit(
+        cfg,
+        mode="dpo",
+        model_path=policy_path,
+        reference_path=reference_path,
+        dataset=dataset,
+        output_dir=output_dir,
+        policy_version=policy_version,
+        num_rows=num_pairs,
+        learning_rate=cfg.trainer.learning_rate,
+        num_epochs=cfg.trainer.num_epochs,
+        on_weights=on_weights,
+        return_state_dict=return_state_dict,
+    )
+
+
+def train_sft(
+    cfg: PSRConfig,
+    *,
+    model_path: str,
+    dataset: Any,
+    output_dir: str,
+    policy_version: int = 1,
+    num_rows: int | None = None,
+    on_weights: Callable[[dict[str, Any] | None], None] | None = None,
+    return_state_dict: bool = False,
+) -> TrainResult:
+    """Cross-entropy on target tokens of rows (prompt_text, target_text), `cfg.trainer.sft_num_epochs` epochs
+    at `cfg.trainer.sft_learning_rate` (the initialization stage: IFT and EFT data together)."""
+    _require_columns(dataset, SFT_COLUMNS, "train_sft")
+    return _fit(
+        cfg,
+        mode="sft",
+        model_path=model_path,
+        reference_path=None,
+        dataset=dataset,
+        output_dir=output_dir,
+        policy_version=policy_version,
+        num_rows=num_rows,
+        learning_rate=cfg.trainer.sft_learning_rate,
+        num_epochs=cfg.trainer.sft_num_epochs,
+        on_weights=on_weights,
+        return_state_dict=return_state_dict,
+    )
+
+
+def read_pairs_dataset(directory: str) -> Any:
+    """A Ray Dataset of the step pairs in a Parquet directory, checked against STEP_PAIR_SCHEMA first."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    path = Path(directory)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else []
+    if not files:
+        raise ValueError(
+            f"{directory!r} is not a directory of .parquet step-pair files (psr_ray writes them per iteration)"
+        )
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except Exception as err:  # pyarrow raises several types for a damaged footer
+            raise ValueError(f"{file} is not a readable Parquet file ({err}); delete or regenerate it") from None
+        check_table(schema.empty_table())
+    return ray.data.read_parquet([str(f) for f in files], schema=STEP_PAIR_SCHEMA)
+
+
+def _require_columns(dataset: Any, columns: tuple[str, ...], caller: str) -> None:
+    # Only a schema Ray already knows: fetching one would run a streaming source's reads a second time.
+    schema = dataset.schema(fetch_if_missing=False)
+    missing = [c for c in columns if schema is not None and c not in schema.names]
+    if missing:
+        raise ValueError(f"{caller}: dataset lacks columns {missing}; it needs {list(columns)}")
+
+
+def _fit(
+    cfg: PSRConfig,
+    *,
+    mode: str,
+    model_path: str,
+    reference_path: str | None,
+    dataset: Any,
+    output_dir: str,
+    policy_version: int,
+    num_rows: int | None,
+    learning_rate: float,
+    num_epochs: int,
+    on_weights: Callable[[dict[str, Any] | None], None] | None,
+    return_state_dict: bool,
+) -> TrainResult:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    output = Path(output_dir).expanduser().resolve()
+    latest = ckpt.latest_checkpoint(output)
+    if latest is not None and ckpt.read_version(latest)["policy_version"] >= policy_version:
+        return _result(latest, return_state_dict=return_state_dict, resumed=True)
+
+    tcfg = cfg.trainer
+    if num_rows is None:
+        num_rows = dataset.count()
+    num_training_steps = max(1, math.floor(num_rows * num_epochs / tcfg.global_batch_size))
+    holder = _holder_class().remote() if return_state_dict else None
+    loop_config = {
+        "cfg": cfg,
+        "mode": mode,
+        "model_path": model_path,
+        "reference_path": reference_path,
+        "resume_dir": str(latest) if latest is not None else None,
+        "policy_version": policy_version,
+        "learning_rate": learning_rate,
+        "num_epochs": num_epochs,
+        "num_training_steps": num_training_steps,
+        "on_weights": on_weights,
+        "holder": holder,
+    }
+    resources = {"CPU": tcfg.num_cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(storage_path=str(output), name=f"{mode}_v{policy_version:04d}"),
+        datasets={DATASET_NAME: dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"trainer group finished without a checkpoint ({result.error})")
+    out = _result(Path(result.checkpoint.path), return_state_dict=False, resumed=False)
+    if holder is not None:
+        out.state_dict_ref = ray.get(holder.get.remote())[0]
+        out._holder = holder
+    return out
+
+
+def _result(checkpoint_dir: Path, *, return_state_dict: bool, resumed: bool) -> TrainResult:
+    version = ckpt.read_version(checkpoint_dir)
+    metrics = ckpt.read_metrics(checkpoint_dir)
+    result = TrainResult(
+        policy_version=int(version["policy_version"]),
+        checkpoint_dir=str(checkpoint_dir),
+        hf_dir=str(checkpoint_dir / ckpt.HF_DIR),
+        metrics=metrics,
+        num_optimizer_steps=int(version.get("num_optimizer_steps", len(metrics))),
+        resumed=resumed,
+    )
+    if return_state_dict:
+        import ray
+        from safetensors.torch import load_file
+
+        state_dict: dict[str, Any] = {}
+        for file in sorted(Path(result.hf_dir).glob("*.safetensors")):
+            state_dict.update(load_file(file))
+        result.state_dict_ref = ray.put(state_dict)
+    return result
+
+
+def _holder_class() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StateDictHolder:
+        """Owns the gathered weights in the object store after the trainer workers exit (an object is lost
+        with the process that put it)."""
+
+        def __init__(self) -> None:
+            self.ref = None
+
+        def put(self, state_dict: dict[str, Any]) -> None:
+            self.ref = ray.put(state_dict)
+
+        def get(self) -> list[Any]:
+            return [self.ref]  # wrapped, so the caller receives the ref rather than the tensors
+
+    return StateDictHolder

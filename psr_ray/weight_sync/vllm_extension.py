@@ -1,0 +1,35 @@
+"""Methods mixed into every vLLM worker (`LLM(worker_extension_cls=...)`), called through `collective_rpc`.
+
+They reload HF-named weights in place: the engine keeps its KV cache, compiled graphs and scheduler, so an
+update costs a weight copy, not an engine restart. `reload_weights(..., is_checkpoint_format=True)` runs the
+model's own `load_weights` with vLLM's layer-wise reload bookkeeping; calling `model.load_weights` directly
+fails for fp32 on CPU (FACTS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class; `self` is the worker (`self.model_runner.model` is the model)."""
+
+    def load_hf_weights(self, named_tensors: list[tuple[str, Any]]) -> int:
+        """Loads `(hf_name, tensor)` pairs in place; returns how many tensors were given. Tensors arrive
+        intact only with the in-process engine (multiprocess RPC turns them into lists): there, use
+        `load_hf_weights_from_path`."""
+        self.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        return len(named_tensors)
+
+    def load_hf_weights_from_path(self, hf_dir: str) -> int:
+        """Loads every `*.safetensors` file of an HF export folder in place; returns the tensor count."""
+        from safetensors.torch import load_file
+
+        files = sorted(Path(hf_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors files in {hf_dir!r}; export the model with save_pretrained first")
+        named: list[tuple[str, Any]] = []
+        for file in files:
+            named.extend(load_file(str(file)).items())
+        return self.load_hf_weights(named)

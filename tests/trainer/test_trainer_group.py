@@ -1,0 +1,223 @@
+"""The trainer group on a real 2-worker gloo Ray Train group with ZeRO-3 and the tiny model.
+
+Each `TorchTrainer.fit()` costs 15-20 s on 2 cores, so there are three: one runs the engine pieces directly
+and returns what the test compares (partitioning, falling loss, frozen reference, checkpoint and HF export
+round trips), one runs `train_dpo` end to end from a Parquet directory, one `train_sft` resuming from it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import trainer_probe
+from trainer_probe import components_loop, pair_rows
+
+from psr_ray.config import PSRConfig, TrainerConfig
+from psr_ray.data.schema import StepPair, to_table
+
+pytestmark = pytest.mark.ray
+
+TRAINER = TrainerConfig(
+    num_workers=2, micro_batch_size=2, global_batch_size=4, learning_rate=1e-3, sft_learning_rate=1e-3,
+    num_epochs=2, sft_num_epochs=2, warmup_ratio=0.0, beta=0.5, max_seq_len=256,
+)  # fmt: skip
+REQUIRED_METRICS = {
+    "train/loss", "train/reward_margin", "train/reward_accuracy", "train/chosen_logps", "train/rejected_logps",
+    "train/tokens_per_s", "train/lr",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def components(ray_cluster, tiny_model_dir, tmp_path_factory):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray_cluster.cloudpickle.register_pickle_by_value(trainer_probe)
+    out = tmp_path_factory.mktemp("components")
+    TorchTrainer(
+        components_loop,
+        train_loop_config={"tcfg": TRAINER, "model_dir": tiny_model_dir, "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(storage_path=str(out / "ray"), name="components"),
+    ).fit()
+    return torch.load(out / "results.pt", weights_only=False), out
+
+
+def test_parameters_are_partitioned(components, tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    results, _ = components
+    full = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir)).num_parameters()
+    for name in ("policy", "reference"):
+        assert results[f"{name}_local_numel"] == 0  # only the ZeRO partition lives in ds_tensor
+        assert results[f"{name}_ds_numel"] == full
+        # Rank 0's slice is about half (partitions are padded to equal sizes).
+        assert full / 2 <= results[f"{name}_partition_numel"] < full / 2 + 1024
+
+
+def test_loss_falls_and_ranks_stay_in_lockstep(components):
+    results, _ = components
+    losses = results["losses"]
+    assert results["num_steps"] == 4  # one step per epoch: rank 1's extra batch was not taken
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_reference_stays_bit_identical(components):
+    results, _ = components
+    assert results["reference_identical"]
+    assert "lm_head.weight" in results["reference_names"]
+
+
+def test_checkpoint_reload_and_hf_export_give_identical_logits(components):
+    from transformers import AutoModelForCausalLM
+
+    from psr_ray.trainer.loss import sequence_logps
+
+    results, out = components
+    torch.testing.assert_close(results["reloaded_logits"], results["trained_logits"], rtol=0, atol=1e-6)
+    exported = AutoModelForCausalLM.from_pretrained(out / "ckpt" / "hf", dtype=torch.float32)
+    probe = results["probe"]
+    with torch.no_grad():
+        logits = exported(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    torch.testing.assert_close(logits, results["trained_logits"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        sequence_logps(logits, probe["input_ids"], probe["loss_mask"]), results["trained_logps"], rtol=0, atol=1e-4
+    )
+
+
+def write_pairs(directory: Path, rows: list[dict]) -> Path:
+    pairs = [
+        StepPair(
+            pair_id=StepPair.make_id(0, f"p{i}", row["step_index"]),
+            problem_id=f"p{i}",
+            iteration=0,
+            step_index=row["step_index"],
+            question=row["question"],
+            prefix=row["prefix"],
+            chosen=row["chosen"],
+            rejected=row["rejected"],
+            chosen_score=5.0,
+            rejected_score=0.0,
+            num_candidates=2,
+            candidates=[row["chosen"], row["rejected"]],
+            candidate_scores=[5.0, 0.0],
+            vote_matrix=[[0, 1], [0, 0]],
+            num_judgments=2,
+            num_unparseable=0,
+            judge_mode="direct",
+            policy_version=0,
+            num_rollbacks=0,
+        )  # fmt: skip
+        for i, row in enumerate(rows)
+    ]
+    directory.mkdir(parents=True)
+    pq.write_table(to_table(pairs[:4]), directory / "part-0.parquet")
+    pq.write_table(to_table(pairs[4:]), directory / "part-1.parquet")
+    return directory
+
+
+def test_bad_inputs_fail_before_training(ray_cluster, tiny_model_dir, tmp_path):
+    from psr_ray.trainer.group import read_pairs_dataset, train_dpo
+
+    with pytest.raises(ValueError, match="lacks columns"):
+        train_dpo(
+            PSRConfig(trainer=TRAINER), policy_path=tiny_model_dir, reference_path=tiny_model_dir,
+            dataset=ray_cluster.data.from_items([{"question": "q", "chosen": "a"}]),
+            output_dir=str(tmp_path / "out"), policy_version=1,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match="not a directory of .parquet"):
+        read_pairs_dataset(str(tmp_path / "missing"))
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "x.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="not a readable Parquet file"):
+        read_pairs_dataset(str(tmp_path / "corrupt"))
+    (tmp_path / "wrong").mkdir()
+    pq.write_table(pa.table({"question": ["q"]}), tmp_path / "wrong" / "x.parquet")
+    with pytest.raises(ValueError, match="lacks columns"):
+        read_pairs_dataset(str(tmp_path / "wrong"))
+
+
+@pytest.fixture(scope="module")
+def dpo_result(ray_cluster, tiny_model_dir, tmp_path_factory):
+    from psr_ray.trainer.group import read_pairs_dataset, train_dpo
+
+    root = tmp_path_factory.mktemp("dpo")
+    dataset = read_pairs_dataset(str(write_pairs(root / "pairs", pair_rows(8))))
+    marker = root / "on_weights.txt"
+
+    def on_weights(state_dict):  # runs on every rank inside the group; only rank 0 has the weights
+        if state_dict is None:
+            (root / "on_weights_none.txt").write_text("rank without weights")
+        else:
+            marker.write_text(str(sum(t.numel() for t in state_dict.values())))
+
+    result = train_dpo(
+        PSRConfig(trainer=TRAINER), policy_path=tiny_model_dir, reference_path=tiny_model_dir, dataset=dataset,
+        output_dir=str(root / "trainer"), policy_version=1, on_weights=on_weights, return_state_dict=True,
+    )  # fmt: skip
+    return result, root
+
+
+def test_train_dpo_end_to_end(dpo_result, tiny_model_dir, ray_cluster):
+    from transformers import AutoModelForCausalLM
+
+    from psr_ray.trainer import checkpoint as ckpt
+
+    result, root = dpo_result
+    # 8 pairs x 2 epochs / global batch 4.
+    assert result.num_optimizer_steps == len(result.metrics) == 4
+    assert all(REQUIRED_METRICS <= set(m) for m in result.metrics)
+    assert result.metrics[-1]["train/loss"] < result.metrics[0]["train/loss"]
+    assert result.metrics[-1]["train/reward_accuracy"] == 1.0
+    lrs = [m["train/lr"] for m in result.metrics]
+    assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True)  # cosine, no warmup
+
+    checkpoint = Path(result.checkpoint_dir)
+    assert ckpt.read_version(checkpoint)["policy_version"] == 1
+    assert (checkpoint / ckpt.CONFIG_FILE).is_file() and (checkpoint / ckpt.DS_DIR / ckpt.DS_TAG).is_dir()
+    exported = AutoModelForCausalLM.from_pretrained(result.hf_dir, dtype=torch.float32)
+    state_dict = ray_cluster.get(result.state_dict_ref)
+    assert int((root / "on_weights.txt").read_text()) == sum(t.numel() for t in state_dict.values())
+    assert (root / "on_weights_none.txt").is_file()
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, state_dict[name]), name
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert not torch.equal(initial.lm_head.weight, exported.lm_head.weight)
+
+
+def test_train_sft_resumes_from_latest_checkpoint(dpo_result, tiny_model_dir, ray_cluster):
+    from transformers import AutoTokenizer
+
+    from psr_ray.prompts import render_solution_prompt
+    from psr_ray.trainer import checkpoint as ckpt
+    from psr_ray.trainer.group import train_dpo, train_sft
+
+    dpo, root = dpo_result
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [
+        {"prompt_text": render_solution_prompt(tokenizer, r["question"]), "target_text": r["chosen"]}
+        for r in pair_rows(8)
+    ]
+    # Same output_dir: the DPO checkpoint (version 1) is the latest, so SFT version 2 starts from its shards.
+    result = train_sft(
+        PSRConfig(trainer=TRAINER), model_path=tiny_model_dir, dataset=ray_cluster.data.from_items(rows),
+        output_dir=str(root / "trainer"), policy_version=2, num_rows=len(rows),
+    )  # fmt: skip
+    assert len(result.metrics) == 4 and result.metrics[-1]["train/loss"] < result.metrics[0]["train/loss"]
+    assert ckpt.read_version(result.checkpoint_dir)["resumed_from"] == dpo.checkpoint_dir
+    assert "train/reward_margin" not in result.metrics[0]
+
+    # A version that already has a checkpoint is returned from disk, without training.
+    again = train_dpo(
+        PSRConfig(trainer=TRAINER), policy_path=tiny_model_dir, reference_path=tiny_model_dir,
+        dataset=ray_cluster.data.from_items(pair_rows(2)), output_dir=str(root / "trainer"), policy_version=2,
+    )  # fmt: skip
+    assert again.resumed and again.checkpoint_dir == result.checkpoint_dir and again.metrics == result.metrics
