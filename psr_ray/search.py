@@ -11,6 +11,10 @@ Rules the paper leaves open, decided here:
   in round-robin scoring. Empty candidates lose to any non-empty one without a judge call (an empty step is
   never a valid step), and are never used as the rejected step (zero tokens carry no DPO signal).
 - An unparseable verdict is no vote for either side; it is counted in `num_unparseable`.
+- In `direct` judge mode a comparison's vote is its probability: P(A wins) to the first candidate, the rest
+  to the second. Judged in both orders, i's votes over j are then P(i | i first) + 1 - P(j | j first), which
+  cancels a constant position bias (SmolLM2-135M answers `A` 98% of the time: hard votes in both orders
+  would tie every candidate and roll every step back). `explain` keeps the paper's hard wins.
 - Ties for best are broken by the soft votes (sum of P(win) from `prob_a`), then by the lowest index; ties
   for worst by the lowest soft votes, then by the highest index. The rejected step must differ from the
   chosen one; if no such non-empty candidate exists the step advances without a pair.
@@ -106,8 +110,10 @@ def score_step(
     judgments: list[Judgment],
     *,
     both_orders: bool,
+    soft_votes: bool = False,
 ) -> StepScores:
-    """Vote matrix, soft votes and counts from the judgments of `plan` plus the auto-decided pairs."""
+    """Vote matrix, soft votes and counts from the judgments of `plan` plus the auto-decided pairs.
+    `soft_votes` (direct mode): a parsed comparison votes its probability instead of a whole win."""
     if len(plan) != len(judgments):
         raise ValueError(f"got {len(judgments)} judgments for {len(plan)} comparisons")
     n = len(candidates)
@@ -130,12 +136,15 @@ def score_step(
     num_unparseable = 0
     for (a, b), judgment in zip(plan, judgments, strict=True):
         verdict = Verdict(judgment.verdict)
-        if verdict is Verdict.A:
-            votes[a][b] += 1.0
-        elif verdict is Verdict.B:
-            votes[b][a] += 1.0
-        else:
+        if verdict is Verdict.UNPARSEABLE:
             num_unparseable += 1
+        elif soft_votes:
+            votes[a][b] += judgment.prob_a
+            votes[b][a] += 1.0 - judgment.prob_a
+        elif verdict is Verdict.A:
+            votes[a][b] += 1.0
+        else:
+            votes[b][a] += 1.0
         soft[a] += judgment.prob_a
         soft[b] += 1.0 - judgment.prob_a
     return StepScores(votes, soft, len(plan), num_unparseable)
@@ -223,7 +232,9 @@ class ProblemSearch:
     def on_judgments(self, judgments: list[Judgment]) -> None:
         assert self.phase is Phase.JUDGE and self._candidates is not None, self.phase
         cands = self._candidates
-        result = score_step(cands.steps, self._plan, judgments, both_orders=self.both_orders)
+        result = score_step(
+            cands.steps, self._plan, judgments, both_orders=self.both_orders, soft_votes=self.judge_mode == "direct"
+        )
         self.num_judgments += result.num_judgments
         self.num_unparseable += result.num_unparseable
         self._candidates, self._plan = None, []

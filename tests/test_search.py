@@ -203,3 +203,22 @@ def test_problem_coerce():
     assert Problem.coerce({"problem_id": 5, "question": "q"}) == Problem("5", "q", None)
     with pytest.raises(ValueError, match="problem_id"):
         Problem.coerce({"question": "q"})
+
+
+def test_direct_mode_soft_votes_cancel_a_constant_position_bias():
+    cands = ["x", "y", "z"]
+    plan = judge_plan(cands, both_orders=True)  # [(0,1),(1,0),(0,2),(2,0),(1,2),(2,1)]
+    # The judge says A almost always; how sure it is still carries the preference z > y > x.
+    p_first = {(0, 1): 0.90, (1, 0): 0.96, (0, 2): 0.90, (2, 0): 0.98, (1, 2): 0.94, (2, 1): 0.97}
+    judgments = [J("A", p_first[a, b]) for a, b in plan]
+    hard = score_step(cands, plan, judgments, both_orders=True)
+    assert hard.scores == [2, 2, 2]  # every candidate wins once per pair: a tie, the step would roll back
+    soft = score_step(cands, plan, judgments, both_orders=True, soft_votes=True)
+    assert soft.votes[0][1] == pytest.approx(0.90 + (1 - 0.96))
+    assert soft.votes[1][0] == pytest.approx((1 - 0.90) + 0.96)
+    assert soft.scores == pytest.approx([1.86, 2.03, 2.11])
+    assert soft.scores == pytest.approx([sum(row) for row in soft.votes])
+    assert pick_best_worst(cands, soft) == (2, 0)
+    # Unparseable stays no vote in either mode.
+    judgments[0] = J("unparseable")
+    assert score_step(cands, plan, judgments, both_orders=True, soft_votes=True).num_unparseable == 1

@@ -27,7 +27,8 @@ STEP_PAIR_SCHEMA = pa.schema(
         # All candidates of this step and their scores (wins), in candidate order.
         pa.field("candidates", pa.list_(pa.string()), nullable=False),
         pa.field("candidate_scores", pa.list_(pa.float32()), nullable=False),
-        # votes[i][j]: wins of candidate i over candidate j, summed over the orders judged.
+        # votes[i][j]: wins of candidate i over candidate j, summed over the orders judged (in `direct` judge
+        # mode a win is fractional: the judge's probability). candidate_scores are the row sums.
         pa.field("vote_matrix", pa.list_(pa.list_(pa.float32())), nullable=False),
         pa.field("num_judgments", pa.int32(), nullable=False),
         pa.field("num_unparseable", pa.int32(), nullable=False),
