@@ -27,11 +27,12 @@ examples:
   psr-ray generate --num-problems 8               # one search pass: writes step pairs as Parquet
   psr-ray train --pairs runs/embedded/pairs/iter_0
   psr-ray eval --model embedded:smollm2-135m-instruct --benchmarks gsm8k --limit 50
+  psr-ray init                                    # IFT/EFT data + SFT: M0 -> M1, judge accuracy before/after
   psr-ray submit --address http://127.0.0.1:8265 --config jobs/configs/embedded_cpu.yaml
 
 Without --config, commands use jobs/configs/embedded_cpu.yaml (the embedded CPU preset).
 Overrides are dotted keys: section.field=value, sections: model data rollout judge search trainer
-weight_sync eval run. Lists use brackets: run.prompts_per_iteration=[400,800,1200].
+weight_sync eval init run. Lists use brackets: run.prompts_per_iteration=[400,800,1200].
 """
 
 

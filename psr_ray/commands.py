@@ -76,8 +76,12 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
 
 
 def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    print("psr-ray: `init` (IFT/EFT data and SFT into M1) is not available in this version yet (issue 7).")
-    return 2
+    """IFT/EFT data from data.source, SFT of model.path into M1, judge and step-format scores of M0 and M1."""
+    from psr_ray.init_data import run_init
+
+    result = run_init(cfg, output_dir=args.output or f"{cfg.run.output_dir}/init")
+    print(f"M1 (HF export): {result.hf_dir}")
+    return 0
 
 
 def submit(cfg: PSRConfig, args: argparse.Namespace) -> int:

@@ -102,6 +102,9 @@ class TrainerConfig:
     # Initialization SFT (M0 -> M1): 3 epochs at lr 1e-6 in the paper.
     sft_learning_rate: float = 1e-6
     sft_num_epochs: int = 3
+    # Ray Train restarts the worker group this often after a worker dies; the retry starts from the last
+    # complete checkpoint (the previous iteration's) and re-reads the iteration's pairs from the first.
+    max_failures: int = 2
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,20 @@ class EvalConfig:
     limit: int = 0
     max_tokens: int = 1024
     every_iteration: bool = True
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Initialization (`psr-ray init`, M0 -> M1): IFT and EFT built offline from `data.source`'s worked
+    solutions, trained with the `trainer.sft_*` settings. Sizes are ours: the paper's EFT needed an
+    external annotator, ours comes from verified solutions with one number changed."""
+
+    # Step-formatted solutions to train on.
+    num_ift_examples: int = 2000
+    # Step pairs to train on; each gives 4 rows (both orders x judge modes explain and direct).
+    num_eft_examples: int = 1000
+    # Share of the problems held out (never trained on) to compare M0 and M1.
+    test_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -146,6 +163,7 @@ class PSRConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def prompts_for_iteration(self, iteration: int) -> int:
@@ -300,6 +318,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(t.num_epochs >= 1 and t.sft_num_epochs >= 1, "trainer epochs must be >= 1")
     need(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio must be in [0, 1)")
     need(t.max_seq_len >= 16, "trainer.max_seq_len must be >= 16")
+    need(t.max_failures >= 0, f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}")
 
     need(
         cfg.weight_sync.backend in ("auto", "object_store", "cuda_ipc", "nccl"),
@@ -313,6 +332,11 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(len(cfg.eval.benchmarks) >= 1 or not cfg.eval.every_iteration, "eval.benchmarks must name at least one benchmark")
     need(cfg.eval.limit >= 0, "eval.limit must be >= 0 (0 means all)")
     need(cfg.eval.max_tokens >= 1, "eval.max_tokens must be >= 1")
+
+    i = cfg.init
+    need(i.num_ift_examples >= 1, f"init.num_ift_examples must be >= 1, got {i.num_ift_examples}")
+    need(i.num_eft_examples >= 1, f"init.num_eft_examples must be >= 1, got {i.num_eft_examples}")
+    need(0 < i.test_fraction < 1, f"init.test_fraction must be in (0, 1), e.g. 0.1, got {i.test_fraction}")
 
     run = cfg.run
     need(run.num_iterations >= 1, f"run.num_iterations must be >= 1, got {run.num_iterations}")

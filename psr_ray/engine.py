@@ -41,6 +41,8 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     seed: int = 0
+    # vLLM's own counters (prefix-cache hits, tokens) for `engine_stats`; off by default, as in vLLM's LLM.
+    log_stats: bool = False
 
 
 def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
@@ -100,6 +102,7 @@ class EngineActor:
             enable_prefix_caching=settings.enable_prefix_caching,
             trust_remote_code=settings.trust_remote_code,
             seed=settings.seed,
+            disable_log_stats=not settings.log_stats,
             worker_extension_cls=EXTENSION_CLS,
             # On CPU torch.compile costs 20-90 s at start and measured no faster on 135M; GPUs keep graphs.
             enforce_eager=not settings.use_gpu,
@@ -119,6 +122,21 @@ class EngineActor:
             "pid": os.getpid(),
         }
 
+    def engine_stats(self) -> dict[str, float]:
+        """vLLM's counters so far (needs `log_stats=True`): prefix-cache queries and hits, prompt and
+        generation tokens. Used by bench/search_throughput.py."""
+        wanted = {
+            "vllm:prefix_cache_queries": "prefix_cache_queries",
+            "vllm:prefix_cache_hits": "prefix_cache_hits",
+            "vllm:prompt_tokens": "prompt_tokens",
+            "vllm:generation_tokens": "generation_tokens",
+        }
+        stats = dict.fromkeys(wanted.values(), 0.0)
+        for metric in self.llm.get_metrics():
+            if metric.name in wanted and hasattr(metric, "value"):
+                stats[wanted[metric.name]] += float(metric.value)
+        return stats
+
     def policy_version(self) -> int:
         return self._policy_version
 
@@ -130,9 +148,12 @@ class EngineActor:
         temperature: float,
         top_p: float,
         max_tokens: int,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[Candidates]:
         """`num_candidates` samples of step `step_index` for every request, in one engine call.
+
+        `seed`: one base seed per request (sample j of request i uses `seed[i] + j`), or one int for the
+        batch (request i then starts at `seed + i * num_candidates`), or None for unseeded sampling.
 
         Every request gets exactly `num_candidates` strings, cleaned with `steps.clean_step`. A sample that
         cleans to "" stays in as "": the count stays fixed and the judge loses it against any real step.
@@ -141,6 +162,13 @@ class EngineActor:
         from vllm import SamplingParams
 
         texts = [prompts.render_solver_prompt(self.tokenizer, r.question, r.prefix, r.step_index) for r in requests]
+        if isinstance(seed, list) and len(seed) != len(requests):
+            raise ValueError(f"got {len(seed)} seeds for {len(requests)} propose requests")
+        seeds = (
+            seed
+            if isinstance(seed, list)
+            else [None if seed is None else seed + i * num_candidates for i in range(len(requests))]
+        )
         params = [
             SamplingParams(
                 n=num_candidates,
@@ -148,9 +176,7 @@ class EngineActor:
                 top_p=top_p,
                 max_tokens=max_tokens,
                 stop=list(steps.STEP_STOP_STRINGS),
-                # vLLM seeds sample j of a request with seed + j: space requests apart so that no two
-                # requests of a batch share a random stream.
-                seed=None if seed is None else seed + i * num_candidates,
+                seed=seeds[i],  # vLLM seeds sample j of a request with seed + j
             )
             for i in range(len(requests))
         ]

@@ -1,7 +1,8 @@
 """What the search sends to the rollout and judge engines and what comes back. Pure data, no Ray.
 
 Engine actors (psr_ray/engine.py) expose, as Ray actor methods:
-  propose(requests: list[ProposeRequest], *, num_candidates, temperature, top_p, max_tokens, seed) -> list[Candidates]
+  propose(requests: list[ProposeRequest], *, num_candidates, temperature, top_p, max_tokens,
+          seed: int | list[int] | None) -> list[Candidates]       (a list: one base seed per request)
   judge(requests: list[JudgeRequest], *, mode, temperature, max_tokens) -> list[Judgment]
   generate(prompts: list[str], *, max_tokens) -> list[Generation]       (greedy, for evaluation)
   policy_version() -> int

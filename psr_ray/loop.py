@@ -103,12 +103,18 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Run:
         train = state.stage(k, "train")
         if train is not None:
             policy_version, policy_dir = train["policy_version"], train["hf_dir"]
+    if policy_version != FIRST_POLICY_VERSION:  # engines start on it: a damaged one must fail here, clearly
+        from psr_ray.trainer.checkpoint import check_checkpoint
+
+        check_checkpoint(Path(policy_dir).parent)
 
     init_ray(cfg)
     loaded = load_problems(cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed,
                            max_chars=cfg.data.max_problem_chars)
     if loaded.skipped:
         print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
+        for line, reason in loaded.skipped[:10]:
+            print(f"[psr_ray]   skipped line {line}: {reason}")
     if not loaded.problems:
         raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
     logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
@@ -156,6 +162,7 @@ def _search_and_train(psr: Run, k: int) -> None:
             search = pool.submit(
                 generate_pairs, cfg, problems, iteration=k, policy_version=psr.policy_version,
                 rollout_workers=psr.rollout, judge_workers=psr.judge, output_dir=str(psr.out),
+                policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
             )
         dataset = stream_pairs_dataset(str(psr.out), k)
         result = train_dpo(
@@ -218,7 +225,7 @@ def _evaluate(psr: Run, *, iteration: int) -> None:
         cfg = psr.cfg
         result = evaluate(psr.engines, psr.tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
                           max_tokens=cfg.eval.max_tokens)
-        done = {"rows": [_result_row(psr, row, iteration) for row in result.rows(iteration)],
+        done = {"rows": [_result_row(psr, row, iteration) | {"eval_s": result.elapsed_s} for row in result.rows(iteration)],
                 "seconds": result.elapsed_s}
         psr.state.record(iteration, "eval", done)
         for row in done["rows"]:

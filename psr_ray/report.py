@@ -17,15 +17,23 @@ COLUMNS = (
     ("format_compliance", "format %", "pct"),
     ("steps_per_solution", "steps/solution", "{:.2f}"),
     ("tokens_per_step", "tokens/step", "{:.1f}"),
+    # Filled by the driver loop for the iteration that produced the evaluated model.
+    ("policy_version", "policy", "{}"),
+    ("pairs", "pairs", "{}"),
+    ("rollbacks", "rollbacks", "{}"),
+    ("unparseable_rate", "unparseable %", "pct"),
+    ("search_train_s", "search+train s", "{:.0f}"),
+    ("eval_s", "eval s", "{:.0f}"),
 )
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of `rows` (columns a row lacks are left blank)."""
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """A Markdown table of `rows`; a column no row has is left out (a plain eval has no search figures)."""
+    columns = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows)] or list(COLUMNS[:2])
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = row.get(key)
             if value is None:
                 cells.append("")

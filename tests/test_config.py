@@ -105,6 +105,9 @@ def test_load_rejects_missing_file_and_bad_override():
         ("model.path=/no/such/model", "model.path"),
         ("model.path=embedded:gpt5", "model.path"),
         ("data.source=/no/such.jsonl", "data.source"),
+        ("init.num_ift_examples=0", "init.num_ift_examples"),
+        ("init.num_eft_examples=-2", "init.num_eft_examples"),
+        ("init.test_fraction=1", "init.test_fraction"),
     ],
 )
 def test_validate_names_the_field(override, field):
@@ -135,3 +138,8 @@ def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
     (tmp_path / "weights.bin").write_text("x")
     with pytest.raises(ValueError, match="model.path"):
         C.validate(C.load([], [f"model.path={tmp_path / 'weights.bin'}"]), gpu_available=False)
+
+
+def test_init_section_overrides():
+    cfg = C.validate(C.load([], ["init.num_ift_examples=64", "init.test_fraction=0.2"]), gpu_available=False)
+    assert (cfg.init.num_ift_examples, cfg.init.num_eft_examples, cfg.init.test_fraction) == (64, 1000, 0.2)

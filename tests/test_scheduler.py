@@ -32,7 +32,8 @@ class FakeEngine:
         out = []
         for i, r in enumerate(requests):
             k = r.step_index
-            if "tie" in r.question and k == 2 and (seed + i * num_candidates) % 2 == 0:
+            request_seed = seed[i] if isinstance(seed, list) else seed + i * num_candidates
+            if "tie" in r.question and k == 2 and request_seed % 2 == 0:
                 steps = ("5 same",) * num_candidates
             else:
                 tag = f"{r.question.split()[0]} s{k}"

@@ -7,13 +7,21 @@ in-flight calls feeds results back. Each actor gets at most `MAX_CALLS_PER_ACTOR
 batch at most 1/(that x pool size) of the problems in flight, so while one cohort is judged the next is
 proposed and both pools stay busy with large batches.
 
-A call that fails because its actor died is re-queued whole (Ray restarts the actor, `max_restarts`); a
-failed call returns nothing, so each request is answered exactly once. Finished problems go to the
-`PairWriter` (exactly once, resumable) and thus to the streaming dataset of `psr_ray.data.pairs_io`.
+Faults. A call that fails because its actor died is re-queued whole (Ray restarts the actor, `max_restarts`);
+a failed call returns nothing, so each request is answered exactly once. A restarted engine re-runs
+`__init__` and so serves its construction-time weights and `policy_version`: every `Candidates`/`Judgment`
+carries the version, and a call answered at any version other than the iteration's is discarded and
+re-queued like a failed one while that engine reloads the iteration's policy from its HF export
+(`update_weights_from_path(policy_dir)`, no calls are sent to it meanwhile). Policies never mix in a pair.
+Sampling seeds are per request, derived from (run seed, iteration, problem, proposals accepted so far),
+so a re-queued request is sampled with the seed it first had and the pairs do not depend on batching or
+on which engine answers. Finished problems go to the `PairWriter` (exactly once, resumable) and thus to
+the streaming dataset of `psr_ray.data.pairs_io`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -52,7 +60,8 @@ class SearchStats:
     requeued_requests: int = 0
     propose_batches: list[int] = field(default_factory=list)
     judge_batches: list[int] = field(default_factory=list)  # judge requests per call
-    stale_policy_candidates: int = 0  # candidates from an engine at another policy_version
+    stale_results: int = 0  # requests answered by an engine at another policy_version: discarded, re-queued
+    engine_reloads: int = 0  # engines reloaded from policy_dir after coming back on other weights
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class GenerateSummary:
     mean_propose_batch: float
     mean_judge_batch: float
     requeued_requests: int
+    stale_results: int
+    engine_reloads: int
     pairs_dir: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,8 +129,13 @@ class _Pool:
         self.in_flight[i] -= 1
         self.failures[i] = 0
 
-    def failed(self, i: int) -> None:
+    def failed(self, i: int, *, restarting: bool = False) -> None:
+        """A call lost to a dead actor. `restarting` (ActorUnavailableError): Ray is already restarting it,
+        which takes as long as an engine start; that is waited out, not counted as another death."""
         self.in_flight[i] -= 1
+        if restarting:
+            self.not_before[i] = time.monotonic() + 1.0
+            return
         self.failures[i] += 1
         self.not_before[i] = time.monotonic() + 0.5 * self.failures[i]  # let Ray restart it
         if all(f >= self.max_failures for f in self.failures):
@@ -129,10 +145,20 @@ class _Pool:
 class SearchScheduler:
     """Runs `ProblemSearch`es for many problems concurrently on the given actor pools."""
 
-    def __init__(self, cfg: PSRConfig, *, iteration: int, policy_version: int, rollout_workers, judge_workers):
+    def __init__(
+        self,
+        cfg: PSRConfig,
+        *,
+        iteration: int,
+        policy_version: int,
+        rollout_workers,
+        judge_workers,
+        policy_dir: str | None = None,
+    ):
         self.cfg = cfg
         self.iteration = iteration
         self.policy_version = policy_version
+        self.policy_dir = policy_dir  # HF export of `policy_version`: what a restarted engine reloads
         self.rollout = _Pool("rollout", rollout_workers, cfg.rollout.max_restarts)
         self.judge = _Pool("judge", judge_workers, cfg.judge.max_restarts)
         self.stats = SearchStats()
@@ -143,8 +169,7 @@ class SearchScheduler:
         self.max_judge_batch = max(
             1, math.ceil(in_flight * comparisons / (MAX_CALLS_PER_ACTOR * len(self.judge.actors)))
         )
-        self._num_calls = 0
-        self._seed_stride = self.max_propose_batch * n
+        self._num_proposals: dict[str, int] = {}  # accepted proposals per problem: the seed's attempt number
 
     def valid(self, problem: Problem) -> bool:
         return bool(problem.question.strip()) and len(problem.question) <= self.cfg.data.max_problem_chars
@@ -209,17 +234,29 @@ class SearchScheduler:
                 ready += ray.wait(waiting, num_returns=len(waiting), timeout=0)[0]
             for ref in ready:
                 pool, actor, kind, keys = in_flight.pop(ref)
+                requeue = (want_propose if kind == "propose" else want_judge).extendleft
                 try:
                     results = ray.get(ref)
                 except ray.exceptions.RayActorError as err:  # ActorDiedError, ActorUnavailableError
                     name = type(err).__name__
                     log.warning("%s worker %d failed (%s); re-queueing %d problems", pool.name, actor, name, len(keys))
-                    pool.failed(actor)
-                    (want_propose if kind == "propose" else want_judge).extendleft(reversed(keys))
+                    pool.failed(actor, restarting=isinstance(err, ray.exceptions.ActorUnavailableError))
+                    requeue(reversed(keys))
                     self.stats.requeued_requests += len(keys)
                     metrics.inc("requeued_requests", len(keys))
                     continue
                 pool.succeeded(actor)
+                if kind == "reload":
+                    pool.not_before[actor] = 0.0
+                    continue
+                stale = {x.policy_version for x in results} - {self.policy_version}
+                if stale:  # a restarted engine, back on its construction-time weights: never mix policies
+                    requeue(reversed(keys))
+                    self.stats.stale_results += len(keys)
+                    self.stats.requeued_requests += len(keys)
+                    metrics.inc("requeued_requests", len(keys))
+                    self._reload(pool, actor, stale, in_flight)
+                    continue
                 if kind == "propose":
                     self._take_candidates(active, keys, results)
                 else:
@@ -231,15 +268,41 @@ class SearchScheduler:
         metrics.set_gauge("problems_in_flight", 0)
         return self.stats
 
+    def _reload(self, pool: _Pool, actor: int, stale: set[int], in_flight: dict) -> None:
+        """Loads the iteration's policy into an engine that answered at another version; no call goes to it
+        until the reload returns (a call already queued on it comes back stale and is re-queued too)."""
+        if pool.not_before[actor] == math.inf:
+            return  # already reloading
+        if self.policy_dir is None:
+            raise RuntimeError(
+                f"{pool.name} worker {actor} answered at policy_version {sorted(stale)}, not {self.policy_version} "
+                "(restarted on its construction-time weights?); pass policy_dir= so that it can be reloaded"
+            )
+        log.warning(
+            "%s worker %d is at policy_version %s, not %d: reloading %s",
+            pool.name, actor, sorted(stale), self.policy_version, self.policy_dir,
+        )  # fmt: skip
+        ref = pool.actors[actor].update_weights_from_path.remote(self.policy_dir, policy_version=self.policy_version)
+        pool.in_flight[actor] += 1
+        pool.not_before[actor] = math.inf
+        in_flight[ref] = (pool, actor, "reload", [])
+        self.stats.engine_reloads += 1
+        metrics.inc("engine_reloads")
+
+    def _seed(self, key: str) -> int:
+        """The base seed of a problem's next proposal: the same whichever call, batch or engine carries it."""
+        attempt = self._num_proposals.get(key, 0)
+        text = f"{self.cfg.run.seed}/{self.iteration}/{key}/{attempt}".encode()
+        return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") % 2**31
+
     def _dispatch(self, active, want_propose: deque, want_judge: deque, in_flight: dict) -> None:
         r, j = self.cfg.rollout, self.cfg.judge
         while want_propose and (actor := self.rollout.pick()) is not None:
             keys = [want_propose.popleft() for _ in range(min(self.max_propose_batch, len(want_propose)))]
             requests = [active[k].propose_request() for k in keys]
-            # Disjoint seeds per call (the engine seeds request i, sample k with seed + i*n + k): a
-            # rolled-back step proposed again gets new candidates; a resumed run replays the same seeds.
-            seed = (self.cfg.run.seed * 1000 + self.iteration) * 10**9 + self._num_calls * self._seed_stride
-            self._num_calls += 1
+            # One seed per request (the engine seeds its sample j with seed + j): a rolled-back step proposed
+            # again gets new candidates; a re-queued request or a resumed run replays the same ones.
+            seed = [self._seed(k) for k in keys]
             ref = self.rollout.actors[actor].propose.remote(
                 requests,
                 num_candidates=r.num_candidates,
@@ -270,13 +333,12 @@ class SearchScheduler:
         if len(results) != len(keys):
             raise RuntimeError(f"a rollout worker answered {len(results)} of {len(keys)} propose requests")
         for key, candidates in zip(keys, results, strict=True):
+            self._num_proposals[key] = self._num_proposals.get(key, 0) + 1
             active[key].on_candidates(candidates)
             self.stats.candidates += len(candidates.steps)
             self.stats.rollout_tokens += candidates.num_tokens
             metrics.inc("candidates", len(candidates.steps))
             metrics.inc("generated_tokens", candidates.num_tokens)
-            if candidates.policy_version != self.policy_version:
-                self.stats.stale_policy_candidates += len(candidates.steps)
 
     def _take_judgments(self, active, keys: list[str], results) -> None:
         sizes = [len(active[k].judge_requests()) for k in keys]
@@ -325,13 +387,15 @@ def generate_pairs(
     rollout_workers: list[Any],
     judge_workers: list[Any],
     output_dir: str,
+    policy_dir: str | None = None,
     on_pairs: Callable[[FinishedProblem], None] | None = None,
     flush_pairs: int = 64,
 ) -> GenerateSummary:
     """Searches `problems` (`search.Problem`, `data.problems.Problem` or dicts) and writes their step pairs to
     `<output_dir>/pairs/iter_<iteration>/` as they finish (readable meanwhile with `stream_pairs_dataset`).
-    Problems an earlier run of this iteration finished are skipped (resume). `on_pairs` sees each finished
-    problem after its pairs are buffered for writing."""
+    Problems an earlier run of this iteration finished are skipped (resume). `policy_dir` (the HF folder of
+    `policy_version`) is what an engine that comes back from a crash on other weights reloads; without it
+    such an engine fails the run. `on_pairs` sees each finished problem after its pairs are buffered."""
     from tqdm import tqdm
 
     problems = [Problem.coerce(p) for p in problems]
@@ -348,6 +412,7 @@ def generate_pairs(
         policy_version=policy_version,
         rollout_workers=rollout_workers,
         judge_workers=judge_workers,
+        policy_dir=policy_dir,
     )
     scheduler.stats.problems_total = len(problems)
     scheduler.stats.problems_resumed = len(problems) - len(todo)
@@ -377,10 +442,6 @@ def generate_pairs(
         progress.close()
     seconds = time.monotonic() - start
     tokens = stats.rollout_tokens + stats.judge_tokens
-    if stats.stale_policy_candidates:
-        log.warning(
-            "%d candidates came from an engine not at policy_version %d", stats.stale_policy_candidates, policy_version
-        )
     return GenerateSummary(
         iteration=iteration,
         pairs=stats.pairs,
@@ -401,6 +462,8 @@ def generate_pairs(
         mean_propose_batch=_mean(stats.propose_batches),
         mean_judge_batch=_mean(stats.judge_batches),
         requeued_requests=stats.requeued_requests,
+        stale_results=stats.stale_results,
+        engine_reloads=stats.engine_reloads,
         pairs_dir=str(writer.directory),
     )
 

@@ -90,6 +90,40 @@ def read_metrics(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def check_checkpoint(checkpoint_dir: str | Path) -> Path:
+    """Raises a ValueError naming what is wrong unless `checkpoint_dir` is a complete, readable checkpoint
+    (version file, DeepSpeed shards, HF config and safetensors whose headers parse). Returns the path."""
+    root = Path(checkpoint_dir)
+    problems = []
+    try:
+        int(read_version(root)["policy_version"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problems.append(f"{VERSION_FILE} unreadable ({type(err).__name__}: {err})")
+    shards = root / DS_DIR / DS_TAG
+    if not shards.is_dir() or not any(shards.iterdir()):
+        problems.append(f"no DeepSpeed shards in {DS_DIR}/{DS_TAG}")
+    hf = root / HF_DIR
+    if not (hf / "config.json").is_file():
+        problems.append(f"no {HF_DIR}/config.json")
+    weights = sorted(hf.glob("*.safetensors"))
+    if not weights:
+        problems.append(f"no {HF_DIR}/*.safetensors")
+    for file in weights:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error types for a damaged header
+            problems.append(f"{file.name} unreadable ({err})")
+    if problems:
+        raise ValueError(
+            f"checkpoint {root} is corrupt: {'; '.join(problems)}. Move it away (the previous iteration's "
+            "checkpoint is then used) or restore it from a backup"
+        )
+    return root
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest policy version under `output_dir` (any depth), else None."""
     root = Path(output_dir)

@@ -154,6 +154,8 @@ def _fit(
 
     output = Path(output_dir).expanduser().resolve()
     latest = ckpt.latest_checkpoint(output)
+    if latest is not None:
+        ckpt.check_checkpoint(latest)  # on the driver: a corrupt one would fail every worker, every retry
     if latest is not None and ckpt.read_version(latest)["policy_version"] >= policy_version:
         return _result(latest, return_state_dict=return_state_dict, resumed=True)
 
@@ -183,7 +185,13 @@ def _fit(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(storage_path=str(output), name=f"{mode}_v{policy_version:04d}"),
+        run_config=ray.train.RunConfig(
+            storage_path=str(output),
+            name=f"{mode}_v{policy_version:04d}",
+            # A dead worker restarts the whole group: the loop starts again from `resume_dir` (the last
+            # complete checkpoint) and re-reads the dataset, a streaming one from its first part.
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+        ),
         datasets={DATASET_NAME: dataset},
     )
     result = trainer.fit()
