@@ -21,6 +21,7 @@ from typing import Any
 
 from psr_ray import prompts, steps
 from psr_ray.engine_api import Candidates, Generation, JudgeRequest, Judgment, ProposeRequest
+from psr_ray.weight_sync.receivers import GpuTransferReceiver
 
 EXTENSION_CLS = "psr_ray.weight_sync.vllm_extension.WeightSyncExtension"
 ROLES = ("rollout", "judge")
@@ -43,11 +44,14 @@ class EngineSettings:
     seed: int = 0
     # vLLM's own counters (prefix-cache hits, tokens) for `engine_stats`; off by default, as in vLLM's LLM.
     log_stats: bool = False
+    # "nccl" builds the engine with vLLM's weight-transfer engine (weight_sync/nccl.py); None otherwise.
+    weight_transfer_backend: str | None = None
 
 
 def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
     """Settings of a `role` engine from a `PSRConfig`; `model_path` is the resolved local folder."""
     from psr_ray.models import engine_dtype
+    from psr_ray.weight_sync.base import backend_for
 
     if role not in ROLES:
         raise ValueError(f"engine role must be one of {ROLES}, got {role!r}")
@@ -66,6 +70,7 @@ def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
         enable_prefix_caching=getattr(section, "enable_prefix_caching", True),
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
+        weight_transfer_backend="nccl" if backend_for(cfg) == "nccl" else None,
     )
 
 
@@ -79,7 +84,7 @@ def engine_env(settings: EngineSettings) -> dict[str, str]:
     return env
 
 
-class EngineActor:
+class EngineActor(GpuTransferReceiver):
     """One vLLM engine serving one role. Methods follow `psr_ray.engine_api`."""
 
     def __init__(self, settings: EngineSettings, *, name: str, policy_version: int = 0):
@@ -93,6 +98,10 @@ class EngineActor:
         kwargs: dict[str, Any] = {}
         if settings.use_gpu:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if settings.weight_transfer_backend is not None:
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=settings.weight_transfer_backend)
         self.llm = LLM(
             model=settings.model_path,
             dtype=settings.dtype,

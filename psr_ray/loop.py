@@ -148,13 +148,13 @@ def _search_and_train(psr: Run, k: int) -> None:
     from psr_ray.data.pairs_io import stream_pairs_dataset
     from psr_ray.rollout.scheduler import generate_pairs
     from psr_ray.trainer.group import train_dpo
-    from psr_ray.weight_sync.base import make_sender
+    from psr_ray.weight_sync.base import backend_for, make_sender
 
     if psr.state.done(k, "train"):
         return
     cfg, next_version = psr.cfg, psr.policy_version + 1
     problems = problems_for_iteration(cfg, psr.problems, k)
-    sender = make_sender(_backend(cfg), [_name(e) for e in psr.engines], bucket_mb=cfg.weight_sync.bucket_mb)
+    sender = make_sender(backend_for(cfg), [_name(e) for e in psr.engines], bucket_mb=cfg.weight_sync.bucket_mb)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
         search = None
@@ -256,15 +256,6 @@ def _check_engine_versions(psr: Run) -> None:
     versions = engine_versions(psr.engines)
     if any(v != psr.policy_version for v in versions):
         raise RuntimeError(f"engines serve policy versions {versions}, expected {psr.policy_version}")
-
-
-def _backend(cfg: PSRConfig) -> str:
-    from psr_ray.weight_sync.base import resolve_backend
-
-    engines_gpu = cfg.rollout.num_gpus_per_worker > 0 and cfg.judge.num_gpus_per_worker > 0
-    # Colocation (engines sharing the trainer's GPUs) is not configured yet: GPUs apart use NCCL.
-    return resolve_backend(cfg.weight_sync.backend, trainer_gpu=cfg.trainer.use_gpu, engines_gpu=engines_gpu,
-                           colocated=False)
 
 
 def _name(engine: Any) -> str:

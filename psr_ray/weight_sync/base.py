@@ -53,6 +53,14 @@ def resolve_backend(backend: str, *, trainer_gpu: bool, engines_gpu: bool, coloc
     return "object_store"
 
 
+def backend_for(cfg: Any) -> str:
+    """The transport a `PSRConfig` resolves to. Colocation (engines on the trainer's GPUs) is not a config
+    option yet, so GPU engines apart from GPU trainers use NCCL."""
+    engines_gpu = cfg.rollout.num_gpus_per_worker > 0 and cfg.judge.num_gpus_per_worker > 0
+    return resolve_backend(cfg.weight_sync.backend, trainer_gpu=cfg.trainer.use_gpu, engines_gpu=engines_gpu,
+                           colocated=False)
+
+
 def make_sender(backend: str, engine_names: list[str], *, bucket_mb: int = 512, namespace: str | None = None) -> WeightSender:
     if backend == "object_store":
         from psr_ray.weight_sync.object_store import ObjectStoreSender

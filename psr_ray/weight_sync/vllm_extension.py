@@ -33,3 +33,16 @@ class WeightSyncExtension:
         for file in files:
             named.extend(load_file(str(file)).items())
         return self.load_hf_weights(named)
+
+    def load_hf_weights_from_ipc(self, handles: dict[str, Any]) -> int:
+        """Loads tensors shared by CUDA IPC (`torch.multiprocessing.reductions.reduce_tensor` handles) in
+        place. GPU only. The handle's device index is the sender's; the tensor is opened on this worker's
+        device, which CUDA maps across GPUs of one node."""
+        import torch
+
+        named = []
+        for name, (rebuild, args) in handles.items():
+            args = list(args)
+            args[6] = torch.cuda.current_device()  # rebuild_cuda_tensor's device argument
+            named.append((name, rebuild(*args)))
+        return self.load_hf_weights(named)
