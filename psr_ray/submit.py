@@ -37,16 +37,25 @@ def runtime_env(path: Path = RUNTIME_ENV) -> dict[str, Any]:
 
 
 def submit(address: str, config_paths: list[str], overrides: list[str], *, wait: bool = True,
-           env: dict[str, Any] | None = None) -> int:
+           env: dict[str, Any] | None = None, agent_wait_s: float = 120.0) -> int:
     """Submits the job; with `wait`, streams its logs and returns 0 / 1 / 2 for SUCCEEDED / FAILED / STOPPED."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=job_entrypoint(config_paths, overrides),
-        runtime_env=runtime_env() if env is None else env,
-        metadata={"psr_ray": "1"},
-    )
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=job_entrypoint(config_paths, overrides),
+                runtime_env=runtime_env() if env is None else env,
+                metadata={"psr_ray": "1"},
+            )
+            break
+        except RuntimeError as err:
+            # A head that just started answers before its job agent has registered: wait for it.
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"[psr_ray] submitted job {job_id} to {address}")
     if not wait:
         return 0
