@@ -47,7 +47,10 @@ def wait_for(url: str, timeout: float) -> None:
 def ray_head():
     # Short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="psrh", dir="/tmp")
-    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics")}
+    # Every port of its own: the test session's Ray already holds the default agent ports (52365, ...), and a
+    # head whose job agent cannot bind answers every submission with "No available agent".
+    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "agent", "agent_grpc", "runtime_env",
+                                            "client")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
     # Ray 2.60's token auth, as a secured cluster runs it: the head, the submitter and the job share a token.
@@ -59,6 +62,8 @@ def ray_head():
             "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
             f"--metrics-export-port={ports['metrics']}", "--num-cpus=6",
+            f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+            f"--runtime-env-agent-port={ports['runtime_env']}", f"--ray-client-server-port={ports['client']}",
             f"--temp-dir={temp_dir}",
         ],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
