@@ -94,6 +94,20 @@ def state_dict_bytes(state_dict: dict[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for t in state_dict.values())
 
 
+class GpuSender:
+    """What the GPU transports share: engines by name, a bucket size, and the report of a finished sync."""
+
+    backend = ""
+
+    def __init__(self, engine_names: list[str], *, bucket_mb: int = 512, namespace: str | None = None):
+        self.engine_names = list(engine_names)
+        self.bucket_bytes = bucket_mb * 2**20
+        self.namespace = namespace
+
+    def report(self, state_dict: dict[str, Any], *, policy_version: int, num_engines: int, seconds: float) -> SyncReport:
+        return SyncReport(self.backend, policy_version, num_engines, len(state_dict), state_dict_bytes(state_dict), seconds)
+
+
 class Stopwatch:
     def __init__(self) -> None:
         self.start = time.perf_counter()

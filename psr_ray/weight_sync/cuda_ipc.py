@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from psr_ray.weight_sync.base import Stopwatch, SyncReport, engine_handles, state_dict_bytes
+from psr_ray.weight_sync.base import GpuSender, Stopwatch, SyncReport, engine_handles
 
 
 def buckets(state_dict: dict[str, Any], bucket_bytes: int) -> list[list[str]]:
@@ -28,13 +28,8 @@ def buckets(state_dict: dict[str, Any], bucket_bytes: int) -> list[list[str]]:
     return [b for b in out if b]
 
 
-class CudaIpcSender:
+class CudaIpcSender(GpuSender):
     backend = "cuda_ipc"
-
-    def __init__(self, engine_names: list[str], *, bucket_mb: int = 512, namespace: str | None = None):
-        self.engine_names = list(engine_names)
-        self.bucket_bytes = bucket_mb * 2**20
-        self.namespace = namespace
 
     def send(self, state_dict: dict[str, Any] | None, *, policy_version: int) -> SyncReport | None:
         if state_dict is None:
@@ -57,4 +52,4 @@ class CudaIpcSender:
                 for e in engines
             ])
             del on_gpu  # engines copied out of the mapped memory inside reload_weights
-        return SyncReport(self.backend, policy_version, len(engines), len(state_dict), state_dict_bytes(state_dict), clock.seconds())
+        return self.report(state_dict, policy_version=policy_version, num_engines=len(engines), seconds=clock.seconds())

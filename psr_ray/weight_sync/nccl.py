@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from psr_ray.weight_sync.base import Stopwatch, SyncReport, engine_handles, state_dict_bytes
+from psr_ray.weight_sync.base import GpuSender, Stopwatch, SyncReport, engine_handles
 
 
 class _EngineClient:
@@ -59,13 +59,8 @@ def _state_dict_source(state_dict: dict[str, Any]) -> Any:
     return StateDictSource()
 
 
-class NcclSender:
+class NcclSender(GpuSender):
     backend = "nccl"
-
-    def __init__(self, engine_names: list[str], *, bucket_mb: int = 512, namespace: str | None = None):
-        self.engine_names = list(engine_names)
-        self.bucket_bytes = bucket_mb * 2**20
-        self.namespace = namespace
 
     def send(self, state_dict: dict[str, Any] | None, *, policy_version: int) -> SyncReport | None:
         if state_dict is None:
@@ -91,7 +86,7 @@ class NcclSender:
         finally:
             sender.shutdown()
             client.shutdown_weight_transfer_engine()
-        return SyncReport(self.backend, policy_version, len(engines), len(state_dict), state_dict_bytes(state_dict), clock.seconds())
+        return self.report(state_dict, policy_version=policy_version, num_engines=len(engines), seconds=clock.seconds())
 
 
 def _free_port() -> int:
