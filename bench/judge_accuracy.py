@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from psr_ray.config import EMBEDDED_MODEL, JudgeConfig
-from psr_ray.engine import EngineActor, EngineSettings
-from psr_ray.judge.labelled import build_corrupted_pairs, judge_requests, read_jsonl, score_judgments
+from psr_ray.data.problems import read_jsonl
+from psr_ray.engines.actor import EngineActor, EngineSettings
+from psr_ray.init_data.labelled import build_corrupted_pairs, judge_requests, score_judgments
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -39,7 +40,7 @@ def main() -> None:
     from psr_ray.models import resolve_model_path
 
     model_path = resolve_model_path(args.model, args.cache_dir)
-    pairs = build_corrupted_pairs(read_jsonl(args.data), args.num_pairs, args.seed)
+    pairs = build_corrupted_pairs([row for _, _, row in read_jsonl(args.data)[0]], args.num_pairs, args.seed)
     requests, labels = judge_requests(pairs)
     started = time.perf_counter()
     engine = EngineActor(

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-problems", type=int, default=8)
-    parser.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "embedded_cpu.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "psr_ray" / "configs" / "embedded_cpu.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "search_throughput.md"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -36,10 +36,11 @@ def main() -> int:
 
     from psr_ray import config as C
     from psr_ray.data.problems import load_problems
-    from psr_ray.engine import EngineActor, engine_settings
+    from psr_ray.engines.actor import EngineActor, engine_settings
+    from psr_ray.engines.pool import EnginePool
     from psr_ray.models import resolve_model_path
     from psr_ray.prompts import render_solution_prompt
-    from psr_ray.rollout.scheduler import generate_pairs
+    from psr_ray.search.generate import generate_pairs
 
     cfg = C.validate(C.load([args.config], args.overrides))
     model_dir = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
@@ -54,8 +55,9 @@ def main() -> int:
     ray.get([e.ready.remote() for e in engines.values()])
 
     out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"psr_bench_search_{os.getpid()}"
-    summary = generate_pairs(cfg, problems, iteration=1, policy_version=0, rollout_workers=[engines["rollout"]],
-                             judge_workers=[engines["judge"]], output_dir=str(out_dir))
+    summary = generate_pairs(cfg, problems, iteration=1, policy_version=0,
+                             rollout=EnginePool("rollout", [engines["rollout"]], max_restarts=0),
+                             judge=EnginePool("judge", [engines["judge"]], max_restarts=0), output_dir=str(out_dir))
     stats = {role: ray.get(e.engine_stats.remote()) for role, e in engines.items()}
     search_tokens = summary.generated_tokens
     search_s = summary.seconds
@@ -77,7 +79,7 @@ def main() -> int:
     search_tps, raw_tps = search_tokens / search_s, raw_tokens / raw_s
     prompt_tokens = sum(s["prompt_tokens"] for s in stats.values())
     rows = [
-        ("problems searched", f"{summary.problems}"),
+        ("problems searched", f"{summary.problems_total}"),
         ("pairs", f"{summary.pairs}"),
         ("rollbacks / abandoned", f"{summary.rollbacks} / {summary.problems_abandoned}"),
         ("steps proposed", f"{steps:.0f}"),

@@ -72,7 +72,7 @@ def main() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from psr_ray.config import TrainerConfig
-    from psr_ray.trainer.engine import build_policy, build_reference, prepare_deepspeed
+    from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, prepare_deepspeed
     from psr_ray.trainer.worker import dpo_micro_step
 
     prepare_deepspeed(use_gpu)

@@ -38,15 +38,6 @@ def memcpy_gbps(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return num_bytes / best / 1e9
 
 
-def load_state_dict(model_dir: str) -> dict:
-    from safetensors.torch import load_file
-
-    state: dict = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    return state
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -58,11 +49,11 @@ def main() -> int:
     import ray
 
     from psr_ray import config as C
-    from psr_ray.engine import EngineActor, engine_settings
-    from psr_ray.models import resolve_model_path
+    from psr_ray.engines.actor import EngineActor, engine_settings
+    from psr_ray.models import load_safetensors_dir, resolve_model_path
+    from psr_ray.testing import build_tiny_model
     from psr_ray.weight_sync.base import state_dict_bytes
     from psr_ray.weight_sync.object_store import ObjectStoreSender
-    from tests.tiny_model import build_tiny_model
 
     transports = args.transports.split(",")
     gpu_only = [t for t in transports if t in ("cuda_ipc", "nccl")]
@@ -87,7 +78,7 @@ def main() -> int:
             for n in names
         ]
         ray.get([e.ready.remote() for e in engines])
-        state = load_state_dict(model_dir)
+        state = load_safetensors_dir(model_dir)
         num_bytes = state_dict_bytes(state)
         bound_s = num_bytes * (1 + len(engines)) / (bound * 1e9)
         for transport in transports:
@@ -96,7 +87,7 @@ def main() -> int:
                 version = 100 + r
                 start = time.perf_counter()
                 if transport == "object_store":
-                    ObjectStoreSender(names).send(state, policy_version=version)
+                    ObjectStoreSender(engines).send(state, policy_version=version)
                 else:  # file: the HF export already on local disk, as after a checkpoint
                     ray.get([e.update_weights_from_path.remote(model_dir, policy_version=version) for e in engines])
                 times.append(time.perf_counter() - start)

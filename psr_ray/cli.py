@@ -9,13 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from psr_ray import config as config_lib
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "jobs" / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "embedded_cpu.yaml"
+from psr_ray.config import DEFAULT_CONFIG
 
 EPILOG = """\
 examples:
@@ -28,9 +24,9 @@ examples:
   psr-ray train --pairs runs/embedded/pairs/iter_0
   psr-ray eval --model embedded:smollm2-135m-instruct --benchmarks gsm8k --limit 50
   psr-ray init                                    # IFT/EFT data + SFT: M0 -> M1, judge accuracy before/after
-  psr-ray submit --address http://127.0.0.1:8265 --config jobs/configs/embedded_cpu.yaml
+  psr-ray submit --address http://127.0.0.1:8265 --config psr_ray/configs/embedded_cpu.yaml
 
-Without --config, commands use jobs/configs/embedded_cpu.yaml (the embedded CPU preset).
+Without --config, commands use psr_ray/configs/embedded_cpu.yaml (the embedded CPU preset).
 Overrides are dotted keys: section.field=value, sections: model data rollout judge search trainer
 weight_sync eval init run. Lists use brackets: run.prompts_per_iteration=[400,800,1200].
 """
@@ -42,7 +38,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="FILE",
-        help="YAML config; repeat to merge several (later wins). Default: jobs/configs/embedded_cpu.yaml",
+        help="YAML config; repeat to merge several (later wins). Default: psr_ray/configs/embedded_cpu.yaml",
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. trainer.beta=0.4")
 
@@ -80,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="problems per benchmark (0 = all)")
     p = command("init", "Initialization: build IFT/EFT data and fine-tune M0 into M1 (SFT).")
     p.add_argument("--output", metavar="DIR", help="output folder (default: run.output_dir/init)")
-    p = command("submit", "Submit `python -m psr_ray.train` to a Ray cluster as a job and stream its logs.")
+    p = command("submit", "Submit `python -m psr_ray` (the run) to a Ray cluster as a job and stream its logs.")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     return parser

@@ -11,7 +11,7 @@ from psr_ray.config import PSRConfig
 
 def required_cpus(cfg: PSRConfig) -> int:
     """Logical CPUs the run's actors reserve at once: engines, trainer workers, and room for Ray Data tasks."""
-    engines = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.judge.num_workers * cfg.judge.num_cpus_per_worker
+    engines = sum(pool.num_engines * pool.num_cpus_per_engine for pool in (cfg.rollout, cfg.judge))
     trainer = cfg.trainer.num_workers * cfg.trainer.num_cpus_per_worker
     return math.ceil(engines + trainer) + 2
 

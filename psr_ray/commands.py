@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from psr_ray.config import PSRConfig, validate
+from psr_ray.config import DEFAULT_CONFIG, PSRConfig, validate
 
 
 def run(cfg: PSRConfig, args: argparse.Namespace) -> int:
@@ -19,10 +19,9 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """One search pass with the configured model over `--num-problems` problems."""
     from psr_ray.cluster import init_ray
     from psr_ray.data.problems import load_problems
-    from psr_ray.judge.worker import create_judge_workers
+    from psr_ray.engines.pool import start_engine_pool
     from psr_ray.models import resolve_model_path
-    from psr_ray.rollout.scheduler import generate_pairs
-    from psr_ray.rollout.worker import create_rollout_workers
+    from psr_ray.search.generate import generate_pairs
 
     if args.num_problems < 1:
         raise SystemExit("psr-ray generate: --num-problems must be >= 1")
@@ -35,8 +34,8 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     init_ray(cfg)
     summary = generate_pairs(
         cfg, loaded.problems, iteration=1, policy_version=1,
-        rollout_workers=create_rollout_workers(cfg, model_path, policy_version=1),
-        judge_workers=create_judge_workers(cfg, model_path, policy_version=1),
+        rollout=start_engine_pool(cfg, "rollout", model_path, policy_version=1),
+        judge=start_engine_pool(cfg, "judge", model_path, policy_version=1),
         output_dir=output_dir,
     )
     for key, value in summary.to_dict().items():
@@ -64,28 +63,27 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
     from psr_ray.cluster import init_ray
-    from psr_ray.eval import run_eval_command
+    from psr_ray.eval import eval_command
 
     benchmarks = args.benchmarks.split(",") if args.benchmarks else list(cfg.eval.benchmarks)
     limit = cfg.eval.limit if args.limit is None else args.limit
     if args.model:
         cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model)))
     init_ray(cfg)
-    run_eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")
+    eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")
     return 0
 
 
 def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """IFT/EFT data from data.source, SFT of model.path into M1, judge and step-format scores of M0 and M1."""
-    from psr_ray.init_data import run_init
+    from psr_ray.init_data import initialize
 
-    result = run_init(cfg, output_dir=args.output or f"{cfg.run.output_dir}/init")
+    result = initialize(cfg, output_dir=args.output or f"{cfg.run.output_dir}/init")
     print(f"M1 (HF export): {result.hf_dir}")
     return 0
 
 
 def submit(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    from psr_ray.cli import DEFAULT_CONFIG
     from psr_ray.submit import submit as submit_job
 
     return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait)

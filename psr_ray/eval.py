@@ -1,6 +1,6 @@
 """Greedy evaluation on math benchmarks: accuracy, step statistics (the paper's Table 4) and step-format
-compliance. Scoring is pure; `evaluate` sends prompts to engine actors (psr_ray/engine_api.py
-`generate`), and `run_eval_command` is `psr-ray eval`: it starts the engines itself.
+compliance. Scoring is pure; `evaluate` sends prompts to engine actors (psr_ray/engines/api.py
+`generate`), and `eval_command` is `psr-ray eval`: it starts the engines itself.
 """
 
 from __future__ import annotations
@@ -186,18 +186,18 @@ def throughput_line(result: EvalResult) -> str:
     )
 
 
-def run_eval_command(
+def eval_command(
     cfg: Any, model: str, benchmarks: list[str] | tuple[str, ...], limit: int | None, *, output_dir: str | None = None
 ) -> EvalResult:
     """`psr-ray eval --model PATH_OR_ID --benchmarks gsm8k,math500 --limit N`: starts Ray here unless it is
-    running (or `run.ray_address` names a cluster), creates `rollout.num_workers` engine actors, evaluates,
+    running (or `run.ray_address` names a cluster), creates `rollout.num_engines` engine actors, evaluates,
     prints the table and the throughput, and writes the report to `output_dir` when given."""
     import ray
     from transformers import AutoTokenizer
 
+    from psr_ray.engines.pool import start_engine_pool
     from psr_ray.models import resolve_model_path
     from psr_ray.report import format_table, write_report, write_solutions
-    from psr_ray.rollout.worker import create_rollout_workers
 
     model_path = resolve_model_path(model, cfg.run.cache_dir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
@@ -206,7 +206,7 @@ def run_eval_command(
         ray.init(address=cfg.run.ray_address, include_dashboard=False)
     # Named engines already running (a driver's, a test session's) are reused and left running.
     running = set(ray.util.list_named_actors())
-    engines = create_rollout_workers(cfg, model_path)
+    engines = start_engine_pool(cfg, "rollout", model_path).actors
     try:
         result = evaluate(engines, tokenizer, benchmarks, limit=limit or None, max_tokens=cfg.eval.max_tokens)
     finally:

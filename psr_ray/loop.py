@@ -21,20 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from psr_ray.config import PSRConfig, from_dict
+from psr_ray.engines.pool import EnginePool
 from psr_ray.run_state import RunState
 
 FIRST_POLICY_VERSION = 1
 
 
 @dataclasses.dataclass
-class Run:
-    """What the stages share: the cluster's engines, the problems, the served policy and the results."""
+class Driver:
+    """What the driver holds across stages: the engine pools, the problems, the served policy, the results."""
 
     cfg: PSRConfig
     out: Path
     state: RunState
-    rollout: list[Any]
-    judge: list[Any]
+    rollout: EnginePool
+    judge: EnginePool
     tokenizer: Any
     problems: list[Any]
     policy_dir: str
@@ -44,11 +45,12 @@ class Run:
 
     @property
     def engines(self) -> list[Any]:
-        return self.rollout + self.judge
+        """Every engine actor handle, rollout first."""
+        return self.rollout.actors + self.judge.actors
 
 
-def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Run:
-    """Runs (or resumes) all iterations. The returned `Run` holds the results rows and the engine handles:
+def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
+    """Runs (or resumes) all iterations. The returned `Driver` holds the results rows and the engine handles:
     the engines live as long as it does (they are the driver's actors, not detached)."""
     from tqdm import tqdm
 
@@ -74,15 +76,14 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Run:
     return psr
 
 
-def _start(cfg: PSRConfig, resume_dir: str | None) -> Run:
+def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
     from transformers import AutoTokenizer
 
     from psr_ray.cluster import init_ray
     from psr_ray.data.problems import load_problems
-    from psr_ray.judge.worker import create_judge_workers
+    from psr_ray.engines.pool import start_engine_pool
     from psr_ray.metrics import WandbLogger
     from psr_ray.models import resolve_model_path
-    from psr_ray.rollout.worker import create_rollout_workers
 
     out = Path(resume_dir or cfg.run.output_dir).expanduser()
     state = RunState(out)
@@ -120,12 +121,12 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Run:
     logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
                          config=cfg.to_dict(), dir=str(out))
     # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
-    psr = Run(
+    psr = Driver(
         cfg=cfg,
         out=out,
         state=state,
-        rollout=create_rollout_workers(cfg, policy_dir, policy_version=policy_version),
-        judge=create_judge_workers(cfg, policy_dir, policy_version=policy_version),
+        rollout=start_engine_pool(cfg, "rollout", policy_dir, policy_version=policy_version),
+        judge=start_engine_pool(cfg, "judge", policy_dir, policy_version=policy_version),
         tokenizer=AutoTokenizer.from_pretrained(base_model, trust_remote_code=cfg.model.trust_remote_code),
         problems=loaded.problems,
         policy_dir=policy_dir,
@@ -143,25 +144,25 @@ def problems_for_iteration(cfg: PSRConfig, problems: list[Any], k: int) -> list[
     return [problems[(start + i) % len(problems)] for i in range(min(count, len(problems)))]
 
 
-def _search_and_train(psr: Run, k: int) -> None:
+def _search_and_train(psr: Driver, k: int) -> None:
     """Search with M_k while the trainer consumes the pairs as they stream in, then train M_{k+1}."""
     from psr_ray.data.pairs_io import stream_pairs_dataset
-    from psr_ray.rollout.scheduler import generate_pairs
+    from psr_ray.search.generate import generate_pairs
     from psr_ray.trainer.group import train_dpo
-    from psr_ray.weight_sync.base import backend_for, make_sender
+    from psr_ray.weight_sync import backend_for, make_sender
 
     if psr.state.done(k, "train"):
         return
     cfg, next_version = psr.cfg, psr.policy_version + 1
     problems = problems_for_iteration(cfg, psr.problems, k)
-    sender = make_sender(backend_for(cfg), [_name(e) for e in psr.engines], bucket_mb=cfg.weight_sync.bucket_mb)
+    sender = make_sender(backend_for(cfg), psr.engines, bucket_mb=cfg.weight_sync.bucket_mb)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
         search = None
         if not psr.state.done(k, "search"):
             search = pool.submit(
                 generate_pairs, cfg, problems, iteration=k, policy_version=psr.policy_version,
-                rollout_workers=psr.rollout, judge_workers=psr.judge, output_dir=str(psr.out),
+                rollout=psr.rollout, judge=psr.judge, output_dir=str(psr.out),
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
             )
         dataset = stream_pairs_dataset(str(psr.out), k)
@@ -195,12 +196,12 @@ def _search_and_train(psr: Run, k: int) -> None:
     psr.policy_dir, psr.policy_version = result.hf_dir, result.policy_version
 
 
-def _sync(psr: Run, k: int) -> None:
+def _sync(psr: Driver, k: int) -> None:
     """The trainer pushed the weights already; verify every engine serves M_{k+1}, else load the export."""
     import ray
 
     from psr_ray import metrics
-    from psr_ray.weight_sync.base import engine_versions
+    from psr_ray.weight_sync import engine_versions
 
     if psr.state.done(k, "sync"):
         return
@@ -216,7 +217,7 @@ def _sync(psr: Run, k: int) -> None:
                                  "verify_seconds": seconds})
 
 
-def _evaluate(psr: Run, *, iteration: int) -> None:
+def _evaluate(psr: Driver, *, iteration: int) -> None:
     from psr_ray.eval import evaluate
     from psr_ray.report import write_report
 
@@ -236,7 +237,7 @@ def _evaluate(psr: Run, *, iteration: int) -> None:
     psr.logger.log_image("eval/accuracy", str(paths["plot"]))
 
 
-def _result_row(psr: Run, row: dict[str, Any], iteration: int) -> dict[str, Any]:
+def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, Any]:
     """An eval row with the iteration's search and training figures beside it (the results table)."""
     search = psr.state.stage(iteration, "search") or {}
     train = psr.state.stage(iteration, "train") or {}
@@ -250,18 +251,12 @@ def _result_row(psr: Run, row: dict[str, Any], iteration: int) -> dict[str, Any]
     }
 
 
-def _check_engine_versions(psr: Run) -> None:
-    from psr_ray.weight_sync.base import engine_versions
+def _check_engine_versions(psr: Driver) -> None:
+    from psr_ray.weight_sync import engine_versions
 
     versions = engine_versions(psr.engines)
     if any(v != psr.policy_version for v in versions):
         raise RuntimeError(f"engines serve policy versions {versions}, expected {psr.policy_version}")
-
-
-def _name(engine: Any) -> str:
-    import ray
-
-    return ray.get(engine.ready.remote())["name"]
 
 
 def _expected_pairs(cfg: PSRConfig, num_problems: int) -> int:

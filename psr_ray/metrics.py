@@ -80,14 +80,11 @@ class WandbLogger:
             import wandb
 
             os.makedirs(dir, exist_ok=True)
-            self._run = wandb.init(project=project, name=name, config=config, dir=dir, mode=mode, reinit="finish_previous")
+            self._run = wandb.init(project=project, name=name, config=config, dir=dir, mode=mode,  # type: ignore[arg-type]
+                                   reinit="finish_previous")
         except Exception as err:  # a logger must never take the run down
             print(f"[psr_ray] wandb disabled: {type(err).__name__}: {err}")
             self._run = None
-
-    @property
-    def enabled(self) -> bool:
-        return self._run is not None
 
     def log(self, values: dict[str, Any], *, step: int | None = None) -> None:
         if self._run is not None:

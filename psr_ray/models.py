@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from psr_ray.config import EMBEDDED_MODEL
 
@@ -24,6 +25,19 @@ def resolve_model_path(path: str, cache_dir: str) -> str:
         raise ValueError(f"unknown embedded model {path!r}; the embedded model is {EMBEDDED_MODEL}")
     local = Path(os.path.expanduser(path))
     return str(local.resolve()) if local.exists() else path
+
+
+def load_safetensors_dir(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    """Every tensor of the `*.safetensors` files of an HF folder, by name (the one loader of exports)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {str(hf_dir)!r}; export the model with save_pretrained first")
+    state_dict: dict[str, Any] = {}
+    for file in files:
+        state_dict.update(load_file(str(file)))
+    return state_dict
 
 
 def engine_dtype(model_dtype: str, use_gpu: bool) -> str:

@@ -8,7 +8,8 @@ import math
 import re
 from typing import Any
 
-from psr_ray.steps import join_steps, step_header
+from psr_ray.config import JudgeMode
+from psr_ray.steps import step_header
 
 SOLVER_INSTRUCTION = (
     "Solve the following math problem step by step. Write each step on its own line, starting with "
@@ -74,14 +75,11 @@ def render_solution_prompt(tokenizer: Any, question: str) -> str:
     return render_solver_prompt(tokenizer, question, "", 1)
 
 
-def render_judge_prompt(tokenizer: Any, question: str, prefix: str, step_a: str, step_b: str, *, mode: str) -> str:
-    prefix_text = DIRECT_VERDICT_PREFIX if mode == "direct" else EXPLAIN_VERDICT_PREFIX
+def render_judge_prompt(
+    tokenizer: Any, question: str, prefix: str, step_a: str, step_b: str, *, mode: JudgeMode
+) -> str:
+    prefix_text = DIRECT_VERDICT_PREFIX if JudgeMode(mode) is JudgeMode.DIRECT else EXPLAIN_VERDICT_PREFIX
     return render_chat(tokenizer, judge_messages(question, prefix, step_a, step_b), prefix_text)
-
-
-def render_prefix(steps: list[str] | tuple[str, ...]) -> str:
-    """The previous steps as they appear in prompts and in the pair's `prefix` column."""
-    return join_steps(steps)
 
 
 _VERDICT_TAG = re.compile(r"\[\[\s*([AB])\s*\]\]")

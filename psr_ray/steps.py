@@ -34,10 +34,6 @@ def split_steps(text: str) -> list[str]:
     return [text[bounds[i] : starts[i]].strip() for i in range(len(matches))]
 
 
-def has_step_markers(text: str) -> bool:
-    return _MARKER.search(text) is not None
-
-
 def clean_step(text: str) -> str:
     """One generated step, trimmed: cut at a stray next-step marker and right after a closed final answer."""
     match = _MARKER.search(text)

@@ -8,14 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from psr_ray.config import REPO_ROOT
+
 RUNTIME_ENV = REPO_ROOT / "jobs" / "runtime_env.yaml"
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 
 
 def job_entrypoint(config_paths: list[str], overrides: list[str]) -> str:
     """The job's command line; config paths are made relative to the uploaded working_dir (the repo)."""
-    parts = ["python", "-m", "psr_ray.train"]
+    parts = ["python", "-m", "psr_ray"]
     for path in config_paths:
         resolved = Path(path).resolve()
         try:

@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from tests.tiny_model import build_tiny_model
+    from psr_ray.testing import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
 

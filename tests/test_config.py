@@ -7,8 +7,8 @@ import pytest
 
 from psr_ray import config as C
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
-SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted([*(ROOT / "jobs" / "configs").glob("*.yaml"), *(ROOT / "psr_ray" / "configs").glob("*.yaml")])
 
 
 def test_defaults_follow_the_paper():
@@ -44,6 +44,7 @@ def test_every_shipped_config_loads_and_validates(path):
 def test_shipped_configs_exist():
     names = {p.name for p in SHIPPED}
     assert {"embedded_cpu.yaml", "qwen2.5-math-7b.yaml"} <= names
+    assert C.DEFAULT_CONFIG in SHIPPED
 
 
 def test_overrides_apply_and_coerce(tmp_path):
@@ -89,8 +90,8 @@ def test_load_rejects_missing_file_and_bad_override():
     "override, field",
     [
         ("rollout.num_candidates=1", "rollout.num_candidates"),
-        ("rollout.num_workers=-1", "rollout.num_workers"),
-        ("judge.num_workers=0", "judge.num_workers"),
+        ("rollout.num_engines=-1", "rollout.num_engines"),
+        ("judge.num_engines=0", "judge.num_engines"),
         ("rollout.top_p=0", "rollout.top_p"),
         ("judge.mode=vote", "judge.mode"),
         ("search.max_steps=0", "search.max_steps"),
@@ -111,17 +112,17 @@ def test_load_rejects_missing_file_and_bad_override():
     ],
 )
 def test_validate_names_the_field(override, field):
-    cfg = C.load([], [override])
+    # Enum fields (judge.mode, weight_sync.backend) are already refused by load(); the rest by validate().
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        C.validate(cfg, gpu_available=False)
+        C.validate(C.load([], [override]), gpu_available=False)
 
 
 def test_gpu_requests_without_gpu_fail_locally_but_not_for_a_cluster():
-    cfg = C.load([], ["rollout.num_gpus_per_worker=1", "trainer.use_gpu=true"])
-    with pytest.raises(ValueError, match="rollout.num_gpus_per_worker, trainer.use_gpu ask"):
+    cfg = C.load([], ["rollout.num_gpus_per_engine=1", "trainer.use_gpu=true"])
+    with pytest.raises(ValueError, match="rollout.num_gpus_per_engine, trainer.use_gpu ask"):
         C.validate(cfg, gpu_available=False)
     C.validate(cfg, gpu_available=True)
-    remote = C.load([], ["rollout.num_gpus_per_worker=1", "run.ray_address=auto"])
+    remote = C.load([], ["rollout.num_gpus_per_engine=1", "run.ray_address=auto"])
     C.validate(remote, gpu_available=False)
 
 

@@ -62,7 +62,7 @@ def test_kuberay_rayjob_runs_the_job_entrypoint():
     doc = load("cluster/kuberay-rayjob.yaml")
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
-    assert spec["entrypoint"].startswith("python -m psr_ray.train --config jobs/configs/")
+    assert spec["entrypoint"].startswith("python -m psr_ray --config jobs/configs/")
     config = spec["entrypoint"].split("--config ")[1].split()[0]
     assert (ROOT / config).is_file()
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
@@ -101,8 +101,8 @@ def test_dockerfile_pins_and_lints():
 def test_job_entrypoint_is_relative_to_the_uploaded_repo(tmp_path):
     from psr_ray.submit import job_entrypoint
 
-    line = job_entrypoint([str(ROOT / "jobs/configs/embedded_cpu.yaml")], ["run.num_iterations=1"])
-    assert line == "python -m psr_ray.train --config jobs/configs/embedded_cpu.yaml run.num_iterations=1"
+    line = job_entrypoint([str(ROOT / "psr_ray/configs/embedded_cpu.yaml")], ["run.num_iterations=1"])
+    assert line == "python -m psr_ray --config psr_ray/configs/embedded_cpu.yaml run.num_iterations=1"
     outside = tmp_path / "x.yaml"
     outside.write_text("{}")
     with pytest.raises(ValueError, match="working_dir"):

@@ -114,17 +114,17 @@ def test_eval_on_tiny_engines(ray_cluster, tiny_model_dir, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from psr_ray import config
-    from psr_ray.eval import evaluate, run_eval_command
-    from psr_ray.rollout.worker import create_rollout_workers
+    from psr_ray.engines.pool import start_engine_pool
+    from psr_ray.eval import eval_command, evaluate
 
     cfg = config.PSRConfig()
     cfg = dataclasses.replace(
         cfg,
-        rollout=dataclasses.replace(cfg.rollout, num_workers=1),
+        rollout=dataclasses.replace(cfg.rollout, num_engines=1),
         eval=dataclasses.replace(cfg.eval, max_tokens=16),
     )
     running = set(ray_cluster.util.list_named_actors())
-    (engine,) = create_rollout_workers(cfg, tiny_model_dir)
+    (engine,) = start_engine_pool(cfg, "rollout", tiny_model_dir).actors
     try:
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
         alone = evaluate([engine], tokenizer, ["gsm8k"], limit=5, max_tokens=8)
@@ -135,7 +135,7 @@ def test_eval_on_tiny_engines(ray_cluster, tiny_model_dir, tmp_path, capsys):
 
         # `psr-ray eval`: finds the running engine by name, reuses it and leaves it running.
         out = tmp_path / "eval"
-        result = run_eval_command(cfg, tiny_model_dir, ["gsm8k", "svamp"], 3, output_dir=str(out))
+        result = eval_command(cfg, tiny_model_dir, ["gsm8k", "svamp"], 3, output_dir=str(out))
         assert ray_cluster.get(engine.policy_version.remote()) == 0
     finally:
         if "psr-rollout-0" not in running:

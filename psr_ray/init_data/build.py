@@ -3,7 +3,7 @@
 - IFT: a worked solution in the step format (`segment.py`), prompt = the solution prompt ending in the forced
   `Step 1: `, target = the rest of the solution and EOS.
 - EFT: the reference step of a verified solution against the same step with one number changed
-  (`judge.labelled.build_corrupted_pairs`), in both orders (right step as A, then as B: exactly half the
+  (`labelled.build_corrupted_pairs`), in both orders (right step as A, then as B: exactly half the
   verdicts are A), with a templated explanation (`explain.py`). Each order is written for both judge modes:
   `explain` (prompt ends in `Explanation:`, target ` <explanation>\\nVerdict: [[A]]`) and `direct` (prompt
   ends in `Verdict: [[`, target `A]]`), so both modes read the verdict letter after the same `Verdict: [[`.
@@ -18,22 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psr_ray.data import problems as problem_io
+from psr_ray.config import JudgeMode
+from psr_ray.data.problems import Problem, read_source
 from psr_ray.init_data.explain import explain
+from psr_ray.init_data.labelled import LabelledPair, build_corrupted_pairs, judge_requests
 from psr_ray.init_data.segment import worked_solution
-from psr_ray.judge.labelled import LabelledPair, build_corrupted_pairs, judge_requests
 from psr_ray.prompts import DIRECT_VERDICT_PREFIX, render_judge_prompt, render_solution_prompt
 from psr_ray.steps import join_steps, step_header
 
-JUDGE_MODES = ("explain", "direct")
-
-
-@dataclass(frozen=True)
-class WorkedProblem:
-    problem_id: str
-    question: str
-    steps: tuple[str, ...]
-    answer: str  # the gold final answer (GSM8K `#### N`, MATH's last \boxed{})
+JUDGE_MODES = (JudgeMode.EXPLAIN, JudgeMode.DIRECT)
 
 
 @dataclass(frozen=True)
@@ -44,43 +37,30 @@ class EFTPair:
 
 @dataclass(frozen=True)
 class InitData:
-    ift_train: list[WorkedProblem]
-    ift_test: list[WorkedProblem]
+    ift_train: list[Problem]
+    ift_test: list[Problem]
     eft_train: list[EFTPair]
     eft_test: list[EFTPair]
 
 
 def load_worked_problems(
     source: str, *, split: str = "train", seed: int = 0, max_chars: int | None = None
-) -> list[WorkedProblem]:
+) -> list[Problem]:
     """Every row of `source` (as `data.problems.load_problems` names sources) with a worked solution,
     shuffled by `seed`. Ids are `<name>-<split>-<row index>`, the ids `load_problems` gives."""
-    if source in problem_io.EMBEDDED_DIRS:
-        rows, _ = problem_io._read_jsonl(problem_io._embedded_file(problem_io.EMBEDDED_DIRS[source], split))
-        name = source.removeprefix("embedded:")
-    elif source.startswith("hf:"):
-        rows, _ = problem_io._read_hf(source.removeprefix("hf:"), split)
-        name = source.removeprefix("hf:").split(":")[0].replace("/", "_")
-    elif source.endswith(".jsonl") and Path(source).expanduser().is_file():
-        path = Path(source).expanduser()
-        rows, _ = problem_io._read_jsonl(path)
-        name, split = problem_io._path_names(path, split)
-    else:
-        raise ValueError(
-            f"IFT/EFT data source {source!r} is neither embedded:gsm8k, embedded:math, hf:<id> nor an existing .jsonl"
-        )
+    found = read_source(source, split)
     worked = []
-    for index, _, row in rows:
-        found = worked_solution(row)
-        if found is None or (max_chars is not None and len(found[0]) > max_chars):
+    for index, _, row in found.rows:
+        solution = worked_solution(row)
+        if solution is None or (max_chars is not None and len(solution[0]) > max_chars):
             continue
-        question, steps, answer = found
-        worked.append(WorkedProblem(f"{name}-{split}-{index}", question, tuple(steps), answer))
+        question, steps, answer = solution
+        worked.append(Problem(f"{found.name}-{found.split}-{index}", question, answer, found.name, tuple(steps)))
     random.Random(seed).shuffle(worked)
     return worked
 
 
-def eft_pair(problem: WorkedProblem, seed: int) -> EFTPair | None:
+def eft_pair(problem: Problem, seed: int) -> EFTPair | None:
     """One labelled pair from `problem`'s steps (a random step holding an integer, and its corruption);
     None when no step holds one. Steps are flattened to one line each, the form `build_corrupted_pairs` reads."""
     answer = "\n".join(" ".join(step.split()) for step in problem.steps)
@@ -89,7 +69,7 @@ def eft_pair(problem: WorkedProblem, seed: int) -> EFTPair | None:
 
 
 def build_init_data(
-    problems: list[WorkedProblem], *, num_ift: int, num_eft: int, test_fraction: float, seed: int = 0
+    problems: list[Problem], *, num_ift: int, num_eft: int, test_fraction: float, seed: int = 0
 ) -> InitData:
     """Held-out problems first (`test_fraction` of all used, at least one), then training problems;
     IFT and EFT each take the first problems of their split (EFT skips problems without an integer)."""
@@ -105,7 +85,7 @@ def build_init_data(
             f"(training + held out); lower init.num_ift_examples / init.num_eft_examples"
         )
 
-    def pairs(pool: list[WorkedProblem], limit: int) -> list[EFTPair]:
+    def pairs(pool: list[Problem], limit: int) -> list[EFTPair]:
         found = []
         for i, problem in enumerate(pool):
             if len(found) == limit:
@@ -123,7 +103,7 @@ def build_init_data(
     )
 
 
-def ift_rows(tokenizer: Any, problems: list[WorkedProblem]) -> list[dict[str, Any]]:
+def ift_rows(tokenizer: Any, problems: list[Problem]) -> list[dict[str, Any]]:
     """SFT rows of IFT: the solution prompt (ends with `Step 1: `) and the rest of the solution, then EOS."""
     eos = tokenizer.eos_token or ""
     rows = []
@@ -143,7 +123,7 @@ def ift_rows(tokenizer: Any, problems: list[WorkedProblem]) -> list[dict[str, An
     return rows
 
 
-def eft_rows(tokenizer: Any, pairs: list[EFTPair], *, modes: tuple[str, ...] = JUDGE_MODES) -> list[dict[str, Any]]:
+def eft_rows(tokenizer: Any, pairs: list[EFTPair], *, modes: tuple[JudgeMode, ...] = JUDGE_MODES) -> list[dict[str, Any]]:
     """SFT rows of EFT: each pair in both orders (right step as A, then as B), each order in every mode."""
     eos = tokenizer.eos_token or ""
     rows = []
@@ -155,7 +135,7 @@ def eft_rows(tokenizer: Any, pairs: list[EFTPair], *, modes: tuple[str, ...] = J
             )
             for mode in modes:
                 verdict = f"{label}]]"
-                target = f" {explanation}\n{DIRECT_VERDICT_PREFIX}{verdict}" if mode == "explain" else verdict
+                target = f" {explanation}\n{DIRECT_VERDICT_PREFIX}{verdict}" if mode is JudgeMode.EXPLAIN else verdict
                 rows.append(
                     {
                         "kind": f"eft_{mode}",
@@ -165,7 +145,7 @@ def eft_rows(tokenizer: Any, pairs: list[EFTPair], *, modes: tuple[str, ...] = J
                         "step_a": request.step_a,
                         "step_b": request.step_b,
                         "label": label,
-                        "mode": mode,
+                        "mode": mode.value,
                         "explanation": explanation,
                         "prompt_text": render_judge_prompt(
                             tokenizer, request.question, request.prefix, request.step_a, request.step_b, mode=mode

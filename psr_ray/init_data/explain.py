@@ -13,7 +13,7 @@ _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.m
 
 
 def changed_number(good: str, bad: str) -> tuple[str, str, int]:
-    """(right number, wrong number, offset) of the one integer `judge.labelled.corrupt_one_number` changed.
+    """(right number, wrong number, offset) of the one integer `labelled.corrupt_one_number` changed.
     Digit runs before it are identical, so it is the first run that differs and starts at the same offset."""
     for g, b in zip(re.finditer(r"\d+", good), re.finditer(r"\d+", bad), strict=False):
         if g.group() != b.group():

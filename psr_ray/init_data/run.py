@@ -12,16 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig
+from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.init_data.build import InitData, build_init_data, load_worked_problems, write_init_data
 
-EVAL_JUDGE_MODES = ("direct", "explain")
+EVAL_JUDGE_MODES = (JudgeMode.DIRECT, JudgeMode.EXPLAIN)
 
 
 @dataclass(frozen=True)
 class ModelScores:
     model: str  # "M0" or "M1"
-    judge: dict[str, Any]  # mode -> judge.labelled.JudgeScores as a dict
+    judge: dict[str, Any]  # mode -> labelled.JudgeScores as a dict
     solving: dict[str, Any]  # eval.BenchmarkResult.row(): format_compliance, accuracy_boxed, steps_per_solution
 
 
@@ -39,7 +39,7 @@ class InitResult:
     table: str = ""
 
 
-def run_init(
+def initialize(
     cfg: PSRConfig, *, output_dir: str, num_ift: int | None = None, num_eft: int | None = None, evaluate: bool = True
 ) -> InitResult:
     """Writes `output_dir/{ift,eft}_{train,test}.parquet`, trains M1 under `output_dir/sft` (an existing
@@ -122,14 +122,14 @@ def _score_with_engines(cfg: PSRConfig, model_path: str, tokenizer: Any, data: I
     memory while the trainer group runs."""
     import ray
 
-    from psr_ray.judge.worker import create_judge_workers
+    from psr_ray.engines.pool import start_engine_pool
 
     # A running PSR run's judges serve another model: they must be neither borrowed nor stopped.
-    names = [f"psr-judge-{i}" for i in range(cfg.judge.num_workers)]
+    names = [f"psr-judge-{i}" for i in range(cfg.judge.num_engines)]
     busy = sorted(set(names) & set(ray.util.list_named_actors()))
     if busy:
         raise ValueError(f"judge engines {busy} are already running in this Ray namespace; stop that run first")
-    engines = create_judge_workers(cfg, model_path, policy_version=0 if name == "M0" else 1)
+    engines = start_engine_pool(cfg, "judge", model_path, policy_version=0 if name == "M0" else 1).actors
     try:
         return _score_model(cfg, engines, tokenizer, data, name)
     finally:
@@ -145,9 +145,8 @@ def _score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, data: InitD
     """Judge accuracy on held-out EFT pairs (both orders, every mode) and greedy solving of IFT questions."""
     import ray
 
-    from psr_ray.data.problems import Problem
     from psr_ray.eval import generate_all, score_solution, split_batches, summarize
-    from psr_ray.judge.labelled import judge_requests, score_judgments
+    from psr_ray.init_data.labelled import judge_requests, score_judgments
     from psr_ray.prompts import render_solution_prompt
 
     requests, labels = judge_requests([item.pair for item in data.eft_test])
@@ -164,7 +163,7 @@ def _score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, data: InitD
         judge[mode] = asdict(score_judgments(judgments, labels))
         print(f"[init] {name} judge {mode}: accuracy {judge[mode]['accuracy']:.3f}", flush=True)
 
-    problems = [Problem(p.problem_id, p.question, p.answer, "init") for p in data.ift_test]
+    problems = data.ift_test
     prompts = [render_solution_prompt(tokenizer, p.question) for p in problems]
     generations = generate_all(engines, prompts, max_tokens=cfg.eval.max_tokens)
     scores = [score_solution(p, g.text, g.num_tokens) for p, g in zip(problems, generations, strict=True)]
@@ -181,7 +180,7 @@ def format_table(result: InitResult) -> str:
     )
     lines = [header, "|" + "---|" * 9]
     for s in result.scores:
-        d, e, v = s.judge["direct"], s.judge["explain"], s.solving
+        d, e, v = s.judge[JudgeMode.DIRECT], s.judge[JudgeMode.EXPLAIN], s.solving
         lines.append(
             f"| {s.model} | {100 * d['accuracy']:.1f} | {100 * d['pair_accuracy']:.1f} | {100 * d['share_a']:.1f} | "
             f"{100 * e['accuracy']:.1f} | {100 * e['parse_rate']:.1f} | {100 * v['format_compliance']:.1f} | "

@@ -1,7 +1,7 @@
 """Worked solutions re-segmented into the paper's step format without changing their content. Pure.
 
 GSM8K (`... #### N`): one step per line of the worked solution, `<<a*b=c>>` calculator annotations removed
-(`judge.labelled.solution_steps`, the same steps the labelled judge pairs use), then a last step `\\boxed{N}`.
+(`labelled.solution_steps`, the same steps the labelled judge pairs use), then a last step `\\boxed{N}`.
 MATH-style (a solution holding `\\boxed{...}`): paragraphs, then sentences outside math, as steps; whatever
 follows the step with the last `\\boxed{}` joins it, so the boxed answer is always in the last step.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from psr_ray.data.problems import QUESTION_FIELDS, gsm8k_final_answer
-from psr_ray.judge.labelled import solution_steps
+from psr_ray.data.problems import gsm8k_final_answer, question_of
+from psr_ray.init_data.labelled import solution_steps
 from psr_ray.steps import extract_boxed
 
 # Math spans whose sentence ends ("x = 2. Then") must not split a step: `$$..$$`, `$..$`, `\[..\]`, `\(..\)`.
@@ -64,7 +64,7 @@ def worked_solution(row: dict[str, Any]) -> tuple[str, list[str], str] | None:
     GSM8K rows: `answer` holding `#### N`; MATH rows: `solution` (or a worked `answer`) holding `\\boxed{}`.
     A bare final answer (`\\boxed{5}` alone, MATH-500's `answer`) is not a worked solution."""
     fields = {str(k).lower(): v for k, v in row.items()}
-    question = next((fields[k] for k in QUESTION_FIELDS if isinstance(fields.get(k), str)), None)
+    question = question_of(fields)
     if question is None or not question.strip():
         return None
     for key in ("solution", "answer"):

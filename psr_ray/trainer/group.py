@@ -33,10 +33,7 @@ class TrainResult:
     hf_dir: str
     metrics: list[dict[str, float]] = field(default_factory=list)
     num_optimizer_steps: int = 0
-    # ObjectRef of {HF name: CPU tensor} when `return_state_dict=True`; kept alive by `_holder`.
-    state_dict_ref: Any = None
     resumed: bool = False
-    _holder: Any = field(default=None, repr=False)
 
 
 def train_dpo(
@@ -49,7 +46,6 @@ def train_dpo(
     policy_version: int,
     num_pairs: int | None = None,
     on_weights: Callable[[dict[str, Any] | None], None] | None = None,
-    return_state_dict: bool = False,
 ) -> TrainResult:
     """Step-DPO of `policy_path` against the frozen `reference_path` on `dataset` (rows of STEP_PAIR_SCHEMA,
     at least the columns question, prefix, step_index, chosen, rejected), `cfg.trainer.num_epochs` epochs.
@@ -57,22 +53,10 @@ def train_dpo(
     `num_pairs` sizes the cosine schedule; None counts the dataset (pass it for a streaming dataset, whose
     count would wait for the producers). `on_weights(state_dict)` runs on every rank inside the group after
     training (the weight-sync hook, `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights,
-    the other ranks None. `return_state_dict=True` also puts them in the object store (`state_dict_ref`)."""
+    the other ranks None."""
     _require_columns(dataset, DPO_COLUMNS, "train_dpo")
-    return _fit(
-        cfg,
-        mode="dpo",
-        model_path=policy_path,
-        reference_path=reference_path,
-        dataset=dataset,
-        output_dir=output_dir,
-        policy_version=policy_version,
-        num_rows=num_pairs,
-        learning_rate=cfg.trainer.learning_rate,
-        num_epochs=cfg.trainer.num_epochs,
-        on_weights=on_weights,
-        return_state_dict=return_state_dict,
-    )
+    fit = {"learning_rate": cfg.trainer.learning_rate, "num_epochs": cfg.trainer.num_epochs}
+    return _fit(cfg, "dpo", policy_path, reference_path, dataset, output_dir, policy_version, num_pairs, on_weights, **fit)
 
 
 def train_sft(
@@ -84,25 +68,12 @@ def train_sft(
     policy_version: int = 1,
     num_rows: int | None = None,
     on_weights: Callable[[dict[str, Any] | None], None] | None = None,
-    return_state_dict: bool = False,
 ) -> TrainResult:
     """Cross-entropy on target tokens of rows (prompt_text, target_text), `cfg.trainer.sft_num_epochs` epochs
     at `cfg.trainer.sft_learning_rate` (the initialization stage: IFT and EFT data together)."""
     _require_columns(dataset, SFT_COLUMNS, "train_sft")
-    return _fit(
-        cfg,
-        mode="sft",
-        model_path=model_path,
-        reference_path=None,
-        dataset=dataset,
-        output_dir=output_dir,
-        policy_version=policy_version,
-        num_rows=num_rows,
-        learning_rate=cfg.trainer.sft_learning_rate,
-        num_epochs=cfg.trainer.sft_num_epochs,
-        on_weights=on_weights,
-        return_state_dict=return_state_dict,
-    )
+    fit = {"learning_rate": cfg.trainer.sft_learning_rate, "num_epochs": cfg.trainer.sft_num_epochs}
+    return _fit(cfg, "sft", model_path, None, dataset, output_dir, policy_version, num_rows, on_weights, **fit)
 
 
 def read_pairs_dataset(directory: str) -> Any:
@@ -135,7 +106,6 @@ def _require_columns(dataset: Any, columns: tuple[str, ...], caller: str) -> Non
 
 def _fit(
     cfg: PSRConfig,
-    *,
     mode: str,
     model_path: str,
     reference_path: str | None,
@@ -143,10 +113,10 @@ def _fit(
     output_dir: str,
     policy_version: int,
     num_rows: int | None,
+    on_weights: Callable[[dict[str, Any] | None], None] | None,
+    *,
     learning_rate: float,
     num_epochs: int,
-    on_weights: Callable[[dict[str, Any] | None], None] | None,
-    return_state_dict: bool,
 ) -> TrainResult:
     import ray
     import ray.train
@@ -157,13 +127,12 @@ def _fit(
     if latest is not None:
         ckpt.check_checkpoint(latest)  # on the driver: a corrupt one would fail every worker, every retry
     if latest is not None and ckpt.read_version(latest)["policy_version"] >= policy_version:
-        return _result(latest, return_state_dict=return_state_dict, resumed=True)
+        return _result(latest, resumed=True)
 
     tcfg = cfg.trainer
     if num_rows is None:
         num_rows = dataset.count()
     num_training_steps = max(1, math.floor(num_rows * num_epochs / tcfg.global_batch_size))
-    holder = _holder_class().remote() if return_state_dict else None
     loop_config = {
         "cfg": cfg,
         "mode": mode,
@@ -175,7 +144,6 @@ def _fit(
         "num_epochs": num_epochs,
         "num_training_steps": num_training_steps,
         "on_weights": on_weights,
-        "holder": holder,
     }
     resources = {"CPU": tcfg.num_cpus_per_worker}
     trainer = TorchTrainer(
@@ -197,17 +165,13 @@ def _fit(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"trainer group finished without a checkpoint ({result.error})")
-    out = _result(Path(result.checkpoint.path), return_state_dict=False, resumed=False)
-    if holder is not None:
-        out.state_dict_ref = ray.get(holder.get.remote())[0]
-        out._holder = holder
-    return out
+    return _result(Path(result.checkpoint.path), resumed=False)
 
 
-def _result(checkpoint_dir: Path, *, return_state_dict: bool, resumed: bool) -> TrainResult:
+def _result(checkpoint_dir: Path, *, resumed: bool) -> TrainResult:
     version = ckpt.read_version(checkpoint_dir)
     metrics = ckpt.read_metrics(checkpoint_dir)
-    result = TrainResult(
+    return TrainResult(
         policy_version=int(version["policy_version"]),
         checkpoint_dir=str(checkpoint_dir),
         hf_dir=str(checkpoint_dir / ckpt.HF_DIR),
@@ -215,32 +179,3 @@ def _result(checkpoint_dir: Path, *, return_state_dict: bool, resumed: bool) -> 
         num_optimizer_steps=int(version.get("num_optimizer_steps", len(metrics))),
         resumed=resumed,
     )
-    if return_state_dict:
-        import ray
-        from safetensors.torch import load_file
-
-        state_dict: dict[str, Any] = {}
-        for file in sorted(Path(result.hf_dir).glob("*.safetensors")):
-            state_dict.update(load_file(file))
-        result.state_dict_ref = ray.put(state_dict)
-    return result
-
-
-def _holder_class() -> Any:
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class StateDictHolder:
-        """Owns the gathered weights in the object store after the trainer workers exit (an object is lost
-        with the process that put it)."""
-
-        def __init__(self) -> None:
-            self.ref = None
-
-        def put(self, state_dict: dict[str, Any]) -> None:
-            self.ref = ray.put(state_dict)
-
-        def get(self) -> list[Any]:
-            return [self.ref]  # wrapped, so the caller receives the ref rather than the tensors
-
-    return StateDictHolder

@@ -104,7 +104,7 @@ def step_metrics(
     return metrics
 
 
-def run_epochs(
+def train_epochs(
     mode: str,
     policy: Any,
     reference: Any | None,
@@ -171,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     from psr_ray.trainer import checkpoint as ckpt
-    from psr_ray.trainer.engine import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
+    from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
 
     cfg = loop_config["cfg"]
     tcfg = cfg.trainer
@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         reference = build_reference(loop_config["reference_path"], tcfg, use_gpu=tcfg.use_gpu, world_size=world_size)
     phases["reference_engine"] = time.perf_counter() - clock - sum(phases.values())
 
-    history = run_epochs(
+    history = train_epochs(
         mode,
         policy,
         reference,
@@ -223,10 +223,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config["on_weights"](state_dict)
         if rank == 0:
             ckpt.export_hf(state_dict, policy.module.config, tokenizer, f"{tmp}/{ckpt.HF_DIR}")
-            if loop_config.get("holder") is not None:
-                import ray
-
-                ray.get(loop_config["holder"].put.remote(state_dict))
             ckpt.write_metadata(
                 tmp,
                 policy_version=loop_config["policy_version"],

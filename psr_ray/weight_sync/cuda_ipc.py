@@ -9,9 +9,11 @@ bound the extra GPU memory a sync needs. The sender keeps each bucket alive unti
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from psr_ray.weight_sync.base import GpuSender, Stopwatch, SyncReport, engine_handles
+from psr_ray.config import WeightSyncBackend
+from psr_ray.weight_sync.base import Sender, SyncReport
 
 
 def buckets(state_dict: dict[str, Any], bucket_bytes: int) -> list[list[str]]:
@@ -28,8 +30,8 @@ def buckets(state_dict: dict[str, Any], bucket_bytes: int) -> list[list[str]]:
     return [b for b in out if b]
 
 
-class CudaIpcSender(GpuSender):
-    backend = "cuda_ipc"
+class CudaIpcSender(Sender):
+    backend = WeightSyncBackend.CUDA_IPC
 
     def send(self, state_dict: dict[str, Any] | None, *, policy_version: int) -> SyncReport | None:
         if state_dict is None:
@@ -38,8 +40,8 @@ class CudaIpcSender(GpuSender):
         import torch
         from torch.multiprocessing.reductions import reduce_tensor
 
-        clock = Stopwatch()
-        engines = engine_handles(self.engine_names, self.namespace)
+        started = time.perf_counter()
+        engines = self.engines
         device = torch.cuda.current_device()
         groups = buckets(state_dict, self.bucket_bytes)
         for index, names in enumerate(groups):
@@ -52,4 +54,4 @@ class CudaIpcSender(GpuSender):
                 for e in engines
             ])
             del on_gpu  # engines copied out of the mapped memory inside reload_weights
-        return self.report(state_dict, policy_version=policy_version, num_engines=len(engines), seconds=clock.seconds())
+        return self.report(state_dict, policy_version=policy_version, started=started)

@@ -2,7 +2,7 @@
 
 The trainer's rank 0 opens an NCCL group with every engine worker (vLLM's `NCCLTrainerWeightTransferEngine`,
 engines built with `WeightTransferConfig(backend="nccl")`) and broadcasts the weights in packed buckets of
-`weight_sync.bucket_mb`, never one RPC per parameter. The engines' actor methods `transfer_*` (engine.py)
+`weight_sync.bucket_mb`, never one RPC per parameter. The engines' actor methods `transfer_*` (receivers.py)
 forward to `LLM.init_weight_transfer_engine` / `start_weight_update` / `update_weights` /
 `finish_weight_update`. A fresh group per sync: the trainer group is a new Ray Train run each iteration.
 Not exercised on the CPU machines (no NCCL there); see tests/test_weight_sync.py for what is.
@@ -10,9 +10,11 @@ Not exercised on the CPU machines (no NCCL there); see tests/test_weight_sync.py
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from psr_ray.weight_sync.base import GpuSender, Stopwatch, SyncReport, engine_handles
+from psr_ray.config import WeightSyncBackend
+from psr_ray.weight_sync.base import Sender, SyncReport
 
 
 class _EngineClient:
@@ -59,8 +61,8 @@ def _state_dict_source(state_dict: dict[str, Any]) -> Any:
     return StateDictSource()
 
 
-class NcclSender(GpuSender):
-    backend = "nccl"
+class NcclSender(Sender):
+    backend = WeightSyncBackend.NCCL
 
     def send(self, state_dict: dict[str, Any] | None, *, policy_version: int) -> SyncReport | None:
         if state_dict is None:
@@ -68,8 +70,8 @@ class NcclSender(GpuSender):
         import ray
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
 
-        clock = Stopwatch()
-        engines = engine_handles(self.engine_names, self.namespace)
+        started = time.perf_counter()
+        engines = self.engines
         workers_per_engine = ray.get([e.transfer_world_size.remote() for e in engines])
         init = NCCLTrainerInitInfo(
             master_address=ray.util.get_node_ip_address(),
@@ -86,7 +88,7 @@ class NcclSender(GpuSender):
         finally:
             sender.shutdown()
             client.shutdown_weight_transfer_engine()
-        return self.report(state_dict, policy_version=policy_version, num_engines=len(engines), seconds=clock.seconds())
+        return self.report(state_dict, policy_version=policy_version, started=started)
 
 
 def _free_port() -> int:

@@ -3,12 +3,11 @@
 They reload HF-named weights in place: the engine keeps its KV cache, compiled graphs and scheduler, so an
 update costs a weight copy, not an engine restart. `reload_weights(..., is_checkpoint_format=True)` runs the
 model's own `load_weights` with vLLM's layer-wise reload bookkeeping; calling `model.load_weights` directly
-fails for fp32 on CPU (FACTS.md).
+fails for fp32 on CPU (its parameters are empty placeholders there).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 
@@ -24,15 +23,9 @@ class WeightSyncExtension:
 
     def load_hf_weights_from_path(self, hf_dir: str) -> int:
         """Loads every `*.safetensors` file of an HF export folder in place; returns the tensor count."""
-        from safetensors.torch import load_file
+        from psr_ray.models import load_safetensors_dir
 
-        files = sorted(Path(hf_dir).glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"no *.safetensors files in {hf_dir!r}; export the model with save_pretrained first")
-        named: list[tuple[str, Any]] = []
-        for file in files:
-            named.extend(load_file(str(file)).items())
-        return self.load_hf_weights(named)
+        return self.load_hf_weights(list(load_safetensors_dir(hf_dir).items()))
 
     def load_hf_weights_from_ipc(self, handles: dict[str, Any]) -> int:
         """Loads tensors shared by CUDA IPC (`torch.multiprocessing.reductions.reduce_tensor` handles) in

@@ -18,7 +18,8 @@ import trainer_probe
 from trainer_probe import components_loop, pair_rows
 
 from psr_ray.config import PSRConfig, TrainerConfig
-from psr_ray.data.schema import StepPair, to_table
+from psr_ray.data.schema import to_table
+from psr_ray.testing import make_pair
 
 pytestmark = pytest.mark.ray
 
@@ -94,27 +95,8 @@ def test_checkpoint_reload_and_hf_export_give_identical_logits(components):
 
 def write_pairs(directory: Path, rows: list[dict]) -> Path:
     pairs = [
-        StepPair(
-            pair_id=StepPair.make_id(0, f"p{i}", row["step_index"]),
-            problem_id=f"p{i}",
-            iteration=0,
-            step_index=row["step_index"],
-            question=row["question"],
-            prefix=row["prefix"],
-            chosen=row["chosen"],
-            rejected=row["rejected"],
-            chosen_score=5.0,
-            rejected_score=0.0,
-            num_candidates=2,
-            candidates=[row["chosen"], row["rejected"]],
-            candidate_scores=[5.0, 0.0],
-            vote_matrix=[[0, 1], [0, 0]],
-            num_judgments=2,
-            num_unparseable=0,
-            judge_mode="direct",
-            policy_version=0,
-            num_rollbacks=0,
-        )  # fmt: skip
+        make_pair(f"p{i}", row["step_index"], question=row["question"], prefix=row["prefix"], chosen=row["chosen"],
+                  rejected=row["rejected"], candidates=[row["chosen"], row["rejected"]])  # fmt: skip
         for i, row in enumerate(rows)
     ]
     directory.mkdir(parents=True)
@@ -158,10 +140,11 @@ def dpo_result(ray_cluster, tiny_model_dir, tmp_path_factory):
             (root / "on_weights_none.txt").write_text("rank without weights")
         else:
             marker.write_text(str(sum(t.numel() for t in state_dict.values())))
+            torch.save(state_dict, root / "gathered.pt")  # what the weight sync would send
 
     result = train_dpo(
         PSRConfig(trainer=TRAINER), policy_path=tiny_model_dir, reference_path=tiny_model_dir, dataset=dataset,
-        output_dir=str(root / "trainer"), policy_version=1, on_weights=on_weights, return_state_dict=True,
+        output_dir=str(root / "trainer"), policy_version=1, on_weights=on_weights,
     )  # fmt: skip
     return result, root
 
@@ -184,7 +167,7 @@ def test_train_dpo_end_to_end(dpo_result, tiny_model_dir, ray_cluster):
     assert ckpt.read_version(checkpoint)["policy_version"] == 1
     assert (checkpoint / ckpt.CONFIG_FILE).is_file() and (checkpoint / ckpt.DS_DIR / ckpt.DS_TAG).is_dir()
     exported = AutoModelForCausalLM.from_pretrained(result.hf_dir, dtype=torch.float32)
-    state_dict = ray_cluster.get(result.state_dict_ref)
+    state_dict = torch.load(root / "gathered.pt")
     assert int((root / "on_weights.txt").read_text()) == sum(t.numel() for t in state_dict.values())
     assert (root / "on_weights_none.txt").is_file()
     for name, tensor in exported.state_dict().items():

@@ -44,8 +44,8 @@ def components_loop(config: dict) -> None:
 
     from psr_ray.trainer import checkpoint as ckpt
     from psr_ray.trainer.batches import collate_pairs
-    from psr_ray.trainer.engine import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
-    from psr_ray.trainer.worker import forward_logps, run_epochs
+    from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
+    from psr_ray.trainer.worker import forward_logps, train_epochs
 
     prepare_deepspeed(False)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -65,7 +65,7 @@ def components_loop(config: dict) -> None:
     rows = pair_rows(4)
     # Rank 1 holds one extra batch: both ranks must still stop together after one micro-step per epoch.
     shard = FixedShard(rows[2 * rank : 2 * rank + 2] + (rows[:2] if rank == 1 else []))
-    history = run_epochs(
+    history = train_epochs(
         "dpo", policy, reference, shard, tokenizer, beta=tcfg.beta, max_seq_len=tcfg.max_seq_len,
         micro_batch_size=2, num_epochs=4,
     )  # fmt: skip

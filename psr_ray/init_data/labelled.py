@@ -1,0 +1,104 @@
+"""Labelled step pairs for measuring a judge, and the scores of a judge on them. Pure: no Ray, no vLLM.
+
+A pair is a reference step from a GSM8K worked solution (each solution line is a step, `<<a*b=c>>` calculator
+annotations removed) against the same step with one integer changed. The right step is known, so the judge
+is scored without a grader. Each pair is judged in both orders: good step as A, then as B.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from psr_ray.engines.api import JudgeRequest, Judgment
+from psr_ray.steps import join_steps
+
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+# A plain integer: not part of a decimal or a comma-grouped number, so changing it keeps the text well-formed.
+_INTEGER = re.compile(r"(?<![\d.,])\d+(?![.,]?\d)")
+
+
+class LabelledPair(NamedTuple):
+    question: str
+    prefix: str  # previous reference steps, as `join_steps` writes them
+    good_step: str
+    bad_step: str
+
+
+def solution_steps(answer: str) -> list[str]:
+    """The steps of a GSM8K `answer`: its lines before `#### N`, calculator annotations stripped."""
+    solution = answer.split("####")[0]
+    return [_CALCULATOR.sub("", line).strip() for line in solution.splitlines() if line.strip()]
+
+
+def corrupt_one_number(step: str, rng: random.Random) -> str | None:
+    """`step` with one of its integers (chosen by `rng`) moved by 1-9; None when it has no integer."""
+    matches = list(_INTEGER.finditer(step))
+    if not matches:
+        return None
+    match = rng.choice(matches)
+    value = int(match.group())
+    delta = rng.randint(1, 9)
+    wrong = value - delta if rng.random() < 0.5 and value - delta >= 0 else value + delta
+    return step[: match.start()] + str(wrong) + step[match.end() :]
+
+
+def build_corrupted_pairs(rows: Iterable[dict], num_pairs: int, seed: int) -> list[LabelledPair]:
+    """At most `num_pairs` pairs, one per row in order: a random step holding an integer, and its corruption.
+    Rows with no such step are skipped. Same rows and seed, same pairs."""
+    rng = random.Random(seed)
+    pairs: list[LabelledPair] = []
+    for row in rows:
+        if len(pairs) == num_pairs:
+            break
+        steps = solution_steps(row["answer"])
+        candidates = [i for i, step in enumerate(steps) if _INTEGER.search(step)]
+        if not candidates:
+            continue
+        index = rng.choice(candidates)
+        bad = corrupt_one_number(steps[index], rng)
+        assert bad is not None and bad != steps[index]
+        pairs.append(LabelledPair(row["question"].strip(), join_steps(steps[:index]), steps[index], bad))
+    return pairs
+
+
+def judge_requests(pairs: Sequence[LabelledPair]) -> tuple[list[JudgeRequest], list[str]]:
+    """Two requests per pair (good step as A, then as B) and the right verdict of each."""
+    requests, labels = [], []
+    for pair in pairs:
+        requests.append(JudgeRequest(pair.question, pair.prefix, pair.good_step, pair.bad_step))
+        labels.append("A")
+        requests.append(JudgeRequest(pair.question, pair.prefix, pair.bad_step, pair.good_step))
+        labels.append("B")
+    return requests, labels
+
+
+@dataclass(frozen=True)
+class JudgeScores:
+    num_judgments: int
+    accuracy: float  # right verdicts / all judgments (an unparseable verdict counts as wrong)
+    parse_rate: float  # parsed verdicts / all judgments
+    pair_accuracy: float  # pairs where both orders' mean P(good step better) > 0.5 (the search's rule)
+    share_a: float  # share of parsed verdicts that say A: 0.5 is no position bias
+
+
+def score_judgments(judgments: Sequence[Judgment], labels: Sequence[str]) -> JudgeScores:
+    """Scores judgments laid out as `judge_requests` makes them (pairs of orders, good-as-A first)."""
+    if len(judgments) != len(labels) or len(labels) % 2:
+        raise ValueError(f"need one judgment per label in pairs of orders, got {len(judgments)} and {len(labels)}")
+    parsed = [j for j in judgments if j.verdict in ("A", "B")]
+    right = sum(j.verdict == label for j, label in zip(judgments, labels, strict=True))
+    pairs_right = sum(
+        (judgments[i].prob_a + (1.0 - judgments[i + 1].prob_a)) / 2 > 0.5 for i in range(0, len(judgments), 2)
+    )
+    total = len(judgments)
+    return JudgeScores(
+        num_judgments=total,
+        accuracy=right / total if total else 0.0,
+        parse_rate=len(parsed) / total if total else 0.0,
+        pair_accuracy=pairs_right / (total // 2) if total else 0.0,
+        share_a=sum(j.verdict == "A" for j in parsed) / len(parsed) if parsed else 0.0,
+    )

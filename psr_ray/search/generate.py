@@ -1,0 +1,67 @@
+"""One search pass: search problems on the engine pools and write their step pairs exactly once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from psr_ray.config import PSRConfig
+from psr_ray.data.pairs_io import PairWriter
+from psr_ray.data.problems import Problem, check_unique_ids
+from psr_ray.engines.pool import EnginePool
+from psr_ray.search.scheduler import FinishedProblem, SearchScheduler
+from psr_ray.search.stats import SearchSummary
+
+
+def generate_pairs(
+    cfg: PSRConfig,
+    problems: Iterable[Problem],
+    *,
+    iteration: int,
+    policy_version: int,
+    rollout: EnginePool,
+    judge: EnginePool,
+    output_dir: str,
+    policy_dir: str | None = None,
+    on_pairs: Callable[[FinishedProblem], None] | None = None,
+    flush_pairs: int = 64,
+) -> SearchSummary:
+    """Searches `problems` and writes their step pairs to `<output_dir>/pairs/iter_<iteration>/` as they
+    finish (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this iteration
+    finished are skipped (resume). `policy_dir` (the HF folder of `policy_version`) is what an engine that
+    comes back from a crash on other weights reloads; without it such an engine fails the run. `on_pairs`
+    sees each finished problem after its pairs are buffered."""
+    from tqdm import tqdm
+
+    problems = list(problems)
+    check_unique_ids(problems)
+    start = time.monotonic()
+    writer = PairWriter(output_dir, iteration, flush_pairs=flush_pairs)
+    todo = [p for p in problems if p.problem_id not in writer.done_problems]
+    scheduler = SearchScheduler(
+        cfg, iteration=iteration, policy_version=policy_version, rollout=rollout, judge=judge, policy_dir=policy_dir
+    )
+    stats = scheduler.stats
+    stats.problems_total = len(problems)
+    stats.problems_resumed = len(problems) - len(todo)
+    progress = tqdm(total=len(problems), initial=stats.problems_resumed, desc=f"iter {iteration} problems",
+                    unit="problem", mininterval=2.0)  # fmt: skip
+
+    def finished(result: FinishedProblem) -> None:
+        writer.add(result.problem_id, result.pairs)
+        progress.update(1)
+        progress.set_postfix(pairs=stats.pairs, rollbacks=stats.rollbacks, refresh=False)
+        if on_pairs is not None:
+            on_pairs(result)
+
+    try:
+        scheduler.run(todo, finished, on_tick=writer.maybe_flush)
+        progress.update(stats.problems_skipped)
+        writer.close(complete=True)
+    except BaseException as err:
+        writer.fail(f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        progress.close()
+    return SearchSummary.of(stats, iteration=iteration, pairs_total=writer.num_pairs,
+                            seconds=time.monotonic() - start, pairs_dir=str(writer.directory))  # fmt: skip

@@ -1,0 +1,199 @@
+"""The step-wise self-judged search of PSR (arXiv 2503.03746, section 3.3) for one problem. Pure: no Ray.
+
+At step k the policy proposes `num_candidates` next steps; the judge compares every unordered pair of
+distinct candidates (in both orders by default) and candidate i scores the number of comparisons it wins:
+``Score_i = sum_{j != i} votes[i][j]``. The best candidate continues the solution and (best, worst) becomes
+a `StepPair`. When all scores are equal the judge saw no difference, which the paper reads as a sign that
+the previous step was a dead end: that step and its pair are dropped and it is proposed again (a rollback).
+
+Rules the paper leaves open, decided here:
+- Identical candidates (after strip) are not sent to the judge; each side gets half a win per order, a draw
+  in round-robin scoring. Empty candidates lose to any non-empty one without a judge call (an empty step is
+  never a valid step), and are never used as the rejected step (zero tokens carry no DPO signal).
+- An unparseable verdict is no vote for either side; it is counted in `num_unparseable`.
+- In `direct` judge mode a comparison's vote is its probability: P(A wins) to the first candidate, the rest
+  to the second. Judged in both orders, i's votes over j are then P(i | i first) + 1 - P(j | j first), which
+  cancels a constant position bias (SmolLM2-135M answers `A` 98% of the time: hard votes in both orders
+  would tie every candidate and roll every step back). `explain` keeps the paper's hard wins.
+- Ties for best are broken by the soft votes (sum of P(win) from `prob_a`), then by the lowest index; ties
+  for worst by the lowest soft votes, then by the highest index. The rejected step must differ from the
+  chosen one; if no such non-empty candidate exists the step advances without a pair.
+- Pairs are held until the problem finishes (exactly once: a rollback can still drop them until then). A
+  problem abandoned after `max_rollbacks` rollbacks releases no pairs: its path is not trusted.
+- With one order per pair, which candidate is shown first alternates from pair to pair to spread position
+  bias over the candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from psr_ray.config import JudgeMode
+from psr_ray.data.problems import Problem
+from psr_ray.data.schema import StepPair
+from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest
+from psr_ray.search.scoring import judge_plan, pick_best_worst, score_step
+from psr_ray.steps import is_final_step, join_steps
+from psr_ray.verify import extract_answer, is_equivalent
+
+
+class Phase(enum.Enum):
+    PROPOSE = "propose"
+    JUDGE = "judge"
+    DONE = "done"
+
+
+class Outcome(enum.Enum):
+    FINAL_ANSWER = "final_answer"
+    MAX_STEPS = "max_steps"
+    ABANDONED = "abandoned"
+
+
+class ProblemSearch:
+    """The search of one problem as a state machine driven by a scheduler:
+    PROPOSE: `propose_request()` -> engine -> `on_candidates()`;
+    JUDGE: `judge_requests()` -> judges -> `on_judgments()`; until DONE, then `finished_pairs()`.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        iteration: int,
+        max_steps: int,
+        max_rollbacks: int,
+        both_orders: bool = True,
+        judge_mode: JudgeMode = JudgeMode.EXPLAIN,
+    ) -> None:
+        self.problem = problem
+        self.iteration = iteration
+        self.max_steps = max_steps
+        self.max_rollbacks = max_rollbacks
+        self.both_orders = both_orders
+        self.judge_mode = JudgeMode(judge_mode)
+        self.steps: list[str] = []
+        self.pairs: list[StepPair | None] = []  # pairs[k] belongs to steps[k]
+        self.phase = Phase.PROPOSE
+        self.outcome: Outcome | None = None
+        self.num_rollbacks = 0
+        # Totals over every round, dropped ones included (for counters).
+        self.num_candidates_seen = 0
+        self.num_generated_tokens = 0
+        self.num_judgments = 0
+        self.num_unparseable = 0
+        self._candidates: Candidates | None = None
+        self._plan: list[tuple[int, int]] = []
+        self._answer_correct: bool | None = None
+
+    @property
+    def step_index(self) -> int:
+        """1-based index of the step being searched."""
+        return len(self.steps) + 1
+
+    @property
+    def prefix(self) -> str:
+        return join_steps(self.steps)
+
+    def propose_request(self) -> ProposeRequest:
+        assert self.phase is Phase.PROPOSE, self.phase
+        return ProposeRequest(self.problem.question, self.prefix, self.step_index)
+
+    def on_candidates(self, candidates: Candidates) -> None:
+        assert self.phase is Phase.PROPOSE, self.phase
+        self._candidates = candidates
+        self.num_candidates_seen += len(candidates.steps)
+        self.num_generated_tokens += candidates.num_tokens
+        self._plan = judge_plan(candidates.steps, both_orders=self.both_orders)
+        self.phase = Phase.JUDGE
+        if not self._plan:  # every pair auto-decided: nothing to ask the judge
+            self.on_judgments([])
+
+    def judge_requests(self) -> list[JudgeRequest]:
+        assert self.phase is Phase.JUDGE and self._candidates is not None, self.phase
+        steps, prefix = self._candidates.steps, self.prefix
+        return [JudgeRequest(self.problem.question, prefix, steps[a], steps[b]) for a, b in self._plan]
+
+    def on_judgments(self, judgments: list[Judgment]) -> None:
+        assert self.phase is Phase.JUDGE and self._candidates is not None, self.phase
+        cands = self._candidates
+        result = score_step(
+            cands.steps, self._plan, judgments, both_orders=self.both_orders, soft_votes=self.judge_mode is JudgeMode.DIRECT
+        )
+        self.num_judgments += result.num_judgments
+        self.num_unparseable += result.num_unparseable
+        self._candidates, self._plan = None, []
+        scores = result.scores
+        if len(cands.steps) < 2 or all(s == scores[0] for s in scores):
+            self._rollback()
+            return
+        best, worst = pick_best_worst(cands.steps, result)
+        pair = None
+        if worst is not None:
+            pair = StepPair(
+                pair_id=StepPair.make_id(self.iteration, self.problem.problem_id, self.step_index),
+                problem_id=self.problem.problem_id,
+                iteration=self.iteration,
+                step_index=self.step_index,
+                question=self.problem.question,
+                prefix=self.prefix,
+                chosen=cands.steps[best].strip(),
+                rejected=cands.steps[worst].strip(),
+                chosen_score=scores[best],
+                rejected_score=scores[worst],
+                num_candidates=len(cands.steps),
+                candidates=list(cands.steps),
+                candidate_scores=scores,
+                vote_matrix=result.votes,
+                num_judgments=result.num_judgments,
+                num_unparseable=result.num_unparseable,
+                judge_mode=self.judge_mode.value,
+                policy_version=cands.policy_version,
+                num_rollbacks=self.num_rollbacks,
+                reference_answer=self.problem.answer,
+            )
+        self.steps.append(cands.steps[best].strip())
+        self.pairs.append(pair)
+        if is_final_step(self.steps[-1]):
+            self._finish(Outcome.FINAL_ANSWER)
+        elif len(self.steps) >= self.max_steps:
+            self._finish(Outcome.MAX_STEPS)
+        else:
+            self.phase = Phase.PROPOSE
+
+    def _rollback(self) -> None:
+        if self.num_rollbacks >= self.max_rollbacks:
+            self._finish(Outcome.ABANDONED)
+            return
+        self.num_rollbacks += 1
+        if self.steps:  # at step 1 there is nothing to drop: step 1 is simply proposed again
+            self.steps.pop()
+            self.pairs.pop()
+        self.phase = Phase.PROPOSE
+
+    def _finish(self, outcome: Outcome) -> None:
+        self.phase, self.outcome = Phase.DONE, outcome
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    @property
+    def solution(self) -> str:
+        return join_steps(self.steps)
+
+    def answer_correct(self) -> bool | None:
+        """Whether the final answer verifies against the reference; None without either."""
+        if self.outcome is not Outcome.FINAL_ANSWER or self.problem.answer is None:
+            return None
+        if self._answer_correct is None:
+            self._answer_correct = is_equivalent(extract_answer(self.solution), self.problem.answer)
+        return self._answer_correct
+
+    def finished_pairs(self) -> list[StepPair]:
+        """The problem's pairs, released once it is DONE (none when abandoned)."""
+        assert self.done, self.phase
+        if self.outcome is Outcome.ABANDONED:
+            return []
+        correct = self.answer_correct()
+        return [dataclasses.replace(p, answer_correct=correct) for p in self.pairs if p is not None]

@@ -1,0 +1,107 @@
+"""Scoring one step's candidates from pairwise judgments (PSR, arXiv 2503.03746, section 3.3). Pure.
+
+Candidate i scores the comparisons it wins: ``Score_i = sum_{j != i} votes[i][j]``; the best continues the
+solution and (best, worst) becomes the step's pair. Rules the paper leaves open are listed in
+`psr_ray.search.problem`'s docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psr_ray.engines.api import Judgment
+from psr_ray.prompts import Verdict
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """The judged round of one step: votes[i][j] = wins of i over j summed over the orders judged."""
+
+    votes: list[list[float]]
+    soft: list[float]
+    num_judgments: int
+    num_unparseable: int
+
+    @property
+    def scores(self) -> list[float]:
+        return [sum(row) for row in self.votes]
+
+
+def judge_plan(candidates: tuple[str, ...] | list[str], *, both_orders: bool) -> list[tuple[int, int]]:
+    """(a, b) candidate indices to send to the judge, `a` shown first. Identical or empty candidates are
+    decided without the judge (see `auto_votes`)."""
+    plan = []
+    num_pairs = 0
+    for i in range(len(candidates)):
+        for j in range(i + 1, len(candidates)):
+            if _auto_decided(candidates[i], candidates[j]):
+                continue
+            if both_orders:
+                plan += [(i, j), (j, i)]
+            else:
+                plan.append((i, j) if num_pairs % 2 == 0 else (j, i))
+            num_pairs += 1
+    return plan
+
+
+def _auto_decided(a: str, b: str) -> bool:
+    return a.strip() == b.strip() or not a.strip() or not b.strip()
+
+
+def score_step(
+    candidates: tuple[str, ...] | list[str],
+    plan: list[tuple[int, int]],
+    judgments: list[Judgment],
+    *,
+    both_orders: bool,
+    soft_votes: bool = False,
+) -> StepScores:
+    """Vote matrix, soft votes and counts from the judgments of `plan` plus the auto-decided pairs.
+    `soft_votes` (direct mode): a parsed comparison votes its probability instead of a whole win."""
+    if len(plan) != len(judgments):
+        raise ValueError(f"got {len(judgments)} judgments for {len(plan)} comparisons")
+    n = len(candidates)
+    votes = [[0.0] * n for _ in range(n)]
+    soft = [0.0] * n
+    orders = 2 if both_orders else 1
+    for i in range(n):
+        for j in range(i + 1, n):
+            text_i, text_j = candidates[i].strip(), candidates[j].strip()
+            if text_i == text_j:
+                win_i = 0.5  # a draw: identical or both empty
+            elif not text_i or not text_j:
+                win_i = 0.0 if not text_i else 1.0
+            else:
+                continue
+            votes[i][j] += orders * win_i
+            votes[j][i] += orders * (1.0 - win_i)
+            soft[i] += orders * win_i
+            soft[j] += orders * (1.0 - win_i)
+    num_unparseable = 0
+    for (a, b), judgment in zip(plan, judgments, strict=True):
+        verdict = Verdict(judgment.verdict)
+        if verdict is Verdict.UNPARSEABLE:
+            num_unparseable += 1
+        elif soft_votes:
+            votes[a][b] += judgment.prob_a
+            votes[b][a] += 1.0 - judgment.prob_a
+        elif verdict is Verdict.A:
+            votes[a][b] += 1.0
+        else:
+            votes[b][a] += 1.0
+        soft[a] += judgment.prob_a
+        soft[b] += 1.0 - judgment.prob_a
+    return StepScores(votes, soft, len(plan), num_unparseable)
+
+
+def pick_best_worst(candidates: tuple[str, ...] | list[str], result: StepScores) -> tuple[int, int | None]:
+    """(best, worst) indices; worst is None when no non-empty candidate differs from the best."""
+    scores = result.scores
+    n = len(candidates)
+    best = max(range(n), key=lambda i: (scores[i], result.soft[i], -i))
+    chosen = candidates[best].strip()
+    rejectable = [i for i in range(n) if candidates[i].strip() and candidates[i].strip() != chosen]
+    if not rejectable:
+        return best, None
+    worst = min(rejectable, key=lambda i: (scores[i], result.soft[i], -i))
+    return best, worst

@@ -1,0 +1,151 @@
+"""DeepSpeed ZeRO set-up for the trainer workers: config, policy and frozen reference, full-weight gather.
+
+Runs inside Ray Train workers (a process group already exists). DeepSpeed is imported in functions only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import torch
+
+from psr_ray.config import TrainerConfig
+
+
+def prepare_deepspeed(use_gpu: bool) -> None:
+    """Environment and patches that must precede `import deepspeed` / `init_distributed`.
+
+    On CPU `init_distributed` JIT-compiles the `deepspeed_shm_comm` op (g++ + ninja, 45-90 s on 2 cores; only
+    DeepSpeed's inference all-reduce uses it), which made `deepspeed.initialize` take ~96 s for a 0.5M model.
+    The module is imported via importlib because `import deepspeed.comm.torch as m` binds the real `torch`
+    (the package re-exports the name), and patching that does nothing.
+    """
+    if not use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def ds_config(
+    tcfg: TrainerConfig,
+    *,
+    use_gpu: bool,
+    world_size: int,
+    learning_rate: float,
+    with_optimizer: bool = True,
+) -> dict[str, Any]:
+    """The DeepSpeed config of one engine; `with_optimizer=False` for the frozen reference."""
+    micro = tcfg.micro_batch_size
+    if tcfg.global_batch_size % (micro * world_size):
+        raise ValueError(
+            f"trainer.global_batch_size ({tcfg.global_batch_size}) must be a multiple of micro_batch_size x "
+            f"num_workers ({micro} x {world_size})"
+        )
+    config: dict[str, Any] = {
+        "train_batch_size": tcfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": tcfg.global_batch_size // (micro * world_size),
+        "zero_optimization": {"stage": tcfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": False},
+        "bf16": {"enabled": use_gpu},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if with_optimizer:
+        # torch's AdamW, not DeepSpeed's fused/CPU Adam: those are JIT-built C++/CUDA ops that need a compiler
+        # toolchain (and minutes) on every fresh machine.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True},
+        }
+    return config
+
+
+def load_model(model_path: str, config: dict[str, Any], *, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """The HF causal LM, built under `zero.Init` for stage 3 so each rank only ever holds its partition."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32
+    # Must stay referenced while from_pretrained runs: transformers reads it through a weakref.
+    hf_ds = HfDeepSpeedConfig(config) if config["zero_optimization"]["stage"] == 3 else None
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    del hf_ds
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def build_policy(
+    model_path: str,
+    tcfg: TrainerConfig,
+    *,
+    use_gpu: bool,
+    world_size: int,
+    learning_rate: float,
+    num_training_steps: int,
+) -> Any:
+    """Trainable engine: AdamW, cosine schedule with linear warmup over `num_training_steps` optimizer steps."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    config = ds_config(tcfg, use_gpu=use_gpu, world_size=world_size, learning_rate=learning_rate)
+    model = load_model(model_path, config, gradient_checkpointing=tcfg.gradient_checkpointing)
+    num_warmup = int(tcfg.warmup_ratio * num_training_steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        config=config,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, num_warmup, max(num_training_steps, 1)),
+    )
+    return engine
+
+
+def build_reference(model_path: str, tcfg: TrainerConfig, *, use_gpu: bool, world_size: int) -> Any:
+    """Frozen reference: a ZeRO engine without optimizer, so it is partitioned like the policy and costs
+    1/world_size of the weights per rank, with no gradients or optimizer state."""
+    import deepspeed
+
+    config = ds_config(tcfg, use_gpu=use_gpu, world_size=world_size, learning_rate=0.0, with_optimizer=False)
+    model = load_model(model_path, config)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def gather_full_state_dict(engine: Any, *, bucket_numel: int = 256 * 2**20) -> dict[str, torch.Tensor] | None:
+    """Full weights as {HF name: CPU tensor} on rank 0, None elsewhere. A collective: every rank must call it.
+
+    Parameters are gathered in buckets of about `bucket_numel` elements so no rank ever holds the whole model
+    on the device at once. Tied weights appear once (under the name `named_parameters` gives them).
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    params = list(engine.module.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    bucket: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+
+    def flush() -> None:
+        with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+            if rank == 0:
+                for name, p in bucket:
+                    out[name] = p.detach().to("cpu", copy=True)
+
+    for name, p in params:
+        bucket.append((name, p))
+        size += getattr(p, "ds_numel", p.numel())
+        if size >= bucket_numel:
+            flush()
+            bucket, size = [], 0
+    if bucket:
+        flush()
+    return out if rank == 0 else None

@@ -1,0 +1,154 @@
+"""The vLLM engine actors with the real tiny model inside a real local Ray: one rollout and one judge engine,
+started once for the module."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import pytest
+
+from psr_ray import prompts, steps
+from psr_ray.config import ModelConfig, PSRConfig
+from psr_ray.engines.api import JudgeRequest, ProposeRequest
+
+QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+JUDGE_REQUESTS = [
+    JudgeRequest(QUESTION, "", "3 + 4 = 7 apples.", "3 + 4 = 8 apples."),
+    JudgeRequest(QUESTION, "Step 1: 3 + 4 = 7\n", "The answer is \\boxed{7}.", "The answer is \\boxed{8}."),
+]
+GREEDY_PROMPTS = ["Step 1: Tom has", "The answer is"]
+
+
+@pytest.fixture(scope="module")
+def cfg() -> PSRConfig:
+    return dataclasses.replace(PSRConfig(), model=ModelConfig(max_model_len=512))
+
+
+@pytest.fixture(scope="module")
+def workers(ray_cluster, tiny_model_dir, cfg):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from psr_ray.engines.pool import start_engine_pool
+
+    # Engines of these names left by another module would be reused with their weights: start fresh ones.
+    for name in set(ray_cluster.util.list_named_actors()) & {"psr-rollout-0", "psr-judge-0"}:
+        ray_cluster.kill(ray_cluster.get_actor(name))
+        while name in ray_cluster.util.list_named_actors():  # the name frees once the actor is dead
+            time.sleep(0.1)
+    # Both engines start at once (each creator call waits for its own engine to be ready).
+    with ThreadPoolExecutor(2) as pool:
+        rollout_future = pool.submit(start_engine_pool, cfg, "rollout", tiny_model_dir)
+        judge = start_engine_pool(cfg, "judge", tiny_model_dir)
+        rollout = rollout_future.result()
+    yield rollout.actors[0], judge.actors[0]
+    # Other test modules may start engines of the same names: leave them none to reuse.
+    for actor in rollout.actors + judge.actors:
+        ray_cluster.kill(actor)
+
+
+def test_named_engines_are_ready_and_reused(ray_cluster, workers, tiny_model_dir, cfg):
+    from psr_ray.engines.pool import start_engine_pool
+
+    rollout, judge = workers
+    info = ray_cluster.get(ray_cluster.get_actor("psr-rollout-0").ready.remote())
+    assert info["model"] == tiny_model_dir and info["role"] == "rollout" and info["policy_version"] == 0
+    assert ray_cluster.get(ray_cluster.get_actor("psr-judge-0").ready.remote())["role"] == "judge"
+    (again,) = start_engine_pool(cfg, "rollout", tiny_model_dir).actors  # a restarted driver finds the live engine
+    assert ray_cluster.get(again.ready.remote())["pid"] == info["pid"]
+    with pytest.raises(ValueError, match="already exists"):
+        start_engine_pool(cfg, "rollout", tiny_model_dir + "-other")
+
+
+def test_propose_returns_cleaned_candidates(ray_cluster, workers):
+    rollout, _ = workers
+    requests = [
+        ProposeRequest(QUESTION, "", 1),
+        ProposeRequest(QUESTION, "Step 1: 3 + 4 = 7\n", 2),
+        ProposeRequest("7 " * 2000, "", 1),  # longer than max_model_len: empty candidates, not a failed batch
+    ]
+    kwargs = dict(num_candidates=3, temperature=1.0, top_p=0.95, max_tokens=16, seed=5)
+    first = ray_cluster.get(rollout.propose.remote(requests, **kwargs))
+    assert len(first) == 3
+    for candidates in first[:2]:
+        assert len(candidates.steps) == 3 and candidates.policy_version == 0
+        assert 3 <= candidates.num_tokens <= 3 * 16
+        assert all(step == steps.clean_step(step) for step in candidates.steps)
+        assert len(set(candidates.steps)) > 1  # T=1 samples differ
+    assert first[2].steps == ("", "", "") and first[2].num_tokens == 0
+    assert ray_cluster.get(rollout.propose.remote(requests, **kwargs)) == first  # seeded
+
+
+def test_judge_explain_returns_valid_verdicts(ray_cluster, workers):
+    _, judge = workers
+    judgments = ray_cluster.get(judge.judge.remote(JUDGE_REQUESTS, mode="explain", temperature=0.0, max_tokens=24))
+    assert len(judgments) == 2
+    for j in judgments:
+        assert j.verdict in ("A", "B", "unparseable")
+        assert j.verdict == prompts.parse_verdict(j.text).value
+        assert j.prob_a == {"A": 1.0, "B": 0.0, "unparseable": 0.5}[j.verdict]
+        assert 1 <= j.num_tokens <= 24 and j.policy_version == 0
+
+
+def test_judge_direct_matches_hf_next_token_probabilities(ray_cluster, workers, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, judge = workers
+    judgments = ray_cluster.get(judge.judge.remote(JUDGE_REQUESTS, mode="direct"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    letters = {
+        c: [i for i in range(len(tokenizer)) if tokenizer.decode([i]).lstrip(" ") in (c, c + "]", c + "]]")]
+        for c in "AB"
+    }
+    for request, j in zip(JUDGE_REQUESTS, judgments, strict=True):
+        assert j.verdict in ("A", "B")  # direct mode always decides
+        text = prompts.render_judge_prompt(
+            tokenizer, request.question, request.prefix, request.step_a, request.step_b, mode="direct"
+        )
+        ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+        lp = {c: torch.logsumexp(logprobs[letters[c]], dim=0).item() for c in "AB"}
+        expected = 1.0 / (1.0 + math.exp(lp["B"] - lp["A"]))
+        assert j.prob_a == pytest.approx(expected, abs=1e-4)
+        assert j.verdict == ("A" if expected > 0.5 else "B")
+
+
+def test_generate_is_greedy_and_deterministic(ray_cluster, workers):
+    rollout, _ = workers
+    first = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
+    again = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
+    assert first == again
+    assert all(1 <= g.num_tokens <= 12 and g.policy_version == 0 for g in first)
+
+
+def test_update_weights_changes_outputs_and_restores_exactly(ray_cluster, workers, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    rollout, _ = workers
+    original = load_file(f"{tiny_model_dir}/model.safetensors")
+    before = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
+    noise = torch.Generator().manual_seed(0)
+    perturbed = {k: v + 0.5 * torch.randn(v.shape, generator=noise) for k, v in original.items()}
+
+    assert ray_cluster.get(rollout.update_weights.remote(perturbed, policy_version=1)) == len(original)
+    assert ray_cluster.get(rollout.policy_version.remote()) == 1
+    changed = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
+    assert [g.text for g in changed] != [g.text for g in before]
+    assert all(g.policy_version == 1 for g in changed)
+
+    # (name, tensor) pairs are accepted too; the originals give token-identical greedy output again.
+    ray_cluster.get(rollout.update_weights.remote(list(original.items()), policy_version=2))
+    restored = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
+    assert [g.text for g in restored] == [g.text for g in before]
+    assert all(g.policy_version == 2 for g in restored)
+
+    ray_cluster.get(rollout.update_weights.remote(perturbed, policy_version=3))
+    assert ray_cluster.get(rollout.update_weights_from_path.remote(tiny_model_dir, policy_version=4)) == len(original)
+    from_path = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
+    assert [g.text for g in from_path] == [g.text for g in before]
+    assert ray_cluster.get(rollout.ready.remote())["policy_version"] == 4
