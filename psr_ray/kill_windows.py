@@ -1,14 +1,14 @@
 """Named windows where the fault tests kill a process, for real (SIGKILL), at exactly that point.
 
 Off unless the environment variable `PSR_RAY_KILL_DIR` names a folder; in production `reached()` returns at
-once. A test arms one window by writing `<dir>/armed` (`WINDOW` or `WINDOW@N`: the N-th time this process
-reaches it). The process that reaches the armed window creates `<dir>/ready.json` (its pid, host, window)
-and then sleeps until it is killed, so the kill lands inside the window however fast the run is. Only the
-first process to get there fires (the file is created exclusively): a restarted trainer worker that
-reaches the window again carries on.
+once. A test arms windows by writing `<dir>/armed`, one per line: `WINDOW` or `WINDOW@N` (the N-th time a
+process reaches it). The process that reaches an armed window creates `<dir>/ready.<WINDOW>.json` (its pid,
+host, window) and then sleeps until it is killed, so the kill lands inside the window however fast the run
+is. Each window fires once (the file is created exclusively): a restarted trainer worker that reaches it
+again carries on.
 
-The variable must be set before Ray starts (Ray workers inherit the raylet's environment) or passed in the
-job's runtime_env; the driver, the trainer workers and the engines then all see the same folder.
+The variable must reach every process of the run: set it before Ray starts (Ray workers inherit the
+raylet's environment) or in the job's runtime_env (`env_vars`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 ENV = "PSR_RAY_KILL_DIR"
 ARMED = "armed"
-READY = "ready.json"
 
 WINDOWS = {
     "search.before_flush": "finished problems' pairs are buffered in the driver, their Parquet part not written",
@@ -37,6 +36,10 @@ WINDOWS = {
 _counts: Counter[str] = Counter()
 
 
+def ready_file(folder: str | os.PathLike, window: str) -> Path:
+    return Path(folder) / f"ready.{window}.json"
+
+
 def reached(window: str) -> None:
     """Marks that this process reached `window`; blocks forever if a test armed it (see module doc)."""
     folder = os.environ.get(ENV)
@@ -45,19 +48,19 @@ def reached(window: str) -> None:
     assert window in WINDOWS, window
     _counts[window] += 1
     try:
-        armed = (Path(folder) / ARMED).read_text().strip()
+        armed = (Path(folder) / ARMED).read_text().split()
     except FileNotFoundError:
         return
-    name, _, nth = armed.partition("@")
-    if name != window or _counts[window] != int(nth or 1):
+    if not any(spec.partition("@")[0] == window and _counts[window] == int(spec.partition("@")[2] or 1)
+               for spec in armed):  # fmt: skip
         return
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "window": armed}
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "window": window, "occurrence": _counts[window]}
     tmp = Path(folder) / f".ready.{os.getpid()}"
     tmp.write_text(json.dumps(info))
     try:
-        os.link(tmp, Path(folder) / READY)  # exclusive and whole: a reader never sees it half-written
+        os.link(tmp, ready_file(folder, window))  # exclusive and whole: a reader never sees it half-written
     except FileExistsError:
-        return  # another process fired already
+        return  # fired already, in this process or another
     finally:
         tmp.unlink()
     while True:  # the test kills this process (or the driver that owns it) now

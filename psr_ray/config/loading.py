@@ -70,14 +70,20 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value
 
 
-def load(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> PSRConfig:
-    """Defaults <- each YAML in `paths` <- dotted `key=value` overrides; then type-checked (not validated).
-    Every mistake is a one-line ValueError naming the file, override or field."""
+def load(
+    paths: list[str] | tuple[str, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    base: dict[str, Any] | None = None,
+) -> PSRConfig:
+    """Defaults (or `base`, a config's `to_dict()`) <- each YAML in `paths` <- dotted `key=value` overrides;
+    then type-checked (not validated). Every mistake is a one-line ValueError naming the file, override or
+    field."""
     from omegaconf import OmegaConf  # only the CLI and the driver need it
     from omegaconf.errors import OmegaConfBaseException
 
     # Plain dicts, not OmegaConf structured mode, which would coerce types silently behind our checks.
-    merged = OmegaConf.create(PSRConfig().to_dict())
+    merged = OmegaConf.create(PSRConfig().to_dict() if base is None else base)
     for path in paths:
         merged = _merge(merged, _read_yaml(path), f"config file {path}")
     for item in overrides:
