@@ -66,16 +66,16 @@ def test_bad_input_is_one_line_naming_it(all_cases, name):
     check(all_cases[name])
 
 
-def test_bad_config_starts_nothing(all_cases, work):
-    """Config errors come before anything is written: no output folder, no state.json, no Ray session."""
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(all_cases, work):
+    """A run that failed to start (bad data) wrote no state.json: the corrected command into the same folder
+    is not refused as "already holds a run" nor locked out; it goes on to its own (next) check."""
     case = all_cases["deeply nested JSONL line"]
     out = work / "out_nested"
     check(case)
-    assert not (out / "state.json").exists()  # a failed start leaves nothing that blocks the corrected run
-    fixed = [a for a in case.argv if not a.startswith("data.source=")]
-    assert bi.run_case(bi.BadInput("fixed", (*fixed, "rollout.num_candidates=1"), "")).line.endswith(
-        "rollout.num_candidates must be >= 2 to form a pair, got 1"
-    )
+    assert not (out / "state.json").exists()
+    corrected = [a for a in case.argv if not a.startswith("data.source=")] + ["run.ray_address=127.0.0.1:1"]
+    check(bi.BadInput("corrected", tuple(corrected), "psr-ray run: run.ray_address 127.0.0.1:1: nothing answers at "
+                      "127.0.0.1:1 (Connection refused); is the Ray head running and reachable from here?"))  # fmt: skip
 
 
 # ---- machine states ---------------------------------------------------------------------------------------

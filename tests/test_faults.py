@@ -281,10 +281,10 @@ def test_zero_pairs_fail_the_iteration_loudly(tiny_run, undisturbed):
     out = work / "no_pairs"
     done = dk.launch(tiny, out, work / "kill", overrides=("judge.mode=explain", "judge.max_explanation_tokens=8",
                                                           "search.max_rollbacks=1"))  # fmt: skip
-    assert done.returncode == 1
-    assert done.log.strip().splitlines()[-1].startswith(
-        "psr-ray run: iteration 1 produced no step pairs: 4 of 4 problems were abandoned after")
-    assert "nothing to train on, so the policy stays at version 1" in done.log
+    assert done.returncode == 1 and len(done.error_lines) == 1
+    (line,) = done.error_lines
+    assert line.startswith("psr-ray run: iteration 1 produced no step pairs: 4 of 4 problems were abandoned after")
+    assert "nothing to train on, so the policy stays at version 1" in line
     state = json.loads((out / "state.json").read_text())
     assert "train" not in state["iterations"].get("1", {})
     assert not list((out / "checkpoints").rglob("policy_version.json"))  # no version 2 anywhere
@@ -300,9 +300,9 @@ def test_a_trainer_error_stops_the_search_at_once(tiny_run, undisturbed, tmp_pat
     good = next((work / "base" / "checkpoints").rglob("policy_version.json")).parent
     fi.corrupt_checkpoint(good, out / "checkpoints" / "iter_1" / "planted")
     done = dk.launch(tiny, out, work / "kill")
-    assert done.returncode == 1
-    last = done.log.strip().splitlines()[-1]
-    assert last.startswith(f"psr-ray run: checkpoint {out}/checkpoints/iter_1/planted is corrupt: ") and "unreadable" in last
+    assert done.returncode == 1 and len(done.error_lines) == 1
+    (line,) = done.error_lines
+    assert line.startswith(f"psr-ray run: checkpoint {out}/checkpoints/iter_1/planted is corrupt: ") and "unreadable" in line
     manifest = read_manifest(pairs_dir(str(out), 1))
     assert "SearchStopped" in manifest["error"] and len(manifest["done_problems"]) < 4
 
@@ -332,6 +332,6 @@ def test_resume_from_a_corrupt_checkpoint_is_one_line(tiny_run, undisturbed, tmp
     state["config"]["run"]["output_dir"] = str(run)
     (run / "state.json").write_text(json.dumps(state))
     done = dk.launch(tiny, run, work / "kill", resume=True)
-    lines = done.log.strip().splitlines()
-    assert done.returncode == 1 and lines[-1].startswith(f"psr-ray run: checkpoint {bad} is corrupt: ")
+    assert done.returncode == 1 and len(done.error_lines) == 1
+    assert done.error_lines[0].startswith(f"psr-ray run: checkpoint {bad} is corrupt: ")
     assert "Traceback" not in done.log

@@ -121,7 +121,9 @@ def start_engine_pool(
 
             bundles = [{"GPU": 1, "CPU": 1}] * settings.tensor_parallel_size
             group = placement_group(bundles, strategy="PACK", name=f"{name}-pg", lifetime=lifetime)
-            ray.get(group.ready())
+            if not group.wait(timeout_seconds=cfg.run.engine_start_timeout_s):  # GPUs that never free up
+                raise TimeoutError(f"{name}: no room for its {len(bundles)} GPU bundles within "
+                                   f"{cfg.run.engine_start_timeout_s:.0f} s (run.engine_start_timeout_s)")  # fmt: skip
             # The host actor takes no GPU itself; vLLM's Ray workers take one bundle each.
             options.update(
                 num_cpus=0,

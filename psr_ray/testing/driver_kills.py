@@ -125,11 +125,17 @@ def _argv(tiny: TinyRun, out: Path, resume: bool, overrides: tuple[str, ...]) ->
 class Launch:
     """One `psr-ray run` (or `--resume`) process and what happened to it."""
 
+    out: Path
     seconds: float
     returncode: int | None  # None: killed in its driver window
     log: str
     fired: dict[str, dict[str, Any]] = field(default_factory=dict)  # window -> ready info of the process killed
     pid: int = 0  # the driver's
+
+    @property
+    def error_lines(self) -> list[str]:
+        """The CLI's own error lines (`psr-ray run: ...`); Ray's streamed worker output may come after them."""
+        return [line for line in self.log.splitlines() if line.startswith("psr-ray run")]
 
 
 def arm(kill_dir: Path, *specs: str) -> None:
@@ -162,7 +168,7 @@ def launch(tiny: TinyRun, out: Path, kill_dir: Path, *, driver: str | None = Non
                     os.kill(proc.pid if role == "driver" else fired[window]["pid"], signal.SIGKILL)
                     if role == "driver":
                         proc.wait()
-                        return Launch(time.perf_counter() - start, None, log_path.read_text(), fired, proc.pid)
+                        return Launch(out, time.perf_counter() - start, None, log_path.read_text(), fired, proc.pid)
                 if time.perf_counter() - start > timeout_s:
                     raise TimeoutError(f"psr-ray run reached none of {sorted(windows)} in {timeout_s:.0f} s; see {log_path}")
                 time.sleep(0.05)
@@ -173,7 +179,7 @@ def launch(tiny: TinyRun, out: Path, kill_dir: Path, *, driver: str | None = Non
     text = log_path.read_text()
     if windows:
         raise RuntimeError(f"psr-ray run exited ({proc.returncode}) before reaching {sorted(windows)}:\n{text[-3000:]}")
-    return Launch(time.perf_counter() - start, proc.returncode, text, fired, proc.pid)
+    return Launch(out, time.perf_counter() - start, proc.returncode, text, fired, proc.pid)
 
 
 def finish(tiny: TinyRun, out: Path, kill_dir: Path, *, resume: bool = False, worker: str | None = None) -> Launch:
