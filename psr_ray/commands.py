@@ -75,7 +75,8 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
                        output_dir=output_dir, policy_version=2)
     lock.release()
     final = result.metrics[-1] if result.metrics else {}
-    print(f"trained {result.num_optimizer_steps} optimizer steps; HF export: {result.hf_dir}")
+    source = "the checkpoint already in --output (--resume)" if result.resumed else "this run"
+    print(f"trained {result.num_optimizer_steps} optimizer steps ({source}); HF export: {result.hf_dir}")
     for key, value in final.items():
         print(f"  {key:24s} {value:.4f}")
     return 0
