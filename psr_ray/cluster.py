@@ -1,9 +1,21 @@
-"""Joining or starting the Ray cluster a command runs on."""
+"""Joining or starting the Ray cluster a command runs on.
+
+Which cluster (Ray 2.60's `ray.init` would otherwise auto-connect to a `ray start` head it finds here, and
+then refuse the run's `num_cpus` with "When connecting to an existing cluster, num_cpus and num_gpus must
+not be provided"):
+  - `run.ray_address` (auto, host:port, ray://host:port) or RAY_ADDRESS (set inside a submitted job): join it,
+    with no resource arguments; the cluster's resources are what they are.
+  - otherwise: start a separate local Ray sized for the run (`address="local"`), even when a `ray start` head
+    runs on this machine (users start one to watch the dashboard). That head is named in a message with the
+    setting that joins it instead (`run.ray_address=auto`).
+An address that does not answer is a one-line error before `ray.init` spends its connection timeout.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 from typing import Any
 
 from psr_ray.config import PSRConfig
@@ -17,23 +29,65 @@ def required_cpus(cfg: PSRConfig) -> int:
 
 
 def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
-    """Connects to `run.ray_address` (or the cluster of a submitted job), or starts a local Ray sized for the
-    run. Inside a submitted job Ray is already reachable and its runtime_env is left alone."""
+    """Joins `run.ray_address` (or the cluster of a submitted job), or starts a local Ray sized for the run
+    (see the module doc). Inside a submitted job Ray is already reachable and its runtime_env is left alone."""
     import ray
 
     if ray.is_initialized():
         return ray
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address != "local":
+        _join(ray, address, "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS", **kwargs)
         return ray
+    running = _running_head()
+    num_cpus = max(os.cpu_count() or 1, required_cpus(cfg))
+    if running is not None:
+        print(f"[psr_ray] a Ray cluster started with `ray start` runs here ({running}); this run starts its own "
+              f"local Ray with {num_cpus} CPUs. To run on that cluster instead, pass run.ray_address=auto")  # fmt: skip
     # A local cluster: logical CPUs may exceed cores (the embedded default oversubscribes 2 cores on purpose:
     # engines mostly wait on each other and the trainer), threads per process are kept at 1.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, required_cpus(cfg)),
-        include_dashboard=kwargs.pop("include_dashboard", None),
-        **kwargs,
-    )
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", None), **kwargs)
     return ray
+
+
+def _join(ray: Any, address: str, where: str, **kwargs: Any) -> None:
+    if address == "auto":
+        if _running_head() is None and not _gcs_processes():
+            raise ValueError(f"{where}=auto: no running Ray cluster found on this machine; start one with "
+                             "`ray start --head`, give its host:port, or leave run.ray_address unset for a local Ray")  # fmt: skip
+    else:
+        host, port = _host_port(address)
+        try:
+            socket.create_connection((host, port), timeout=5.0).close()
+        except OSError as err:
+            raise ValueError(f"{where} {address}: nothing answers at {host}:{port} ({err.strerror or err}); "
+                             "is the Ray head running and reachable from here?") from None  # fmt: skip
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:  # includes Ray's AuthenticationError
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        raise ValueError(f"{where} {address}: cannot join the Ray cluster there ({lines[0] if lines else err})") from None
+    print(f"[psr_ray] joined the Ray cluster at {address}")
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    bare = address.removeprefix("ray://")
+    host, _, port = bare.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"run.ray_address {address!r} must be auto, host:port or ray://host:port")
+    return host.strip("[]"), int(port)
+
+
+def _running_head() -> str | None:
+    """The address a `ray start` on this machine recorded (`<temp dir>/ray_current_cluster`), if any."""
+    from ray._private.utils import read_ray_address  # private but stable for years; no public equivalent
+
+    return read_ray_address() or None
+
+
+def _gcs_processes() -> frozenset[str]:
+    from ray._private.services import find_gcs_addresses
+
+    return find_gcs_addresses()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from psr_ray.config import DEFAULT_CONFIG, PSRConfig, validate
 
@@ -18,14 +19,21 @@ def run(cfg: PSRConfig, args: argparse.Namespace) -> int:
 def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """One search pass with the configured model over `--num-problems` problems."""
     from psr_ray.cluster import init_ray
+    from psr_ray.data.pairs_io import MANIFEST, pairs_dir
     from psr_ray.data.problems import load_problems
     from psr_ray.engines.pool import start_engine_pool
     from psr_ray.models import resolve_model_path
+    from psr_ray.run_dir import RunDirLock, check_writable
     from psr_ray.search.generate import generate_pairs
 
     if args.num_problems < 1:
-        raise SystemExit("psr-ray generate: --num-problems must be >= 1")
+        raise ValueError(f"--num-problems must be >= 1, got {args.num_problems}")
     output_dir = args.output or cfg.run.output_dir
+    if (pairs_dir(output_dir, 1) / MANIFEST).is_file() and not args.resume:
+        raise ValueError(f"{output_dir} already holds step pairs of an earlier pass ({pairs_dir(output_dir, 1)}); "
+                         "pass another --output, or --resume to finish that pass")  # fmt: skip
+    lock = RunDirLock(output_dir, command="generate")  # held until this process ends
+    check_writable(output_dir, "--output")
     loaded = load_problems(cfg.data.source, split=cfg.data.split, limit=args.num_problems,
                            seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars)
     if loaded.skipped:
@@ -40,6 +48,7 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     )
     for key, value in summary.to_dict().items():
         print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    lock.release()
     return 0
 
 
@@ -47,15 +56,27 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """Step-DPO of model.path (also the frozen reference) on a Parquet folder of pairs."""
     from psr_ray.cluster import init_ray
     from psr_ray.models import resolve_model_path
+    from psr_ray.run_dir import RunDirLock, check_writable
     from psr_ray.trainer.group import read_pairs_dataset, train_dpo
 
+    output_dir = args.output or f"{cfg.run.output_dir}/train"
+    if Path(output_dir).is_dir() and any(Path(output_dir).iterdir()) and not args.resume:
+        raise ValueError(f"{output_dir} is not empty (an earlier `psr-ray train`?); pass another --output, "
+                         "or --resume to continue from its checkpoint")  # fmt: skip
+    lock = RunDirLock(output_dir, command="train")
+    check_writable(output_dir, "--output")
     model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
+    dataset_dir = args.pairs
+    if not Path(dataset_dir).is_dir():
+        raise ValueError(f"--pairs {dataset_dir}: no such folder")
     init_ray(cfg)
-    dataset = read_pairs_dataset(args.pairs)
+    dataset = read_pairs_dataset(dataset_dir)
     result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
-                       output_dir=args.output or f"{cfg.run.output_dir}/train", policy_version=2)
+                       output_dir=output_dir, policy_version=2)
+    lock.release()
     final = result.metrics[-1] if result.metrics else {}
-    print(f"trained {result.num_optimizer_steps} optimizer steps; HF export: {result.hf_dir}")
+    source = "the checkpoint already in --output (--resume)" if result.resumed else "this run"
+    print(f"trained {result.num_optimizer_steps} optimizer steps ({source}); HF export: {result.hf_dir}")
     for key, value in final.items():
         print(f"  {key:24s} {value:.4f}")
     return 0
@@ -67,8 +88,10 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
 
     benchmarks = args.benchmarks.split(",") if args.benchmarks else list(cfg.eval.benchmarks)
     limit = cfg.eval.limit if args.limit is None else args.limit
-    if args.model:
-        cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model)))
+    if limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0 means all), got {limit}")
+    cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model or cfg.model.path),
+                                       eval=dataclasses.replace(cfg.eval, benchmarks=tuple(benchmarks))))
     init_ray(cfg)
     eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")
     return 0

@@ -139,19 +139,46 @@ def split_batches(num_prompts: int, *, num_engines: int, batch_size: int) -> lis
     return bounds
 
 
-def generate_all(engines: list[Any], prompts: list[str], *, max_tokens: int, batch_size: int = 256) -> list[Any]:
+class StaleAnswerError(RuntimeError):
+    """An engine answered at another policy version than the one being evaluated."""
+
+
+def generate_all(
+    engines: list[Any],
+    prompts: list[str],
+    *,
+    max_tokens: int,
+    batch_size: int = 256,
+    policy_version: int | None = None,
+    engine_names: list[str] | None = None,
+    timeout_s: float | None = None,
+) -> list[Any]:
     """Greedy generations for `prompts`, in order, spread over the engine actors (batch i -> engine i mod k).
-    Each actor runs its calls one after another; vLLM batches the prompts of a call internally."""
-    import ray
+    Each actor runs its calls one after another; vLLM batches the prompts of a call internally.
+
+    With `policy_version`, every answer must carry it (`StaleAnswerError` otherwise: an engine restarted
+    after the weight sync serves other weights and must not be scored as the new model). With `timeout_s`,
+    an engine that does not answer in time is a TimeoutError naming it."""
+    from psr_ray.ray_waits import get_all
 
     if not engines:
         raise ValueError("evaluation needs at least one engine actor")
+    names = engine_names or [repr(e) for e in engines]
     batches = split_batches(len(prompts), num_engines=len(engines), batch_size=batch_size)
     refs = [
         engines[i % len(engines)].generate.remote(prompts[start:end], max_tokens=max_tokens)
         for i, (start, end) in enumerate(batches)
     ]
-    return [generation for batch in ray.get(refs) for generation in batch]
+    labels = [names[i % len(engines)] for i in range(len(refs))]
+    results = get_all(refs, labels=labels, timeout_s=timeout_s if timeout_s is not None else 1e9, what="eval prompts")
+    for label, batch in zip(labels, results, strict=True):
+        versions = {generation.policy_version for generation in batch}
+        if policy_version is not None and versions != {policy_version}:
+            raise StaleAnswerError(
+                f"{label} answered eval prompts at policy_version {sorted(versions)}, not {policy_version} "
+                "(restarted after the weight sync?); its answers are not scored as that model"
+            )
+    return [generation for batch in results for generation in batch]
 
 
 def evaluate(
@@ -162,15 +189,20 @@ def evaluate(
     limit: int | None,
     max_tokens: int,
     batch_size: int = 256,
+    policy_version: int | None = None,
+    engine_names: list[str] | None = None,
+    timeout_s: float | None = None,
 ) -> EvalResult:
-    """Greedy solutions to the first `limit` problems (None/0: all) of each benchmark, scored."""
+    """Greedy solutions to the first `limit` problems (None/0: all) of each benchmark, scored; every answer
+    checked to come from `policy_version` when given (see `generate_all`)."""
     if not benchmarks:
         raise ValueError("name at least one benchmark, e.g. --benchmarks gsm8k,math500")
     loaded = {name: load_benchmark(name, limit=limit) for name in benchmarks}
     items = [(name, problem) for name in benchmarks for problem in loaded[name].problems]
     prompts = [render_solution_prompt(tokenizer, problem.question) for _, problem in items]
     start = time.perf_counter()
-    generations = generate_all(engines, prompts, max_tokens=max_tokens, batch_size=batch_size)
+    generations = generate_all(engines, prompts, max_tokens=max_tokens, batch_size=batch_size,
+                               policy_version=policy_version, engine_names=engine_names, timeout_s=timeout_s)
     elapsed = time.perf_counter() - start
     scores: dict[str, list[SolutionScore]] = {name: [] for name in benchmarks}
     for (name, problem), generation in zip(items, generations, strict=True):
@@ -208,9 +240,11 @@ def eval_command(
     running = set(ray.util.list_named_actors())
     engines = start_engine_pool(cfg, "rollout", model_path).actors
     try:
-        result = evaluate(engines, tokenizer, benchmarks, limit=limit or None, max_tokens=cfg.eval.max_tokens)
+        result = evaluate(engines, tokenizer, benchmarks, limit=limit or None, max_tokens=cfg.eval.max_tokens,
+                          timeout_s=cfg.run.engine_call_timeout_s)
     finally:
-        for engine, info in zip(engines, ray.get([e.ready.remote() for e in engines]), strict=True):
+        infos = ray.get([e.ready.remote() for e in engines], timeout=cfg.run.engine_call_timeout_s)
+        for engine, info in zip(engines, infos, strict=True):
             if info["name"] not in running:
                 ray.kill(engine)
     print(format_table(result.rows()))

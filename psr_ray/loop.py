@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig, from_dict
+from psr_ray import kill_windows
+from psr_ray.config import PSRConfig
 from psr_ray.engines.pool import EnginePool
+from psr_ray.run_dir import RunDirLock, check_resume, check_search_pairs, check_writable, stored_config
 from psr_ray.run_state import RunState
 
 FIRST_POLICY_VERSION = 1
@@ -41,12 +44,17 @@ class Driver:
     policy_dir: str
     policy_version: int
     logger: Any
+    lock: RunDirLock | None = None
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def engines(self) -> list[Any]:
         """Every engine actor handle, rollout first."""
         return self.rollout.actors + self.judge.actors
+
+    @property
+    def engine_names(self) -> list[str]:
+        return self.rollout.names + self.judge.names
 
 
 def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
@@ -71,12 +79,27 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     finally:
         stages.close()
         psr.logger.finish()
+        psr.lock.release()
     print(f"\nResults ({psr.out / 'results.md'}):\n")
     print((psr.out / "results.md").read_text())
     return psr
 
 
 def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
+    """Checks, locks the run folder, starts Ray and the engines; only then is state.json written, so a run
+    that fails to start leaves nothing that blocks the corrected one."""
+    out = Path(resume_dir or cfg.run.output_dir).expanduser()
+    if resume_dir is not None:
+        check_resume(stored_config(resume_dir), cfg, resume_dir)
+    lock = RunDirLock(out)  # a second driver on this folder fails here
+    try:
+        return _start_locked(cfg, out, lock, resuming=resume_dir is not None)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool) -> Driver:
     from transformers import AutoTokenizer
 
     from psr_ray.cluster import init_ray
@@ -85,18 +108,13 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
     from psr_ray.metrics import WandbLogger
     from psr_ray.models import resolve_model_path
 
-    out = Path(resume_dir or cfg.run.output_dir).expanduser()
     state = RunState(out)
-    if resume_dir is not None:
-        if not state.exists:
-            raise ValueError(f"--resume {resume_dir}: no state.json there; start a new run with `psr-ray run`")
-        cfg = from_dict(state.data["config"])  # the run continues with the config it started with
+    if resuming:
         print(f"[psr_ray] resuming {out}: {_finished_summary(state)}")
     elif state.exists:
         raise ValueError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
                          "or choose another run.output_dir")
-    else:
-        state.set_config(cfg.to_dict())
+    check_writable(out)
 
     base_model = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
     policy_version, policy_dir = FIRST_POLICY_VERSION, base_model
@@ -109,15 +127,15 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
 
         check_checkpoint(Path(policy_dir).parent)
 
-    init_ray(cfg)
     loaded = load_problems(cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed,
-                           max_chars=cfg.data.max_problem_chars)
+                           max_chars=cfg.data.max_problem_chars)  # before Ray: bad data fails fast
     if loaded.skipped:
         print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
         for line, reason in loaded.skipped[:10]:
             print(f"[psr_ray]   skipped line {line}: {reason}")
     if not loaded.problems:
         raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
+    init_ray(cfg)
     logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
                          config=cfg.to_dict(), dir=str(out))
     # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
@@ -132,8 +150,10 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
         policy_dir=policy_dir,
         policy_version=policy_version,
         logger=logger,
+        lock=lock,
     )
     _check_engine_versions(psr)
+    state.set_config(cfg.to_dict())  # the run has started (a resume may have changed RESUMABLE settings)
     return psr
 
 
@@ -153,10 +173,20 @@ def _search_and_train(psr: Driver, k: int) -> None:
 
     if psr.state.done(k, "train"):
         return
+    if psr.state.done(k, "search"):
+        check_search_pairs(k, psr.state.stage(k, "search") or {}, policy_version=psr.policy_version)
     cfg, next_version = psr.cfg, psr.policy_version + 1
     problems = problems_for_iteration(cfg, psr.problems, k)
     sender = make_sender(backend_for(cfg), psr.engines, bucket_mb=cfg.weight_sync.bucket_mb)
+
+    def on_weights(state_dict: dict[str, Any] | None) -> Any:  # runs in the trainer's workers
+        report = sender.send(state_dict, policy_version=next_version)
+        if state_dict is not None:
+            kill_windows.reached("sync.after_push")
+        return report
+
     start = time.perf_counter()
+    stop_search = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
         search = None
         if not psr.state.done(k, "search"):
@@ -164,20 +194,28 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 generate_pairs, cfg, problems, iteration=k, policy_version=psr.policy_version,
                 rollout=psr.rollout, judge=psr.judge, output_dir=str(psr.out),
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
+                stop=stop_search,
             )
         dataset = stream_pairs_dataset(str(psr.out), k)
-        result = train_dpo(
-            cfg,
-            policy_path=psr.policy_dir,
-            reference_path=psr.policy_dir,  # the previous iteration's model, frozen
-            dataset=dataset,
-            output_dir=str(psr.out / "checkpoints" / f"iter_{k}"),
-            policy_version=next_version,
-            num_pairs=_expected_pairs(cfg, len(problems)),
-            on_weights=lambda state_dict: sender.send(state_dict, policy_version=next_version),
-        )
+        try:
+            result = train_dpo(
+                cfg,
+                policy_path=psr.policy_dir,
+                reference_path=psr.policy_dir,  # the previous iteration's model, frozen
+                dataset=dataset,
+                output_dir=str(psr.out / "checkpoints" / f"iter_{k}"),
+                policy_version=next_version,
+                num_pairs=_expected_pairs(cfg, len(problems)),
+                on_weights=on_weights,
+            )
+        except BaseException:
+            stop_search.set()  # a trainer error surfaces now, not after the whole search
+            if search is not None:
+                _raise_search_cause(psr, k, search)
+            raise
         if search is not None:
             summary = search.result()
+            check_search_pairs(k, summary.to_dict(), policy_version=psr.policy_version)
             psr.state.record(k, "search", summary.to_dict())
     search_summary = psr.state.stage(k, "search") or {}
     train_summary = {
@@ -185,6 +223,8 @@ def _search_and_train(psr: Driver, k: int) -> None:
         "hf_dir": result.hf_dir,
         "checkpoint_dir": result.checkpoint_dir,
         "num_optimizer_steps": result.num_optimizer_steps,
+        "num_pairs_trained": int(sum(m.get("train/num_pairs", 0) for m in result.metrics)),
+        "num_pairs_committed": search_summary.get("pairs_total"),
         "seconds": time.perf_counter() - start,
         "final": result.metrics[-1] if result.metrics else {},
     }
@@ -198,23 +238,30 @@ def _search_and_train(psr: Driver, k: int) -> None:
 
 def _sync(psr: Driver, k: int) -> None:
     """The trainer pushed the weights already; verify every engine serves M_{k+1}, else load the export."""
-    import ray
-
     from psr_ray import metrics
-    from psr_ray.weight_sync import engine_versions
 
     if psr.state.done(k, "sync"):
         return
     start = time.perf_counter()
-    versions = engine_versions(psr.engines)
-    stale = [e for e, v in zip(psr.engines, versions, strict=True) if v != psr.policy_version]
-    if stale:  # a resumed run, or an engine restarted after the push: load the checkpoint's HF export
-        ray.get([e.update_weights_from_path.remote(psr.policy_dir, policy_version=psr.policy_version) for e in stale])
-    _check_engine_versions(psr)
+    reloaded = _reload_stale(psr)  # a resumed run, or an engine restarted after the push
+    versions = _check_engine_versions(psr)
     seconds = time.perf_counter() - start
     metrics.set_gauge("policy_version", psr.policy_version)
-    psr.state.record(k, "sync", {"policy_version": psr.policy_version, "reloaded_from_export": len(stale),
-                                 "verify_seconds": seconds})
+    psr.state.record(k, "sync", {"policy_version": psr.policy_version, "reloaded_from_export": reloaded,
+                                 "engine_versions": versions, "verify_seconds": seconds})
+
+
+def _reload_stale(psr: Driver) -> int:
+    """Loads the checkpoint's HF export into every engine not serving `psr.policy_version`; returns how many."""
+    from psr_ray.ray_waits import get_all
+
+    timeout = psr.cfg.run.engine_call_timeout_s
+    versions = get_all([e.policy_version.remote() for e in psr.engines], labels=psr.engine_names,
+                       timeout_s=timeout, what="policy_version()")  # fmt: skip
+    stale = [(e, n) for e, n, v in zip(psr.engines, psr.engine_names, versions, strict=True) if v != psr.policy_version]
+    refs = [e.update_weights_from_path.remote(psr.policy_dir, policy_version=psr.policy_version) for e, _ in stale]
+    get_all(refs, labels=[n for _, n in stale], timeout_s=timeout, what=f"a weight load of {psr.policy_dir}")
+    return len(stale)
 
 
 def _evaluate(psr: Driver, *, iteration: int) -> None:
@@ -224,10 +271,13 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
     done = psr.state.stage(iteration, "eval")
     if done is None:
         cfg = psr.cfg
+        _reload_stale(psr)  # an engine restarted since the sync must not be scored as the new model
         result = evaluate(psr.engines, psr.tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
-                          max_tokens=cfg.eval.max_tokens)
+                          max_tokens=cfg.eval.max_tokens, policy_version=psr.policy_version,
+                          engine_names=psr.engine_names, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
         done = {"rows": [_result_row(psr, row, iteration) | {"eval_s": result.elapsed_s} for row in result.rows(iteration)],
-                "seconds": result.elapsed_s}
+                "seconds": result.elapsed_s, "policy_version": psr.policy_version}
+        kill_windows.reached("eval")
         psr.state.record(iteration, "eval", done)
         for row in done["rows"]:
             psr.logger.log({f"eval/{row['benchmark']}/accuracy": row["accuracy"], "iteration": iteration})
@@ -251,12 +301,25 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
     }
 
 
-def _check_engine_versions(psr: Driver) -> None:
-    from psr_ray.weight_sync import engine_versions
+def _check_engine_versions(psr: Driver) -> list[int]:
+    from psr_ray.ray_waits import get_all
 
-    versions = engine_versions(psr.engines)
+    versions = get_all([e.policy_version.remote() for e in psr.engines], labels=psr.engine_names,
+                       timeout_s=psr.cfg.run.engine_call_timeout_s, what="policy_version()")  # fmt: skip
     if any(v != psr.policy_version for v in versions):
-        raise RuntimeError(f"engines serve policy versions {versions}, expected {psr.policy_version}")
+        raise RuntimeError(f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}")
+    return versions
+
+
+def _raise_search_cause(psr: Driver, k: int, search: concurrent.futures.Future) -> None:
+    """After a trainer error: the search's own failure, or its zero pairs, is the cause to report."""
+    from psr_ray.search.generate import SearchStopped
+
+    error = search.exception()  # returns soon: the search stops at its next turn
+    if error is None:
+        check_search_pairs(k, search.result().to_dict(), policy_version=psr.policy_version)
+    elif not isinstance(error, SearchStopped):
+        raise error
 
 
 def _expected_pairs(cfg: PSRConfig, num_problems: int) -> int:

@@ -1,7 +1,9 @@
 """What a run has finished, on disk, so a killed run resumes without redoing work.
 
 `<output_dir>/state.json` records, per iteration, each finished stage with its summary, written atomically
-(temp file + rename) after the stage's outputs are on disk. A stage is done only once it is recorded; a
+and durably (temp file, fsync, rename, fsync of the folder) after the stage's outputs are on disk. It is
+first written once the run has started (Ray up, problems loaded, engines ready), so a run that failed to
+start leaves nothing behind that blocks the corrected one. A stage is done only once it is recorded; a
 stage that was running when the run died is redone from its own partial outputs (the search skips problems
 whose pairs were flushed; the trainer resumes from its latest complete checkpoint).
 """
@@ -12,6 +14,9 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from psr_ray import kill_windows
+from psr_ray.durable import fsync_dir, fsync_file
 
 STAGES = ("search", "train", "sync", "eval")
 
@@ -24,8 +29,11 @@ class RunState:
         if self.path.is_file():
             try:
                 self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as err:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"{self.path} is corrupt ({err}); move it away to start this run over") from None
+            if not (isinstance(self.data, dict) and isinstance(self.data.get("iterations"), dict)):
+                raise ValueError(f"{self.path} is not a psr_ray run state (no 'iterations' mapping); "
+                                 "move it away to start this run over")
 
     @property
     def exists(self) -> bool:
@@ -52,4 +60,7 @@ class RunState:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        fsync_file(tmp)
+        kill_windows.reached("state.write")
         os.replace(tmp, self.path)
+        fsync_dir(self.output_dir)

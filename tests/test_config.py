@@ -134,11 +134,12 @@ def test_validate_reports_every_error_at_once():
 
 
 def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 4096}')
+    (tmp_path / "model.safetensors").write_text("x")
     for path in (str(tmp_path), "Qwen/Qwen2.5-Math-7B-Instruct"):
         C.validate(C.load([], [f"model.path={path}"]), gpu_available=False)
-    (tmp_path / "weights.bin").write_text("x")
-    with pytest.raises(ValueError, match="model.path"):
-        C.validate(C.load([], [f"model.path={tmp_path / 'weights.bin'}"]), gpu_available=False)
+    with pytest.raises(ValueError, match="model.path .* is a file"):
+        C.validate(C.load([], [f"model.path={tmp_path / 'model.safetensors'}"]), gpu_available=False)
 
 
 def test_init_section_overrides():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from pathlib import Path
@@ -60,6 +61,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return hint(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} must be a finite number, got {value}")
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)  # YAML writes 1e3 as a float
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -67,23 +70,77 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value
 
 
-def load(paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> PSRConfig:
-    """Defaults <- each YAML in `paths` <- dotted `key=value` overrides; then type-checked (not validated)."""
+def load(
+    paths: list[str] | tuple[str, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    base: dict[str, Any] | None = None,
+) -> PSRConfig:
+    """Defaults (or `base`, a config's `to_dict()`) <- each YAML in `paths` <- dotted `key=value` overrides;
+    then type-checked (not validated). Every mistake is a one-line ValueError naming the file, override or
+    field."""
     from omegaconf import OmegaConf  # only the CLI and the driver need it
+    from omegaconf.errors import OmegaConfBaseException
 
     # Plain dicts, not OmegaConf structured mode, which would coerce types silently behind our checks.
-    merged = OmegaConf.create(PSRConfig().to_dict())
+    merged = OmegaConf.create(PSRConfig().to_dict() if base is None else base)
     for path in paths:
-        if not Path(path).is_file():
-            raise ValueError(f"config file {path!r} does not exist")
-        merged = _merge(merged, OmegaConf.load(path), path)
+        merged = _merge(merged, _read_yaml(path), f"config file {path}")
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value, e.g. rollout.num_candidates=4")
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override {item!r}")
-    raw = OmegaConf.to_container(merged, resolve=True)
+        key, _, value = item.partition("=")
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except Exception as err:  # yaml's and OmegaConf's parse errors
+            reason = getattr(err, "problem", None) or _first_line(err)
+            raise ValueError(f"override {item!r}: {value!r} is not a valid YAML value for {key} ({reason})") from None
+        merged = _merge(merged, update, f"override {item!r}")
+    try:
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ValueError(f"{key}: cannot resolve its ${{...}} interpolation ({_first_line(err)})") from None
     assert isinstance(raw, dict)  # merged onto the defaults' mapping
     return from_dict({str(k): v for k, v in raw.items()})
+
+
+def _read_yaml(path: str) -> Any:
+    """One config file as an OmegaConf mapping; a file that is missing, unreadable, not YAML or not a mapping
+    of sections is a ValueError naming it (with the line, for YAML errors)."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf._yaml import get_yaml_loader  # OmegaConf's own loader: it refuses duplicate keys
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"config file {path!r} is a folder, not a YAML file" if file.is_dir()
+                         else f"config file {path!r} does not exist")  # fmt: skip
+    try:
+        raw = yaml.load(file.read_text(encoding="utf-8"), Loader=get_yaml_loader())
+    except OSError as err:
+        raise ValueError(f"config file {path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text; is it a YAML file?") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or _first_line(err)
+        raise ValueError(f"config file {path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must be a mapping of sections (model:, data:, rollout:, ...), "
+                         f"got a {type(raw).__name__}")  # fmt: skip
+    for section, value in raw.items():
+        default = getattr(PSRConfig(), str(section), None)
+        if dataclasses.is_dataclass(default) and not isinstance(value, dict):
+            raise ValueError(f"config file {path}: {section} must be a mapping of its fields, got {value!r}")
+    try:
+        return OmegaConf.create(raw)
+    except Exception as err:  # a broken ${...} interpolation, OmegaConf's limits (too many YAML aliases)
+        key = getattr(err, "full_key", None)
+        raise ValueError(f"config file {path}: {key + ': ' if key else ''}{_first_line(err)}") from None
 
 
 def _merge(base: Any, update: Any, origin: str) -> Any:
@@ -93,5 +150,16 @@ def _merge(base: Any, update: Any, origin: str) -> Any:
     # Not struct mode: unknown keys pass the merge and `from_dict` names them with the valid ones.
     try:
         return OmegaConf.merge(base, update)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"{origin}: {err}") from None
+    except (OmegaConfBaseException, TypeError) as err:  # TypeError: a list or value where a mapping belongs
+        key = getattr(err, "full_key", None)
+        if key is None and isinstance(err, TypeError):
+            key = next((k for k in update if not OmegaConf.is_dict(update[k]) and OmegaConf.is_dict(base.get(k))),
+                       None)  # fmt: skip
+            if key is not None:
+                raise ValueError(f"{origin}: {key} must be a mapping of its fields, got {update[key]!r}") from None
+        raise ValueError(f"{origin}: {key + ': ' if key else ''}{_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -87,6 +87,9 @@ class SearchConfig:
     # How often one problem may roll back (all candidates tied) before it is abandoned.
     max_rollbacks: int = 5
     max_problems_in_flight: int = 64
+    # Pairs per Parquet part: a killed driver loses at most the pairs not yet in a part (their problems are
+    # searched again on resume, with the same seeds); smaller parts mean more files.
+    flush_pairs: int = 64
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,13 @@ class RunConfig:
     # Prompts searched per iteration; the last entry repeats when there are more iterations (paper: M2-M4).
     prompts_per_iteration: tuple[int, ...] = (400, 800, 1200)
     seed: int = 0
-    # None: start a local Ray; `auto` or `ray://...` to join a cluster.
+    # None: start a local Ray for this run (a separate one even if `ray start` runs here); `auto`,
+    # `host:port` or `ray://host:port` to join a cluster.
     ray_address: str | None = None
+    # Every wait on an engine ends: starting one (model load included), and each call to it (a propose or
+    # judge batch, an eval batch, a weight load). A hung engine then fails the run naming the actor.
+    engine_start_timeout_s: float = 1800.0
+    engine_call_timeout_s: float = 1800.0
     # `auto`: online when WANDB_API_KEY is set, offline otherwise; `disabled` turns it off.
     wandb_mode: str = "auto"
     wandb_project: str = "psr_ray"

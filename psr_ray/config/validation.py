@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from psr_ray.config.sections import EMBEDDED_MODEL, PSRConfig
+import psr_ray.config.sources as sources
+from psr_ray.config.sections import PSRConfig
 
 
 def has_gpu() -> bool:
@@ -40,32 +38,41 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         need(sub.cpu_kv_cache_gib >= 1, f"{section}.cpu_kv_cache_gib must be >= 1")
         need(sub.max_restarts >= 0, f"{section}.max_restarts must be >= 0")
 
+    context = cfg.model.max_model_len
     r = cfg.rollout
     need(r.num_candidates >= 2, f"rollout.num_candidates must be >= 2 to form a pair, got {r.num_candidates}")
     need(r.temperature >= 0, "rollout.temperature must be >= 0")
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
     need(r.max_step_tokens >= 1, "rollout.max_step_tokens must be >= 1")
+    # An engine skips a prompt that leaves no room for this many new tokens: every step would come back empty.
+    need(r.max_step_tokens < context, f"rollout.max_step_tokens ({r.max_step_tokens}) must be below "
+         f"model.max_model_len ({context}), leaving room for the prompt")
 
     j = cfg.judge
     need(j.temperature >= 0, "judge.temperature must be >= 0")
     need(j.max_explanation_tokens >= 1, "judge.max_explanation_tokens must be >= 1")
+    need(j.max_explanation_tokens < context, f"judge.max_explanation_tokens ({j.max_explanation_tokens}) must "
+         f"be below model.max_model_len ({context}), leaving room for the prompt")
 
     s = cfg.search
     need(s.max_steps >= 1, f"search.max_steps must be >= 1, got {s.max_steps}")
     need(s.max_rollbacks >= 0, "search.max_rollbacks must be >= 0")
     need(s.max_problems_in_flight >= 1, "search.max_problems_in_flight must be >= 1")
+    need(s.flush_pairs >= 1, f"search.flush_pairs must be >= 1, got {s.flush_pairs}")
 
     t = cfg.trainer
     need(t.num_workers >= 1, f"trainer.num_workers must be >= 1, got {t.num_workers}")
     need(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage must be 0-3, got {t.zero_stage}")
     need(t.beta > 0, f"trainer.beta must be > 0, got {t.beta}")
-    need(t.learning_rate > 0 and t.sft_learning_rate > 0, "trainer learning rates must be > 0")
-    need(t.micro_batch_size >= 1, "trainer.micro_batch_size must be >= 1")
-    need(
-        t.global_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * t.num_workers) == 0,
-        f"trainer.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
-        f"micro_batch_size x num_workers ({t.micro_batch_size} x {t.num_workers})",
-    )
+    need(t.learning_rate > 0, f"trainer.learning_rate must be > 0, got {t.learning_rate}")
+    need(t.sft_learning_rate > 0, f"trainer.sft_learning_rate must be > 0, got {t.sft_learning_rate}")
+    need(t.micro_batch_size >= 1, f"trainer.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    if t.micro_batch_size >= 1 and t.num_workers >= 1:
+        need(
+            t.global_batch_size >= 1 and t.global_batch_size % (t.micro_batch_size * t.num_workers) == 0,
+            f"trainer.global_batch_size ({t.global_batch_size}) must be a positive multiple of "
+            f"micro_batch_size x num_workers ({t.micro_batch_size} x {t.num_workers})",
+        )
     need(t.num_epochs >= 1 and t.sft_num_epochs >= 1, "trainer epochs must be >= 1")
     need(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio must be in [0, 1)")
     need(t.max_seq_len >= 16, "trainer.max_seq_len must be >= 16")
@@ -79,6 +86,10 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(len(cfg.eval.benchmarks) >= 1 or not cfg.eval.every_iteration, "eval.benchmarks must name at least one benchmark")
     need(cfg.eval.limit >= 0, "eval.limit must be >= 0 (0 means all)")
     need(cfg.eval.max_tokens >= 1, "eval.max_tokens must be >= 1")
+    need(cfg.eval.max_tokens <= context, f"eval.max_tokens ({cfg.eval.max_tokens}) must be at most "
+         f"model.max_model_len ({context})")
+    errors.extend(sources.benchmark_errors(cfg.eval.benchmarks))
+    errors.extend(sources.split_errors(cfg.data.source, cfg.data.split))
 
     i = cfg.init
     need(i.num_ift_examples >= 1, f"init.num_ift_examples must be >= 1, got {i.num_ift_examples}")
@@ -93,6 +104,10 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     )
     need(run.wandb_mode in ("auto", "online", "offline", "disabled"), "run.wandb_mode must be auto, online, offline or disabled")
     need(bool(run.output_dir), "run.output_dir must not be empty")
+    need(run.engine_start_timeout_s > 0, f"run.engine_start_timeout_s must be > 0, got {run.engine_start_timeout_s}")
+    need(run.engine_call_timeout_s > 0, f"run.engine_call_timeout_s must be > 0, got {run.engine_call_timeout_s}")
+    if run.ray_address is not None:
+        errors.extend(sources.ray_address_errors(run.ray_address))
 
     wants_gpu = [
         f"{name}" for name, value in (
@@ -112,29 +127,14 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         )
 
     if check_paths:
-        need(_model_exists(cfg.model.path), f"model.path {cfg.model.path!r} is neither an existing folder, "
-             "an HF model id (org/name), nor embedded:smollm2-135m-instruct")
-        need(_data_exists(cfg.data.source), f"data.source {cfg.data.source!r} is neither an existing .jsonl file, "
-             "hf:<dataset id>, embedded:gsm8k nor embedded:math")
+        # Packages a source needs are checked only for a local run: a cluster's image may have them.
+        local = run.ray_address is None
+        errors.extend(sources.model_errors(cfg.model.path, context, check_packages=local))
+        errors.extend(sources.data_errors(cfg.data.source, check_packages=local))
+        if local:
+            errors.extend(sources.benchmark_package_errors(cfg.eval.benchmarks))
 
     if errors:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+        # One line, so the CLI prints exactly one line whatever went wrong.
+        raise ValueError("invalid config: " + "; ".join(errors))
     return cfg
-
-
-def _model_exists(path: str) -> bool:
-    if path.startswith("embedded:"):
-        return path == EMBEDDED_MODEL
-    local = Path(os.path.expanduser(path))
-    if local.exists():
-        return local.is_dir()
-    # `org/name` is an HF id; anything that looks like a filesystem path must exist.
-    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
-
-
-def _data_exists(source: str) -> bool:
-    if source.startswith("embedded:"):
-        return source in ("embedded:gsm8k", "embedded:math")
-    if source.startswith("hf:"):
-        return len(source) > 3
-    return Path(os.path.expanduser(source)).is_file()

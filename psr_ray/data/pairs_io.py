@@ -1,8 +1,9 @@
 """Step pairs on disk, written exactly once, and read back as a Ray Dataset that streams while they are made.
 
 Layout of one iteration, `<output_dir>/pairs/iter_<i>/`:
-  part-00000.parquet ...   one file per flushed chunk (temp name + rename: never seen half-written)
-  manifest.json            the commit point (temp name + rename): the parts written so far, the problems
+  part-00000.parquet ...   one file per flushed chunk (temp name, fsync, rename, fsync of the folder:
+                           never seen half-written, on disk before the manifest names it)
+  manifest.json            the commit point (written the same way): the parts written so far, the problems
                            finished so far (their pairs are all in those parts), and `complete`.
 A part is visible only once the manifest lists it; a part not listed (a crash between the rename and the
 manifest) is deleted on resume and its problems are searched again, so every pair_id lands exactly once.
@@ -32,7 +33,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from psr_ray import kill_windows
 from psr_ray.data.schema import STEP_PAIR_SCHEMA, StepPair, check_table, to_table
+from psr_ray.durable import write_atomic
 
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-(\d+)\.parquet$")
@@ -51,20 +54,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("w") as f:
-            json.dump(manifest, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic_write(directory / MANIFEST, write)
+    write_atomic(directory / MANIFEST, json.dumps(manifest))
 
 
 class PairWriter:
@@ -120,9 +111,10 @@ class PairWriter:
             return
         parts = list(self._manifest["parts"])
         if self._pairs:
+            kill_windows.reached("search.before_flush")
             name = f"part-{self._next_part:05d}.parquet"
             table = to_table(self._pairs)
-            _atomic_write(self.directory / name, lambda tmp: pq.write_table(table, tmp))
+            write_atomic(self.directory / name, lambda tmp: pq.write_table(table, tmp))
             parts.append(name)
             self._next_part += 1
         self.done_problems.update(self._problems)
@@ -133,7 +125,10 @@ class PairWriter:
             "complete": False,
         }
         _write_manifest(self.directory, self._manifest)
+        wrote_part = bool(self._pairs)
         self._pairs, self._problems, self._oldest = [], [], None
+        if wrote_part:
+            kill_windows.reached("search.after_flush")
 
     def close(self, *, complete: bool = True) -> None:
         """Flushes the rest; `complete` tells streaming readers that no more parts will come."""

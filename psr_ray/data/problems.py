@@ -233,6 +233,9 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[tuple[int, str]
             except json.JSONDecodeError as err:
                 skipped.append((line, f"invalid JSON: {err.msg} at column {err.colno}"))
                 continue
+            except RecursionError:
+                skipped.append((line, "invalid JSON: nested too deeply"))
+                continue
             if not isinstance(row, dict):
                 skipped.append((line, f"not a JSON object: {type(row).__name__}"))
                 continue

@@ -34,6 +34,11 @@ class EnginePool:
     def __len__(self) -> int:
         return len(self.actors)
 
+    @property
+    def names(self) -> list[str]:
+        """The engines' actor names, `psr-<role>-<i>`, for messages."""
+        return [engine_name(self.role, i) for i in range(len(self.actors))]
+
     def pick(self) -> int | None:
         """The least-loaded engine that may take another call now, or None."""
         now = time.monotonic()
@@ -76,6 +81,10 @@ class EnginePool:
         self._not_before[i] = 0.0
 
 
+def engine_name(role: str, index: int) -> str:
+    return f"psr-{role}-{index}"
+
+
 def start_engine_pool(
     cfg: Any, role: str, model_path: str, *, policy_version: int = 0, lifetime: str | None = None
 ) -> EnginePool:
@@ -90,13 +99,14 @@ def start_engine_pool(
     import ray
 
     from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
+    from psr_ray.ray_waits import get_all
 
     settings = engine_settings(cfg, role, model_path)
     section: EnginePoolConfig = getattr(cfg, role)
     remote_cls = ray.remote(EngineActor)
     actors = []
     for index in range(section.num_engines):
-        name = f"psr-{role}-{index}"
+        name = engine_name(role, index)
         options: dict[str, Any] = {
             "name": name,
             "get_if_exists": True,
@@ -111,7 +121,9 @@ def start_engine_pool(
 
             bundles = [{"GPU": 1, "CPU": 1}] * settings.tensor_parallel_size
             group = placement_group(bundles, strategy="PACK", name=f"{name}-pg", lifetime=lifetime)
-            ray.get(group.ready())
+            if not group.wait(timeout_seconds=cfg.run.engine_start_timeout_s):  # GPUs that never free up
+                raise TimeoutError(f"{name}: no room for its {len(bundles)} GPU bundles within "
+                                   f"{cfg.run.engine_start_timeout_s:.0f} s (run.engine_start_timeout_s)")  # fmt: skip
             # The host actor takes no GPU itself; vLLM's Ray workers take one bundle each.
             options.update(
                 num_cpus=0,
@@ -123,7 +135,13 @@ def start_engine_pool(
         else:
             options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine)
         actors.append(remote_cls.options(**options).remote(settings, name=name, policy_version=policy_version))
-    infos = ray.get([a.ready.remote() for a in actors])
+    names = [engine_name(role, i) for i in range(len(actors))]
+    try:
+        infos = get_all([a.ready.remote() for a in actors], labels=names, timeout_s=cfg.run.engine_start_timeout_s,
+                        what="ready() after starting (run.engine_start_timeout_s)")  # fmt: skip
+    except ray.exceptions.RayActorError as err:  # its constructor failed: the model could not be loaded, ...
+        cause = str(err.__cause__ or err).strip().splitlines()
+        raise RuntimeError(f"a {role} engine failed to start with {model_path}: {cause[-1] if cause else err}") from err
     for info in infos:
         if info["model"] != model_path:
             raise ValueError(

@@ -159,13 +159,13 @@ def _score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, data: InitD
             )
             for i, (start, end) in enumerate(batches)
         ]
-        judgments = [j for batch in ray.get(refs) for j in batch]
+        judgments = [j for batch in ray.get(refs, timeout=cfg.run.engine_call_timeout_s) for j in batch]
         judge[mode] = asdict(score_judgments(judgments, labels))
         print(f"[init] {name} judge {mode}: accuracy {judge[mode]['accuracy']:.3f}", flush=True)
 
     problems = data.ift_test
     prompts = [render_solution_prompt(tokenizer, p.question) for p in problems]
-    generations = generate_all(engines, prompts, max_tokens=cfg.eval.max_tokens)
+    generations = generate_all(engines, prompts, max_tokens=cfg.eval.max_tokens, timeout_s=cfg.run.engine_call_timeout_s)
     scores = [score_solution(p, g.text, g.num_tokens) for p, g in zip(problems, generations, strict=True)]
     solving = summarize("held-out IFT", scores).row(iteration=0)
     print(f"[init] {name} step-format compliance {solving['format_compliance']:.3f}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -11,6 +12,10 @@ from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.engines.pool import EnginePool
 from psr_ray.search.scheduler import FinishedProblem, SearchScheduler
 from psr_ray.search.stats import SearchSummary
+
+
+class SearchStopped(RuntimeError):
+    """The caller asked the search to stop (its trainer failed); what finished is committed."""
 
 
 def generate_pairs(
@@ -24,19 +29,22 @@ def generate_pairs(
     output_dir: str,
     policy_dir: str | None = None,
     on_pairs: Callable[[FinishedProblem], None] | None = None,
-    flush_pairs: int = 64,
+    flush_pairs: int | None = None,
+    stop: threading.Event | None = None,
 ) -> SearchSummary:
     """Searches `problems` and writes their step pairs to `<output_dir>/pairs/iter_<iteration>/` as they
     finish (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this iteration
     finished are skipped (resume). `policy_dir` (the HF folder of `policy_version`) is what an engine that
     comes back from a crash on other weights reloads; without it such an engine fails the run. `on_pairs`
-    sees each finished problem after its pairs are buffered."""
+    sees each finished problem after its pairs are buffered. Setting `stop` ends the search within a turn
+    with `SearchStopped` (finished problems committed). Parts hold `flush_pairs` pairs (default
+    `search.flush_pairs`)."""
     from tqdm import tqdm
 
     problems = list(problems)
     check_unique_ids(problems)
     start = time.monotonic()
-    writer = PairWriter(output_dir, iteration, flush_pairs=flush_pairs)
+    writer = PairWriter(output_dir, iteration, flush_pairs=flush_pairs or cfg.search.flush_pairs)
     todo = [p for p in problems if p.problem_id not in writer.done_problems]
     scheduler = SearchScheduler(
         cfg, iteration=iteration, policy_version=policy_version, rollout=rollout, judge=judge, policy_dir=policy_dir
@@ -54,8 +62,13 @@ def generate_pairs(
         if on_pairs is not None:
             on_pairs(result)
 
+    def tick() -> None:
+        writer.maybe_flush()
+        if stop is not None and stop.is_set():
+            raise SearchStopped(f"iteration {iteration}'s search was stopped after {len(writer.done_problems)} problems")
+
     try:
-        scheduler.run(todo, finished, on_tick=writer.maybe_flush)
+        scheduler.run(todo, finished, on_tick=tick)
         progress.update(stats.problems_skipped)
         writer.close(complete=True)
     except BaseException as err:

@@ -30,7 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from psr_ray import metrics
@@ -58,6 +58,7 @@ class InFlightCall:
     engine: int
     kind: CallKind
     keys: tuple[str, ...]
+    sent_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,10 @@ class SearchScheduler:
             self._dispatch()
             if not self._calls:  # every engine is backing off after a failure
                 time.sleep(0.1)
+                if on_tick is not None:
+                    on_tick()
                 continue
+            self._check_deadlines()
             ready, waiting = ray.wait(list(self._calls), num_returns=1, timeout=1.0)
             if ready and waiting:  # take every call that is done, not just the first
                 ready += ray.wait(waiting, num_returns=len(waiting), timeout=0)[0]
@@ -134,6 +138,19 @@ class SearchScheduler:
                 on_tick()
         metrics.set_gauge("problems_in_flight", 0)
         return self.stats
+
+    def _check_deadlines(self) -> None:
+        """A call unanswered for `run.engine_call_timeout_s` fails the search naming its engine: a hung
+        engine must end in an error, not a silent stall (a dead one fails its call and is re-queued)."""
+        timeout = self.cfg.run.engine_call_timeout_s
+        now = time.monotonic()
+        for call in self._calls.values():
+            if now - call.sent_at > timeout:
+                raise TimeoutError(
+                    f"{call.pool.names[call.engine]} has not answered a {call.kind.value} call for {len(call.keys)} "
+                    f"problems in {timeout:.0f} s (run.engine_call_timeout_s); is it hung? (its log is under "
+                    "/tmp/ray/session_latest/logs)"
+                )
 
     # ---- admit ---------------------------------------------------------------------------------------
 

@@ -7,20 +7,31 @@ Layout of a checkpoint directory (Ray Train merges every worker's files into one
     hf/                   safetensors + config.json + tokenizer, in the engine's dtype (fp32 CPU / bf16 GPU)
     psr_config.json       the resolved PSRConfig
     metrics.jsonl         one line per optimizer step (rank 0's view of the all-reduced metrics)
-    policy_version.json   {"policy_version": N, ...}; written last, so its presence marks a complete checkpoint
+    checkpoint_info.json  {"policy_version": N, "world_size": W, "num_optimizer_steps": S, ...} (rank 0)
+    policy_version.json   the marker: the info plus every file's size. The driver writes it after the fit,
+                          once Ray Train has persisted every rank's files, it has checked their contents
+                          (`verify_contents`) and fsynced them: its presence marks a complete checkpoint.
+
+A checkpoint directory without the marker (a fit or a persist killed midway) is not a checkpoint: it is
+never resumed from. `check_checkpoint` re-checks a marked one before anything is built on it.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
+
+from psr_ray import kill_windows
+from psr_ray.durable import fsync_tree, write_atomic
 
 DS_DIR = "deepspeed"
 DS_TAG = "final"
 HF_DIR = "hf"
 CONFIG_FILE = "psr_config.json"
 METRICS_FILE = "metrics.jsonl"
+INFO_FILE = "checkpoint_info.json"
 VERSION_FILE = "policy_version.json"
 
 
@@ -72,11 +83,37 @@ def write_metadata(
     metrics: list[dict[str, Any]],
     extra: dict[str, Any],
 ) -> None:
-    """Rank 0, after everything else: config, metrics and the version file that marks completion."""
+    """Rank 0, after everything else: config, metrics and the checkpoint's info (what the marker will say;
+    the driver writes the marker itself once the files are persisted, see `commit_checkpoint`)."""
     root = Path(checkpoint_dir)
     (root / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
     (root / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    (root / VERSION_FILE).write_text(json.dumps({"policy_version": policy_version, **extra}, sort_keys=True))
+    (root / INFO_FILE).write_text(json.dumps({"policy_version": policy_version, **extra}, sort_keys=True))
+
+
+def commit_checkpoint(checkpoint_dir: str | Path) -> Path:
+    """Driver, after the fit: checks the persisted files (`verify_contents`), fsyncs them and their folders,
+    then writes the marker listing every file's size. Raises a ValueError, writing no marker, if the
+    checkpoint is incomplete or trained no optimizer step (a policy version must never be bumped for
+    nothing)."""
+    root = Path(checkpoint_dir)
+    try:
+        info = json.loads((root / INFO_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"checkpoint {root} has no readable {INFO_FILE} ({err}); the trainer did not finish it") from None
+    if int(info.get("num_optimizer_steps", 0)) < 1:
+        raise ValueError(
+            f"the trainer took 0 optimizer steps for policy version {info.get('policy_version')} (no step pairs "
+            f"reached it); {root} is left unmarked and the policy version is not bumped"
+        )
+    problems = verify_contents(root, info)
+    if problems:
+        raise ValueError(f"checkpoint {root} is incomplete after the fit: {'; '.join(problems)}")
+    fsync_tree(root)
+    kill_windows.reached("checkpoint.persist")
+    files = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    write_atomic(root / VERSION_FILE, json.dumps({**info, "files": files}, sort_keys=True))
+    return root
 
 
 def read_version(checkpoint_dir: str | Path) -> dict[str, Any]:
@@ -91,20 +128,63 @@ def read_metrics(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def check_checkpoint(checkpoint_dir: str | Path) -> Path:
-    """Raises a ValueError naming what is wrong unless `checkpoint_dir` is a complete, readable checkpoint
-    (version file, DeepSpeed shards, HF config and safetensors whose headers parse). Returns the path."""
+    """Raises a ValueError naming what is wrong unless `checkpoint_dir` is a complete, readable checkpoint:
+    a marker, every file it lists present with its recorded size, and contents that `verify_contents`
+    accepts (DeepSpeed shards of every rank, the HF config and safetensors headers, the run config).
+    Returns the path."""
     root = Path(checkpoint_dir)
     problems = []
     try:
-        int(read_version(root)["policy_version"])
+        info = read_version(root)
+        int(info["policy_version"])
+        files = dict(info["files"])
     except (OSError, ValueError, KeyError, TypeError) as err:
+        info, files = {}, {}
         problems.append(f"{VERSION_FILE} unreadable ({type(err).__name__}: {err})")
+    for name, size in files.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the marker recorded {size}")
+    problems += verify_contents(root, info)
+    if problems:
+        raise ValueError(
+            f"checkpoint {root} is corrupt: {'; '.join(problems)}. Move it away (the previous iteration's "
+            "checkpoint is then used) or restore it from a backup"
+        )
+    return root
+
+
+def verify_contents(root: Path, info: dict[str, Any]) -> list[str]:
+    """What is wrong with a checkpoint's contents (empty when nothing): a DeepSpeed model-states shard and,
+    from ZeRO stage 1 on, an optimizer shard for every rank, each a readable torch archive; an HF
+    config.json naming its model type; safetensors whose headers parse; a tokenizer; the run config."""
+    problems: list[str] = []
+    config = _json_object(root / CONFIG_FILE, problems)
     shards = root / DS_DIR / DS_TAG
-    if not shards.is_dir() or not any(shards.iterdir()):
-        problems.append(f"no DeepSpeed shards in {DS_DIR}/{DS_TAG}")
+    model_states = sorted(shards.glob("*model_states.pt")) if shards.is_dir() else []
+    if not model_states:
+        problems.append(f"no DeepSpeed model states in {DS_DIR}/{DS_TAG}")
+    zero_stage = (config or {}).get("trainer", {}).get("zero_stage", 3)
+    world_size = int(info.get("world_size", 1) or 1)
+    if zero_stage >= 1:
+        for rank in range(world_size):
+            if not list(shards.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")):
+                problems.append(f"no DeepSpeed optimizer shard of rank {rank} of {world_size} in {DS_DIR}/{DS_TAG}")
+    for file in sorted(shards.glob("*.pt")) if shards.is_dir() else []:
+        try:
+            with zipfile.ZipFile(file) as archive:  # torch.save's format; reads only the central directory
+                if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                    raise zipfile.BadZipFile("no data.pkl")
+        except (OSError, zipfile.BadZipFile) as err:
+            problems.append(f"{DS_DIR}/{DS_TAG}/{file.name} unreadable ({err})")
     hf = root / HF_DIR
-    if not (hf / "config.json").is_file():
-        problems.append(f"no {HF_DIR}/config.json")
+    hf_config = _json_object(hf / "config.json", problems, name=f"{HF_DIR}/config.json")
+    if hf_config is not None and not hf_config.get("model_type"):
+        problems.append(f"{HF_DIR}/config.json names no model_type")
+    if not any((hf / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        problems.append(f"no tokenizer in {HF_DIR}/")
     weights = sorted(hf.glob("*.safetensors"))
     if not weights:
         problems.append(f"no {HF_DIR}/*.safetensors")
@@ -113,15 +193,23 @@ def check_checkpoint(checkpoint_dir: str | Path) -> Path:
 
         try:
             with safe_open(str(file), framework="pt") as f:
-                f.keys()
+                if not list(f.keys()):
+                    raise ValueError("no tensors")
         except Exception as err:  # safetensors raises its own error types for a damaged header
             problems.append(f"{file.name} unreadable ({err})")
-    if problems:
-        raise ValueError(
-            f"checkpoint {root} is corrupt: {'; '.join(problems)}. Move it away (the previous iteration's "
-            "checkpoint is then used) or restore it from a backup"
-        )
-    return root
+    return problems
+
+
+def _json_object(path: Path, problems: list[str], *, name: str | None = None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problems.append(f"{name or path.name} unreadable ({type(err).__name__}: {err})")
+        return None
+    if not isinstance(value, dict):
+        problems.append(f"{name or path.name} is not a JSON object")
+        return None
+    return value
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

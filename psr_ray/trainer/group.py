@@ -165,7 +165,8 @@ def _fit(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"trainer group finished without a checkpoint ({result.error})")
-    return _result(Path(result.checkpoint.path), resumed=False)
+    # The marker is written here, after Ray Train persisted every rank's files (see checkpoint.py).
+    return _result(ckpt.commit_checkpoint(result.checkpoint.path), resumed=False)
 
 
 def _result(checkpoint_dir: Path, *, resumed: bool) -> TrainResult:

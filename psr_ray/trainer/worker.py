@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from psr_ray import kill_windows
 from psr_ray.trainer.batches import collate_pairs, collate_sft, rows_of
 from psr_ray.trainer.loss import sequence_logps, step_dpo_loss
 
@@ -160,6 +161,7 @@ def train_epochs(
                 history.append(metrics)
                 if report is not None:
                     report(metrics)
+                kill_windows.reached("train.after_step")
                 window, started, data_wait = None, time.perf_counter(), 0.0
             waited_since = time.perf_counter()
     return history

