@@ -21,11 +21,15 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
     run. Inside a submitted job Ray is already reachable and its runtime_env is left alone."""
     import ray
 
+    from psr_ray import console
+
     if ray.is_initialized():
         return ray
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    kwargs = console.ray_init_kwargs(local=not address) | kwargs  # quiet console unless --verbose
     if address:
         ray.init(address=address, **kwargs)
+        console.after_ray_init()
         return ray
     # A local cluster: logical CPUs may exceed cores (the embedded default oversubscribes 2 cores on purpose:
     # engines mostly wait on each other and the trainer), threads per process are kept at 1.
@@ -36,4 +40,5 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
         include_dashboard=kwargs.pop("include_dashboard", None),
         **kwargs,
     )
+    console.after_ray_init()
     return ray

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from psr_ray.config.sections import EMBEDDED_MODEL, PSRConfig
+from psr_ray.config.storage import storage_errors
 
 
 def has_gpu() -> bool:
@@ -117,6 +118,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         need(_data_exists(cfg.data.source), f"data.source {cfg.data.source!r} is neither an existing .jsonl file, "
              "hf:<dataset id>, embedded:gsm8k nor embedded:math")
 
+    errors += storage_errors(cfg, check_paths=check_paths)  # multi-node runs: shared output_dir, node groups
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg
