@@ -9,6 +9,7 @@ logs folder is printed once. `--verbose` (`configure(verbose=True)`) keeps Ray's
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -51,8 +52,9 @@ def ray_init_kwargs(*, local: bool) -> dict[str, Any]:
         path.write_text(RAY_DATA_LOGGING)
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(path))
     if local:
-        # Token auth is what Ray 2.60 turns on for a new local cluster anyway; naming it skips its warning.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray 2.60 turns token auth on for a new local cluster and says so in a warning; auth stays on. (Setting
+        # RAY_AUTH_MODE here instead would come too late: Ray reads it when it is imported.)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     return {"log_to_driver": False}
 
 

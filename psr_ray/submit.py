@@ -133,6 +133,12 @@ def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> 
 def submit(address: str | None, config_paths: list[str], overrides: list[str], *, wait: bool = True,
            env: dict[str, Any] | None = None, agent_wait_s: float = 120.0) -> int:
     """Submits the job; with `wait`, streams its logs and returns 0 / 1 / 2 for SUCCEEDED / FAILED / STOPPED."""
+    import logging
+
+    # Ray's packaging lines (each file it skips uploading, and that .git/.venv are skipped by default, which
+    # jobs/runtime_env.yaml asks for anyway) are not for people.
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
     client, address = connect(address)
     entrypoint = job_entrypoint(config_paths, overrides)
     env = runtime_env() if env is None else env

@@ -14,6 +14,7 @@ from psr_ray.config.storage import filesystem_of, storage_errors
 from psr_ray.engines.pool import node_group_request
 from psr_ray.trainer.group import scaling_kwargs
 
+
 def mounts(tmp_path) -> str:
     """A /proc/mounts of this machine's root plus an NFS mount (EFS) and a local disk under tmp_path."""
     for name in ("shared", "local"):
