@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_config_args(p)
+        if name in ("run", "generate", "train", "eval", "init"):
+            p.add_argument("--verbose", action="store_true", help="print what Ray's workers log (vLLM engines, "
+                           "trainer reports, Ray Data) here too; by default it stays in the log files named at start")
         return p
 
     command("validate", "Check a config (types, ranges, paths, GPUs) without starting anything; exit 1 on error.")
@@ -84,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="problems per benchmark (0 = all)")
     p = command("init", "Initialization: build IFT/EFT data and fine-tune M0 into M1 (SFT).")
     p.add_argument("--output", metavar="DIR", help="output folder (default: run.output_dir/init)")
-    p = command("submit", "Submit `python -m psr_ray` (the run) to a Ray cluster as a job and stream its logs.")
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p = command("submit", "Submit `python -m psr_ray` (the run) to a Ray cluster as a job and stream its logs. "
+                "The job validates cluster-side paths and GPUs on the cluster.")
+    p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS); "
+                   "the auth token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     return parser
 
@@ -97,6 +102,8 @@ def load_config(args: argparse.Namespace, *, check_paths: bool = True) -> config
         return resume_config(args.resume, args.overrides, args.config)
     paths = args.config or [str(DEFAULT_CONFIG)]
     cfg = config_lib.load(paths, args.overrides)
+    if args.command == "submit":  # paths and GPUs are the cluster's: the job validates them there
+        return config_lib.validate(cfg, check_paths=False, gpu_available=True)
     return config_lib.validate(cfg, check_paths=check_paths)
 
 
@@ -140,7 +147,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "print-config":
         _print_yaml(cfg)
         return 0
-    from psr_ray import commands  # the commands that start Ray and engines
+    from psr_ray import commands, console  # the commands that start Ray and engines
+
+    console.configure(verbose=getattr(args, "verbose", False))
 
     return getattr(commands, args.command.replace("-", "_"))(cfg, args)
 

@@ -33,11 +33,15 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
     (see the module doc). Inside a submitted job Ray is already reachable and its runtime_env is left alone."""
     import ray
 
+    from psr_ray import console
+
     if ray.is_initialized():
         return ray
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = console.ray_init_kwargs(local=address in (None, "local")) | kwargs  # quiet console unless --verbose
     if address is not None and address != "local":
         _join(ray, address, "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS", **kwargs)
+        console.after_ray_init()
         return ray
     running = _running_head()
     num_cpus = max(os.cpu_count() or 1, required_cpus(cfg))
@@ -49,6 +53,7 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", None), **kwargs)
+    console.after_ray_init()
     return ray
 
 

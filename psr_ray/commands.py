@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from psr_ray.config import DEFAULT_CONFIG, PSRConfig, validate
@@ -11,8 +12,12 @@ from psr_ray.config import DEFAULT_CONFIG, PSRConfig, validate
 
 def run(cfg: PSRConfig, args: argparse.Namespace) -> int:
     from psr_ray.loop import run as run_loop
+    from psr_ray.run_state import RunState
 
-    run_loop(cfg, resume_dir=args.resume)
+    resume_dir = args.resume
+    if resume_dir is None and cfg.run.resume == "auto" and RunState(os.path.expanduser(cfg.run.output_dir)).exists:
+        resume_dir = cfg.run.output_dir  # run.resume=auto: a resubmitted job continues its run
+    run_loop(cfg, resume_dir=resume_dir)
     return 0
 
 

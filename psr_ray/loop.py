@@ -60,24 +60,27 @@ class Driver:
 def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     """Runs (or resumes) all iterations. The returned `Driver` holds the results rows and the engine handles:
     the engines live as long as it does (they are the driver's actors, not detached)."""
-    from tqdm import tqdm
+    from psr_ray import console, metrics
 
     psr = _start(cfg, resume_dir)
     cfg = psr.cfg
-    stages = tqdm(total=1 + 4 * cfg.run.num_iterations, desc="PSR", unit="stage", dynamic_ncols=True)
-    try:
-        _evaluate(psr, iteration=0)
-        stages.update(1)
-        for k in range(1, cfg.run.num_iterations + 1):
-            stages.set_description(f"PSR iteration {k}/{cfg.run.num_iterations}")
-            _search_and_train(psr, k)
-            stages.update(2)
-            _sync(psr, k)
-            stages.update(1)
-            _evaluate(psr, iteration=k)
-            stages.update(1)
+    total = cfg.run.num_iterations
+    try:  # one display per stage (psr_ray.console), one summary line per iteration
+        metrics.set_gauge("iteration", 0)
+        with console.stage("starting model: eval"):
+            _evaluate(psr, iteration=0)
+        print(console.iteration_summary(0, total, _stages(psr, 0), []), flush=True)
+        for k in range(1, total + 1):
+            metrics.set_gauge("iteration", k)
+            with console.stage(f"iter {k}/{total} search+train"):
+                _search_and_train(psr, k)
+            with console.stage(f"iter {k}/{total} sync"):
+                _sync(psr, k)
+            with console.stage(f"iter {k}/{total} eval"):
+                _evaluate(psr, iteration=k)
+            print(console.iteration_summary(k, total, _stages(psr, k), _stages(psr, k - 1).get("eval", {}).get("rows", [])),
+                  flush=True)  # fmt: skip
     finally:
-        stages.close()
         psr.logger.finish()
         psr.lock.release()
     print(f"\nResults ({psr.out / 'results.md'}):\n")
@@ -167,6 +170,7 @@ def problems_for_iteration(cfg: PSRConfig, problems: list[Any], k: int) -> list[
 def _search_and_train(psr: Driver, k: int) -> None:
     """Search with M_k while the trainer consumes the pairs as they stream in, then train M_{k+1}."""
     from psr_ray.data.pairs_io import stream_pairs_dataset
+    from psr_ray.metrics import timed_weight_sync
     from psr_ray.search.generate import generate_pairs
     from psr_ray.trainer.group import train_dpo
     from psr_ray.weight_sync import backend_for, make_sender
@@ -178,9 +182,10 @@ def _search_and_train(psr: Driver, k: int) -> None:
     cfg, next_version = psr.cfg, psr.policy_version + 1
     problems = problems_for_iteration(cfg, psr.problems, k)
     sender = make_sender(backend_for(cfg), psr.engines, bucket_mb=cfg.weight_sync.bucket_mb)
+    timed_send = timed_weight_sync(sender.send, backend=str(sender.backend))
 
     def on_weights(state_dict: dict[str, Any] | None) -> Any:  # runs in the trainer's workers
-        report = sender.send(state_dict, policy_version=next_version)
+        report = timed_send(state_dict, policy_version=next_version)
         if state_dict is not None:
             kill_windows.reached("sync.after_push")
         return report
@@ -299,6 +304,10 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
         "unparseable_rate": search.get("unparseable_rate"),
         "search_train_s": train.get("seconds"),
     }
+
+
+def _stages(psr: Driver, iteration: int) -> dict[str, Any]:
+    return psr.state.data["iterations"].get(str(iteration), {})
 
 
 def _check_engine_versions(psr: Driver) -> list[int]:

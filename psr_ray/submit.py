@@ -1,17 +1,33 @@
-"""`psr-ray submit`: run the driver as a Ray job on a cluster through Ray's JobSubmissionClient."""
+"""`psr-ray submit`: run the driver as a Ray job on a cluster through Ray's JobSubmissionClient.
+
+The address is `--address` or `$RAY_ADDRESS` (the dashboard's, http://HEAD:8265). The Ray auth token is
+`$RAY_AUTH_TOKEN`, else the file `$RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token` (Ray's own order), sent as
+a Bearer header; a cluster that asks for one and gets none is a one-line error, a token about to cross plain
+http to another host is warned about first. Secrets the job needs (WANDB_API_KEY, HF_TOKEN) travel from this
+shell's environment in the job's runtime_env, never from a file in the repo.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import os
 import shlex
+import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from psr_ray.config import REPO_ROOT
 
 RUNTIME_ENV = REPO_ROOT / "jobs" / "runtime_env.yaml"
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
+# Environment variables copied from the submitting shell into the job when set (secrets stay out of the repo).
+FORWARDED_SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
+TOKEN_HELP = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or write it to ~/.ray/auth_token); on KubeRay: "
+              "export RAY_AUTH_TOKEN=$(kubectl get secret <cluster name> -o jsonpath='{.data.auth_token}' | base64 -d)")
 
 
 def job_entrypoint(config_paths: list[str], overrides: list[str]) -> str:
@@ -27,30 +43,112 @@ def job_entrypoint(config_paths: list[str], overrides: list[str]) -> str:
     return shlex.join(parts + list(overrides))
 
 
-def runtime_env(path: Path = RUNTIME_ENV) -> dict[str, Any]:
-    """jobs/runtime_env.yaml with its working_dir made absolute (it is relative to the repo)."""
+def runtime_env(path: Path = RUNTIME_ENV, *, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """jobs/runtime_env.yaml with its working_dir made absolute (it is relative to the repo) and the secrets
+    of FORWARDED_SECRETS that are set in `environ` added to its env_vars."""
     import yaml
 
     env = yaml.safe_load(path.read_text()) or {}
     if "working_dir" in env:
         env["working_dir"] = str((REPO_ROOT / env["working_dir"]).resolve())
+    secrets = {name: environ[name] for name in FORWARDED_SECRETS if environ.get(name)}
+    if secrets:
+        env["env_vars"] = {**env.get("env_vars", {}), **secrets}
     return env
 
 
-def submit(address: str, config_paths: list[str], overrides: list[str], *, wait: bool = True,
-           env: dict[str, Any] | None = None, agent_wait_s: float = 120.0) -> int:
-    """Submits the job; with `wait`, streams its logs and returns 0 / 1 / 2 for SUCCEEDED / FAILED / STOPPED."""
+def resolve_address(address: str | None, *, environ: Mapping[str, str] = os.environ) -> str:
+    """The dashboard URL to submit to: `address`, else $RAY_ADDRESS; `host:port` gets http://."""
+    address = address or environ.get("RAY_ADDRESS") or ""
+    if not address:
+        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    if address.startswith("ray://") or address == "auto":
+        raise ValueError(f"address {address!r} is not the dashboard's; submit to http://HEAD:8265 "
+                         "(`ray dashboard cluster/aws.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265`)")
+    return address if "://" in address else f"http://{address}"
+
+
+def find_token(*, environ: Mapping[str, str] = os.environ) -> tuple[str | None, str]:
+    """(token, where it came from), in Ray's order; (None, "") when there is none."""
+    if environ.get("RAY_AUTH_TOKEN"):
+        return environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            return Path(path).expanduser().read_text().strip(), f"RAY_AUTH_TOKEN_PATH={path}"
+        except OSError as err:
+            raise ValueError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err.strerror}); fix it or unset it") from None
+    default = Path(environ.get("HOME") or "~").expanduser() / ".ray" / "auth_token"
+    if default.is_file():
+        return default.read_text().strip() or None, str(default)
+    return None, ""
+
+
+def is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def auth_headers(address: str, token: str | None, *, warn: Callable[[str], None]) -> dict[str, str]:
+    """The Authorization header for `token`; warns first when it would cross plain http to another host."""
+    if token is None:
+        return {}
+    url = urlparse(address)
+    if url.scheme == "http" and not is_loopback(url.hostname):
+        warn(f"[psr_ray] warning: sending the Ray auth token over plain http to {url.hostname}; anyone on the path "
+             "can read it and run code on the cluster. Use https, or a tunnel to 127.0.0.1 (`ray dashboard "
+             "cluster/aws.yaml`, `kubectl port-forward`)")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> tuple[Any, str]:
+    """A JobSubmissionClient for the cluster, with its token; auth failures become one-line ValueErrors."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    address = resolve_address(address, environ=environ)
+    token, source = find_token(environ=environ)
+    headers = auth_headers(address, token, warn=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        client = JobSubmissionClient(address, headers=headers)
+        client.list_jobs()  # the first call that needs the token, if the cluster asks for one
+    except Exception as err:
+        text = str(err)
+        if token is None and ("Unauthorized" in text or "no authentication token" in text.lower()):
+            raise ValueError(f"the cluster at {address} requires a Ray auth token and none was found: {TOKEN_HELP}") from None
+        if token is not None and ("Forbidden" in text or "Invalid authentication token" in text):
+            raise ValueError(f"the cluster at {address} rejected the Ray auth token from {source}; {TOKEN_HELP}") from None
+        if isinstance(err, ConnectionError) or "Failed to connect" in text:
+            raise ValueError(f"cannot reach a Ray dashboard at {address}: {text.splitlines()[0] if text else err}") from None
+        raise
+    if token is None:
+        print(f"[psr_ray] warning: {address} accepted a job without an auth token: whoever reaches it can run code "
+              "there. Turn on RAY_AUTH_MODE=token (the cluster/ files do).", file=sys.stderr, flush=True)
+    return client, address
+
+
+def submit(address: str | None, config_paths: list[str], overrides: list[str], *, wait: bool = True,
+           env: dict[str, Any] | None = None, agent_wait_s: float = 120.0) -> int:
+    """Submits the job; with `wait`, streams its logs and returns 0 / 1 / 2 for SUCCEEDED / FAILED / STOPPED."""
+    import logging
+
+    # Ray's packaging lines (each file it skips uploading, and that .git/.venv are skipped by default, which
+    # jobs/runtime_env.yaml asks for anyway) are not for people.
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    client, address = connect(address)
+    entrypoint = job_entrypoint(config_paths, overrides)
+    env = runtime_env() if env is None else env
+    forwarded = sorted(set(env.get("env_vars", {})) & set(FORWARDED_SECRETS))
+    if forwarded:
+        print(f"[psr_ray] passing {', '.join(forwarded)} from this shell to the job (runtime_env env_vars)")
     deadline = time.monotonic() + agent_wait_s
     while True:
         try:
-            job_id = client.submit_job(
-                entrypoint=job_entrypoint(config_paths, overrides),
-                runtime_env=runtime_env() if env is None else env,
-                metadata={"psr_ray": "1"},
-            )
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env, metadata={"psr_ray": "1"})
             break
         except RuntimeError as err:
             # A head that just started answers before its job agent has registered: wait for it.

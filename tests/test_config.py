@@ -122,7 +122,7 @@ def test_gpu_requests_without_gpu_fail_locally_but_not_for_a_cluster():
     with pytest.raises(ValueError, match="rollout.num_gpus_per_engine, trainer.use_gpu ask"):
         C.validate(cfg, gpu_available=False)
     C.validate(cfg, gpu_available=True)
-    remote = C.load([], ["rollout.num_gpus_per_engine=1", "run.ray_address=auto"])
+    remote = C.load([], ["rollout.num_gpus_per_engine=1", "run.ray_address=auto", "run.output_dir=/mnt/shared/psr"])
     C.validate(remote, gpu_available=False)
 
 

@@ -55,6 +55,10 @@ class EnginePoolConfig:
     enable_prefix_caching: bool = True
     # Ray restarts a dead engine this often; its in-flight requests are re-queued on a live one.
     max_restarts: int = 3
+    # A custom Ray resource that only this pool's node group has (cluster/ files declare `psr_engine`, as
+    # many units per node as it has GPUs): each engine takes one unit per GPU (one per engine on CPU), so
+    # engines land only on those nodes and the autoscaler knows which group to grow. "" places freely.
+    node_resource: str = ""
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,9 @@ class TrainerConfig:
     # Ray Train restarts the worker group this often after a worker dies; the retry starts from the last
     # complete checkpoint (the previous iteration's) and re-reads the iteration's pairs from the first.
     max_failures: int = 2
+    # A custom Ray resource only the trainer node group has (cluster/ files declare `psr_trainer`, one unit
+    # per GPU): every worker takes one unit, so the ZeRO-3 group stays on trainer nodes. "" places freely.
+    node_resource: str = ""
 
 
 class WeightSyncBackend(enum.StrEnum):
@@ -168,6 +175,13 @@ class RunConfig:
     # judge batch, an eval batch, a weight load). A hung engine then fails the run naming the actor.
     engine_start_timeout_s: float = 1800.0
     engine_call_timeout_s: float = 1800.0
+    # `auto`: when output_dir already holds a run (state.json), continue it from its last finished stage
+    # (a resubmitted cluster job picks up where the last one stopped); `never`: such a folder is an error.
+    resume: str = "never"
+    # A run that spans nodes (ray_address or a node_resource set) needs an absolute output_dir on storage
+    # every node shares (checkpoints, the HF export engines reload, state.json); its Ray job checks the
+    # mount. false skips both checks (a single-node cluster, or a shared filesystem the check does not know).
+    require_shared_storage: bool = True
     # `auto`: online when WANDB_API_KEY is set, offline otherwise; `disabled` turns it off.
     wandb_mode: str = "auto"
     wandb_project: str = "psr_ray"

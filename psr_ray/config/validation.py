@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psr_ray.config.sources as sources
 from psr_ray.config.sections import PSRConfig
+from psr_ray.config.storage import storage_errors
 
 
 def has_gpu() -> bool:
@@ -134,6 +135,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         if local:
             errors.extend(sources.benchmark_package_errors(cfg.eval.benchmarks))
 
+    errors += storage_errors(cfg, check_paths=check_paths)  # multi-node runs: shared output_dir, node groups
     if errors:
         # One line, so the CLI prints exactly one line whatever went wrong.
         raise ValueError("invalid config: " + "; ".join(errors))

@@ -43,8 +43,9 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     seed: int = 0
-    # vLLM's own counters (prefix-cache hits, tokens) for `engine_stats`; off by default, as in vLLM's LLM.
-    log_stats: bool = False
+    # vLLM's own stats (KV usage, queue, TTFT, tokens): exported as Ray metrics (engines/stat_logger.py) and
+    # read by `engine_stats`.
+    log_stats: bool = True
     # "nccl" builds the engine with vLLM's weight-transfer engine (weight_sync/nccl.py); None otherwise.
     weight_transfer_backend: str | None = None
 
@@ -117,6 +118,10 @@ class EngineActor(GpuTransferReceiver):
             enforce_eager=not settings.use_gpu,
             **kwargs,
         )
+        if settings.log_stats:
+            from psr_ray.engines.stat_logger import export_engine_stats
+
+            export_engine_stats(self.llm, role=settings.role, engine_name=name)
         self.tokenizer = self.llm.get_tokenizer()
         self._verdict_token_ids: tuple[list[int], list[int]] | None = None
 
@@ -132,7 +137,7 @@ class EngineActor(GpuTransferReceiver):
         }
 
     def engine_stats(self) -> dict[str, float]:
-        """vLLM's counters so far (needs `log_stats=True`): prefix-cache queries and hits, prompt and
+        """vLLM's counters so far (needs `log_stats`, the default): prefix-cache queries and hits, prompt and
         generation tokens. Used by bench/search_throughput.py."""
         wanted = {
             "vllm:prefix_cache_queries": "prefix_cache_queries",

@@ -85,13 +85,23 @@ def engine_name(role: str, index: int) -> str:
     return f"psr-{role}-{index}"
 
 
+def node_group_request(section: EnginePoolConfig, *, shard: bool = False) -> dict[str, float]:
+    """The node-group resource (`node_resource`) one engine asks for, {} when the pool is not pinned: one
+    unit per GPU it takes (a whole engine on CPU is one unit); with `shard`, one tensor-parallel bundle's."""
+    if not section.node_resource:
+        return {}
+    units = 1.0 if shard or section.num_gpus_per_engine <= 0 else section.num_gpus_per_engine
+    return {section.node_resource: units}
+
+
 def start_engine_pool(
     cfg: Any, role: str, model_path: str, *, policy_version: int = 0, lifetime: str | None = None
 ) -> EnginePool:
     """Starts (or reuses) the named `role` engine actors `psr-<role>-<i>` and waits until they are ready.
 
-    Resources come from `cfg.<role>`: CPUs and GPUs per engine; with `tensor_parallel_size > 1` each engine
-    gets a placement group of one `{GPU: 1, CPU: 1}` bundle per shard, which vLLM's Ray executor fills.
+    Resources come from `cfg.<role>`: CPUs and GPUs per engine, plus its `node_resource` (the engine node
+    group's custom resource) if set; with `tensor_parallel_size > 1` each engine gets a placement group of one
+    `{GPU: 1, CPU: 1}` bundle (plus a node-resource unit) per shard, which vLLM's Ray executor fills.
     An actor of the same name already alive in the namespace is reused (a restarted driver finds its
     engines; pass `lifetime="detached"` for engines that outlive the driver). `max_task_retries=0`: a
     call lost to an engine crash fails, and the scheduler re-queues its requests on a live engine.
@@ -119,7 +129,7 @@ def start_engine_pool(
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            bundles = [{"GPU": 1, "CPU": 1}] * settings.tensor_parallel_size
+            bundles = [{"GPU": 1, "CPU": 1} | node_group_request(section, shard=True)] * settings.tensor_parallel_size
             group = placement_group(bundles, strategy="PACK", name=f"{name}-pg", lifetime=lifetime)
             if not group.wait(timeout_seconds=cfg.run.engine_start_timeout_s):  # GPUs that never free up
                 raise TimeoutError(f"{name}: no room for its {len(bundles)} GPU bundles within "
@@ -133,7 +143,8 @@ def start_engine_pool(
                 ),
             )
         else:
-            options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine)
+            options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine,
+                           resources=node_group_request(section))
         actors.append(remote_cls.options(**options).remote(settings, name=name, policy_version=policy_version))
     names = [engine_name(role, i) for i in range(len(actors))]
     try:

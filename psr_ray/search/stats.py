@@ -20,6 +20,8 @@ _METRIC_OF = {
     "problems_final_answer": "problems_finished",
     "problems_max_steps": "problems_finished",
 }
+# Tags of those metrics that declare some (metrics.INSTRUMENTS): tokens are counted per engine role.
+_TAGS_OF = {"rollout_tokens": {"role": "rollout"}, "judge_tokens": {"role": "judge"}}
 
 
 @dataclass
@@ -55,7 +57,7 @@ class SearchStats:
         setattr(self, name, getattr(self, name) + n)
         metric = _METRIC_OF.get(name, name)
         if metric in metrics.INSTRUMENTS:
-            metrics.inc(metric, n)
+            metrics.inc(metric, n, **_TAGS_OF.get(name, {}))
 
     def batch(self, kind: str, size: int) -> None:
         """One engine call of `kind` ("propose" or "judge") carrying `size` requests."""

@@ -104,6 +104,13 @@ def _require_columns(dataset: Any, columns: tuple[str, ...], caller: str) -> Non
         raise ValueError(f"{caller}: dataset lacks columns {missing}; it needs {list(columns)}")
 
 
+def scaling_kwargs(tcfg: Any) -> dict[str, Any]:
+    """Ray Train's ScalingConfig for the trainer section: every worker asks for its CPUs and, when the
+    trainer is pinned to a node group, one unit of that group's `node_resource`."""
+    resources = {"CPU": tcfg.num_cpus_per_worker} | ({tcfg.node_resource: 1.0} if tcfg.node_resource else {})
+    return {"num_workers": tcfg.num_workers, "use_gpu": tcfg.use_gpu, "resources_per_worker": resources}
+
+
 def _fit(
     cfg: PSRConfig,
     mode: str,
@@ -145,13 +152,10 @@ def _fit(
         "num_training_steps": num_training_steps,
         "on_weights": on_weights,
     }
-    resources = {"CPU": tcfg.num_cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=ray.train.ScalingConfig(**scaling_kwargs(tcfg)),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             storage_path=str(output),

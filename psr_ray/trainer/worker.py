@@ -172,6 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
+    from psr_ray import metrics
     from psr_ray.trainer import checkpoint as ckpt
     from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
 
@@ -213,7 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         micro_batch_size=tcfg.micro_batch_size,
         num_epochs=loop_config["num_epochs"],
         pad_to_multiple_of=8 if tcfg.use_gpu else 1,
-        report=ray.train.report,
+        report=metrics.train_reporter(ray.train.report, rank=rank, mode=mode),  # live train metrics
     )
 
     phases["train"] = time.perf_counter() - clock - sum(phases.values())
