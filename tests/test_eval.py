@@ -16,13 +16,14 @@ JANET = Problem("gsm8k-test-0", "Janet's ducks ...", "18", "gsm8k")
 
 
 def _scores():
+    # What a model writes after the prompt's `Step 1:` starts with the space of its first word.
     return [
         # two steps, boxed and right
-        score_solution(JANET, "16 - 3 - 4 = 9 eggs.\nStep 2: 9 * 2 = 18 dollars, \\boxed{18}.", 20),
+        score_solution(JANET, " 16 - 3 - 4 = 9 eggs.\nStep 2: 9 * 2 = 18 dollars, \\boxed{18}.", 20),
         # one step, no box, wrong
-        score_solution(JANET, "She makes 20 dollars.\nThe answer is 20", 10),
+        score_solution(JANET, " She makes 20 dollars.\nThe answer is 20", 10),
         # two steps, right by the last number only
-        score_solution(JANET, "9 * 2 = 18 dollars.\nStep 2: so she makes 18.", 12),
+        score_solution(JANET, " 9 * 2 = 18 dollars.\nStep 2: so she makes 18.", 12),
         # nothing written
         score_solution(JANET, "", 0),
     ]
@@ -145,7 +146,7 @@ def test_eval_on_tiny_engines(ray_cluster, tiny_model_dir, tmp_path, capsys):
     scores = [s for b in result.benchmarks for s in b.scores]
     assert [s.problem_id for s in scores] == [f"{name}-test-{i}" for name in ("gsm8k", "svamp") for i in range(3)]
     # Greedy generations of at most max_tokens, each written after the forced first header.
-    assert all(s.text.startswith("Step 1: ") and 1 <= s.num_tokens <= 16 for s in scores)
+    assert all(s.text.startswith("Step 1:") and 1 <= s.num_tokens <= 16 for s in scores)
     assert result.num_tokens == sum(s.num_tokens for s in scores) and result.elapsed_s > 0
     printed = capsys.readouterr().out
     assert "| 0 | gsm8k | 3 |" in printed and "tokens/s" in printed

@@ -1,7 +1,7 @@
 """IFT and EFT data for the initialization SFT (M0 -> M1), as Parquet. Pure apart from file I/O.
 
 - IFT: a worked solution in the step format (`segment.py`), prompt = the solution prompt ending in the forced
-  `Step 1: `, target = the rest of the solution and EOS.
+  `Step 1:`, target = the rest of the solution (from the space before step 1's first word) and EOS.
 - EFT: the reference step of a verified solution against the same step with one number changed
   (`labelled.build_corrupted_pairs`), in both orders (right step as A, then as B: exactly half the
   verdicts are A), with a templated explanation (`explain.py`). Each order is written for both judge modes:
@@ -104,7 +104,8 @@ def build_init_data(
 
 
 def ift_rows(tokenizer: Any, problems: list[Problem]) -> list[dict[str, Any]]:
-    """SFT rows of IFT: the solution prompt (ends with `Step 1: `) and the rest of the solution, then EOS."""
+    """SFT rows of IFT: the solution prompt (ends with `Step 1:`) and the rest of the solution, then EOS;
+    prompt + target is the solution written in one piece, so their token ids are its ids."""
     eos = tokenizer.eos_token or ""
     rows = []
     for p in problems:

@@ -148,10 +148,10 @@ def test_held_out_split_shares_no_problem_and_files_hold_the_rows(tmp_path):
     assert (len(ids["ift_train"]), len(ids["eft_train"]), len(ids["ift_test"])) == (50, 40, 13)
     ift = pq.read_table(files["ift_train"]).to_pylist()
     assert ift == ift_rows(PlainTokenizer(), data.ift_train)
-    # IFT target = the forced `Step 1: ` prompt's continuation: the whole step-formatted solution and EOS.
+    # IFT target = the forced `Step 1:` prompt's continuation: the whole step-formatted solution and EOS.
     row = ift[0]
-    assert row["prompt_text"].endswith("Assistant: Step 1: ")
-    assert "Step 1: " + row["target_text"] == row["solution"].rstrip("\n") + "</s>"
+    assert row["prompt_text"].endswith("Assistant: Step 1:")
+    assert "Step 1:" + row["target_text"] == row["solution"].rstrip("\n") + "</s>"
     assert extract_boxed(row["target_text"]) == row["answer"]
     with pytest.raises(ValueError, match="num_ift_examples"):
         build_init_data(problems[:20], num_ift=50, num_eft=5, test_fraction=0.2)
