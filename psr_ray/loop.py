@@ -246,9 +246,18 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
         "policy_version": psr.policy_version,
         "pairs": search.get("pairs_total"),
         "rollbacks": search.get("rollbacks"),
+        "margins": _margins(search),
         "unparseable_rate": search.get("unparseable_rate"),
         "search_train_s": train.get("seconds"),
     }
+
+
+def _margins(search: dict[str, Any]) -> str | None:
+    """The iteration's pair margin distribution as one results-table cell, e.g. `1.00/1.50/2.00/3.00/4.00`."""
+    keys = ("margin_min", "margin_q1", "margin_median", "margin_q3", "margin_max")
+    if search.get("margin_min") is None:
+        return None
+    return "/".join(f"{search[k]:.2f}" for k in keys)
 
 
 def _check_engine_versions(psr: Driver) -> None:

@@ -21,6 +21,7 @@ COLUMNS = (
     ("policy_version", "policy", "{}"),
     ("pairs", "pairs", "{}"),
     ("rollbacks", "rollbacks", "{}"),
+    ("margins", "pair margin min/q1/median/q3/max", "{}"),
     ("unparseable_rate", "unparseable %", "pct"),
     ("search_train_s", "search+train s", "{:.0f}"),
     ("eval_s", "eval s", "{:.0f}"),

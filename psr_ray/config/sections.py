@@ -87,6 +87,13 @@ class SearchConfig:
     # How often one problem may roll back (all candidates tied) before it is abandoned.
     max_rollbacks: int = 5
     max_problems_in_flight: int = 64
+    # A pair needs chosen_score - rejected_score >= this, else the round is a tie (roll back). Scores count
+    # won comparisons: a hard vote is 1 per comparison, a soft vote (judge.mode=direct) its P(win), which
+    # sums to 1 per comparison. 1.0 is one comparison's worth: with hard votes the paper's rule (any win more
+    # is a preference); with soft votes it refuses differences of a few hundredths, which are judge noise
+    # (SmolLM2-135M, whose pair accuracy is 52% in bench/results/judge_accuracy.md, gave margins of
+    # 0.01-0.26 on the 24 pairs of an embedded run).
+    min_score_margin: float = 1.0
 
 
 @dataclass(frozen=True)

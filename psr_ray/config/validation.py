@@ -54,6 +54,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(s.max_steps >= 1, f"search.max_steps must be >= 1, got {s.max_steps}")
     need(s.max_rollbacks >= 0, "search.max_rollbacks must be >= 0")
     need(s.max_problems_in_flight >= 1, "search.max_problems_in_flight must be >= 1")
+    need(s.min_score_margin > 0, f"search.min_score_margin must be > 0 (0 would train tied pairs), got {s.min_score_margin}")
 
     t = cfg.trainer
     need(t.num_workers >= 1, f"trainer.num_workers must be >= 1, got {t.num_workers}")

@@ -148,6 +148,7 @@ class SearchScheduler:
                 max_rollbacks=search_cfg.max_rollbacks,
                 both_orders=judge_cfg.both_orders,
                 judge_mode=judge_cfg.mode,
+                min_score_margin=search_cfg.min_score_margin,
             )
             self._want[CallKind.PROPOSE].append(problem.problem_id)
             self.stats.count("problems_started")
@@ -283,6 +284,7 @@ class SearchScheduler:
     def _finish(self, search: ProblemSearch, on_finished: Callable[[FinishedProblem], None]) -> None:
         pairs = search.finished_pairs()
         self.stats.count("rollbacks", search.num_rollbacks)
+        self.stats.count("steps_without_pair", search.num_steps_without_pair)
         self.stats.count("pairs", len(pairs))
         if search.outcome is Outcome.ABANDONED:
             self.stats.count("problems_abandoned")
