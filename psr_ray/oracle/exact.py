@@ -1,0 +1,95 @@
+"""The exact step check of the built-in arithmetic task (`psr_ray.data.arith`). Pure.
+
+A task's reference steps form a deterministic chain (one operation per step, one sensible next operation),
+so "on the reference path" is decidable: step k (0-based) of a solution is correct iff every previous step
+is, and
+  (a) it states at least one equation `a op b = c` and every equation's arithmetic is right;
+  (b) its last equation's result is the reference value of step k (a repeated or skipped step is wrong);
+  (c) that equation's operands are numbers of the question or earlier reference values (nothing invented);
+  (d) `\\boxed{}` appears iff k is the last step, and then holds the reference answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from psr_ray.data.arith import is_arith_name
+from psr_ray.data.problems import Problem
+from psr_ray.steps import extract_boxed
+
+_NUMBER = r"\$?(-?\d+(?:\.\d+)?)"
+_EQUATION = re.compile(rf"{_NUMBER}\s*([+\-xX×*/÷])\s*{_NUMBER}\s*=\s*{_NUMBER}")
+_INTEGER = re.compile(r"(?<![\d.])\d+(?![\d.])")
+
+
+def has_exact_check(problem: Problem) -> bool:
+    """Whether `problem`'s steps can be checked exactly: it comes from the built-in task and has its steps."""
+    return is_arith_name(problem.source) and bool(problem.steps)
+
+
+def reference_values(problem: Problem) -> list[float]:
+    """The value each reference step computes: the result of its last equation."""
+    values = []
+    for step in problem.steps:
+        equations = _EQUATION.findall(step)
+        assert equations, f"reference step without an equation: {step!r}"
+        values.append(float(equations[-1][3]))
+    return values
+
+
+def _apply(a: float, op: str, b: float) -> float | None:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op in "xX×*":
+        return a * b
+    return None if b == 0 else a / b
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def step_is_correct(problem: Problem, index: int, step: str, *, values: Sequence[float] | None = None) -> bool:
+    """Conditions (a)-(d) of the module docstring for step `index` (0-based) alone, previous steps assumed
+    right. `values` are `reference_values(problem)`, passed in when checking many steps."""
+    values = reference_values(problem) if values is None else values
+    if index >= len(values):
+        return False
+    equations = _EQUATION.findall(step)
+    if not equations:
+        return False
+    for a, op, b, c in equations:
+        result = _apply(float(a), op, float(b))
+        if result is None or abs(result - float(c)) > 1e-9:
+            return False
+    a, _, b, c = equations[-1]
+    if float(c) != values[index]:
+        return False
+    available = {float(x) for x in _INTEGER.findall(problem.question)} | set(values[:index])
+    if float(a) not in available or float(b) not in available:
+        return False
+    boxed = extract_boxed(step)
+    if index == len(values) - 1:
+        return boxed is not None and _number(boxed) == _number(problem.answer or "")
+    return boxed is None
+
+
+def check_steps(problem: Problem, steps: Sequence[str]) -> list[bool]:
+    """Per step: correct and every step before it correct (a solution off the reference path stays off)."""
+    values = reference_values(problem)
+    out, on_path = [], True
+    for index, step in enumerate(steps):
+        on_path = on_path and step_is_correct(problem, index, step, values=values)
+        out.append(on_path)
+    return out
+
+
+def check_next_step(problem: Problem, previous: Sequence[str], step: str) -> bool:
+    """Whether `step`, written after the steps `previous`, keeps the solution on the reference path."""
+    return check_steps(problem, [*previous, step])[-1]
