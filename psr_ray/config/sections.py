@@ -70,6 +70,10 @@ class JudgeMode(enum.StrEnum):
     EXPLAIN = "explain"
     # The verdict read from the log-probabilities of `A` vs `B` after a forced `[[`.
     DIRECT = "direct"
+    # Ablation only, labelled as such in every table: the exact step check of the built-in task
+    # (psr_ray.oracle) judges instead of the model. It shows the rest of the loop learns when the judge is
+    # right; it needs data.source embedded:arith (the only source with an exact step check).
+    ORACLE = "oracle"
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,11 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
 
     j = cfg.judge
     need(j.temperature >= 0, "judge.temperature must be >= 0")
+    need(
+        j.mode != "oracle" or cfg.data.source.startswith("embedded:arith"),
+        f"judge.mode=oracle (an ablation: the exact step check judges) needs a source with an exact step check, "
+        f"data.source=embedded:arith, not {cfg.data.source!r}",
+    )
     need(j.max_explanation_tokens >= 1, "judge.max_explanation_tokens must be >= 1")
 
     s = cfg.search
@@ -116,7 +121,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         need(_model_exists(cfg.model.path), f"model.path {cfg.model.path!r} is neither an existing folder, "
              "an HF model id (org/name), nor embedded:smollm2-135m-instruct")
         need(_data_exists(cfg.data.source), f"data.source {cfg.data.source!r} is neither an existing .jsonl file, "
-             "hf:<dataset id>, embedded:gsm8k nor embedded:math")
+             "hf:<dataset id>, embedded:arith, embedded:gsm8k nor embedded:math")
 
     if errors:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
@@ -134,6 +139,14 @@ def _model_exists(path: str) -> bool:
 
 
 def _data_exists(source: str) -> bool:
+    if source.startswith("embedded:arith"):
+        from psr_ray.data.arith import parse_source
+
+        try:
+            parse_source(source)
+        except ValueError:
+            return False
+        return True
     if source.startswith("embedded:"):
         return source in ("embedded:gsm8k", "embedded:math")
     if source.startswith("hf:"):

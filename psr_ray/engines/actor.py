@@ -235,6 +235,33 @@ class EngineActor(GpuTransferReceiver):
             for out in outputs
         ]
 
+    def sample(
+        self,
+        prompt_texts: list[str],
+        *,
+        num_samples: int,
+        temperature: float,
+        top_p: float = 1.0,
+        max_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[Generation]]:
+        """`num_samples` sampled completions of each ready-made prompt (the step oracle's Monte-Carlo
+        rollouts); prompt i is seeded `seed + i * num_samples` (None: unseeded)."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                           seed=None if seed is None else seed + i * num_samples)
+            for i in range(len(prompt_texts))
+        ]  # fmt: skip
+        outputs = self._generate(prompt_texts, params, room=max_tokens)
+        return [
+            [Generation("", 0, self._policy_version)] * num_samples
+            if out is None
+            else [Generation(c.text, len(c.token_ids), self._policy_version) for c in out.outputs]
+            for out in outputs
+        ]
+
     def update_weights(self, named_tensors: Any, *, policy_version: int) -> int:
         """Loads HF-named weights (a dict or `(name, tensor)` pairs, any subset of the model) in place and
         sets the policy version; returns how many tensors were loaded."""

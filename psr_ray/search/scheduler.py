@@ -10,6 +10,9 @@ Every problem is a `ProblemSearch` state machine; the scheduler only moves reque
 Each engine holds at most `MAX_CALLS_PER_ENGINE` calls and a batch at most 1/(that x pool size) of the
 problems in flight, so while one cohort is judged the next is proposed and both pools stay busy.
 
+`judge.mode: oracle` (an ablation) decides judge rounds here, without an engine, by the exact step check
+of `psr_ray.oracle.judge`; proposals still go to the rollout engines.
+
 Faults. A call that fails because its engine died is re-queued whole (Ray restarts the engine,
 `max_restarts`); a failed call returns nothing, so each request is answered exactly once. A restarted engine
 re-runs `__init__` and so serves its construction-time weights and `policy_version`: every
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psr_ray import metrics
-from psr_ray.config import PSRConfig
+from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
@@ -120,6 +123,8 @@ class SearchScheduler:
                 self.stats.count("problems_skipped")
         while self._queue or self._active:
             self._admit()
+            if self.cfg.judge.mode == JudgeMode.ORACLE:
+                self._judge_by_oracle(on_finished)
             self._dispatch()
             if not self._calls:  # every engine is backing off after a failure
                 time.sleep(0.1)
@@ -197,6 +202,18 @@ class SearchScheduler:
             )
             self._send(ref, InFlightCall(self.judge, engine, CallKind.JUDGE, tuple(keys)))
             self.stats.batch("judge", len(requests))
+
+    def _judge_by_oracle(self, on_finished: Callable[[FinishedProblem], None]) -> None:
+        """Every waiting judge round, decided by the step oracle (judge.mode=oracle) in the driver."""
+        from psr_ray.oracle.judge import oracle_judgments
+
+        want_judge = self._want[CallKind.JUDGE]
+        while want_judge:
+            key = want_judge.popleft()
+            search = self._active[key]
+            requests = search.judge_requests()
+            self._take_judgments((key,), oracle_judgments(search.problem, requests, policy_version=self.policy_version))
+            self._route(key, on_finished)
 
     def _send(self, ref: Any, call: InFlightCall) -> None:
         call.pool.started(call.engine)
@@ -278,7 +295,8 @@ class SearchScheduler:
             start += size
             self._active[key].on_judgments(judgments)
             self.stats.count("judge_calls", size)
-            self.stats.count("unparseable", sum(1 for x in judgments if x.verdict not in ("A", "B")))
+            undecided = sum(1 for x in judgments if x.verdict not in ("A", "B"))
+            self.stats.count("oracle_draws" if self.cfg.judge.mode == JudgeMode.ORACLE else "unparseable", undecided)
             self.stats.count("judge_tokens", sum(x.num_tokens for x in judgments))
 
     def _finish(self, search: ProblemSearch, on_finished: Callable[[FinishedProblem], None]) -> None:

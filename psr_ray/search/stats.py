@@ -38,6 +38,7 @@ class SearchStats:
     candidates: int = 0
     judge_calls: int = 0  # comparisons judged
     unparseable: int = 0
+    oracle_draws: int = 0  # judge.mode=oracle: comparisons of two right or two wrong steps
     rollout_tokens: int = 0
     judge_tokens: int = 0
     requeued_requests: int = 0
