@@ -9,7 +9,7 @@ import json
 import pytest
 
 from psr_ray.data.problems import Problem
-from psr_ray.eval import score_solution, split_batches, summarize
+from psr_ray.eval import problems_digest, score_solution, split_batches, summarize
 from psr_ray.report import format_table, write_report
 
 JANET = Problem("gsm8k-test-0", "Janet's ducks ...", "18", "gsm8k")
@@ -68,6 +68,13 @@ def test_summarize():
         "tokens_per_step": 8.4,  # 42 tokens / 5 steps
         "format_compliance": 0.25,
         "num_tokens": 42,
+        "num_skipped": 1,
+        # Wilson 95% intervals of 1/4 and 2/4; per-problem bits in order, for McNemar.
+        "accuracy_boxed_ci95": [pytest.approx(0.045586, abs=1e-5), pytest.approx(0.699358, abs=1e-5)],
+        "accuracy_ci95": [pytest.approx(0.150039, abs=1e-5), pytest.approx(0.849961, abs=1e-5)],
+        "boxed_bits": "1000",
+        "lenient_bits": "1010",
+        "problems_digest": problems_digest(["gsm8k-test-0"] * 4),
     }
     assert result.num_skipped == 1
     empty = summarize("svamp", [])
@@ -95,11 +102,13 @@ ROWS = [
 
 def test_format_table():
     assert format_table(ROWS[:2]) == (
-        "| iteration | benchmark | n | accuracy % | boxed accuracy % | format % | steps/solution | tokens/step |\n"
+        "| iteration | benchmark | n | accuracy % (boxed) | lenient accuracy % | format % | steps/solution | tokens/step |\n"
         "|---|---|---|---|---|---|---|---|\n"
-        "| 0 | gsm8k | 50 | 10.0 | 2.0 | 4.0 | 3.50 | 41.2 |\n"
-        "| 0 | math500 | 50 | 4.0 | 0.0 | 0.0 | 2.00 | 60.0 |"
+        "| 0 | gsm8k | 50 | 2.0 | 10.0 | 4.0 | 3.50 | 41.2 |\n"
+        "| 0 | math500 | 50 | 0.0 | 4.0 | 0.0 | 2.00 | 60.0 |"
     )
+    with_ci = dict(ROWS[0], accuracy_boxed_ci95=[0.0035, 0.1050])
+    assert "| 2.0 [0.4, 10.5] | 10.0 |" in format_table([with_ci])
 
 
 def test_write_report(tmp_path):

@@ -148,16 +148,26 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """Initialization (`psr-ray init`, M0 -> M1): IFT and EFT built offline from `data.source`'s worked
-    solutions, trained with the `trainer.sft_*` settings. Sizes are ours: the paper's EFT needed an
-    external annotator, ours comes from verified solutions with one number changed."""
+    """Initialization (M0 -> M1, the paper's section 3.2; `psr-ray init`, or first in `psr-ray run`): SFT of
+    `model.path` on IFT (worked solutions of `data.source` in the step format) and EFT (pairwise judgments of
+    the model's own candidate steps, a right one and a wrong one by the step oracle), with the `trainer.sft_*`
+    settings. Held-out problems give oracle-labelled pairs on which every model's judge accuracy is measured."""
 
+    # `psr-ray run` initializes first and starts PSR from M1, as the paper does. M1 is cached under
+    # `run.cache_dir/init/<key of these settings>` and reused by every later run with the same settings.
+    run_first: bool = False
     # Step-formatted solutions to train on.
     num_ift_examples: int = 2000
-    # Step pairs to train on; each gives 4 rows (both orders x judge modes explain and direct).
-    num_eft_examples: int = 1000
-    # Share of the problems held out (never trained on) to compare M0 and M1.
-    test_fraction: float = 0.1
+    # EFT rows per IFT row (each pair gives 2 rows: both orders); the paper's ~4.2k EFT to 28.9k IFT is ~1:7.
+    eft_ift_ratio: float = 0.143
+    # Candidates the model proposes per EFT (M0) or held-out (M1) step, and their sampling temperature.
+    num_candidates: int = 8
+    temperature: float = 1.0
+    # Monte-Carlo rollouts per candidate where the task has no exact step check (GSM8K, MATH, ...).
+    num_rollouts: int = 4
+    # Problems held out (never trained on, never searched) and the judge-accuracy pairs built from them.
+    num_heldout_problems: int = 400
+    num_heldout_pairs: int = 150
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,12 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
 
     i = cfg.init
     need(i.num_ift_examples >= 1, f"init.num_ift_examples must be >= 1, got {i.num_ift_examples}")
-    need(i.num_eft_examples >= 1, f"init.num_eft_examples must be >= 1, got {i.num_eft_examples}")
-    need(0 < i.test_fraction < 1, f"init.test_fraction must be in (0, 1), e.g. 0.1, got {i.test_fraction}")
+    need(i.eft_ift_ratio > 0, f"init.eft_ift_ratio must be > 0 (the paper's is about 0.143), got {i.eft_ift_ratio}")
+    need(i.num_candidates >= 2, f"init.num_candidates must be >= 2 to form a pair, got {i.num_candidates}")
+    need(i.temperature > 0, f"init.temperature must be > 0 (candidates must differ), got {i.temperature}")
+    need(i.num_rollouts >= 1, f"init.num_rollouts must be >= 1, got {i.num_rollouts}")
+    need(i.num_heldout_problems >= 1 and i.num_heldout_pairs >= 1,
+         "init.num_heldout_problems and init.num_heldout_pairs must be >= 1")  # fmt: skip
 
     run = cfg.run
     need(run.num_iterations >= 1, f"run.num_iterations must be >= 1, got {run.num_iterations}")

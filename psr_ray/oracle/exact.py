@@ -58,26 +58,43 @@ def _number(text: str) -> float | None:
 def step_is_correct(problem: Problem, index: int, step: str, *, values: Sequence[float] | None = None) -> bool:
     """Conditions (a)-(d) of the module docstring for step `index` (0-based) alone, previous steps assumed
     right. `values` are `reference_values(problem)`, passed in when checking many steps."""
+    return why_wrong(problem, index, step, values=values) is None
+
+
+def why_wrong(problem: Problem, index: int, step: str, *, values: Sequence[float] | None = None) -> str | None:
+    """Why step `index` (previous steps assumed right) breaks a condition of the module docstring, in one
+    sentence a judge could write; None when it is right."""
     values = reference_values(problem) if values is None else values
     if index >= len(values):
-        return False
+        return "the solution was already finished"
     equations = _EQUATION.findall(step)
     if not equations:
-        return False
+        return "it computes nothing: it has no equation"
     for a, op, b, c in equations:
         result = _apply(float(a), op, float(b))
         if result is None or abs(result - float(c)) > 1e-9:
-            return False
-    a, _, b, c = equations[-1]
-    if float(c) != values[index]:
-        return False
+            return f"{a} {op} {b} is not {c}" + ("" if result is None else f" but {_format(result)}")
+    a, op, b, c = equations[-1]
     available = {float(x) for x in _INTEGER.findall(problem.question)} | set(values[:index])
-    if float(a) not in available or float(b) not in available:
-        return False
+    invented = [x for x in (a, b) if float(x) not in available]
+    if invented:
+        return f"{invented[0]} is neither a number of the problem nor a result of the previous steps"
+    if float(c) != values[index]:
+        if float(c) in values[:index]:
+            return "it repeats a result of the previous steps instead of taking the next one"
+        return f"{a} {op} {b} is not the operation the problem asks for next"
     boxed = extract_boxed(step)
     if index == len(values) - 1:
-        return boxed is not None and _number(boxed) == _number(problem.answer or "")
-    return boxed is None
+        if boxed is None:
+            return "it is the last step but gives no final answer in \\boxed{}"
+        if _number(boxed) != _number(problem.answer or ""):
+            return f"its final answer {boxed} is not the result it computed"
+        return None
+    return "it gives a final answer before the last step" if boxed is not None else None
+
+
+def _format(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def check_steps(problem: Problem, steps: Sequence[str]) -> list[bool]:

@@ -78,6 +78,8 @@ def build_tiny_model(out_dir: str, *, vocab_size: int = 1024, seed: int = 0) -> 
 TINY_OVERRIDES = (
     "model.max_model_len=1024",
     "data.source=embedded:gsm8k",
+    "init.run_first=false",
+    "eval.benchmarks=[gsm8k]",
     "rollout.num_candidates=4",
     "rollout.max_step_tokens=12",
     "rollout.num_cpus_per_engine=0.5",
