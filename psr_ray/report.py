@@ -175,8 +175,9 @@ def plot_models(models: list[dict[str, Any]], path: Path) -> None:
             ci = row.get("accuracy_boxed_ci95") or [row["accuracy_boxed"]] * 2
             xs.append(i + 0.08 * (k - (len(benchmarks) - 1) / 2))
             ys.append(100 * row["accuracy_boxed"])
-            lo.append(100 * (row["accuracy_boxed"] - ci[0]))
-            hi.append(100 * (ci[1] - row["accuracy_boxed"]))
+            # max(0, .): an interval end can miss its point by a rounding error, and errorbar refuses < 0.
+            lo.append(max(0.0, 100 * (row["accuracy_boxed"] - ci[0])))
+            hi.append(max(0.0, 100 * (ci[1] - row["accuracy_boxed"])))
         n = sorted({r["n"] for m in models for r in m["rows"] if r["benchmark"] == bench})
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=f"{bench} (n={'/'.join(map(str, n))})")
         for x, y in zip(xs, ys, strict=True):
@@ -202,7 +203,8 @@ def _plot_judging(ax: Any, models: list[dict[str, Any]]) -> None:
         pts = [(i + shift, m[key][value_key], m[key][ci_key]) for i, m in enumerate(models) if m.get(key)]
         if pts:
             ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], capsize=4, marker="o", linestyle="none",
-                        yerr=[[100 * (p[1] - p[2][0]) for p in pts], [100 * (p[2][1] - p[1]) for p in pts]], label=label)  # fmt: skip
+                        yerr=[[max(0.0, 100 * (p[1] - p[2][0])) for p in pts],
+                              [max(0.0, 100 * (p[2][1] - p[1])) for p in pts]], label=label)  # fmt: skip
     rand = [(i + 0.1, m["pair_precision"]["random_pick"]) for i, m in enumerate(models) if m.get("pair_precision")]
     if rand:
         ax.scatter([p[0] for p in rand], [100 * p[1] for p in rand], marker="x", color="black", label="random pick")

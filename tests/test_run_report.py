@@ -67,3 +67,11 @@ def test_models_from_state_and_the_table(tmp_path):
     paths = write_run_report(models, str(tmp_path / "report"), title="t")
     assert json.loads(paths["json"].read_text())[0]["model"] == "M0"
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_accepts_intervals_that_miss_their_point_by_a_rounding_error(tmp_path):
+    # Wilson's lower end of 0/n can come out a hair above 0; errorbar refuses negative error lengths.
+    row = dict(_row("000", 0), accuracy_boxed_ci95=[5.5e-17, 0.56])
+    judge = {"accuracy": 0.5, "accuracy_ci95": [0.5 + 1e-16, 0.6], "num_judgments": 4}
+    paths = write_run_report([{"model": "M1", "rows": [row], "judge": judge}], str(tmp_path))
+    assert paths["plot"].is_file()

@@ -3,8 +3,9 @@
   A  engines on M0 propose candidate steps at one step of each EFT problem; the step oracle labels them;
      a right and a wrong candidate form an EFT pair (the model's *own* candidates)
   B  SFT of M0 on IFT rows + EFT rows (both orders) on the trainer group -> M1 (an HF export)
-  C  engines on M1 propose candidates on held-out problems -> oracle-labelled held-out pairs; the judge
-     accuracy of M0 and M1 on them (both orders) and their greedy accuracy on `eval.benchmarks`
+  C  engines on M1 propose candidates on held-out problems (at the search's temperature) -> oracle-labelled
+     held-out pairs; the judge accuracy of M0 and M1 on them (both orders) and their greedy accuracy on
+     `eval.benchmarks`
 
 The EFT:IFT ratio (`init.eft_ift_ratio`, rows) is reported with every init beside the rows really built.
 Engines are started for each phase and stopped after it, so none holds memory while the trainer runs.
@@ -112,8 +113,10 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
     print(f"[init] SFT: {trained.num_optimizer_steps} optimizer steps, M1 -> {trained.hf_dir}", flush=True)
 
     with _timed(seconds, "heldout_pairs"), temporary_engines(cfg, "rollout", trained.hf_dir, 1) as m1:
+        # At the search's temperature: the pairs a judge meets in the search.
+        search_like = Sampling(**{**asdict(sampling), "seed": sampling.seed + 1, "temperature": cfg.rollout.temperature})
         heldout, heldout_counts = oracle_pairs(m1, tokenizer, split.heldout, num_pairs=icfg.num_heldout_pairs,
-                                               sampling=Sampling(**{**asdict(sampling), "seed": sampling.seed + 1}))  # fmt: skip
+                                               sampling=search_like)  # fmt: skip
         files["heldout_pairs"] = write_parquet(pair_rows(heldout), out / "heldout_pairs.parquet")
         scores = {}
         if "M1" in evaluate:
