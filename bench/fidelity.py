@@ -73,7 +73,7 @@ def load_cfg(args: argparse.Namespace, *extra: str) -> Any:
     from psr_ray import config as C
 
     overrides = [*args.overrides, "run.wandb_mode=disabled", *extra]
-    return C.validate(C.load(args.config or [], overrides))
+    return C.validate(C.load(args.config or [str(C.DEFAULT_CONFIG)], overrides))
 
 
 def kill_engines() -> None:
