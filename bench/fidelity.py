@@ -34,8 +34,9 @@ STAGES = ("init", "self", "oracle", "random", "mc", "report")
 
 
 class PeakMemory:
-    """Samples the resident memory of this process and all its descendants (Ray's raylet, workers,
-    engines) every `interval` seconds; `peak_gib` is the largest sum seen."""
+    """Samples the memory of this process and all its descendants (Ray's raylet, workers, engines) every
+    `interval` seconds; `peak_gib` is the largest sum seen. PSS (proportional set size): shared library pages
+    count once over the processes that map them, not once per process as RSS would."""
 
     def __init__(self, interval: float = 1.0):
         import psutil
@@ -51,7 +52,7 @@ class PeakMemory:
             total = 0
             for p in [self._proc, *self._proc.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    total += p.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)

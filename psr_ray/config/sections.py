@@ -160,8 +160,8 @@ class InitConfig:
     num_ift_examples: int = 2000
     # EFT rows per IFT row (each pair gives 2 rows: both orders); the paper's ~4.2k EFT to 28.9k IFT is ~1:7.
     eft_ift_ratio: float = 0.143
-    # Candidates the model proposes per EFT (M0) or held-out (M1) step; the temperature of M0's (M1's are
-    # sampled at rollout.temperature, as in the search).
+    # Candidates the model proposes per EFT (M0) or held-out (M1) step, and their sampling temperature (high:
+    # a model sure of a step proposes it 8 times, and only a step with a right and a wrong candidate gives a pair).
     num_candidates: int = 8
     temperature: float = 1.0
     # Monte-Carlo rollouts per candidate where the task has no exact step check (GSM8K, MATH, ...).

@@ -5,8 +5,8 @@ held-out pairs (model, data, init and SFT settings, seed, the EFT judge mode). A
 `init.json` there and is reused as is; an interrupted one is redone, reusing its finished SFT checkpoint.
 One process builds it at a time (a file lock); another waiting on the same key then reuses it.
 
-M0's evaluation rows for the run's table are cached beside it per evaluation setting (`m0_eval_<key>.json`),
-so changing `eval.*` re-evaluates M0 but never re-trains M1.
+M0's scores for the run's table are cached beside it per evaluation setting (`run.scores_of`), so changing
+`eval.*` re-evaluates M0 but never re-trains M1.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from psr_ray.config import PSRConfig
-from psr_ray.init_data.run import InitResult, eft_mode, initialize, read_result
+from psr_ray.init_data.run import InitResult, eft_mode, initialize, read_result, scores_of
 
 
 def _digest(value: Any) -> str:
@@ -37,11 +36,6 @@ def init_key(cfg: PSRConfig) -> str:
     })  # fmt: skip
 
 
-def eval_key(cfg: PSRConfig) -> str:
-    plain = cfg.to_dict()["eval"]
-    return _digest({k: plain[k] for k in ("benchmarks", "limit", "max_tokens")} | {"judge_tokens": cfg.judge.max_explanation_tokens})
-
-
 def init_dir(cfg: PSRConfig) -> Path:
     return Path(cfg.run.cache_dir).expanduser() / "init" / init_key(cfg)
 
@@ -56,33 +50,20 @@ def initialize_first(cfg: PSRConfig) -> tuple[InitResult, dict[str, Any]]:
         if result is None:
             print(f"[init] building M1 (init.run_first) in {folder}", flush=True)
             result = initialize(cfg, output_dir=str(folder), evaluate=("M0",))
-            _write_json(folder / f"m0_eval_{eval_key(cfg)}.json", result.scores["M0"])
         else:
             print(f"[init] reusing M1 from {folder} (built before with the same settings)", flush=True)
-        m0 = _m0_scores(cfg, folder, result)
+        m0 = _m0_scores(cfg, result)
     return result, m0
 
 
-def _m0_scores(cfg: PSRConfig, folder: Path, result: InitResult) -> dict[str, Any]:
-    path = folder / f"m0_eval_{eval_key(cfg)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+def _m0_scores(cfg: PSRConfig, result: InitResult) -> dict[str, Any]:
+    """M0's scores for the run's evaluation settings (computed once per setting, then read back)."""
     from transformers import AutoTokenizer
 
     from psr_ray.init_data.build import read_pairs
-    from psr_ray.init_data.run import score_model, temporary_engines
     from psr_ray.models import resolve_model_path
 
     model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     pairs = [p.pair for p in read_pairs(result.data_files["heldout_pairs"])]
-    with temporary_engines(cfg, "rollout", model_path, 0) as engines:
-        scores = score_model(cfg, engines, tokenizer, pairs, eft_mode(cfg))
-    _write_json(path, scores)
-    return scores
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    return scores_of(cfg, Path(result.output_dir), "M0", model_path, 0, pairs, tokenizer)

@@ -3,22 +3,24 @@
   A  engines on M0 propose candidate steps at one step of each EFT problem; the step oracle labels them;
      a right and a wrong candidate form an EFT pair (the model's *own* candidates)
   B  SFT of M0 on IFT rows + EFT rows (both orders) on the trainer group -> M1 (an HF export)
-  C  engines on M1 propose candidates on held-out problems (at the search's temperature) -> oracle-labelled
-     held-out pairs; the judge accuracy of M0 and M1 on them (both orders) and their greedy accuracy on
-     `eval.benchmarks`
+  C  engines on M1 propose candidates on held-out problems -> oracle-labelled held-out pairs; the judge
+     accuracy of M0 and M1 on them (both orders) and their greedy accuracy on `eval.benchmarks`
 
 The EFT:IFT ratio (`init.eft_ift_ratio`, rows) is reported with every init beside the rows really built.
-Engines are started for each phase and stopped after it, so none holds memory while the trainer runs.
+Engines are started for each phase and stopped after it, so none holds memory while the trainer runs. Every
+phase leaves its result in the output folder (pairs, the SFT checkpoint, scores per evaluation setting), so
+an interrupted init resumes at the phase it was in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,11 @@ from psr_ray.init_data.build import (
     load_worked_problems,
     num_eft_pairs,
     pair_rows,
+    read_pairs,
     split_problems,
     write_parquet,
 )
-from psr_ray.init_data.candidates import Sampling, oracle_pairs
+from psr_ray.init_data.candidates import OraclePair, Sampling, oracle_pairs
 
 RESULT_FILE = "init.json"
 
@@ -95,9 +98,17 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
     init_ray(cfg)
     seconds: dict[str, float] = {}
 
-    with _timed(seconds, "eft_candidates"), temporary_engines(cfg, "rollout", model_path, 0) as m0:
-        eft_pairs, eft_counts = oracle_pairs(m0, tokenizer, split.eft, sampling=sampling,
-                                             num_pairs=num_eft_pairs(len(ift), icfg.eft_ift_ratio))  # fmt: skip
+    def propose(model: str, version: int, problems: list[Any], num_pairs: int, seed: int) -> Callable[[], Any]:
+        def build() -> tuple[list[OraclePair], dict[str, int]]:
+            with temporary_engines(cfg, "rollout", model, version) as engines:
+                return oracle_pairs(engines, tokenizer, problems, num_pairs=num_pairs,
+                                    sampling=Sampling(**{**asdict(sampling), "seed": seed}))  # fmt: skip
+
+        return build
+
+    with _timed(seconds, "eft_candidates"):
+        eft_pairs, eft_counts = _pairs_phase(out / "eft_pairs.parquet", propose(
+            model_path, 0, split.eft, num_eft_pairs(len(ift), icfg.eft_ift_ratio), sampling.seed))  # fmt: skip
     eft = eft_rows(tokenizer, eft_pairs, mode=mode)
     files = {"ift_train": write_parquet(ift, out / "ift_train.parquet"),
              "eft_train": write_parquet(eft, out / "eft_train.parquet")}  # fmt: skip
@@ -112,18 +123,16 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
                             output_dir=str(out / "sft"), policy_version=1, num_rows=len(train_rows))  # fmt: skip
     print(f"[init] SFT: {trained.num_optimizer_steps} optimizer steps, M1 -> {trained.hf_dir}", flush=True)
 
-    with _timed(seconds, "heldout_pairs"), temporary_engines(cfg, "rollout", trained.hf_dir, 1) as m1:
-        # At the search's temperature: the pairs a judge meets in the search.
-        search_like = Sampling(**{**asdict(sampling), "seed": sampling.seed + 1, "temperature": cfg.rollout.temperature})
-        heldout, heldout_counts = oracle_pairs(m1, tokenizer, split.heldout, num_pairs=icfg.num_heldout_pairs,
-                                               sampling=search_like)  # fmt: skip
-        files["heldout_pairs"] = write_parquet(pair_rows(heldout), out / "heldout_pairs.parquet")
-        scores = {}
-        if "M1" in evaluate:
-            scores["M1"] = score_model(cfg, m1, tokenizer, [p.pair for p in heldout], mode)
-    if "M0" in evaluate:
-        with _timed(seconds, "score_m0"), temporary_engines(cfg, "rollout", model_path, 0) as m0:
-            scores["M0"] = score_model(cfg, m0, tokenizer, [p.pair for p in heldout], mode)
+    with _timed(seconds, "heldout_pairs"):
+        files["heldout_pairs"] = out / "heldout_pairs.parquet"
+        heldout, heldout_counts = _pairs_phase(files["heldout_pairs"], propose(
+            trained.hf_dir, 1, split.heldout, icfg.num_heldout_pairs, sampling.seed + 1))  # fmt: skip
+    print(f"[init] held-out judge pairs: {len(heldout)} from M1's candidates; sites {heldout_counts}", flush=True)
+    scores = {}
+    for name, path, version in (("M0", model_path, 0), ("M1", trained.hf_dir, 1)):
+        if name in evaluate:
+            with _timed(seconds, f"score_{name.lower()}"):
+                scores[name] = scores_of(cfg, out, name, path, version, [p.pair for p in heldout], tokenizer)
     seconds["total"] = time.perf_counter() - clock
     result = InitResult(
         output_dir=str(out), hf_dir=trained.hf_dir, judge_mode=mode.value, eft_ift_ratio=icfg.eft_ift_ratio,
@@ -140,9 +149,7 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
               f"candidates were all right or all wrong on the rest of the {len(split.heldout)} held-out problems; "
               "raise init.num_heldout_problems", flush=True)  # fmt: skip
     (out / "results.md").write_text(format_init(result) + "\n")
-    tmp = out / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
-    os.replace(tmp, out / RESULT_FILE)
+    _write_atomic(out / RESULT_FILE, json.dumps(asdict(result), indent=2, default=str) + "\n")
     return result
 
 
@@ -177,6 +184,25 @@ def read_result(output_dir: str | Path) -> InitResult | None:
     return InitResult(**json.loads(path.read_text()))
 
 
+def eval_key(cfg: PSRConfig) -> str:
+    """A digest of the settings a model's scores depend on (benchmarks, limits, tokens)."""
+    plain = cfg.to_dict()["eval"]
+    value = {k: plain[k] for k in ("benchmarks", "limit", "max_tokens")} | {"judge": cfg.judge.max_explanation_tokens}
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scores_of(cfg: PSRConfig, out: Path, name: str, model_path: str, version: int, pairs: list[Any],
+              tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+    """`score_model` of `model_path` on engines started for it, kept in `out` per evaluation setting."""
+    path = out / f"scores_{name}_{eval_key(cfg)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    with temporary_engines(cfg, "rollout", model_path, version) as engines:
+        scores = score_model(cfg, engines, tokenizer, pairs, eft_mode(cfg))
+    _write_atomic(path, json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
 def score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[Any], mode: JudgeMode) -> dict[str, Any]:
     """Judge accuracy on held-out pairs (both orders) and greedy accuracy on `eval.benchmarks`."""
     from psr_ray.eval import evaluate
@@ -186,6 +212,23 @@ def score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[
     result = evaluate(engines, tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
                       max_tokens=cfg.eval.max_tokens)  # fmt: skip
     return {"judge": judge, "benchmarks": result.rows(0), "eval_s": result.elapsed_s}
+
+
+def _pairs_phase(path: Path, build: Callable[[], tuple[list[OraclePair], dict[str, int]]]) -> tuple[list[OraclePair], dict[str, int]]:
+    """One phase's oracle pairs, built once: a finished phase's file and counts are read back."""
+    counts_path = path.with_suffix(".counts.json")
+    if path.is_file() and counts_path.is_file():
+        return read_pairs(path), json.loads(counts_path.read_text())
+    pairs, counts = build()
+    write_parquet(pair_rows(pairs), path)
+    _write_atomic(counts_path, json.dumps(counts) + "\n")  # last: marks the phase done
+    return pairs, counts
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
