@@ -2,7 +2,8 @@
 
 An oracle verdict compares the exact check of both steps: the right one wins with probability 1; two right or
 two wrong steps are a draw (p = 0.5, verdict "unparseable" as a draw of the direct judge is), so the step's
-scores tie exactly where the oracle sees no difference.
+scores tie exactly where the oracle sees no difference. A round of wrong steps only rolls back (the paper's
+dead end); a round of right steps only advances without a pair (`ProblemSearch.on_judgments(all_right=)`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,20 @@ def label_steps(problem: Problem, prefix: str, steps: Sequence[str]) -> list[boo
 
 def oracle_judgments(problem: Problem, requests: Sequence[JudgeRequest], *, policy_version: int) -> list[Judgment]:
     """One verdict per request, from the exact check of its two steps (see the module docstring)."""
-    judgments = []
+    return oracle_round(problem, requests, policy_version=policy_version)[0]
+
+
+def oracle_round(problem: Problem, requests: Sequence[JudgeRequest], *,
+                 policy_version: int) -> tuple[list[Judgment], bool]:  # fmt: skip
+    """The verdicts of one step's comparisons and whether every step compared is right (a round of right
+    steps only is no dead end: the search advances without a pair instead of rolling back)."""
+    judgments, all_right = [], bool(requests)
     for request in requests:
         right_a, right_b = label_steps(problem, request.prefix, [request.step_a, request.step_b])
+        all_right = all_right and right_a and right_b
         text = ORACLE_TEXT.format(a="right" if right_a else "wrong", b="right" if right_b else "wrong")
         if right_a == right_b:
             judgments.append(Judgment("unparseable", 0.5, text, 0, policy_version))
         else:
             judgments.append(Judgment("A" if right_a else "B", 1.0 if right_a else 0.0, text, 0, policy_version))
-    return judgments
+    return judgments, all_right

@@ -124,7 +124,9 @@ class ProblemSearch:
         steps, prefix = self._candidates.steps, self.prefix
         return [JudgeRequest(self.problem.question, prefix, steps[a], steps[b]) for a, b in self._plan]
 
-    def on_judgments(self, judgments: list[Judgment]) -> None:
+    def on_judgments(self, judgments: list[Judgment], *, all_right: bool = False) -> None:
+        """`all_right`: the judge knows every candidate is right (judge.mode=oracle); a tie then advances
+        without a pair, as identical candidates do, instead of rolling a right step back."""
         assert self.phase is Phase.JUDGE and self._candidates is not None, self.phase
         cands = self._candidates
         result = score_step(
@@ -135,6 +137,8 @@ class ProblemSearch:
         self._candidates, self._plan = None, []
         scores = result.scores
         decided = decide_step(cands.steps, result, min_score_margin=self.min_score_margin)
+        if decided.decision is Decision.TIE and all_right:
+            decided = decided._replace(decision=Decision.NO_PAIR, worst=None, margin=0.0)
         if decided.decision is Decision.TIE:
             self._rollback()
             return

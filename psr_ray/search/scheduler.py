@@ -205,14 +205,14 @@ class SearchScheduler:
 
     def _judge_by_oracle(self, on_finished: Callable[[FinishedProblem], None]) -> None:
         """Every waiting judge round, decided by the step oracle (judge.mode=oracle) in the driver."""
-        from psr_ray.oracle.judge import oracle_judgments
+        from psr_ray.oracle.judge import oracle_round
 
         want_judge = self._want[CallKind.JUDGE]
         while want_judge:
             key = want_judge.popleft()
             search = self._active[key]
-            requests = search.judge_requests()
-            self._take_judgments((key,), oracle_judgments(search.problem, requests, policy_version=self.policy_version))
+            judgments, all_right = oracle_round(search.problem, search.judge_requests(), policy_version=self.policy_version)
+            self._take_judgments((key,), judgments, all_right=all_right)
             self._route(key, on_finished)
 
     def _send(self, ref: Any, call: InFlightCall) -> None:
@@ -285,7 +285,7 @@ class SearchScheduler:
             self.stats.count("candidates", len(candidates.steps))
             self.stats.count("rollout_tokens", candidates.num_tokens)
 
-    def _take_judgments(self, keys: tuple[str, ...], results: list[Any]) -> None:
+    def _take_judgments(self, keys: tuple[str, ...], results: list[Any], *, all_right: bool = False) -> None:
         sizes = [len(self._active[k].judge_requests()) for k in keys]
         if len(results) != sum(sizes):
             raise RuntimeError(f"a judge engine answered {len(results)} of {sum(sizes)} judge requests")
@@ -293,7 +293,7 @@ class SearchScheduler:
         for key, size in zip(keys, sizes, strict=True):
             judgments = results[start : start + size]
             start += size
-            self._active[key].on_judgments(judgments)
+            self._active[key].on_judgments(judgments, all_right=all_right)
             self.stats.count("judge_calls", size)
             undecided = sum(1 for x in judgments if x.verdict not in ("A", "B"))
             self.stats.count("oracle_draws" if self.cfg.judge.mode == JudgeMode.ORACLE else "unparseable", undecided)

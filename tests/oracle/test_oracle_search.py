@@ -20,7 +20,8 @@ pytestmark = pytest.mark.ray
 
 class ArithEngine:
     """Proposes, for step k of a problem, its reference step (right), the same step with the result off by
-    one (wrong) and, on odd problems, the reference step once more (a duplicate). Never judges."""
+    one (wrong) and, on odd problems, the reference step once more (a duplicate). At step 1 of a question
+    starting with a vowel every candidate is right (different texts). Never judges."""
 
     def __init__(self, problems):
         self.steps = {p.question: p.steps for p in problems}
@@ -32,6 +33,8 @@ class ArithEngine:
             result = right.split(" = ")[1].split()[0]
             wrong = right.replace(f"= {result}", f"= {int(result) + 1}", 1)
             steps = (wrong, right, right if len(r.question) % 2 else wrong + " So.")
+            if r.step_index == 1 and r.question[0] in "AEIOU":
+                steps = (right, right + " Done.", "So: " + right)
             out.append(Candidates(steps=steps[:num_candidates], num_tokens=30, policy_version=1))
         return out
 
@@ -64,9 +67,12 @@ def test_oracle_mode_judges_in_the_driver_and_picks_right_steps(ray_cluster):
     assert stats.judge_batches == 0 and stats.unparseable == 0
     assert stats.oracle_draws > 0  # the two wrong candidates tie
     assert stats.problems_correct == stats.problems_final_answer == 12
+    # Only right candidates: the step advances without a pair and nothing rolls back.
+    all_right = [p for p in problems if p.question[0] in "AEIOU"]
+    assert all_right and stats.rollbacks == 0 and stats.steps_without_pair == len(all_right)
     by_id = {p.problem_id: p for p in problems}
     pairs = [pair for result in finished for pair in result.pairs]
-    assert len(pairs) == sum(len(p.steps) for p in problems)
+    assert len(pairs) == sum(len(p.steps) for p in problems) - len(all_right)
     for pair in pairs:
         problem = by_id[pair.problem_id]
         assert pair.judge_mode == "oracle"
