@@ -1,7 +1,7 @@
 """Init first, cached: `psr-ray run` with `init.run_first` starts PSR from M1, built once per settings.
 
 The cache folder is `<run.cache_dir>/init/<key>`, the key a digest of everything that changes M1 or its
-held-out pairs (model, data, init and SFT settings, seed, the EFT judge mode). A finished init leaves
+held-out pairs (model, data, init and SFT settings, seed, the EFT judge mode, the prompt and step formats). A finished init leaves
 `init.json` there and is reused as is; an interrupted one is redone, reusing its finished SFT checkpoint.
 One process builds it at a time (a file lock); another waiting on the same key then reuses it.
 
@@ -25,14 +25,23 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def format_digest() -> str:
+    """The step and prompt formats SFT teaches: M1 trained on other prompts is another model."""
+    from psr_ray import prompts, steps
+
+    parts = [prompts.SOLVER_INSTRUCTION, prompts.JUDGE_INSTRUCTION, prompts.DIRECT_VERDICT_PREFIX,
+             prompts.EXPLAIN_VERDICT_PREFIX, steps.join_steps(["a", "b"]), steps.step_header(3)]  # fmt: skip
+    return _digest(parts)
+
+
 def init_key(cfg: PSRConfig) -> str:
-    """The digest of every setting M1 and its held-out pairs depend on."""
+    """The digest of every setting M1 and its held-out pairs depend on, and of the prompt formats."""
     plain = cfg.to_dict()
     trainer = {k: v for k, v in plain["trainer"].items() if k not in ("learning_rate", "beta", "num_epochs")}
     return _digest({
         "model": plain["model"], "data": plain["data"], "init": {k: v for k, v in plain["init"].items() if k != "run_first"},
         "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,
-        "rollout": {k: plain["rollout"][k] for k in ("top_p", "max_step_tokens")},
+        "rollout": {k: plain["rollout"][k] for k in ("top_p", "max_step_tokens")}, "format": format_digest(),
     })  # fmt: skip
 
 
