@@ -60,19 +60,20 @@ def step_sites(problems: Sequence[Problem], *, seed: int) -> list[StepSite]:
     return [StepSite(p, rng.randrange(len(p.steps))) for p in problems if p.steps]
 
 
-def propose_at(engines: Sequence[Any], sites: Sequence[StepSite], sampling: Sampling, *,
-               batch_size: int = 64) -> list[tuple[str, ...]]:  # fmt: skip
-    """The candidates of every site, in order; site i is seeded `sampling.seed + i` (replayable)."""
+def propose_at(engines: Sequence[Any], sites: Sequence[StepSite], sampling: Sampling) -> list[tuple[str, ...]]:
+    """The candidates of every site, in order, the sites split evenly over the engines; site i is seeded
+    `(sampling.seed + i) * 1000` (replayable whatever the split)."""
     import ray
+
+    from psr_ray.eval import split_batches
 
     requests = [ProposeRequest(s.problem.question, s.prefix, s.index + 1) for s in sites]
     refs = []
-    for b, start in enumerate(range(0, len(requests), batch_size)):
-        chunk = requests[start : start + batch_size]
-        seeds = [(sampling.seed + start + i) * 1_000 for i in range(len(chunk))]
+    for b, (start, end) in enumerate(split_batches(len(requests), num_engines=len(engines), batch_size=256)):
+        seeds = [(sampling.seed + i) * 1_000 for i in range(start, end)]
         refs.append(engines[b % len(engines)].propose.remote(
-            chunk, num_candidates=sampling.num_candidates, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens, seed=seeds))  # fmt: skip
+            requests[start:end], num_candidates=sampling.num_candidates, temperature=sampling.temperature,
+            top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=seeds))  # fmt: skip
     return [c.steps for batch in ray.get(refs) for c in batch]
 
 

@@ -233,12 +233,17 @@ def _write_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def temporary_engines(cfg: PSRConfig, role: str, model_path: str, policy_version: int) -> Iterator[list[Any]]:
-    """`role` engines on `model_path` for one phase, killed after it (their names are then free again)."""
+    """Engines on `model_path` for one phase, killed after it (their names are then free again). As many as
+    the run has engines of both roles: no trainer runs meanwhile, and each engine uses its own CPUs."""
+    import dataclasses
+
     import ray
 
     from psr_ray.engines.pool import start_engine_pool
 
-    names = [f"psr-{role}-{i}" for i in range(getattr(cfg, role).num_engines)]
+    count = cfg.rollout.num_engines + cfg.judge.num_engines
+    cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(getattr(cfg, role), num_engines=count)})
+    names = [f"psr-{role}-{i}" for i in range(count)]
     busy = sorted(set(names) & set(ray.util.list_named_actors()))
     if busy:  # a running PSR run's engines serve another model: neither borrow nor stop them
         raise ValueError(f"engines {busy} are already running in this Ray namespace; stop that run first")

@@ -55,14 +55,15 @@ def rollout_values(
             values[i] = float(is_equivalent(extract_boxed(item.step), item.problem.answer))
         else:
             todo.append(i)
+    from psr_ray.eval import split_batches
+
     prompts = [completion_prompt(tokenizer, items[i]) for i in todo]
-    batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    bounds = split_batches(len(todo), num_engines=len(engines), batch_size=batch_size)
+    batches = [todo[s:e] for s, e in bounds]
     refs = [
-        engines[b % len(engines)].sample.remote(
-            prompts[b * batch_size : b * batch_size + len(batch)], num_samples=num_rollouts, temperature=temperature,
-            max_tokens=max_tokens, seed=seed + b * batch_size * num_rollouts,
-        )
-        for b, batch in enumerate(batches)
+        engines[b % len(engines)].sample.remote(prompts[s:e], num_samples=num_rollouts, temperature=temperature,
+                                                 max_tokens=max_tokens, seed=seed + s * num_rollouts)
+        for b, (s, e) in enumerate(bounds)
     ]  # fmt: skip
     for batch, result in zip(batches, ray.get(refs), strict=True):
         for i, generations in zip(batch, result, strict=True):
