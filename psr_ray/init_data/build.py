@@ -98,7 +98,7 @@ def eft_rows(tokenizer: Any, pairs: list[OraclePair], *, mode: JudgeMode) -> lis
         requests, labels = judge_requests([item.pair])
         for request, label in zip(requests, labels, strict=True):
             bad_letter = "B" if label == "A" else "A"
-            explanation = f"Step {bad_letter} is wrong: {item.why_bad}. Step {label} is correct."
+            explanation = explain_pair(request.step_a, request.step_b, good_letter=label, why_bad=item.why_bad)
             verdict = f"{label}]]"
             target = f" {explanation}\n{DIRECT_VERDICT_PREFIX}{verdict}" if mode is JudgeMode.EXPLAIN else verdict
             rows.append(
@@ -119,6 +119,17 @@ def eft_rows(tokenizer: Any, pairs: list[OraclePair], *, mode: JudgeMode) -> lis
                 }
             )
     return rows
+
+
+def explain_pair(step_a: str, step_b: str, *, good_letter: str, why_bad: str) -> str:
+    """An EFT explanation: each step's equation redone (the check a small model can learn: computing, as it
+    does when solving, then comparing), then why the wrong one is wrong."""
+    from psr_ray.oracle.exact import recompute
+
+    bad_letter = "B" if good_letter == "A" else "A"
+    checks = [f"Step {letter}: {text}." for letter, step in (("A", step_a), ("B", step_b))
+              if (text := recompute(step)) is not None]  # fmt: skip
+    return " ".join([*checks, f"Step {bad_letter} is wrong: {why_bad}. Step {good_letter} is correct."])
 
 
 def pair_rows(pairs: list[OraclePair]) -> list[dict[str, Any]]:

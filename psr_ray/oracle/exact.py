@@ -110,3 +110,14 @@ def check_steps(problem: Problem, steps: Sequence[str]) -> list[bool]:
 def check_next_step(problem: Problem, previous: Sequence[str], step: str) -> bool:
     """Whether `step`, written after the steps `previous`, keeps the solution on the reference path."""
     return check_steps(problem, [*previous, step])[-1]
+
+
+def recompute(step: str) -> str | None:
+    """What a judge can check by redoing a step's last equation: `4 x 11 = 44, it writes 54`; None without
+    an equation. (EFT explanations recompute first and compare after, the order a model can generate.)"""
+    equations = _EQUATION.findall(step)
+    if not equations:
+        return None
+    a, op, b, c = equations[-1]
+    result = _apply(float(a), op, float(b))
+    return f"{a} {op} {b} = {'undefined' if result is None else _format(result)}, it writes {c}"

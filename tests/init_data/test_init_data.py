@@ -131,8 +131,11 @@ def test_eft_rows_are_balanced_and_point_at_the_right_step(mode):
         if mode is JudgeMode.EXPLAIN:
             assert row["prompt_text"].endswith("Explanation:")
             assert parse_verdict(row["target_text"]) == Verdict(row["label"])
-            assert row["target_text"] == (f" Step {other} is wrong: 6 + 4 is not 11 but 10. Step {row['label']} is "
-                                          f"correct.\nVerdict: [[{row['label']}]]</s>")  # fmt: skip
+            checks = {"A": "6 + 4 = 10, it writes 10" if row["label"] == "A" else "6 + 4 = 10, it writes 11"}
+            checks["B"] = "6 + 4 = 10, it writes 11" if row["label"] == "A" else "6 + 4 = 10, it writes 10"
+            assert row["target_text"] == (f" Step A: {checks['A']}. Step B: {checks['B']}. Step {other} is wrong: "
+                                          f"6 + 4 is not 11 but 10. Step {row['label']} is correct.\n"
+                                          f"Verdict: [[{row['label']}]]</s>")  # fmt: skip
         else:
             assert row["prompt_text"].endswith("Verdict: [[") and row["target_text"] == f"{row['label']}]]</s>"
 

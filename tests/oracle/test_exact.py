@@ -7,7 +7,7 @@ import pytest
 from psr_ray.data.arith import split_rows
 from psr_ray.data.problems import Problem, load_benchmark, load_problems
 from psr_ray.engines.api import JudgeRequest
-from psr_ray.oracle.exact import check_next_step, check_steps, has_exact_check, reference_values
+from psr_ray.oracle.exact import check_next_step, check_steps, has_exact_check, recompute, reference_values, why_wrong
 from psr_ray.oracle.judge import label_steps, oracle_judgments
 from psr_ray.oracle.precision import pair_precision, random_pick_precision
 from psr_ray.steps import join_steps
@@ -92,3 +92,15 @@ def test_splits_are_disjoint_and_levels_take_turns():
     assert load_benchmark("arith-3", limit=5).problems[0].problem_id == "arith-3-test-0"
     with pytest.raises(ValueError, match="levels L in 2-6"):
         load_problems("embedded:arith-9")
+
+
+def test_why_wrong_and_recompute_say_what_a_judge_can_check():
+    assert why_wrong(PROBLEM, 0, "Tom buys 4 x 6 = 25 marbles.") == "4 x 6 is not 25 but 24"
+    assert why_wrong(PROBLEM, 0, "Tom buys 4 x 7 = 28.") == "7 is neither a number of the problem nor a result of the previous steps"
+    assert why_wrong(PROBLEM, 0, "Tom buys 4 + 6 = 10.") == "4 + 6 is not the operation the problem asks for next"
+    assert why_wrong(PROBLEM, 1, "Tom buys 4 x 6 = 24.") == "it repeats a result of the previous steps instead of taking the next one"
+    assert why_wrong(PROBLEM, 0, "We think.") == "it computes nothing: it has no equation"
+    assert why_wrong(PROBLEM, 0, PROBLEM.steps[0]) is None
+    assert recompute("So 4 x 11 = 54 pages.") == "4 x 11 = 44, it writes 54"
+    assert recompute("24 / 0 = 3") == "24 / 0 = undefined, it writes 3"
+    assert recompute("no equation") is None
