@@ -97,7 +97,6 @@ def eft_rows(tokenizer: Any, pairs: list[OraclePair], *, mode: JudgeMode) -> lis
     for item in pairs:
         requests, labels = judge_requests([item.pair])
         for request, label in zip(requests, labels, strict=True):
-            bad_letter = "B" if label == "A" else "A"
             explanation = explain_pair(request.step_a, request.step_b, good_letter=label, why_bad=item.why_bad)
             verdict = f"{label}]]"
             target = f" {explanation}\n{DIRECT_VERDICT_PREFIX}{verdict}" if mode is JudgeMode.EXPLAIN else verdict
