@@ -105,7 +105,7 @@ def _judge_table(models: list[dict[str, Any]]) -> list[str]:
 
 
 def _times(stages: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| stage | wall s | peak RSS GiB (process tree) | detail |", "|---|---|---|---|"]
+    lines = ["| stage | wall s | peak memory GiB (PSS, process tree) | detail |", "|---|---|---|---|"]
     init = stages.get("init")
     if init:
         detail = ", ".join(f"{k} {v:.0f} s" for k, v in init["result"]["seconds"].items())
@@ -124,6 +124,11 @@ def _times(stages: dict[str, dict[str, Any]]) -> list[str]:
     if rnd:
         lines.append(f"| random-preference control | {rnd['wall_s']:.0f} | {rnd['peak_gib']:.1f} | step-DPO "
                      f"{rnd['train_s']:.0f} s, eval {rnd['scores']['eval_s']:.0f} s |")  # fmt: skip
+    if init and stages.get("self"):
+        run = stages["self"]
+        lines.append(f"| = `psr-ray run` (`make run`): init + the self-judged loop, the same code and config | "
+                     f"{init['wall_s'] + run['wall_s']:.0f} | {max(init['peak_gib'], run['peak_gib']):.1f} | "
+                     "the two stages run `psr-ray run`'s init-first step and loop one after the other |")  # fmt: skip
     mc = stages.get("mc")
     if mc:
         lines.append(f"| Monte-Carlo oracle check | {mc['wall_s']:.0f} | | {mc['num_items']} steps x {mc['num_rollouts']} rollouts |")
