@@ -251,7 +251,7 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
         result = evaluate(psr.engines, psr.tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
                           max_tokens=cfg.eval.max_tokens)
         start = time.perf_counter()
-        judge = judge_accuracy(psr.judge.actors, psr.heldout_pairs, mode=eft_mode(cfg).value,
+        judge = judge_accuracy(psr.engines, psr.heldout_pairs, mode=eft_mode(cfg).value,
                                max_tokens=cfg.judge.max_explanation_tokens)  # fmt: skip
         precision = iteration_pair_precision(str(psr.out), iteration, psr.problems) if iteration else None
         done = {"rows": [_result_row(psr, row, iteration) | {"eval_s": result.elapsed_s} for row in result.rows(iteration)],
