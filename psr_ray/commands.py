@@ -103,10 +103,13 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
 
 
 def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    """IFT/EFT data from data.source, SFT of model.path into M1, judge and step-format scores of M0 and M1."""
+    """IFT data and EFT pairs (M0's own candidates, labelled by the step oracle), SFT of model.path into M1,
+    judge accuracy on held-out pairs and benchmark accuracy of M0 and M1."""
     from psr_ray.init_data import initialize
+    from psr_ray.init_data.run import format_init
 
     result = initialize(cfg, output_dir=args.output or f"{cfg.run.output_dir}/init")
+    print(format_init(result))
     print(f"M1 (HF export): {result.hf_dir}")
     return 0
 

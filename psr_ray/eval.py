@@ -1,11 +1,16 @@
-"""Greedy evaluation on math benchmarks: accuracy, step statistics (the paper's Table 4) and step-format
-compliance. Scoring is pure; `evaluate` sends prompts to engine actors (psr_ray/engines/api.py
-`generate`), and `eval_command` is `psr-ray eval`: it starts the engines itself.
+"""Greedy evaluation on math benchmarks, the paper's protocol: the headline accuracy takes the last
+`\\boxed{}` answer only (compared with Qwen2.5-Math-style equivalence, `verify.is_equivalent`), and the
+lenient rule (boxed, else "the answer is", else the last number) stands beside it, never instead of it.
+Each accuracy carries a 95% Wilson interval, and each row keeps its per-problem results so two models on the
+same problems can be compared with an exact McNemar test (`report.py`). Also step statistics (the paper's
+Table 4) and step-format compliance. Scoring is pure; `evaluate` sends prompts to engine actors
+(psr_ray/engines/api.py `generate`), and `eval_command` is `psr-ray eval`: it starts the engines itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -13,6 +18,7 @@ from typing import Any
 
 from psr_ray.data.problems import Problem, load_benchmark
 from psr_ray.prompts import render_solution_prompt
+from psr_ray.stats import wilson
 from psr_ray.steps import extract_boxed, split_steps, step_header
 from psr_ray.verify import extract_answer, is_equivalent
 
@@ -43,17 +49,31 @@ class BenchmarkResult:
     scores: tuple[SolutionScore, ...]
 
     def row(self, iteration: int) -> dict[str, Any]:
+        boxed = [s.correct_boxed for s in self.scores]
+        lenient = [s.correct for s in self.scores]
         return {
             "iteration": iteration,
             "benchmark": self.benchmark,
             "n": self.n,
             "accuracy": self.accuracy,
             "accuracy_boxed": self.accuracy_boxed,
+            "accuracy_boxed_ci95": list(wilson(sum(boxed), self.n)),
+            "accuracy_ci95": list(wilson(sum(lenient), self.n)),
             "steps_per_solution": self.steps_per_solution,
             "tokens_per_step": self.tokens_per_step,
             "format_compliance": self.format_compliance,
             "num_tokens": self.num_tokens,
+            "num_skipped": self.num_skipped,
+            # Per-problem results in problem order ("1" right), for McNemar between models on these problems.
+            "boxed_bits": "".join("1" if x else "0" for x in boxed),
+            "lenient_bits": "".join("1" if x else "0" for x in lenient),
+            "problems_digest": problems_digest([s.problem_id for s in self.scores]),
         }
+
+
+def problems_digest(problem_ids: list[str]) -> str:
+    """A short fingerprint of which problems, in which order, a row was computed on."""
+    return hashlib.blake2b("\n".join(problem_ids).encode(), digest_size=6).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,10 @@ def evaluate(
     if not benchmarks:
         raise ValueError("name at least one benchmark, e.g. --benchmarks gsm8k,math500")
     loaded = {name: load_benchmark(name, limit=limit) for name in benchmarks}
+    for name, result in loaded.items():
+        if result.skipped:  # the console says what was dropped and why; an empty benchmark already raised
+            print(f"[eval] {name}: {result.summary()}; first skipped: line {result.skipped[0][0]}: "
+                  f"{result.skipped[0][1]}", flush=True)  # fmt: skip
     items = [(name, problem) for name in benchmarks for problem in loaded[name].problems]
     prompts = [render_solution_prompt(tokenizer, problem.question) for _, problem in items]
     start = time.perf_counter()

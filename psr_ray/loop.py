@@ -1,11 +1,13 @@
 """The PSR driver loop, top to bottom.
 
-The configured model is M1 (policy version 1). Iteration k = 1..K:
+With `init.run_first` the configured model is M0 and the run first initializes it into M1 (IFT + EFT SFT,
+cached: psr_ray.init_data.first); otherwise the configured model is M1 (policy version 1). Iteration k = 1..K:
 
   1. search   M_k proposes candidate steps and judges them pairwise; pairs stream to Parquet
   2. train    step-DPO of M_{k+1} against the frozen reference M_k, consuming that stream as it grows
   3. sync     the trainer's rank 0 pushes M_{k+1} into every rollout and judge engine in place
-  4. eval     greedy accuracy of M_{k+1} on the benchmarks (M1 is evaluated first, as iteration 0)
+  4. eval     greedy accuracy of M_{k+1} on the benchmarks (M1 is evaluated first, as iteration 0), its
+              judge accuracy on held-out oracle-labelled pairs, and the pair precision of iteration k's pairs
 
 Every finished stage is recorded in `<output_dir>/state.json` (psr_ray.run_state), so `psr-ray run --resume`
 continues a killed run from its last finished stage. Results go to `<output_dir>/results.{json,md}`,
@@ -46,6 +48,9 @@ class Driver:
     logger: Any
     lock: RunDirLock | None = None
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    init: Any = None  # the InitResult when the run initialized first
+    m0: dict[str, Any] | None = None  # M0's scores then (benchmark rows, judge accuracy)
+    heldout_pairs: list[Any] = dataclasses.field(default_factory=list)  # judge-accuracy pairs (LabelledPair)
 
     @property
     def engines(self) -> list[Any]:
@@ -139,6 +144,13 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
     if not loaded.problems:
         raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
     init_ray(cfg)
+    init, m0, heldout_pairs = _init_first(cfg) if cfg.init.run_first else (None, None, [])
+    if init is not None and policy_version == FIRST_POLICY_VERSION:
+        policy_dir = init.hf_dir  # PSR starts from M1
+    heldout = set(init.heldout_problem_ids) if init is not None else set()
+    problems = [p for p in loaded.problems if p.problem_id not in heldout]  # judge pairs' problems: never searched
+    if not problems:
+        raise ValueError(f"data.source {cfg.data.source!r} has no problems left after the init's held-out ones")
     logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
                          config=cfg.to_dict(), dir=str(out))
     # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
@@ -149,15 +161,27 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
         rollout=start_engine_pool(cfg, "rollout", policy_dir, policy_version=policy_version),
         judge=start_engine_pool(cfg, "judge", policy_dir, policy_version=policy_version),
         tokenizer=AutoTokenizer.from_pretrained(base_model, trust_remote_code=cfg.model.trust_remote_code),
-        problems=loaded.problems,
+        problems=problems,
         policy_dir=policy_dir,
         policy_version=policy_version,
         logger=logger,
         lock=lock,
+        init=init,
+        m0=m0,
+        heldout_pairs=heldout_pairs,
     )
     _check_engine_versions(psr)
     state.set_config(cfg.to_dict())  # the run has started (a resume may have changed RESUMABLE settings)
     return psr
+
+
+def _init_first(cfg: PSRConfig) -> tuple[Any, dict[str, Any], list[Any]]:
+    """M0 -> M1 (built once per settings and cached), M0's scores, and the held-out judge pairs."""
+    from psr_ray.init_data.build import read_pairs
+    from psr_ray.init_data.first import initialize_first
+
+    init, m0 = initialize_first(cfg)
+    return init, m0, [p.pair for p in read_pairs(init.data_files["heldout_pairs"])]
 
 
 def problems_for_iteration(cfg: PSRConfig, problems: list[Any], k: int) -> list[Any]:
@@ -271,7 +295,9 @@ def _reload_stale(psr: Driver) -> int:
 
 def _evaluate(psr: Driver, *, iteration: int) -> None:
     from psr_ray.eval import evaluate
-    from psr_ray.report import write_report
+    from psr_ray.init_data.run import eft_mode
+    from psr_ray.measure import iteration_pair_precision, judge_accuracy
+    from psr_ray.run_report import write_results
 
     done = psr.state.stage(iteration, "eval")
     if done is None:
@@ -280,15 +306,27 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
         result = evaluate(psr.engines, psr.tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
                           max_tokens=cfg.eval.max_tokens, policy_version=psr.policy_version,
                           engine_names=psr.engine_names, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
+        start = time.perf_counter()
+        judge = judge_accuracy(psr.engines, psr.heldout_pairs, mode=eft_mode(cfg).value,
+                               max_tokens=cfg.judge.max_explanation_tokens, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
+        precision = iteration_pair_precision(str(psr.out), iteration, psr.problems) if iteration else None
         done = {"rows": [_result_row(psr, row, iteration) | {"eval_s": result.elapsed_s} for row in result.rows(iteration)],
-                "seconds": result.elapsed_s, "policy_version": psr.policy_version}
+                "seconds": result.elapsed_s, "policy_version": psr.policy_version, "judge": judge,
+                "pair_precision": precision, "judge_s": time.perf_counter() - start}  # fmt: skip
         kill_windows.reached("eval")
         psr.state.record(iteration, "eval", done)
         for row in done["rows"]:
-            psr.logger.log({f"eval/{row['benchmark']}/accuracy": row["accuracy"], "iteration": iteration})
+            psr.logger.log({f"eval/{row['benchmark']}/accuracy_boxed": row["accuracy_boxed"],
+                            f"eval/{row['benchmark']}/accuracy": row["accuracy"], "iteration": iteration})  # fmt: skip
+        if judge is not None:
+            psr.logger.log({"eval/judge_accuracy": judge["accuracy"], "iteration": iteration})
+        if precision is not None:
+            psr.logger.log({"search/pair_precision": precision["precision"],
+                            "search/random_pick_precision": precision["random_pick"], "iteration": iteration})  # fmt: skip
     psr.rows = [row for k in sorted(psr.state.data["iterations"], key=int)
                 for row in (psr.state.stage(int(k), "eval") or {}).get("rows", [])]
-    paths = write_report(psr.rows, str(psr.out))
+    paths = write_results(psr.state, psr.out, judge_mode=str(psr.cfg.judge.mode), m0=psr.m0,
+                          init_seconds=None if psr.init is None else psr.init.seconds)  # fmt: skip
     psr.logger.log_image("eval/accuracy", str(paths["plot"]))
 
 
@@ -301,6 +339,7 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
         "policy_version": psr.policy_version,
         "pairs": search.get("pairs_total"),
         "rollbacks": search.get("rollbacks"),
+        "margins": _margins(search),
         "unparseable_rate": search.get("unparseable_rate"),
         "search_train_s": train.get("seconds"),
     }
@@ -308,6 +347,14 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
 
 def _stages(psr: Driver, iteration: int) -> dict[str, Any]:
     return psr.state.data["iterations"].get(str(iteration), {})
+
+
+def _margins(search: dict[str, Any]) -> str | None:
+    """The iteration's pair margin distribution as one results-table cell, e.g. `1.00/1.50/2.00/3.00/4.00`."""
+    keys = ("margin_min", "margin_q1", "margin_median", "margin_q3", "margin_max")
+    if search.get("margin_min") is None:
+        return None
+    return "/".join(f"{search[k]:.2f}" for k in keys)
 
 
 def _check_engine_versions(psr: Driver) -> list[int]:

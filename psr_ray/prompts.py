@@ -66,12 +66,12 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], assistant_prefix
 
 def render_solver_prompt(tokenizer: Any, question: str, prefix: str, step_index: int) -> str:
     """Prompt for step `step_index`: question, the previous steps (`prefix`, as `join_steps` writes them)
-    and the opened `Step k: ` header, so generation yields only that step's content."""
+    and the opened `Step k:` header, so generation yields only that step (as `steps.step_continuation`)."""
     return render_chat(tokenizer, solver_messages(question), prefix + step_header(step_index))
 
 
 def render_solution_prompt(tokenizer: Any, question: str) -> str:
-    """Prompt for a whole solution at once (evaluation): the first step header is forced."""
+    """Prompt for a whole solution at once (evaluation, IFT): the first step header `Step 1:` is forced."""
     return render_solver_prompt(tokenizer, question, "", 1)
 
 

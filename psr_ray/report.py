@@ -1,6 +1,13 @@
-"""Evaluation reports: the per-iteration results as JSON and a Markdown table, and a PNG of accuracy per
-benchmark against iteration. Rows are plain dicts (`eval.BenchmarkResult.row`), so a run can append one
-iteration at a time and rewrite the report."""
+"""Evaluation reports: results as JSON, a Markdown table and a PNG.
+
+- `write_report(rows, dir)`: a plain evaluation (`psr-ray eval`): one row per benchmark.
+- `write_run_report(models, dir)`: a run (`psr-ray run`, bench/fidelity.py): one entry per model (M0, M1, M2,
+  ...), each with its benchmark rows, its judge accuracy on held-out oracle-labelled pairs and, for a trained
+  model, the pair precision of the pairs it was trained on beside a random pick among the same candidates.
+  The headline accuracy is the paper's (last `\\boxed{}`), the lenient rule beside it, both with 95% Wilson
+  intervals, and an exact McNemar p-value against the model each entry is compared with (by default the one
+  before it), on the same problems.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from psr_ray.stats import mcnemar
+
 COLUMNS = (
     ("iteration", "iteration", "{}"),
     ("benchmark", "benchmark", "{}"),
     ("n", "n", "{}"),
-    ("accuracy", "accuracy %", "pct"),
-    ("accuracy_boxed", "boxed accuracy %", "pct"),
+    ("accuracy_boxed", "accuracy % (boxed)", "pct"),
+    ("accuracy", "lenient accuracy %", "pct"),
     ("format_compliance", "format %", "pct"),
     ("steps_per_solution", "steps/solution", "{:.2f}"),
     ("tokens_per_step", "tokens/step", "{:.1f}"),
@@ -21,6 +30,7 @@ COLUMNS = (
     ("policy_version", "policy", "{}"),
     ("pairs", "pairs", "{}"),
     ("rollbacks", "rollbacks", "{}"),
+    ("margins", "pair margin min/q1/median/q3/max", "{}"),
     ("unparseable_rate", "unparseable %", "pct"),
     ("search_train_s", "search+train s", "{:.0f}"),
     ("eval_s", "eval s", "{:.0f}"),
@@ -28,7 +38,7 @@ COLUMNS = (
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of `rows`; a column no row has is left out (a plain eval has no search figures)."""
+    """A Markdown table of plain eval `rows`; accuracies show their 95% interval where the row has one."""
     columns = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows)] or list(COLUMNS[:2])
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -38,11 +48,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             if value is None:
                 cells.append("")
             elif fmt == "pct":
-                cells.append(f"{100 * value:.1f}")
+                cells.append(pct(value, row.get(f"{key}_ci95")))
             else:
                 cells.append(fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def pct(value: float | None, ci: list[float] | None = None) -> str:
+    """`12.3` or `12.3 [9.1, 16.4]` (percent); empty for None."""
+    if value is None:
+        return ""
+    return f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: str) -> dict[str, Path]:
@@ -52,48 +69,152 @@ def write_report(rows: list[dict[str, Any]], out_dir: str) -> dict[str, Path]:
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy.png"}
     paths["json"].write_text(json.dumps(rows, indent=2) + "\n")
     paths["markdown"].write_text("# Evaluation (greedy)\n\n" + format_table(rows) + "\n")
-    plot_accuracy(rows, paths["plot"])
+    models = [{"model": f"iteration {i}", "rows": [r for r in rows if r["iteration"] == i]}
+              for i in sorted({int(r["iteration"]) for r in rows})]  # fmt: skip
+    plot_models(models, paths["plot"])
     return paths
 
 
-def plot_accuracy(rows: list[dict[str, Any]], path: Path) -> None:
-    """One line per benchmark: accuracy (%) at each iteration, each point labelled with its value."""
+def compare(models: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, benchmark) -> McNemar of the boxed results against the entry's `baseline` (default: the entry
+    before it), where both were computed on the same problems."""
+    by_name = {m["model"]: m for m in models}
+    out = {}
+    for i, model in enumerate(models):
+        base_name = model.get("baseline", models[i - 1]["model"] if i else None)
+        base = by_name.get(base_name) if base_name else None
+        if base is None:
+            continue
+        base_rows = {r["benchmark"]: r for r in base["rows"]}
+        for row in model["rows"]:
+            other = base_rows.get(row["benchmark"])
+            if other is None or other.get("problems_digest") != row.get("problems_digest") or "boxed_bits" not in row:
+                continue
+            test = mcnemar([b == "1" for b in other["boxed_bits"]], [b == "1" for b in row["boxed_bits"]])
+            out[(model["model"], row["benchmark"])] = {"baseline": base_name, "p_value": test.p_value,
+                                                       "only_baseline": test.only_before, "only_model": test.only_after}  # fmt: skip
+    return out
+
+
+RUN_HEADER = (
+    "| model | trained on | benchmark | n | accuracy % (boxed) [95% CI] | lenient % [95% CI] | McNemar p (vs) | "
+    "judge acc % [95% CI] | pairs | pair precision % [95% CI] | random pick % | stage s |"
+)
+
+
+def format_run_table(models: list[dict[str, Any]]) -> str:
+    """The run's results table (see the module docstring); one line per model and benchmark."""
+    tests = compare(models)
+    lines = [RUN_HEADER, "|" + "---|" * RUN_HEADER.count(" | ") + "---|"]
+    for model in models:
+        judge, precision = model.get("judge"), model.get("pair_precision")
+        judge_cell = "" if not judge else pct(judge["accuracy"], judge["accuracy_ci95"]) + f" (n={judge['num_judgments']})"
+        precision_cell = random_cell = ""
+        if precision:
+            precision_cell = pct(precision["precision"], precision["precision_ci95"]) + f" (n={precision['num_pairs']})"
+            random_cell = pct(precision["random_pick"])
+        seconds = model.get("seconds") or {}
+        stage = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if v is not None)
+        for row in model["rows"] or [{}]:
+            test = tests.get((model["model"], row.get("benchmark")))
+            p_cell = "" if test is None else f"{_p(test['p_value'])} (vs {test['baseline']}: {test['only_model']}+/{test['only_baseline']}-)"
+            cells = [model["model"], model.get("trained_on", ""), row.get("benchmark", ""), str(row.get("n", "")),
+                     pct(row.get("accuracy_boxed"), row.get("accuracy_boxed_ci95")),
+                     pct(row.get("accuracy"), row.get("accuracy_ci95")), p_cell, judge_cell,
+                     "" if model.get("pairs") is None else str(model["pairs"]), precision_cell, random_cell, stage]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    from psr_ray.stats import format_p
+
+    return format_p(p)
+
+
+NOTES = (
+    "accuracy: the paper's rule, the last \\boxed{} answer, equivalent to the reference; lenient: boxed, else "
+    "\"the answer is\", else the last number. McNemar: exact two-sided test on the same problems against the model "
+    "named, with the problems only this model got right (+) and only that one got right (-). judge acc: verdicts "
+    "on held-out oracle-labelled step pairs (a right and a wrong candidate of M1), both orders. pair precision: "
+    "pairs whose chosen step the oracle labels right and rejected step wrong; random pick: the same statistic for "
+    "a uniformly random (chosen, rejected) among the same stored candidates. An ORACLE judge is an ablation."
+)
+
+
+def write_run_report(models: list[dict[str, Any]], out_dir: str, *, title: str = "Results") -> dict[str, Path]:
+    """results.json (the models as given), results.md (table + notes) and accuracy.png into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy.png"}
+    paths["json"].write_text(json.dumps(models, indent=2) + "\n")
+    paths["markdown"].write_text(f"# {title}\n\n{format_run_table(models)}\n\n{NOTES}\n")
+    plot_models(models, paths["plot"])
+    return paths
+
+
+def plot_models(models: list[dict[str, Any]], path: Path) -> None:
+    """Boxed accuracy per model with 95% intervals, one series per benchmark; beside it, when any model has
+    them, judge accuracy and pair precision (with the random pick) per model."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    benchmarks = list(dict.fromkeys(row["benchmark"] for row in rows))
-    iterations = sorted({int(row["iteration"]) for row in rows})
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for name in benchmarks:
-        points = sorted((int(r["iteration"]), 100 * r["accuracy"]) for r in rows if r["benchmark"] == name)
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        sizes = sorted({int(r["n"]) for r in rows if r["benchmark"] == name and r.get("n") is not None})
-        label = f"{name} (n={'/'.join(map(str, sizes))})" if sizes else name
-        (line,) = ax.plot(xs, ys, marker="o", label=label)
-        for x, y in points:
-            ax.annotate(
-                f"{y:.1f}",
-                (x, y),
-                textcoords="offset points",
-                xytext=(0, 6),
-                ha="center",
-                fontsize=8,
-                color=line.get_color(),
-            )
-    ax.set_xticks(iterations)
-    ax.set_xlabel("iteration (0 = initial model)")
-    ax.set_ylabel("accuracy (%)")
-    top = max((100 * r["accuracy"] for r in rows), default=0.0)
-    ax.set_ylim(0, min(100.0, max(10.0, top * 1.2 + 2)))
-    ax.set_title("Greedy accuracy per benchmark")
+    extra = any(m.get("judge") or m.get("pair_precision") for m in models)
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 7, 4.4), dpi=120, squeeze=False)
+    names = [m["model"] for m in models]
+    benchmarks = list(dict.fromkeys(r["benchmark"] for m in models for r in m["rows"]))
+    ax = axes[0][0]
+    for k, bench in enumerate(benchmarks):
+        xs, ys, lo, hi = [], [], [], []
+        for i, m in enumerate(models):
+            row = next((r for r in m["rows"] if r["benchmark"] == bench), None)
+            if row is None:
+                continue
+            ci = row.get("accuracy_boxed_ci95") or [row["accuracy_boxed"]] * 2
+            xs.append(i + 0.08 * (k - (len(benchmarks) - 1) / 2))
+            ys.append(100 * row["accuracy_boxed"])
+            # max(0, .): an interval end can miss its point by a rounding error, and errorbar refuses < 0.
+            lo.append(max(0.0, 100 * (row["accuracy_boxed"] - ci[0])))
+            hi.append(max(0.0, 100 * (ci[1] - row["accuracy_boxed"])))
+        n = sorted({r["n"] for m in models for r in m["rows"] if r["benchmark"] == bench})
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=f"{bench} (n={'/'.join(map(str, n))})")
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, fontsize=8)
+    ax.set_ylabel("accuracy % (last \\boxed{}), 95% CI")
+    ax.set_title("Greedy accuracy per model")
     ax.grid(alpha=0.3)
     if benchmarks:
-        ax.legend(loc="best", fontsize=9)
+        ax.legend(loc="best", fontsize=8)
+    if extra:
+        _plot_judging(axes[0][1], models)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _plot_judging(ax: Any, models: list[dict[str, Any]]) -> None:
+    names = [m["model"] for m in models]
+    series = (("judge", "accuracy", "accuracy_ci95", "judge accuracy (held-out pairs)", -0.1),
+              ("pair_precision", "precision", "precision_ci95", "pair precision", 0.1))  # fmt: skip
+    for key, value_key, ci_key, label, shift in series:
+        pts = [(i + shift, m[key][value_key], m[key][ci_key]) for i, m in enumerate(models) if m.get(key)]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [100 * p[1] for p in pts], capsize=4, marker="o", linestyle="none",
+                        yerr=[[max(0.0, 100 * (p[1] - p[2][0])) for p in pts],
+                              [max(0.0, 100 * (p[2][1] - p[1])) for p in pts]], label=label)  # fmt: skip
+    rand = [(i + 0.1, m["pair_precision"]["random_pick"]) for i, m in enumerate(models) if m.get("pair_precision")]
+    if rand:
+        ax.scatter([p[0] for p in rand], [100 * p[1] for p in rand], marker="x", color="black", label="random pick")
+    ax.axhline(50, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%  (95% CI)")
+    ax.set_title("Judging: held-out judge accuracy; pair precision vs random pick")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
 
 
 def write_solutions(result: Any, out_dir: str, *, name: str = "solutions.jsonl") -> Path:

@@ -12,15 +12,23 @@ STEP_STOP_STRINGS = ("\nStep ",)
 
 
 def step_header(index: int) -> str:
-    """The text that opens step `index` (1-based); prompts end with it so the engine writes only the step."""
+    """The text that opens step `index` (1-based): `"Step 3:"`, no trailing space. Prompts end with it and the
+    step follows as `step_continuation(step)`: BPE tokenizers attach a space to the next word (`"Step 2: She"`
+    is `[..., ":", " She"]`, but `"Step 2: "` ends in a lone space token), so only this split gives the token
+    ids of the solution written in one piece, which is what the engine and greedy evaluation emit."""
     if index < 1:
         raise ValueError(f"step index is 1-based, got {index}")
-    return f"Step {index}: "
+    return f"Step {index}:"
+
+
+def step_continuation(step: str) -> str:
+    """What follows a step header in free text: a space, then the step (`" She sold 48 clips."`)."""
+    return " " + step.strip()
 
 
 def join_steps(steps: list[str] | tuple[str, ...]) -> str:
     """`["a", "b"]` -> `"Step 1: a\\nStep 2: b\\n"` (empty string for no steps)."""
-    return "".join(f"{step_header(i + 1)}{s.strip()}\n" for i, s in enumerate(steps))
+    return "".join(f"{step_header(i + 1)}{step_continuation(s)}\n" for i, s in enumerate(steps))
 
 
 def split_steps(text: str) -> list[str]:

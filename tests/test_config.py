@@ -107,8 +107,8 @@ def test_load_rejects_missing_file_and_bad_override():
         ("model.path=embedded:gpt5", "model.path"),
         ("data.source=/no/such.jsonl", "data.source"),
         ("init.num_ift_examples=0", "init.num_ift_examples"),
-        ("init.num_eft_examples=-2", "init.num_eft_examples"),
-        ("init.test_fraction=1", "init.test_fraction"),
+        ("init.eft_ift_ratio=-2", "init.eft_ift_ratio"),
+        ("init.num_candidates=1", "init.num_candidates"),
     ],
 )
 def test_validate_names_the_field(override, field):
@@ -143,5 +143,5 @@ def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
 
 
 def test_init_section_overrides():
-    cfg = C.validate(C.load([], ["init.num_ift_examples=64", "init.test_fraction=0.2"]), gpu_available=False)
-    assert (cfg.init.num_ift_examples, cfg.init.num_eft_examples, cfg.init.test_fraction) == (64, 1000, 0.2)
+    cfg = C.validate(C.load([], ["init.num_ift_examples=64", "init.eft_ift_ratio=0.2"]), gpu_available=False)
+    assert (cfg.init.num_ift_examples, cfg.init.eft_ift_ratio, cfg.init.num_heldout_pairs) == (64, 0.2, 150)

@@ -9,20 +9,21 @@ import json
 import pytest
 
 from psr_ray.data.problems import Problem
-from psr_ray.eval import score_solution, split_batches, summarize
+from psr_ray.eval import problems_digest, score_solution, split_batches, summarize
 from psr_ray.report import format_table, write_report
 
 JANET = Problem("gsm8k-test-0", "Janet's ducks ...", "18", "gsm8k")
 
 
 def _scores():
+    # What a model writes after the prompt's `Step 1:` starts with the space of its first word.
     return [
         # two steps, boxed and right
-        score_solution(JANET, "16 - 3 - 4 = 9 eggs.\nStep 2: 9 * 2 = 18 dollars, \\boxed{18}.", 20),
+        score_solution(JANET, " 16 - 3 - 4 = 9 eggs.\nStep 2: 9 * 2 = 18 dollars, \\boxed{18}.", 20),
         # one step, no box, wrong
-        score_solution(JANET, "She makes 20 dollars.\nThe answer is 20", 10),
+        score_solution(JANET, " She makes 20 dollars.\nThe answer is 20", 10),
         # two steps, right by the last number only
-        score_solution(JANET, "9 * 2 = 18 dollars.\nStep 2: so she makes 18.", 12),
+        score_solution(JANET, " 9 * 2 = 18 dollars.\nStep 2: so she makes 18.", 12),
         # nothing written
         score_solution(JANET, "", 0),
     ]
@@ -67,6 +68,13 @@ def test_summarize():
         "tokens_per_step": 8.4,  # 42 tokens / 5 steps
         "format_compliance": 0.25,
         "num_tokens": 42,
+        "num_skipped": 1,
+        # Wilson 95% intervals of 1/4 and 2/4; per-problem bits in order, for McNemar.
+        "accuracy_boxed_ci95": [pytest.approx(0.045586, abs=1e-5), pytest.approx(0.699358, abs=1e-5)],
+        "accuracy_ci95": [pytest.approx(0.150039, abs=1e-5), pytest.approx(0.849961, abs=1e-5)],
+        "boxed_bits": "1000",
+        "lenient_bits": "1010",
+        "problems_digest": problems_digest(["gsm8k-test-0"] * 4),
     }
     assert result.num_skipped == 1
     empty = summarize("svamp", [])
@@ -94,11 +102,13 @@ ROWS = [
 
 def test_format_table():
     assert format_table(ROWS[:2]) == (
-        "| iteration | benchmark | n | accuracy % | boxed accuracy % | format % | steps/solution | tokens/step |\n"
+        "| iteration | benchmark | n | accuracy % (boxed) | lenient accuracy % | format % | steps/solution | tokens/step |\n"
         "|---|---|---|---|---|---|---|---|\n"
-        "| 0 | gsm8k | 50 | 10.0 | 2.0 | 4.0 | 3.50 | 41.2 |\n"
-        "| 0 | math500 | 50 | 4.0 | 0.0 | 0.0 | 2.00 | 60.0 |"
+        "| 0 | gsm8k | 50 | 2.0 | 10.0 | 4.0 | 3.50 | 41.2 |\n"
+        "| 0 | math500 | 50 | 0.0 | 4.0 | 0.0 | 2.00 | 60.0 |"
     )
+    with_ci = dict(ROWS[0], accuracy_boxed_ci95=[0.0035, 0.1050])
+    assert "| 2.0 [0.4, 10.5] | 10.0 |" in format_table([with_ci])
 
 
 def test_write_report(tmp_path):
@@ -145,7 +155,7 @@ def test_eval_on_tiny_engines(ray_cluster, tiny_model_dir, tmp_path, capsys):
     scores = [s for b in result.benchmarks for s in b.scores]
     assert [s.problem_id for s in scores] == [f"{name}-test-{i}" for name in ("gsm8k", "svamp") for i in range(3)]
     # Greedy generations of at most max_tokens, each written after the forced first header.
-    assert all(s.text.startswith("Step 1: ") and 1 <= s.num_tokens <= 16 for s in scores)
+    assert all(s.text.startswith("Step 1:") and 1 <= s.num_tokens <= 16 for s in scores)
     assert result.num_tokens == sum(s.num_tokens for s in scores) and result.elapsed_s > 0
     printed = capsys.readouterr().out
     assert "| 0 | gsm8k | 3 |" in printed and "tokens/s" in printed

@@ -93,7 +93,11 @@ def test_outputs_per_iteration(finished_run):
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
     for name in ("results.json", "results.md", "accuracy.png"):
         assert (out / name).is_file()
-    assert "gsm8k" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    # The results table: the models with boxed and lenient accuracy and intervals, McNemar against the
+    # previous model, the training pairs of each trained model (no judge pairs without an init).
+    assert "| M1 | the configured model | gsm8k | 3 |" in table and "| M3 | M2's self-judged (direct) pairs | gsm8k | 3 |" in table
+    assert "(vs M2: " in table
 
 
 def test_resume_redoes_only_unfinished_stages(ray_cluster, finished_run):

@@ -24,13 +24,13 @@ def test_solver_prompt_opens_the_next_step():
     text = prompts.render_solver_prompt(TemplateTokenizer(), " What is 2+2? ", "Step 1: add\n", 2)
     assert text.startswith("<user>Solve the following math problem step by step.")
     assert "Problem: What is 2+2?</user>" in text
-    assert text.endswith("<assistant>Step 1: add\nStep 2: ")
+    assert text.endswith("<assistant>Step 1: add\nStep 2:")
 
 
 def test_solution_prompt_and_plain_fallback():
     text = prompts.render_solution_prompt(PlainTokenizer(), "Q?")
     assert text.startswith("User: Solve the following")
-    assert text.endswith("Problem: Q?\n\nAssistant: Step 1: ")
+    assert text.endswith("Problem: Q?\n\nAssistant: Step 1:")
 
 
 def test_judge_prompt_modes():

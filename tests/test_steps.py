@@ -6,7 +6,8 @@ from psr_ray import steps
 
 
 def test_header_and_join():
-    assert steps.step_header(3) == "Step 3: "
+    assert steps.step_header(3) == "Step 3:"
+    assert steps.step_continuation("  She has 5. ") == " She has 5."
     assert steps.join_steps([]) == ""
     assert steps.join_steps([" a ", "b"]) == "Step 1: a\nStep 2: b\n"
     with pytest.raises(ValueError):

@@ -74,6 +74,10 @@ class JudgeMode(enum.StrEnum):
     EXPLAIN = "explain"
     # The verdict read from the log-probabilities of `A` vs `B` after a forced `[[`.
     DIRECT = "direct"
+    # Ablation only, labelled as such in every table: the exact step check of the built-in task
+    # (psr_ray.oracle) judges instead of the model. It shows the rest of the loop learns when the judge is
+    # right; it needs data.source embedded:arith (the only source with an exact step check).
+    ORACLE = "oracle"
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,13 @@ class SearchConfig:
     # Pairs per Parquet part: a killed driver loses at most the pairs not yet in a part (their problems are
     # searched again on resume, with the same seeds); smaller parts mean more files.
     flush_pairs: int = 64
+    # A pair needs chosen_score - rejected_score >= this, else the round is a tie (roll back). Scores count
+    # won comparisons: a hard vote is 1 per comparison, a soft vote (judge.mode=direct) its P(win), which
+    # sums to 1 per comparison. 1.0 is one comparison's worth: with hard votes the paper's rule (any win more
+    # is a preference); with soft votes it refuses differences of a few hundredths, which are judge noise
+    # (SmolLM2-135M, whose pair accuracy is 52% in bench/results/judge_accuracy.md, gave margins of
+    # 0.01-0.26 on the 24 pairs of an embedded run).
+    min_score_margin: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -147,16 +158,27 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """Initialization (`psr-ray init`, M0 -> M1): IFT and EFT built offline from `data.source`'s worked
-    solutions, trained with the `trainer.sft_*` settings. Sizes are ours: the paper's EFT needed an
-    external annotator, ours comes from verified solutions with one number changed."""
+    """Initialization (M0 -> M1, the paper's section 3.2; `psr-ray init`, or first in `psr-ray run`): SFT of
+    `model.path` on IFT (worked solutions of `data.source` in the step format) and EFT (pairwise judgments of
+    the model's own candidate steps, a right one and a wrong one by the step oracle), with the `trainer.sft_*`
+    settings. Held-out problems give oracle-labelled pairs on which every model's judge accuracy is measured."""
 
+    # `psr-ray run` initializes first and starts PSR from M1, as the paper does. M1 is cached under
+    # `run.cache_dir/init/<key of these settings>` and reused by every later run with the same settings.
+    run_first: bool = False
     # Step-formatted solutions to train on.
     num_ift_examples: int = 2000
-    # Step pairs to train on; each gives 4 rows (both orders x judge modes explain and direct).
-    num_eft_examples: int = 1000
-    # Share of the problems held out (never trained on) to compare M0 and M1.
-    test_fraction: float = 0.1
+    # EFT rows per IFT row (each pair gives 2 rows: both orders); the paper's ~4.2k EFT to 28.9k IFT is ~1:7.
+    eft_ift_ratio: float = 0.143
+    # Candidates the model proposes per EFT (M0) or held-out (M1) step, and their sampling temperature (high:
+    # a model sure of a step proposes it 8 times, and only a step with a right and a wrong candidate gives a pair).
+    num_candidates: int = 8
+    temperature: float = 1.0
+    # Monte-Carlo rollouts per candidate where the task has no exact step check (GSM8K, MATH, ...).
+    num_rollouts: int = 4
+    # Problems held out (never trained on, never searched) and the judge-accuracy pairs built from them.
+    num_heldout_problems: int = 400
+    num_heldout_pairs: int = 150
 
 
 @dataclass(frozen=True)

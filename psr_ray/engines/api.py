@@ -5,6 +5,8 @@ Engine actors (psr_ray/engines/actor.py) expose, as Ray actor methods:
           seed: int | list[int] | None) -> list[Candidates]       (a list: one base seed per request)
   judge(requests: list[JudgeRequest], *, mode, temperature, max_tokens) -> list[Judgment]
   generate(prompts: list[str], *, max_tokens) -> list[Generation]       (greedy, for evaluation)
+  sample(prompts: list[str], *, num_samples, temperature, top_p, max_tokens, seed) -> list[list[Generation]]
+                                                                        (the step oracle's rollouts)
   policy_version() -> int
   update_weights(named_tensors, *, policy_version) -> None              (in place, no restart)
 """

@@ -1,19 +1,24 @@
-"""Labelled step pairs for measuring a judge, and the scores of a judge on them. Pure: no Ray, no vLLM.
+"""Labelled step pairs for measuring a judge, and the scores of a judge on them. Pure apart from
+`measure_judge`, which sends the pairs to engine actors.
 
-A pair is a reference step from a GSM8K worked solution (each solution line is a step, `<<a*b=c>>` calculator
-annotations removed) against the same step with one integer changed. The right step is known, so the judge
-is scored without a grader. Each pair is judged in both orders: good step as A, then as B.
+A pair is a right step against a wrong one for the same problem and previous steps: oracle-labelled
+candidates of a model (`candidates.py`), or a reference step from a GSM8K worked solution (each solution line
+is a step, `<<a*b=c>>` calculator annotations removed) against the same step with one integer changed
+(`build_corrupted_pairs`, bench/judge_accuracy.py). The right step is known, so the judge is scored without a
+grader. Each pair is judged in both orders: good step as A, then as B.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from psr_ray.engines.api import JudgeRequest, Judgment
+from psr_ray.stats import wilson
 from psr_ray.steps import join_steps
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
@@ -83,6 +88,20 @@ class JudgeScores:
     parse_rate: float  # parsed verdicts / all judgments
     pair_accuracy: float  # pairs where both orders' mean P(good step better) > 0.5 (the search's rule)
     share_a: float  # share of parsed verdicts that say A: 0.5 is no position bias
+    num_right: int = 0
+    num_pairs_right: int = 0
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_judgments // 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scores with 95% Wilson intervals (judgments; pairs)."""
+        return dataclasses.asdict(self) | {
+            "num_pairs": self.num_pairs,
+            "accuracy_ci95": list(wilson(self.num_right, self.num_judgments)),
+            "pair_accuracy_ci95": list(wilson(self.num_pairs_right, self.num_pairs)),
+        }
 
 
 def score_judgments(judgments: Sequence[Judgment], labels: Sequence[str]) -> JudgeScores:
@@ -101,4 +120,21 @@ def score_judgments(judgments: Sequence[Judgment], labels: Sequence[str]) -> Jud
         parse_rate=len(parsed) / total if total else 0.0,
         pair_accuracy=pairs_right / (total // 2) if total else 0.0,
         share_a=sum(j.verdict == "A" for j in parsed) / len(parsed) if parsed else 0.0,
+        num_right=right,
+        num_pairs_right=pairs_right,
     )
+
+
+def measure_judge(engines: Sequence[Any], pairs: Sequence[LabelledPair], *, mode: str, max_tokens: int,
+                  batch_size: int = 256, timeout_s: float | None = None) -> JudgeScores:  # fmt: skip
+    """Judge accuracy of the model the engine actors serve on `pairs`, both orders, greedy verdicts."""
+    import ray
+
+    from psr_ray.eval import split_batches
+
+    requests, labels = judge_requests(pairs)
+    # Both orders of a pair stay in one batch (they share their prompt's prefix in the engine's cache).
+    batches = [(2 * s, 2 * e) for s, e in split_batches(len(pairs), num_engines=len(engines), batch_size=batch_size // 2)]
+    refs = [engines[i % len(engines)].judge.remote(requests[s:e], mode=mode, temperature=0.0, max_tokens=max_tokens)
+            for i, (s, e) in enumerate(batches)]  # fmt: skip
+    return score_judgments([j for batch in ray.get(refs, timeout=timeout_s) for j in batch], labels)

@@ -1,50 +1,79 @@
-"""`psr-ray init`: build IFT/EFT data, fine-tune M0 into M1 on the trainer group, and compare both on held-out
-data: judge accuracy on EFT pairs (both orders, modes direct and explain) and step-format compliance of
-greedy solutions to IFT questions. Judge engines are started for M0, stopped for training, and started
-again on M1's HF export."""
+"""`psr-ray init` and the run's init-first step: M0 -> M1 the paper's way (arXiv 2503.03746, section 3.2).
+
+  A  engines on M0 propose candidate steps at one step of each EFT problem; the step oracle labels them;
+     a right and a wrong candidate form an EFT pair (the model's *own* candidates)
+  B  SFT of M0 on IFT rows + EFT rows (both orders) on the trainer group -> M1 (an HF export)
+  C  engines on M1 propose candidates on held-out problems -> oracle-labelled held-out pairs; the judge
+     accuracy of M0 and M1 on them (both orders) and their greedy accuracy on `eval.benchmarks`
+
+The EFT:IFT ratio (`init.eft_ift_ratio`, rows) is reported with every init beside the rows really built.
+Engines are started for each phase and stopped after it, so none holds memory while the trainer runs. Every
+phase leaves its result in the output folder (pairs, the SFT checkpoint, scores per evaluation setting), so
+an interrupted init resumes at the phase it was in.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from psr_ray.config import JudgeMode, PSRConfig
-from psr_ray.init_data.build import InitData, build_init_data, load_worked_problems, write_init_data
+from psr_ray.init_data.build import (
+    eft_rows,
+    ift_rows,
+    load_worked_problems,
+    num_eft_pairs,
+    pair_rows,
+    read_pairs,
+    split_problems,
+    write_parquet,
+)
+from psr_ray.init_data.candidates import OraclePair, Sampling, oracle_pairs
 
-EVAL_JUDGE_MODES = (JudgeMode.DIRECT, JudgeMode.EXPLAIN)
-
-
-@dataclass(frozen=True)
-class ModelScores:
-    model: str  # "M0" or "M1"
-    judge: dict[str, Any]  # mode -> labelled.JudgeScores as a dict
-    solving: dict[str, Any]  # eval.BenchmarkResult.row(): format_compliance, accuracy_boxed, steps_per_solution
+RESULT_FILE = "init.json"
 
 
 @dataclass
 class InitResult:
-    data_files: dict[str, str]
+    output_dir: str
     hf_dir: str  # M1, an HF folder
-    num_sft_rows: int
-    num_ift_train: int
-    num_eft_train: int  # pairs; each gives 2 orders x 2 modes rows
-    num_ift_test: int
-    num_eft_test: int
+    judge_mode: str  # the mode of the EFT rows and of the judge scores
+    eft_ift_ratio: float  # configured EFT rows per IFT row
+    num_ift_rows: int
+    num_eft_pairs: int
+    num_eft_rows: int  # 2 per pair (both orders)
+    num_heldout_pairs: int
+    heldout_problem_ids: list[str]  # never trained on, never searched
+    data_files: dict[str, str]
+    eft_counts: dict[str, int] = field(default_factory=dict)  # sites, candidates, right, mixed_sites (M0)
+    heldout_counts: dict[str, int] = field(default_factory=dict)  # the same for M1 on held-out problems
     train_metrics: list[dict[str, float]] = field(default_factory=list)
-    scores: list[ModelScores] = field(default_factory=list)
-    table: str = ""
+    # model -> {"judge": JudgeScores.to_dict(), "benchmarks": [eval rows]}
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def eft_rows_per_ift_row(self) -> float:
+        return self.num_eft_rows / self.num_ift_rows if self.num_ift_rows else 0.0
 
 
-def initialize(
-    cfg: PSRConfig, *, output_dir: str, num_ift: int | None = None, num_eft: int | None = None, evaluate: bool = True
-) -> InitResult:
-    """Writes `output_dir/{ift,eft}_{train,test}.parquet`, trains M1 under `output_dir/sft` (an existing
-    checkpoint there is reused), evaluates M0 and M1 unless `evaluate=False`, prints the table and writes it to
-    `output_dir/results.{md,json}`. `num_ift`/`num_eft` default to `cfg.init`'s sizes."""
+def eft_mode(cfg: PSRConfig) -> JudgeMode:
+    """EFT teaches the judge the run uses: `explain` rows for explain, `direct` rows otherwise (an oracle run
+    shares its M1 with the self-judged run it is the ablation of)."""
+    return JudgeMode.EXPLAIN if cfg.judge.mode == JudgeMode.EXPLAIN else JudgeMode.DIRECT
+
+
+def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = ("M0", "M1")) -> InitResult:
+    """Phases A-C of the module docstring into `output_dir` (an SFT checkpoint already there is reused);
+    writes `init.json` last. `evaluate` names the models scored in phase C."""
     import pyarrow as pa
     import ray.data
     from transformers import AutoTokenizer
@@ -53,145 +82,188 @@ def initialize(
     from psr_ray.models import resolve_model_path
     from psr_ray.trainer.group import train_sft
 
+    clock = time.perf_counter()
     out = Path(output_dir).expanduser().resolve()
+    icfg = cfg.init
     model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     problems = load_worked_problems(
         cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars
     )
-    data = build_init_data(
-        problems,
-        num_ift=num_ift or cfg.init.num_ift_examples,
-        num_eft=num_eft or cfg.init.num_eft_examples,
-        test_fraction=cfg.init.test_fraction,
-        seed=cfg.run.seed,
-    )
-    files = write_init_data(tokenizer, data, out)
-    train_rows = [
-        {"prompt_text": r["prompt_text"], "target_text": r["target_text"]}
-        for name in ("ift_train", "eft_train")
-        for r in _read_rows(files[name])
-    ]
-    random.Random(cfg.run.seed).shuffle(train_rows)  # IFT and EFT interleaved in every batch
-    print(
-        f"[init] IFT {len(data.ift_train)} train / {len(data.ift_test)} held out, EFT {len(data.eft_train)} "
-        f"pairs train / {len(data.eft_test)} held out; {len(train_rows)} SFT rows -> {out}",
-        flush=True,
-    )
-    result = InitResult(
-        data_files={k: str(v) for k, v in files.items()},
-        hf_dir="",
-        num_sft_rows=len(train_rows),
-        num_ift_train=len(data.ift_train),
-        num_eft_train=len(data.eft_train),
-        num_ift_test=len(data.ift_test),
-        num_eft_test=len(data.eft_test),
-    )
-
+    split = split_problems(problems, num_heldout=icfg.num_heldout_problems, num_ift=icfg.num_ift_examples)
+    mode = eft_mode(cfg)
+    sampling = Sampling(num_candidates=icfg.num_candidates, temperature=icfg.temperature, top_p=cfg.rollout.top_p,
+                        max_tokens=cfg.rollout.max_step_tokens, num_rollouts=icfg.num_rollouts, seed=cfg.run.seed)  # fmt: skip
+    ift = ift_rows(tokenizer, split.ift)
     init_ray(cfg)
-    if evaluate:
-        result.scores.append(_score_with_engines(cfg, model_path, tokenizer, data, "M0"))
-    trained = train_sft(
-        cfg,
-        model_path=model_path,
-        dataset=ray.data.from_arrow(pa.Table.from_pylist(train_rows)),
-        output_dir=str(out / "sft"),
-        policy_version=1,
-        num_rows=len(train_rows),
-    )
-    result.hf_dir, result.train_metrics = trained.hf_dir, trained.metrics
+    seconds: dict[str, float] = {}
+
+    def propose(model: str, version: int, problems: list[Any], num_pairs: int, seed: int) -> Callable[[], Any]:
+        def build() -> tuple[list[OraclePair], dict[str, int]]:
+            with temporary_engines(cfg, "rollout", model, version) as engines:
+                return oracle_pairs(engines, tokenizer, problems, num_pairs=num_pairs,
+                                    sampling=Sampling(**{**asdict(sampling), "seed": seed}))  # fmt: skip
+
+        return build
+
+    with _timed(seconds, "eft_candidates"):
+        eft_pairs, eft_counts = _pairs_phase(out / "eft_pairs.parquet", propose(
+            model_path, 0, split.eft, num_eft_pairs(len(ift), icfg.eft_ift_ratio), sampling.seed))  # fmt: skip
+    eft = eft_rows(tokenizer, eft_pairs, mode=mode)
+    files = {"ift_train": write_parquet(ift, out / "ift_train.parquet"),
+             "eft_train": write_parquet(eft, out / "eft_train.parquet")}  # fmt: skip
+    train_rows = [{"prompt_text": r["prompt_text"], "target_text": r["target_text"]} for r in ift + eft]
+    random.Random(cfg.run.seed).shuffle(train_rows)  # IFT and EFT interleaved in every batch
+    print(f"[init] IFT {len(ift)} rows, EFT {len(eft_pairs)} pairs = {len(eft)} rows from M0's own candidates "
+          f"({len(eft) / len(ift):.3f} EFT rows per IFT row; configured {icfg.eft_ift_ratio}); "
+          f"EFT sites {eft_counts}", flush=True)  # fmt: skip
+
+    with _timed(seconds, "sft"):
+        trained = train_sft(cfg, model_path=model_path, dataset=ray.data.from_arrow(pa.Table.from_pylist(train_rows)),
+                            output_dir=str(out / "sft"), policy_version=1, num_rows=len(train_rows))  # fmt: skip
     print(f"[init] SFT: {trained.num_optimizer_steps} optimizer steps, M1 -> {trained.hf_dir}", flush=True)
-    if evaluate:
-        # Fresh engines load the export itself: M1 as any later stage will load it.
-        result.scores.append(_score_with_engines(cfg, trained.hf_dir, tokenizer, data, "M1"))
-    result.table = format_table(result)
-    print(result.table, flush=True)
-    (out / "results.md").write_text(result.table + "\n")
-    (out / "results.json").write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+
+    with _timed(seconds, "heldout_pairs"):
+        files["heldout_pairs"] = out / "heldout_pairs.parquet"
+        heldout, heldout_counts = _pairs_phase(files["heldout_pairs"], propose(
+            trained.hf_dir, 1, split.heldout, icfg.num_heldout_pairs, sampling.seed + 1))  # fmt: skip
+    print(f"[init] held-out judge pairs: {len(heldout)} from M1's candidates; sites {heldout_counts}", flush=True)
+    scores = {}
+    for name, path, version in (("M0", model_path, 0), ("M1", trained.hf_dir, 1)):
+        if name in evaluate:
+            with _timed(seconds, f"score_{name.lower()}"):
+                scores[name] = scores_of(cfg, out, name, path, version, [p.pair for p in heldout], tokenizer)
+    seconds["total"] = time.perf_counter() - clock
+    result = InitResult(
+        output_dir=str(out), hf_dir=trained.hf_dir, judge_mode=mode.value, eft_ift_ratio=icfg.eft_ift_ratio,
+        num_ift_rows=len(ift), num_eft_pairs=len(eft_pairs), num_eft_rows=len(eft), num_heldout_pairs=len(heldout),
+        heldout_problem_ids=[p.problem_id for p in split.heldout], data_files={k: str(v) for k, v in files.items()},
+        eft_counts=eft_counts, heldout_counts=heldout_counts, train_metrics=trained.metrics,
+        scores={k: scores[k] for k in ("M0", "M1") if k in scores}, seconds=seconds,
+    )  # fmt: skip
+    if not eft_pairs:
+        print("[init] WARNING: no EFT pair: M0 proposed no step the oracle labels right beside a wrong one, so M1 "
+              "is trained on IFT only and learns no judging", flush=True)  # fmt: skip
+    if len(heldout) < icfg.num_heldout_pairs:
+        print(f"[init] only {len(heldout)} of init.num_heldout_pairs={icfg.num_heldout_pairs} held-out pairs: M1's "
+              f"candidates were all right or all wrong on the rest of the {len(split.heldout)} held-out problems; "
+              "raise init.num_heldout_problems", flush=True)  # fmt: skip
+    (out / "results.md").write_text(format_init(result) + "\n")
+    _write_atomic(out / RESULT_FILE, json.dumps(asdict(result), indent=2, default=str) + "\n")
     return result
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
+def format_init(result: InitResult) -> str:
+    """The init's figures: the EFT:IFT ratio, yields, SFT loss, stage times and the models' scores."""
+    from psr_ray.report import RUN_HEADER, format_run_table
 
-    return pq.read_table(path).to_pylist()
+    models = [{"model": name, "trained_on": "" if name == "M0" else "init SFT (IFT + EFT)", "rows": s["benchmarks"],
+               "judge": s["judge"], "seconds": {"eval": s.get("eval_s")}} for name, s in result.scores.items()]  # fmt: skip
+    e, h = result.eft_counts, result.heldout_counts
+    loss = [m["train/loss"] for m in result.train_metrics]
+    lines = [
+        f"EFT:IFT = {result.num_eft_rows}:{result.num_ift_rows} rows = {result.eft_rows_per_ift_row:.3f} "
+        f"(configured init.eft_ift_ratio {result.eft_ift_ratio}; the paper's is about 1:7 = 0.143). EFT pairs: "
+        f"{result.num_eft_pairs} from M0's own candidates ({e.get('candidates', 0)} candidates at {e.get('sites', 0)} "
+        f"steps, {e.get('right', 0)} right by the oracle, {e.get('mixed_sites', 0)} steps with a right and a wrong one), "
+        f"judge mode {result.judge_mode}, both orders.",
+        f"Held-out judge pairs: {result.num_heldout_pairs} from M1's candidates ({h.get('candidates', 0)} at "
+        f"{h.get('sites', 0)} steps of held-out problems, {h.get('right', 0)} right).",
+        (f"SFT: {len(loss)} optimizer steps, loss {loss[0]:.3f} (first) -> {loss[-1]:.3f} (last)." if loss else "SFT: resumed."),
+        "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + ".",
+    ]
+    table = format_run_table(models) if models else RUN_HEADER
+    return "\n".join(lines) + "\n\n" + table
 
 
-def _score_with_engines(cfg: PSRConfig, model_path: str, tokenizer: Any, data: InitData, name: str) -> ModelScores:
-    """Scores `model_path` on judge engines started for it and stopped after, so that no engine holds
-    memory while the trainer group runs."""
+def read_result(output_dir: str | Path) -> InitResult | None:
+    """The InitResult a finished init wrote into `output_dir`, or None."""
+    path = Path(output_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    return InitResult(**json.loads(path.read_text()))
+
+
+def eval_key(cfg: PSRConfig) -> str:
+    """A digest of the settings a model's scores depend on (benchmarks, limits, tokens)."""
+    plain = cfg.to_dict()["eval"]
+    value = {k: plain[k] for k in ("benchmarks", "limit", "max_tokens")} | {"judge": cfg.judge.max_explanation_tokens}
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scores_of(cfg: PSRConfig, out: Path, name: str, model_path: str, version: int, pairs: list[Any],
+              tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+    """`score_model` of `model_path` on engines started for it, kept in `out` per evaluation setting."""
+    path = out / f"scores_{name}_{eval_key(cfg)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    with temporary_engines(cfg, "rollout", model_path, version) as engines:
+        scores = score_model(cfg, engines, tokenizer, pairs, eft_mode(cfg))
+    _write_atomic(path, json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[Any], mode: JudgeMode) -> dict[str, Any]:
+    """Judge accuracy on held-out pairs (both orders) and greedy accuracy on `eval.benchmarks`."""
+    from psr_ray.eval import evaluate
+    from psr_ray.measure import judge_accuracy
+
+    timeout_s = cfg.run.engine_call_timeout_s
+    judge = judge_accuracy(engines, pairs, mode=mode.value, max_tokens=cfg.judge.max_explanation_tokens,
+                           timeout_s=timeout_s)  # fmt: skip
+    result = evaluate(engines, tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
+                      max_tokens=cfg.eval.max_tokens, timeout_s=timeout_s)  # fmt: skip
+    return {"judge": judge, "benchmarks": result.rows(0), "eval_s": result.elapsed_s}
+
+
+def _pairs_phase(path: Path, build: Callable[[], tuple[list[OraclePair], dict[str, int]]]) -> tuple[list[OraclePair], dict[str, int]]:
+    """One phase's oracle pairs, built once: a finished phase's file and counts are read back."""
+    counts_path = path.with_suffix(".counts.json")
+    if path.is_file() and counts_path.is_file():
+        return read_pairs(path), json.loads(counts_path.read_text())
+    pairs, counts = build()
+    write_parquet(pair_rows(pairs), path)
+    _write_atomic(counts_path, json.dumps(counts) + "\n")  # last: marks the phase done
+    return pairs, counts
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def temporary_engines(cfg: PSRConfig, role: str, model_path: str, policy_version: int) -> Iterator[list[Any]]:
+    """Engines on `model_path` for one phase, killed after it (their names are then free again). As many as
+    the run has engines of both roles: no trainer runs meanwhile, and each engine uses its own CPUs."""
+    import dataclasses
+
     import ray
 
     from psr_ray.engines.pool import start_engine_pool
 
-    # A running PSR run's judges serve another model: they must be neither borrowed nor stopped.
-    names = [f"psr-judge-{i}" for i in range(cfg.judge.num_engines)]
+    count = cfg.rollout.num_engines + cfg.judge.num_engines
+    cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(getattr(cfg, role), num_engines=count)})
+    names = [f"psr-{role}-{i}" for i in range(count)]
     busy = sorted(set(names) & set(ray.util.list_named_actors()))
-    if busy:
-        raise ValueError(f"judge engines {busy} are already running in this Ray namespace; stop that run first")
-    engines = start_engine_pool(cfg, "judge", model_path, policy_version=0 if name == "M0" else 1).actors
+    if busy:  # a running PSR run's engines serve another model: neither borrow nor stop them
+        raise ValueError(f"engines {busy} are already running in this Ray namespace; stop that run first")
+    engines = start_engine_pool(cfg, role, model_path, policy_version=policy_version).actors
     try:
-        return _score_model(cfg, engines, tokenizer, data, name)
+        yield engines
     finally:
         for engine in engines:
             ray.kill(engine)
-        # The names are free only once the actors are gone; the next model's engines reuse them.
         deadline = time.monotonic() + 60
         while set(names) & set(ray.util.list_named_actors()) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 
-def _score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, data: InitData, name: str) -> ModelScores:
-    """Judge accuracy on held-out EFT pairs (both orders, every mode) and greedy solving of IFT questions."""
-    import ray
-
-    from psr_ray.eval import generate_all, score_solution, split_batches, summarize
-    from psr_ray.init_data.labelled import judge_requests, score_judgments
-    from psr_ray.prompts import render_solution_prompt
-
-    requests, labels = judge_requests([item.pair for item in data.eft_test])
-    judge = {}
-    for mode in EVAL_JUDGE_MODES:
-        batches = split_batches(len(requests), num_engines=len(engines), batch_size=256)
-        refs = [
-            engines[i % len(engines)].judge.remote(
-                requests[start:end], mode=mode, temperature=0.0, max_tokens=cfg.judge.max_explanation_tokens
-            )
-            for i, (start, end) in enumerate(batches)
-        ]
-        judgments = [j for batch in ray.get(refs, timeout=cfg.run.engine_call_timeout_s) for j in batch]
-        judge[mode] = asdict(score_judgments(judgments, labels))
-        print(f"[init] {name} judge {mode}: accuracy {judge[mode]['accuracy']:.3f}", flush=True)
-
-    problems = data.ift_test
-    prompts = [render_solution_prompt(tokenizer, p.question) for p in problems]
-    generations = generate_all(engines, prompts, max_tokens=cfg.eval.max_tokens, timeout_s=cfg.run.engine_call_timeout_s)
-    scores = [score_solution(p, g.text, g.num_tokens) for p, g in zip(problems, generations, strict=True)]
-    solving = summarize("held-out IFT", scores).row(iteration=0)
-    print(f"[init] {name} step-format compliance {solving['format_compliance']:.3f}", flush=True)
-    return ModelScores(name, judge, solving)
-
-
-def format_table(result: InitResult) -> str:
-    """Markdown: one row per model with judge and solving figures on held-out data."""
-    header = (
-        "| model | judge direct acc % | direct pair acc % | direct share A % | judge explain acc % | "
-        "explain parse % | step-format % | boxed acc % | steps/solution |"
-    )
-    lines = [header, "|" + "---|" * 9]
-    for s in result.scores:
-        d, e, v = s.judge[JudgeMode.DIRECT], s.judge[JudgeMode.EXPLAIN], s.solving
-        lines.append(
-            f"| {s.model} | {100 * d['accuracy']:.1f} | {100 * d['pair_accuracy']:.1f} | {100 * d['share_a']:.1f} | "
-            f"{100 * e['accuracy']:.1f} | {100 * e['parse_rate']:.1f} | {100 * v['format_compliance']:.1f} | "
-            f"{100 * v['accuracy_boxed']:.1f} | {v['steps_per_solution']:.2f} |"
-        )
-    notes = (
-        f"\nHeld out: {result.num_eft_test} EFT pairs ({2 * result.num_eft_test} judgments per mode, both orders), "
-        f"{result.num_ift_test} IFT questions (greedy). Trained on {result.num_ift_train} IFT solutions + "
-        f"{result.num_eft_train} EFT pairs = {result.num_sft_rows} SFT rows."
-    )
-    if result.train_metrics:
-        first, last = result.train_metrics[0], result.train_metrics[-1]
-        notes += f" SFT loss {first['train/loss']:.3f} (first step) -> {last['train/loss']:.3f} (last step)."
-    return "\n".join(lines) + notes
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - start

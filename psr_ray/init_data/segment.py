@@ -61,12 +61,18 @@ def _mask_braces(text: str) -> str:
 def worked_solution(row: dict[str, Any]) -> tuple[str, list[str], str] | None:
     """(question, steps, gold answer) of a row with a worked solution, or None.
 
+    Rows with `steps` (a list of step texts, the built-in task's) and an `answer` are taken as segmented.
     GSM8K rows: `answer` holding `#### N`; MATH rows: `solution` (or a worked `answer`) holding `\\boxed{}`.
     A bare final answer (`\\boxed{5}` alone, MATH-500's `answer`) is not a worked solution."""
     fields = {str(k).lower(): v for k, v in row.items()}
     question = question_of(fields)
     if question is None or not question.strip():
         return None
+    steps = fields.get("steps")
+    if isinstance(steps, (list, tuple)) and steps and all(isinstance(s, str) and s.strip() for s in steps):
+        answer = fields.get("answer")
+        if isinstance(answer, (str, int)) and str(answer).strip():
+            return question.strip(), [s.strip() for s in steps], str(answer).strip()
     for key in ("solution", "answer"):
         text = fields.get(key)
         if not isinstance(text, str):

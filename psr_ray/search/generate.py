@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable, Iterable
 
 from psr_ray.config import PSRConfig
-from psr_ray.data.pairs_io import PairWriter
+from psr_ray.data.pairs_io import PairWriter, read_pairs
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.engines.pool import EnginePool
 from psr_ray.search.scheduler import FinishedProblem, SearchScheduler
-from psr_ray.search.stats import SearchSummary
+from psr_ray.search.stats import SearchSummary, margin_summary
 
 
 class SearchStopped(RuntimeError):
@@ -76,5 +76,7 @@ def generate_pairs(
         raise
     finally:
         progress.close()
+    margins = read_pairs(output_dir, iteration).column("margin").to_pylist()  # every committed pair, resumed too
     return SearchSummary.of(stats, iteration=iteration, pairs_total=writer.num_pairs,
-                            seconds=time.monotonic() - start, pairs_dir=str(writer.directory))  # fmt: skip
+                            seconds=time.monotonic() - start, pairs_dir=str(writer.directory),
+                            **margin_summary(margins))  # fmt: skip

@@ -16,8 +16,15 @@ Rules the paper leaves open, decided here:
   cancels a constant position bias (SmolLM2-135M answers `A` 98% of the time: hard votes in both orders
   would tie every candidate and roll every step back). `explain` keeps the paper's hard wins.
 - Ties for best are broken by the soft votes (sum of P(win) from `prob_a`), then by the lowest index; ties
-  for worst by the lowest soft votes, then by the highest index. The rejected step must differ from the
-  chosen one; if no such non-empty candidate exists the step advances without a pair.
+  for worst by the lowest soft votes, then by the highest index.
+- A tie is decided over the candidates that can be rejected (non-empty, text unlike the best's): the best
+  must beat the worst of them by `min_score_margin` (score units: one comparison won is 1). Below that the
+  round is a tie and rolls back. Exact equality would never fire with soft votes (margins like 4.03 vs 3.95
+  are judge noise), and an empty candidate, which loses everything, would hide a tie among the others.
+  Every pair stores its margin.
+- When every non-empty candidate is the same text the step advances without a pair: the policy agrees with
+  itself on an easy step, which is no sign that the previous step was a dead end (the paper's literal rule,
+  all scores equal, would roll it back).
 - Pairs are held until the problem finishes (exactly once: a rollback can still drop them until then). A
   problem abandoned after `max_rollbacks` rollbacks releases no pairs: its path is not trusted.
 - With one order per pair, which candidate is shown first alternates from pair to pair to spread position
@@ -33,7 +40,7 @@ from psr_ray.config import JudgeMode
 from psr_ray.data.problems import Problem
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest
-from psr_ray.search.scoring import judge_plan, pick_best_worst, score_step
+from psr_ray.search.scoring import Decision, decide_step, judge_plan, score_step
 from psr_ray.steps import is_final_step, join_steps
 from psr_ray.verify import extract_answer, is_equivalent
 
@@ -65,6 +72,7 @@ class ProblemSearch:
         max_rollbacks: int,
         both_orders: bool = True,
         judge_mode: JudgeMode = JudgeMode.EXPLAIN,
+        min_score_margin: float = 1.0,
     ) -> None:
         self.problem = problem
         self.iteration = iteration
@@ -72,6 +80,7 @@ class ProblemSearch:
         self.max_rollbacks = max_rollbacks
         self.both_orders = both_orders
         self.judge_mode = JudgeMode(judge_mode)
+        self.min_score_margin = min_score_margin
         self.steps: list[str] = []
         self.pairs: list[StepPair | None] = []  # pairs[k] belongs to steps[k]
         self.phase = Phase.PROPOSE
@@ -82,6 +91,7 @@ class ProblemSearch:
         self.num_generated_tokens = 0
         self.num_judgments = 0
         self.num_unparseable = 0
+        self.num_steps_without_pair = 0  # steps kept that emit no pair (identical candidates), dropped ones included
         self._candidates: Candidates | None = None
         self._plan: list[tuple[int, int]] = []
         self._answer_correct: bool | None = None
@@ -114,7 +124,9 @@ class ProblemSearch:
         steps, prefix = self._candidates.steps, self.prefix
         return [JudgeRequest(self.problem.question, prefix, steps[a], steps[b]) for a, b in self._plan]
 
-    def on_judgments(self, judgments: list[Judgment]) -> None:
+    def on_judgments(self, judgments: list[Judgment], *, all_right: bool = False) -> None:
+        """`all_right`: the judge knows every candidate is right (judge.mode=oracle); a tie then advances
+        without a pair, as identical candidates do, instead of rolling a right step back."""
         assert self.phase is Phase.JUDGE and self._candidates is not None, self.phase
         cands = self._candidates
         result = score_step(
@@ -124,12 +136,18 @@ class ProblemSearch:
         self.num_unparseable += result.num_unparseable
         self._candidates, self._plan = None, []
         scores = result.scores
-        if len(cands.steps) < 2 or all(s == scores[0] for s in scores):
+        decided = decide_step(cands.steps, result, min_score_margin=self.min_score_margin)
+        if decided.decision is Decision.TIE and all_right:
+            decided = decided._replace(decision=Decision.NO_PAIR, worst=None, margin=0.0)
+        if decided.decision is Decision.TIE:
             self._rollback()
             return
-        best, worst = pick_best_worst(cands.steps, result)
+        best, worst = decided.best, decided.worst
         pair = None
-        if worst is not None:
+        if decided.decision is Decision.NO_PAIR:
+            self.num_steps_without_pair += 1
+        else:
+            assert worst is not None
             pair = StepPair(
                 pair_id=StepPair.make_id(self.iteration, self.problem.problem_id, self.step_index),
                 problem_id=self.problem.problem_id,
@@ -141,6 +159,7 @@ class ProblemSearch:
                 rejected=cands.steps[worst].strip(),
                 chosen_score=scores[best],
                 rejected_score=scores[worst],
+                margin=decided.margin,
                 num_candidates=len(cands.steps),
                 candidates=list(cands.steps),
                 candidate_scores=scores,

@@ -10,6 +10,9 @@ Every problem is a `ProblemSearch` state machine; the scheduler only moves reque
 Each engine holds at most `MAX_CALLS_PER_ENGINE` calls and a batch at most 1/(that x pool size) of the
 problems in flight, so while one cohort is judged the next is proposed and both pools stay busy.
 
+`judge.mode: oracle` (an ablation) decides judge rounds here, without an engine, by the exact step check
+of `psr_ray.oracle.judge`; proposals still go to the rollout engines.
+
 Faults. A call that fails because its engine died is re-queued whole (Ray restarts the engine,
 `max_restarts`); a failed call returns nothing, so each request is answered exactly once. A restarted engine
 re-runs `__init__` and so serves its construction-time weights and `policy_version`: every
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from psr_ray import metrics
-from psr_ray.config import PSRConfig
+from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
@@ -121,6 +124,8 @@ class SearchScheduler:
                 self.stats.count("problems_skipped")
         while self._queue or self._active:
             self._admit()
+            if self.cfg.judge.mode == JudgeMode.ORACLE:
+                self._judge_by_oracle(on_finished)
             self._dispatch()
             if not self._calls:  # every engine is backing off after a failure
                 time.sleep(0.1)
@@ -165,6 +170,7 @@ class SearchScheduler:
                 max_rollbacks=search_cfg.max_rollbacks,
                 both_orders=judge_cfg.both_orders,
                 judge_mode=judge_cfg.mode,
+                min_score_margin=search_cfg.min_score_margin,
             )
             self._want[CallKind.PROPOSE].append(problem.problem_id)
             self.stats.count("problems_started")
@@ -213,6 +219,18 @@ class SearchScheduler:
             )
             self._send(ref, InFlightCall(self.judge, engine, CallKind.JUDGE, tuple(keys)))
             self.stats.batch("judge", len(requests))
+
+    def _judge_by_oracle(self, on_finished: Callable[[FinishedProblem], None]) -> None:
+        """Every waiting judge round, decided by the step oracle (judge.mode=oracle) in the driver."""
+        from psr_ray.oracle.judge import oracle_round
+
+        want_judge = self._want[CallKind.JUDGE]
+        while want_judge:
+            key = want_judge.popleft()
+            search = self._active[key]
+            judgments, all_right = oracle_round(search.problem, search.judge_requests(), policy_version=self.policy_version)
+            self._take_judgments((key,), judgments, all_right=all_right)
+            self._route(key, on_finished)
 
     def _send(self, ref: Any, call: InFlightCall) -> None:
         call.pool.started(call.engine)
@@ -284,7 +302,7 @@ class SearchScheduler:
             self.stats.count("candidates", len(candidates.steps))
             self.stats.count("rollout_tokens", candidates.num_tokens)
 
-    def _take_judgments(self, keys: tuple[str, ...], results: list[Any]) -> None:
+    def _take_judgments(self, keys: tuple[str, ...], results: list[Any], *, all_right: bool = False) -> None:
         sizes = [len(self._active[k].judge_requests()) for k in keys]
         if len(results) != sum(sizes):
             raise RuntimeError(f"a judge engine answered {len(results)} of {sum(sizes)} judge requests")
@@ -292,14 +310,16 @@ class SearchScheduler:
         for key, size in zip(keys, sizes, strict=True):
             judgments = results[start : start + size]
             start += size
-            self._active[key].on_judgments(judgments)
+            self._active[key].on_judgments(judgments, all_right=all_right)
             self.stats.count("judge_calls", size)
-            self.stats.count("unparseable", sum(1 for x in judgments if x.verdict not in ("A", "B")))
+            undecided = sum(1 for x in judgments if x.verdict not in ("A", "B"))
+            self.stats.count("oracle_draws" if self.cfg.judge.mode == JudgeMode.ORACLE else "unparseable", undecided)
             self.stats.count("judge_tokens", sum(x.num_tokens for x in judgments))
 
     def _finish(self, search: ProblemSearch, on_finished: Callable[[FinishedProblem], None]) -> None:
         pairs = search.finished_pairs()
         self.stats.count("rollbacks", search.num_rollbacks)
+        self.stats.count("steps_without_pair", search.num_steps_without_pair)
         self.stats.count("pairs", len(pairs))
         if search.outcome is Outcome.ABANDONED:
             self.stats.count("problems_abandoned")

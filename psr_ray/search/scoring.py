@@ -7,7 +7,9 @@ solution and (best, worst) becomes the step's pair. Rules the paper leaves open 
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from psr_ray.engines.api import Judgment
 from psr_ray.prompts import Verdict
@@ -94,14 +96,44 @@ def score_step(
     return StepScores(votes, soft, len(plan), num_unparseable)
 
 
-def pick_best_worst(candidates: tuple[str, ...] | list[str], result: StepScores) -> tuple[int, int | None]:
-    """(best, worst) indices; worst is None when no non-empty candidate differs from the best."""
+class Decision(enum.Enum):
+    PAIR = "pair"  # the best beat the worst rejectable candidate by at least the minimum margin
+    NO_PAIR = "no_pair"  # every non-empty candidate is the best's text: advance, nothing to prefer
+    TIE = "tie"  # no preference among the candidates that could be rejected (or only empty ones): roll back
+
+
+class StepDecision(NamedTuple):
+    decision: Decision
+    best: int
+    worst: int | None  # the rejected candidate of a PAIR (also reported for a TIE when one exists)
+    margin: float  # scores[best] - scores[worst]; 0.0 without a worst
+
+
+# Soft votes are sums of floats: a margin that is the minimum in exact arithmetic must not fall just below it.
+_MARGIN_TOLERANCE = 1e-9
+
+
+def decide_step(
+    candidates: tuple[str, ...] | list[str], result: StepScores, *, min_score_margin: float
+) -> StepDecision:
+    """What the judged round of one step decides. The best candidate (highest score, then soft votes, then
+    lowest index) continues. Only non-empty candidates whose text differs from the best can be rejected; the
+    worst of them (lowest score, then soft votes, then highest index) is the rejected step when the best beat
+    it by `min_score_margin` or more. Below that the round is a tie: the paper's rule (all scores equal: roll
+    back) decided over the candidates that could be rejected, so an empty candidate that lost every comparison
+    cannot hide a tie among the others."""
     scores = result.scores
     n = len(candidates)
+    if n < 2:
+        return StepDecision(Decision.TIE, 0, None, 0.0)
     best = max(range(n), key=lambda i: (scores[i], result.soft[i], -i))
     chosen = candidates[best].strip()
+    if not chosen:  # every candidate is empty
+        return StepDecision(Decision.TIE, best, None, 0.0)
     rejectable = [i for i in range(n) if candidates[i].strip() and candidates[i].strip() != chosen]
     if not rejectable:
-        return best, None
+        return StepDecision(Decision.NO_PAIR, best, None, 0.0)
     worst = min(rejectable, key=lambda i: (scores[i], result.soft[i], -i))
-    return best, worst
+    margin = scores[best] - scores[worst]
+    decision = Decision.PAIR if margin >= min_score_margin - _MARGIN_TOLERANCE else Decision.TIE
+    return StepDecision(decision, best, worst, margin)

@@ -36,9 +36,11 @@ class SearchStats:
     problems_correct: int = 0  # final answers verified against a reference
     pairs: int = 0
     rollbacks: int = 0
+    steps_without_pair: int = 0  # steps kept without a pair: every non-empty candidate the same text
     candidates: int = 0
     judge_calls: int = 0  # comparisons judged
     unparseable: int = 0
+    oracle_draws: int = 0  # judge.mode=oracle: comparisons of two right or two wrong steps
     rollout_tokens: int = 0
     judge_tokens: int = 0
     requeued_requests: int = 0
@@ -71,6 +73,22 @@ class SearchStats:
         return self.problems_final_answer + self.problems_max_steps
 
 
+def margin_summary(margins: list[float]) -> dict[str, float | None]:
+    """Min, quartiles (linear interpolation between order statistics) and max of `margins`; None when empty."""
+    ordered = sorted(margins)
+
+    def quantile(q: float) -> float | None:
+        if not ordered:
+            return None
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    names = ("margin_min", "margin_q1", "margin_median", "margin_q3", "margin_max")
+    return {name: quantile(q) for name, q in zip(names, (0.0, 0.25, 0.5, 0.75, 1.0), strict=True)}
+
+
 @dataclass
 class SearchSummary(SearchStats):
     """A finished search pass: its counters plus what is derived from them."""
@@ -79,6 +97,12 @@ class SearchSummary(SearchStats):
     pairs_total: int = 0  # committed for the iteration, earlier (resumed) runs included
     seconds: float = 0.0
     pairs_dir: str = ""
+    # The distribution of the committed pairs' margins (chosen_score - rejected_score); None without pairs.
+    margin_min: float | None = None
+    margin_q1: float | None = None
+    margin_median: float | None = None
+    margin_q3: float | None = None
+    margin_max: float | None = None
 
     @classmethod
     def of(cls, stats: SearchStats, **fields: Any) -> SearchSummary:

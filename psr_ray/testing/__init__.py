@@ -78,6 +78,8 @@ def build_tiny_model(out_dir: str, *, vocab_size: int = 1024, seed: int = 0) -> 
 TINY_OVERRIDES = (
     "model.max_model_len=1024",
     "data.source=embedded:gsm8k",
+    "init.run_first=false",
+    "eval.benchmarks=[gsm8k]",
     "rollout.num_candidates=4",
     "rollout.max_step_tokens=12",
     "rollout.num_cpus_per_engine=0.5",
@@ -85,6 +87,9 @@ TINY_OVERRIDES = (
     "judge.mode=direct",
     "judge.both_orders=false",
     "search.max_steps=3",
+    # Its soft votes differ by where a candidate was shown, not by what it says: small margins, but pairs,
+    # which the plumbing tests need (the tie rule itself is tested on exact votes).
+    "search.min_score_margin=0.01",
     "trainer.num_workers=2",
     "trainer.global_batch_size=2",
     "trainer.micro_batch_size=1",
@@ -118,6 +123,7 @@ def make_pair(problem_id: str = "p0", step_index: int = 1, iteration: int = 0, *
         rejected="2 + 2 = 5",
         chosen_score=2.0,
         rejected_score=0.0,
+        margin=2.0,
         num_candidates=2,
         candidates=["2 + 2 = 4", "2 + 2 = 5"],
         candidate_scores=[2.0, 0.0],

@@ -1,7 +1,8 @@
 """Tokenization and padding of step pairs (DPO) and prompt/target rows (SFT). Torch only: no Ray, no DeepSpeed.
 
-Prompt and completion are tokenized separately and concatenated, exactly as the engine saw them: the prompt
-ends with the `Step k: ` header and the step's tokens were generated after it. No EOS is appended (a step
+Prompt and completion are tokenized separately and concatenated: the prompt ends with the `Step k:` header,
+the completion is `steps.step_continuation(step)` (" " + step), and together they are exactly the token ids
+of the solution written in one piece (what the engine and greedy evaluation emit). No EOS is appended (a step
 is not the end of a solution). Loss masks cover the completion tokens only. Over-long rows lose prompt
 tokens from the left (the question's start is the most expendable context of a late step), then, only if
 the completion alone is too long, completion tokens from the right; both are counted. Batches are padded
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from psr_ray.prompts import render_solver_prompt
+from psr_ray.steps import step_continuation
 
 DPO_COLUMNS = ("question", "prefix", "step_index", "chosen", "rejected")
 SFT_COLUMNS = ("prompt_text", "target_text")
@@ -54,8 +56,8 @@ def encode_pair(tokenizer: Any, row: dict[str, Any], *, max_seq_len: int) -> tup
     """(chosen, rejected) sequences of one step pair; both share the prompt of `render_solver_prompt`."""
     prompt = render_solver_prompt(tokenizer, row["question"], row["prefix"], int(row["step_index"]))
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    chosen_ids = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
-    rejected_ids = tokenizer(row["rejected"], add_special_tokens=False)["input_ids"]
+    chosen_ids = tokenizer(step_continuation(row["chosen"]), add_special_tokens=False)["input_ids"]
+    rejected_ids = tokenizer(step_continuation(row["rejected"]), add_special_tokens=False)["input_ids"]
     return _fit(prompt_ids, chosen_ids, max_seq_len), _fit(prompt_ids, rejected_ids, max_seq_len)
 
 

@@ -1,6 +1,6 @@
 """Step-wise DPO (Step-DPO, arXiv 2406.18332; used by PSR, arXiv 2503.03746 section 3.4).
 
-For a prompt x = question + previous steps s_1..s_{k-1} (+ the `Step k: ` header), a chosen step s_w and a
+For a prompt x = question + previous steps s_1..s_{k-1} (+ the `Step k:` header), a chosen step s_w and a
 rejected step s_l (one step each, no EOS appended):
 
     r_w = beta * (log pi(s_w | x) - log pi_ref(s_w | x))

@@ -38,7 +38,7 @@ def test_malformed_jsonl_is_reported_by_line(tmp_path):
     ]
     assert result.skipped == [
         (2, "invalid JSON: Expecting property name enclosed in double quotes at column 23"),
-        (3, "missing field: none of question, problem, prompt"),
+        (3, "missing field: none of question, problem, prompt, input"),
         (4, "invalid UTF-8: byte offset 17"),
         (6, "empty question"),
         (7, "question too long: 50 chars > max_chars 40"),
@@ -51,7 +51,7 @@ def test_malformed_jsonl_is_reported_by_line(tmp_path):
     # Benchmarks need a gold answer (the open question is skipped) and have no length limit.
     bench = load_benchmark(source)
     assert [p.problem_id for p in bench.problems] == ["mixed-test-0", "mixed-test-6", "mixed-test-8"]
-    assert bench.skipped[-1] == (10, "no answer: none of answer, gt, solution gives a final answer")
+    assert bench.skipped[-1] == (10, "no answer: none of answer, final_answer, target, gt, solution gives a final answer")
 
 
 def test_answer_fields(tmp_path):

@@ -53,3 +53,10 @@ def test_missing_required_value_is_rejected():
     table = pa.Table.from_pylist([make_pair().to_row() | {"rejected": None}], schema=STEP_PAIR_SCHEMA)
     with pytest.raises(ValueError, match="rejected"):
         check_table(table)
+
+
+def test_pairs_written_before_the_margin_column_get_their_score_difference():
+    old = to_table([make_pair()]).drop_columns(["margin"])
+    back = check_table(old)
+    assert back.schema.equals(STEP_PAIR_SCHEMA)
+    assert back.column("margin").to_pylist() == [2.0]  # chosen_score 2 - rejected_score 0

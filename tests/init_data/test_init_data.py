@@ -1,5 +1,6 @@
-"""IFT/EFT construction (exact segmentations of real GSM8K and MATH rows, balanced and correct EFT labels, a
-held-out split by problem) and one end-to-end `initialize` on the tiny model: data, SFT, M0/M1 scores."""
+"""IFT/EFT construction (exact segmentations of real GSM8K and MATH rows, EFT pairs from a model's own
+candidates labelled by the oracle, balanced verdicts, a held-out split by problem) and one end-to-end
+`initialize` on the tiny model: data, SFT, M0/M1 scores."""
 
 from __future__ import annotations
 
@@ -7,22 +8,25 @@ import json
 import re
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from psr_ray.data.problems import Problem
+from psr_ray.config import JudgeMode
+from psr_ray.data.problems import load_problems
 from psr_ray.init_data.build import (
-    JUDGE_MODES,
-    build_init_data,
     eft_rows,
     ift_rows,
     load_worked_problems,
-    write_init_data,
+    num_eft_pairs,
+    pair_rows,
+    read_pairs,
+    split_problems,
+    write_parquet,
 )
-from psr_ray.init_data.explain import changed_number, evaluate, explain
+from psr_ray.init_data.candidates import OraclePair, Sampling, best_and_worst, oracle_pairs
+from psr_ray.init_data.labelled import LabelledPair
 from psr_ray.init_data.segment import gsm8k_steps, math_steps, worked_solution
 from psr_ray.prompts import Verdict, parse_verdict
-from psr_ray.steps import extract_boxed, join_steps, split_steps
+from psr_ray.steps import extract_boxed, join_steps, split_steps, step_header
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
 needs_gsm8k = pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason=f"needs {GSM8K_TRAIN}")
@@ -91,79 +95,125 @@ def test_math_solution_splits_into_sentences_outside_math():
     assert worked_solution({"problem": "q", "answer": "5"}) is None
 
 
-def test_explanations_name_the_number_and_recompute():
-    assert changed_number("so 6*2=12 pages", "so 6*2=9 pages") == ("12", "9", 7)
-    assert evaluate("$12 x 5") == 60.0 and evaluate("48") is None and evaluate("2x") is None
-    assert explain("q", "", "So he writes 6*2=12 pages", "So he writes 6*2=9 pages", good_letter="B") == (
-        "The steps differ in one number: Step A has 9 where Step B has 12. "
-        "Recomputing Step A: 6*2 = 12, not 9, so it is wrong. Step B is correct."
-    )
-    assert explain("q", "", "She sold 48+24 = 72 clips", "She sold 48+23 = 72 clips", good_letter="A") == (
-        "The steps differ in one number: Step A has 24 where Step B has 23. "
-        "Recomputing Step B: 48+23 = 71, not 72, so it is wrong. Step A is correct."
-    )
-    assert explain("She has 16 eggs.", "", "She has 16 eggs.", "She has 18 eggs.", good_letter="A").endswith(
-        "The problem gives 16, so Step B's 18 is wrong. Step A is correct."
-    )
-    assert "The previous steps give 72" in explain(
-        "q", "Step 1: 72 clips\n", "\\boxed{72}", "\\boxed{75}", good_letter="A"
-    )
+def test_arith_rows_are_worked_solutions():
+    problems = load_worked_problems("embedded:arith", seed=0)
+    assert len(problems) == 4000 and problems[0].problem_id.startswith("arith-train-")
+    reference = {p.problem_id: p for p in load_problems("embedded:arith", seed=None).problems}
+    for p in problems[:50]:
+        assert p.steps == reference[p.problem_id].steps and p.answer == reference[p.problem_id].answer
 
 
-@needs_gsm8k
-def test_eft_labels_are_balanced_and_point_at_the_uncorrupted_step():
-    problems = []
-    for i, row in enumerate(gsm8k_rows(30)):
-        question, steps, _ = worked_solution(row)
-        problems.append(Problem(f"p{i}", question, "x", steps=tuple(steps)))
-    data = build_init_data(problems, num_ift=20, num_eft=20, test_fraction=0.2, seed=3)
-    rows = eft_rows(PlainTokenizer(), data.eft_train)
-    assert len(rows) == 20 * 2 * len(JUDGE_MODES)
-    for mode in JUDGE_MODES:
-        labels = [r["label"] for r in rows if r["mode"] == mode]
-        assert labels.count("A") == labels.count("B") == 20
-    pairs = {item.problem_id: item.pair for item in data.eft_train}
+def test_best_and_worst_pick_a_right_and_a_wrong_distinct_step():
+    import random
+
+    rng = random.Random(0)
+    assert best_and_worst(["a", "b", "c"], [True, True, True], rng) is None
+    assert best_and_worst(["a", " ", "c"], [False, True, False], rng) is None  # the right one is empty
+    assert best_and_worst(["a", "b", "a "], [True, False, False], rng) == ("a", "b")  # "a " is "a": never rejected
+    picks = {best_and_worst(["r1", "r2", "w1", "w2"], [True, True, False, False], rng) for _ in range(50)}
+    assert picks == {("r1", "w1"), ("r1", "w2"), ("r2", "w1"), ("r2", "w2")}
+
+
+def _oracle_pair(i: int) -> OraclePair:
+    pair = LabelledPair(f"q{i}", "Step 1: 2 x 3 = 6.\n", "6 + 4 = 10.", "6 + 4 = 11.")
+    return OraclePair(f"p{i}", pair, 8, 3, "6 + 4 is not 11 but 10")
+
+
+@pytest.mark.parametrize("mode", [JudgeMode.DIRECT, JudgeMode.EXPLAIN])
+def test_eft_rows_are_balanced_and_point_at_the_right_step(mode):
+    rows = eft_rows(PlainTokenizer(), [_oracle_pair(i) for i in range(5)], mode=mode)
+    assert len(rows) == 10 and [r["label"] for r in rows].count("A") == 5
     for row in rows:
-        pair = pairs[row["problem_id"]]
         good, bad = (row["step_a"], row["step_b"]) if row["label"] == "A" else (row["step_b"], row["step_a"])
-        assert (good, bad) == (pair.good_step, pair.bad_step) and good != bad
+        assert (good, bad) == ("6 + 4 = 10.", "6 + 4 = 11.")
         assert row["target_text"].endswith(f"{row['label']}]]</s>")
-        if row["mode"] == "explain":
+        other = "B" if row["label"] == "A" else "A"
+        if mode is JudgeMode.EXPLAIN:
             assert row["prompt_text"].endswith("Explanation:")
             assert parse_verdict(row["target_text"]) == Verdict(row["label"])
-            assert row["target_text"].endswith(f"\nVerdict: [[{row['label']}]]</s>")
+            checks = {"A": "6 + 4 = 10, it writes 10" if row["label"] == "A" else "6 + 4 = 10, it writes 11"}
+            checks["B"] = "6 + 4 = 10, it writes 11" if row["label"] == "A" else "6 + 4 = 10, it writes 10"
+            assert row["target_text"] == (f" Step A: {checks['A']}. Step B: {checks['B']}. Step {other} is wrong: "
+                                          f"6 + 4 is not 11 but 10. Step {row['label']} is correct.\n"
+                                          f"Verdict: [[{row['label']}]]</s>")  # fmt: skip
         else:
             assert row["prompt_text"].endswith("Verdict: [[") and row["target_text"] == f"{row['label']}]]</s>"
 
 
-@needs_gsm8k
-def test_held_out_split_shares_no_problem_and_files_hold_the_rows(tmp_path):
-    problems = load_worked_problems(str(GSM8K_TRAIN), seed=1)
-    assert len(problems) == 7473 and problems[0].problem_id.startswith("gsm8k-train-")
-    data = build_init_data(problems[:200], num_ift=50, num_eft=40, test_fraction=0.2)
-    files = write_init_data(PlainTokenizer(), data, tmp_path)
-    ids = {name: set(pq.read_table(path).column("problem_id").to_pylist()) for name, path in files.items()}
-    train, test = ids["ift_train"] | ids["eft_train"], ids["ift_test"] | ids["eft_test"]
-    assert not train & test
-    assert (len(ids["ift_train"]), len(ids["eft_train"]), len(ids["ift_test"])) == (50, 40, 13)
-    ift = pq.read_table(files["ift_train"]).to_pylist()
-    assert ift == ift_rows(PlainTokenizer(), data.ift_train)
-    # IFT target = the forced `Step 1: ` prompt's continuation: the whole step-formatted solution and EOS.
-    row = ift[0]
-    assert row["prompt_text"].endswith("Assistant: Step 1: ")
-    assert "Step 1: " + row["target_text"] == row["solution"].rstrip("\n") + "</s>"
+def test_eft_ratio_and_pair_files_round_trip(tmp_path):
+    assert num_eft_pairs(700, 0.143) == 50  # 100 rows = 50 pairs in both orders: 1:7
+    assert num_eft_pairs(3, 0.1) == 1
+    pairs = [_oracle_pair(i) for i in range(3)]
+    assert read_pairs(write_parquet(pair_rows(pairs), tmp_path / "pairs.parquet")) == pairs
+
+
+def test_held_out_split_shares_no_problem_and_ift_targets_are_the_solutions():
+    problems = load_worked_problems("embedded:arith", seed=1)[:200]
+    split = split_problems(problems, num_heldout=40, num_ift=50)
+    ids = [{p.problem_id for p in part} for part in (split.heldout, split.ift, split.eft)]
+    assert [len(x) for x in ids] == [40, 50, 110] and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    row = ift_rows(PlainTokenizer(), split.ift)[0]
+    assert row["prompt_text"].endswith("Assistant: " + step_header(1))
+    assert step_header(1) + row["target_text"] == row["solution"].rstrip("\n") + "</s>"
     assert extract_boxed(row["target_text"]) == row["answer"]
     with pytest.raises(ValueError, match="num_ift_examples"):
-        build_init_data(problems[:20], num_ift=50, num_eft=5, test_fraction=0.2)
+        split_problems(problems[:20], num_heldout=10, num_ift=50)
+
+
+class ArithProposer:
+    """Proposes, at step k of a problem, the reference step, the same step with its result off by one, and
+    a step with no equation: exactly one right candidate of three."""
+
+    def __init__(self, problems):
+        self.steps = {p.question: p.steps for p in problems}
+
+    def propose(self, requests, *, num_candidates, temperature, top_p, max_tokens, seed):
+        from psr_ray.engines.api import Candidates
+
+        out = []
+        for r in requests:
+            right = self.steps[r.question][r.step_index - 1]
+            result = right.split(" = ")[1].split()[0]
+            steps = (right.replace(f"= {result}", f"= {int(result) + 1}", 1), "We need to think.", right)
+            out.append(Candidates(steps[:num_candidates], 30, 0))
+        return out
+
+    def ready(self):
+        return True
 
 
 @pytest.mark.ray
-@needs_gsm8k
+def test_oracle_pairs_from_own_candidates(ray_cluster):
+    import sys
+
+    from psr_ray.oracle.exact import check_next_step
+    from psr_ray.steps import split_steps
+
+    problems = load_worked_problems("embedded:arith", seed=0)[:10]
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    actor = ray_cluster.remote(ArithProposer).options(num_cpus=0).remote(problems)
+    sampling = Sampling(num_candidates=3, temperature=1.0, top_p=1.0, max_tokens=32, num_rollouts=2, seed=0)
+    try:
+        pairs, counts = oracle_pairs([actor], None, problems, num_pairs=6, sampling=sampling, chunk=4)
+    finally:
+        ray_cluster.kill(actor)
+    assert counts == {"sites": 8, "candidates": 24, "right": 8, "mixed_sites": 8}  # two chunks of 4 for 6 pairs
+    assert len(pairs) == 6
+    by_id = {p.problem_id: p for p in problems}
+    for item in pairs:
+        problem, pair = by_id[item.problem_id], item.pair
+        previous = split_steps(pair.prefix) if pair.prefix else []
+        assert check_next_step(problem, previous, pair.good_step) and not check_next_step(problem, previous, pair.bad_step)
+        assert item.why_bad in ("it computes nothing: it has no equation",) or " is not " in item.why_bad
+
+
+@pytest.mark.ray
 def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from psr_ray import config as C
     from psr_ray.init_data import initialize
+    from psr_ray.init_data.run import read_result
 
     def kill_engines():
         for name in ray_cluster.util.list_named_actors():
@@ -172,24 +222,30 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
 
     kill_engines()
     cfg = C.validate(C.load([], [
-        f"model.path={tiny_model_dir}", "model.max_model_len=1024", f"data.source={GSM8K_TRAIN}",
+        f"model.path={tiny_model_dir}", "model.max_model_len=1024", "data.source=embedded:arith",
         "judge.num_cpus_per_engine=0.5", "judge.max_explanation_tokens=8", "eval.max_tokens=16",
+        "eval.benchmarks=[arith]", "eval.limit=3", "rollout.max_step_tokens=8",
         "trainer.num_workers=2", "trainer.global_batch_size=2", "trainer.micro_batch_size=1",
         "trainer.max_seq_len=512", "trainer.sft_learning_rate=1e-3", "trainer.sft_num_epochs=1",
-        "init.test_fraction=0.34", "run.wandb_mode=disabled",
+        "init.num_ift_examples=4", "init.num_candidates=2", "init.num_heldout_problems=3", "init.num_heldout_pairs=2",
+        "run.wandb_mode=disabled",
     ]), gpu_available=False)  # fmt: skip
     try:
-        result = initialize(cfg, output_dir=str(tmp_path / "init"), num_ift=4, num_eft=2)
+        result = initialize(cfg, output_dir=str(tmp_path / "init"))
     finally:
         kill_engines()
-    for name in ("ift_train", "ift_test", "eft_train", "eft_test"):
+    for name in ("ift_train", "eft_train", "heldout_pairs"):
         assert (tmp_path / "init" / f"{name}.parquet").is_file()
-    assert (result.num_ift_train, result.num_eft_train, result.num_ift_test, result.num_sft_rows) == (4, 2, 3, 12)
-    assert len(result.train_metrics) == 6  # 12 rows / global batch 2, one epoch
-    assert [s.model for s in result.scores] == ["M0", "M1"]
-    for scores in result.scores:
-        assert {m: s["num_judgments"] for m, s in scores.judge.items()} == {"direct": 6, "explain": 6}
-        assert scores.solving["n"] == 3
-    assert "| M1 |" in result.table and (tmp_path / "init" / "results.md").read_text().startswith(result.table)
+    # The random tiny model never writes a right step: no EFT pair, no held-out pair; IFT alone is trained.
+    assert (result.num_ift_rows, result.num_eft_pairs, result.num_heldout_pairs) == (4, 0, 0)
+    assert result.eft_counts["sites"] > 0 and result.eft_counts["right"] == 0
+    assert len(result.train_metrics) == 2  # 4 rows / global batch 2, one epoch
+    assert list(result.scores) == ["M0", "M1"]
+    for scores in result.scores.values():
+        assert scores["judge"] is None and [r["n"] for r in scores["benchmarks"]] == [3]
+    assert result.heldout_problem_ids == [p.problem_id for p in load_worked_problems("embedded:arith")[:3]]
+    text = (tmp_path / "init" / "results.md").read_text()
+    assert "| M1 | init SFT (IFT + EFT) | arith | 3 |" in text and "EFT:IFT = 0:4 rows" in text
+    assert read_result(tmp_path / "init") == result
     model = AutoModelForCausalLM.from_pretrained(result.hf_dir)
     assert model.num_parameters() == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()

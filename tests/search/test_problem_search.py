@@ -9,7 +9,7 @@ import pytest
 from psr_ray.data.problems import Problem
 from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest
 from psr_ray.search.problem import Outcome, Phase, ProblemSearch
-from psr_ray.search.scoring import judge_plan, pick_best_worst, score_step
+from psr_ray.search.scoring import Decision, decide_step, judge_plan, score_step
 
 
 def J(verdict: str, prob_a: float | None = None) -> Judgment:
@@ -66,7 +66,7 @@ def test_scores_follow_the_vote_matrix_and_unparseable_is_no_vote():
     assert result.scores == [sum(row) for row in result.votes]
     assert (result.num_judgments, result.num_unparseable) == (6, 1)
     assert result.soft == [0.5, 3.5, 2.0]
-    assert pick_best_worst(cands, result) == (1, 0)
+    assert decide_step(cands, result, min_score_margin=1.0) == (Decision.PAIR, 1, 0, 3.0)
 
 
 def test_identical_draw_and_empty_loses_without_judge():
@@ -79,7 +79,7 @@ def test_identical_draw_and_empty_loses_without_judge():
     assert result.votes == [[0, 1, 2, 2], [1, 0, 2, 2], [0, 0, 0, 0], [0, 0, 2, 0]]
     assert result.scores == [5, 5, 0, 2]
     # Best: tie 0/1 on score and soft votes -> lowest index. Worst: the empty one is never rejected.
-    assert pick_best_worst(cands, result) == (0, 3)
+    assert decide_step(cands, result, min_score_margin=1.0) == (Decision.PAIR, 0, 3, 3.0)
 
 
 def test_best_tie_broken_by_soft_votes_then_index():
@@ -99,7 +99,8 @@ def test_best_tie_broken_by_soft_votes_then_index():
     result = score_step(cands4, plan4, judgments4, both_orders=False)
     assert result.scores == [2, 1, 2, 1]
     assert result.soft == pytest.approx([1.21, 1.45, 2.38, 0.96])
-    assert pick_best_worst(cands4, result) == (2, 3)
+    assert decide_step(cands4, result, min_score_margin=1.0) == (Decision.PAIR, 2, 3, 1.0)
+    assert decide_step(cands4, result, min_score_margin=1.5).decision is Decision.TIE
 
 
 def test_search_reaches_final_answer_and_emits_one_pair_per_step():
@@ -118,7 +119,7 @@ def test_search_reaches_final_answer_and_emits_one_pair_per_step():
     assert pairs[1].prefix == "Step 1: 3 step1\n"
     assert asked[1].prefix == "Step 1: 3 step1\n"
     p = pairs[0]
-    assert (p.chosen_score, p.rejected_score, p.candidate_scores) == (4, 0, [0, 4, 2])
+    assert (p.chosen_score, p.rejected_score, p.margin, p.candidate_scores) == (4, 0, 4, [0, 4, 2])
     assert p.vote_matrix == [[0, 0, 0], [2, 0, 2], [2, 0, 0]]
     assert (p.num_judgments, p.num_unparseable, p.num_candidates, p.policy_version) == (6, 0, 3, 7)
     assert (p.judge_mode, p.num_rollbacks, p.answer_correct, p.iteration) == ("explain", 0, None, 3)
@@ -165,7 +166,7 @@ def test_rollback_drops_previous_step_and_its_pair_then_retries_it():
     assert search.num_candidates_seen == 15 and search.num_generated_tokens == 50
 
 
-def test_all_identical_candidates_roll_back_at_step_one():
+def test_all_identical_candidates_advance_without_a_pair():
     calls = []
 
     def propose(req):
@@ -174,9 +175,10 @@ def test_all_identical_candidates_roll_back_at_step_one():
 
     search = make()
     drive(search, propose)
-    assert calls == [1, 1] and search.num_rollbacks == 1
+    assert calls == [1, 2] and search.num_rollbacks == 0
     assert search.num_judgments == 6  # the identical round never reached the judge
-    assert [p.step_index for p in search.finished_pairs()] == [1]
+    assert search.steps == ["1 same", r"2 \boxed{2}"]
+    assert [p.step_index for p in search.finished_pairs()] == [2]
 
 
 def test_max_rollbacks_abandons_and_releases_no_pairs():
@@ -213,7 +215,9 @@ def test_direct_mode_soft_votes_cancel_a_constant_position_bias():
     assert soft.votes[1][0] == pytest.approx((1 - 0.90) + 0.96)
     assert soft.scores == pytest.approx([1.86, 2.03, 2.11])
     assert soft.scores == pytest.approx([sum(row) for row in soft.votes])
-    assert pick_best_worst(cands, soft) == (2, 0)
+    # Best z, worst x, but by a quarter of a comparison: under the default minimum margin, a tie.
+    assert decide_step(cands, soft, min_score_margin=0.2) == (Decision.PAIR, 2, 0, pytest.approx(0.25))
+    assert decide_step(cands, soft, min_score_margin=1.0).decision is Decision.TIE
     # Unparseable stays no vote in either mode.
     judgments[0] = J("unparseable")
     assert score_step(cands, plan, judgments, both_orders=True, soft_votes=True).num_unparseable == 1

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.ray
 
 class FakeEngine:
     """Candidates `"<quality> <problem> s<k> c<j>"`; step 3 of a problem carries a boxed answer. A question
-    containing "tie" proposes identical candidates at step 2 on even seeds (a rollback). The judge prefers
-    the higher leading digit; equal digits are unparseable. Each call sleeps a little so calls overlap."""
+    containing "tie" proposes candidates of equal quality at step 2 on even seeds (a tie: a rollback). The
+    judge prefers the higher leading digit; equal digits are unparseable. Each call sleeps a little so calls
+    overlap."""
 
     def __init__(self, delay: float = 0.05):
         self.delay = delay
@@ -37,7 +38,7 @@ class FakeEngine:
             k = r.step_index
             request_seed = seed[i] if isinstance(seed, list) else seed + i * num_candidates
             if "tie" in r.question and k == 2 and request_seed % 2 == 0:
-                steps = ("5 same",) * num_candidates
+                steps = tuple(f"5 same c{j}" for j in range(num_candidates))
             else:
                 tag = f"{r.question.split()[0]} s{k}"
                 steps = tuple(
@@ -152,6 +153,8 @@ def test_generate_pairs_summary_and_resume_skip_finished_problems(ray_cluster, t
     assert (first.problems_total, first.problems_resumed, first.problems_skipped) == (6, 0, 0)
     assert first.pairs == len(read_pairs(str(tmp_path), 2)) > 0
     assert first.generated_tokens > 0 and first.tokens_per_s > 0 and first.unparseable_rate >= 0
+    margins = sorted(read_pairs(str(tmp_path), 2).column("margin").to_pylist())
+    assert (first.margin_min, first.margin_max) == (margins[0], margins[-1]) and margins[0] >= 1.0
     assert read_manifest(first.pairs_dir)["complete"] is True
 
     seen = []
@@ -182,7 +185,8 @@ def test_generate_pairs_with_real_tiny_engines(ray_cluster, tiny_model_dir, tmp_
         model=ModelConfig(max_model_len=512),
         rollout=RolloutConfig(num_candidates=4, max_step_tokens=12),
         judge=JudgeConfig(mode="direct", both_orders=False),
-        search=SearchConfig(max_steps=2, max_rollbacks=2, max_problems_in_flight=4),
+        # The random judge's margins come from positions, not content: far below the default minimum.
+        search=SearchConfig(max_steps=2, max_rollbacks=2, max_problems_in_flight=4, min_score_margin=0.01),
     )
     with ThreadPoolExecutor(2) as pool:  # both engines start at once
         rollout_future = pool.submit(start_engine_pool, cfg, "rollout", tiny_model_dir)
@@ -208,6 +212,8 @@ def test_generate_pairs_with_real_tiny_engines(ray_cluster, tiny_model_dir, tmp_
     assert table.num_rows == summary.pairs > 0
     rows = table.to_pylist()
     assert all(r["chosen"] != r["rejected"] and r["policy_version"] == 0 and r["judge_mode"] == "direct" for r in rows)
+    assert all(r["margin"] == pytest.approx(r["chosen_score"] - r["rejected_score"], abs=1e-6) for r in rows)
+    assert all(r["margin"] >= 0.01 for r in rows)
     assert len({r["pair_id"] for r in rows}) == len(rows)
     streamed = [r["pair_id"] for r in stream_pairs_dataset(str(tmp_path), 1).iter_rows()]
     assert sorted(streamed) == sorted(r["pair_id"] for r in rows)

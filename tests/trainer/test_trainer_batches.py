@@ -30,9 +30,9 @@ def ids(tokenizer, text):
 
 def test_pair_is_prompt_then_step_with_step_only_mask(tokenizer):
     prompt = render_solver_prompt(tokenizer, ROW["question"], ROW["prefix"], 2)
-    assert prompt.endswith("Step 1: Tom starts with 3 apples.\nStep 2: ")
+    assert prompt.endswith("Step 1: Tom starts with 3 apples.\nStep 2:")
     chosen, rejected = encode_pair(tokenizer, ROW, max_seq_len=1024)
-    p, c, r = ids(tokenizer, prompt), ids(tokenizer, ROW["chosen"]), ids(tokenizer, ROW["rejected"])
+    p, c, r = ids(tokenizer, prompt), ids(tokenizer, " " + ROW["chosen"]), ids(tokenizer, " " + ROW["rejected"])
     assert chosen.input_ids == p + c and rejected.input_ids == p + r
     assert chosen.loss_mask == [0] * len(p) + [1] * len(c)
     assert rejected.loss_mask == [0] * len(p) + [1] * len(r)
@@ -74,7 +74,7 @@ def test_left_truncation_keeps_the_step_and_counts(tokenizer):
 def test_over_long_step_keeps_one_prompt_token(tokenizer):
     chosen, _ = encode_pair(tokenizer, ROW, max_seq_len=4)
     assert chosen.truncated and chosen.loss_mask == [0, 1, 1, 1]
-    c = ids(tokenizer, ROW["chosen"])
+    c = ids(tokenizer, " " + ROW["chosen"])
     assert chosen.input_ids[1:] == c[:3]
 
 

@@ -1,0 +1,307 @@
+"""Fidelity: does process-based self-rewarding measurably improve the model? Writes bench/results/fidelity.md
+and bench/results/fidelity.png, every figure computed here.
+
+    .venv/bin/python bench/fidelity.py                  # every stage, resumable (finished stages are kept)
+    .venv/bin/python bench/fidelity.py --stage init     # one stage at a time (each well under 40 min, 2 cores)
+
+Stages (the embedded config, `--config`/overrides change it; outputs under --work):
+  init     M0 -> M1 through the product (`init.run_first`'s cached init: M0's own candidates as EFT pairs,
+           ZeRO-3 SFT on Ray Train, held-out oracle-labelled judge pairs from M1's candidates)
+  self     `psr-ray run`'s loop from M1 with the configured self-judge: M2 (and M3 with --iterations 2)
+  oracle   the same loop with `judge.mode: oracle` (the ablation): M2 from oracle-judged pairs
+  random   the control: step-DPO from M1 on the oracle run's stored candidates with random preferences
+  mc       the Monte-Carlo oracle (rollouts) against the exact check on stored candidates
+  report   the table and the plot from the stages' records
+Each model is evaluated greedily on the same `eval.limit` held-out problems (the paper's boxed rule and the
+lenient one, 95% Wilson intervals, exact McNemar), its judge accuracy on the same held-out pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+STAGES = ("init", "self", "oracle", "random", "mc", "report")
+
+
+class PeakMemory:
+    """Samples the memory of this process and all its descendants (Ray's raylet, workers, engines) every
+    `interval` seconds; `peak_gib` is the largest sum seen. PSS (proportional set size): shared library pages
+    count once over the processes that map them, not once per process as RSS would."""
+
+    def __init__(self, interval: float = 1.0):
+        import psutil
+
+        self._proc, self._interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self._interval):
+            total = 0
+            for p in [self._proc, *self._proc.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak / 2**30
+
+
+def load_cfg(args: argparse.Namespace, *extra: str) -> Any:
+    from psr_ray import config as C
+
+    overrides = [*args.overrides, "run.wandb_mode=disabled", *extra]
+    return C.validate(C.load(args.config or [str(C.DEFAULT_CONFIG)], overrides))
+
+
+def kill_engines() -> None:
+    import ray
+
+    for name in ray.util.list_named_actors():
+        if name.startswith("psr-"):
+            ray.kill(ray.get_actor(name))
+    deadline = time.monotonic() + 60
+    while any(n.startswith("psr-") for n in ray.util.list_named_actors()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def record(work: Path, stage: str, value: dict[str, Any]) -> None:
+    path = work / f"stage_{stage}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def recorded(work: Path, stage: str) -> dict[str, Any] | None:
+    path = work / f"stage_{stage}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stage_init(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from psr_ray.cluster import init_ray
+    from psr_ray.init_data.first import init_dir, initialize_first
+
+    cfg = load_cfg(args)
+    init_ray(cfg)
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        result, m0 = initialize_first(cfg)
+    return {"init_dir": str(init_dir(cfg)), "result": dataclasses.asdict(result), "m0": m0,
+            "seconds": time.perf_counter() - start, "peak_gib": memory.peak_gib}  # fmt: skip
+
+
+def stage_loop(args: argparse.Namespace, work: Path, arm: str) -> dict[str, Any]:
+    """The product's loop (`psr-ray run`) from M1 with the configured judge (`self`) or the oracle."""
+    from psr_ray.cluster import init_ray
+    from psr_ray.loop import run
+
+    extra = [f"run.output_dir={work / arm}", f"run.num_iterations={args.iterations if arm == 'self' else 1}"]
+    if arm == "oracle":
+        extra.append("judge.mode=oracle")
+    cfg = load_cfg(args, *extra)
+    init_ray(cfg)
+    out = work / arm
+    if not (out / "state.json").is_file():
+        _share_m1_eval(work, arm, cfg)
+    resume = str(out) if (out / "state.json").is_file() else None
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        driver = run(cfg, resume_dir=resume)
+        del driver
+        kill_engines()
+    state = json.loads((out / "state.json").read_text())
+    return {"output_dir": str(out), "state": state, "seconds": time.perf_counter() - start,
+            "peak_gib": memory.peak_gib, "judge_mode": str(cfg.judge.mode)}  # fmt: skip
+
+
+def _share_m1_eval(work: Path, arm: str, cfg: Any) -> None:
+    """M1 is the same model in both arms (the same cached init): an arm starting after the other one takes
+    its M1 evaluation (iteration 0) instead of evaluating the same model on the same problems again."""
+    from psr_ray.run_state import RunState
+
+    for other in ("self", "oracle"):
+        state = work / other / "state.json"
+        if other == arm or not state.is_file():
+            continue
+        first = json.loads(state.read_text())["iterations"].get("0", {}).get("eval")
+        if first is None or json.loads(state.read_text())["config"]["eval"] != cfg.to_dict()["eval"]:
+            continue
+        mine = RunState(work / arm)
+        mine.set_config(cfg.to_dict())
+        mine.record(0, "eval", first | {"shared_from": other})
+        print(f"[fidelity] {arm}: M1's evaluation taken from the {other} run (same model, same problems)", flush=True)
+        return
+
+
+def random_preferences(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The control's pairs: each stored step keeps its candidates; chosen is drawn uniformly among the
+    non-empty candidates, rejected among those with another text (the random pick of oracle/precision.py)."""
+    out = []
+    for row in rows:
+        rng = random.Random(f"{seed}/{row['pair_id']}")
+        texts = [c.strip() for c in row["candidates"] if c.strip()]
+        chosen = rng.choice(texts)
+        others = [t for t in texts if t != chosen]
+        if not others:
+            continue
+        out.append(row | {"chosen": chosen, "rejected": rng.choice(others), "judge_mode": "random",
+                          "chosen_score": 0.0, "rejected_score": 0.0})  # fmt: skip
+    return out
+
+
+def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import pyarrow as pa
+    import ray.data
+    from transformers import AutoTokenizer
+
+    from psr_ray.cluster import init_ray
+    from psr_ray.data.pairs_io import read_pairs
+    from psr_ray.data.problems import load_problems
+    from psr_ray.data.schema import STEP_PAIR_SCHEMA
+    from psr_ray.init_data.build import read_pairs as read_judge_pairs
+    from psr_ray.init_data.first import init_dir
+    from psr_ray.init_data.run import read_result, score_model, temporary_engines
+    from psr_ray.measure import pairs_precision
+    from psr_ray.trainer.group import train_dpo
+
+    cfg = load_cfg(args, f"run.output_dir={work / 'random'}")
+    init_ray(cfg)
+    m1 = read_result(init_dir(cfg))
+    oracle_rows = read_pairs(str(work / "oracle"), 1).to_pylist()
+    rows = random_preferences(oracle_rows, cfg.run.seed)
+    problems = {p.problem_id: p for p in load_problems(cfg.data.source, split=cfg.data.split, seed=None).problems}
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        trained = train_dpo(cfg, policy_path=m1.hf_dir, reference_path=m1.hf_dir,
+                            dataset=ray.data.from_arrow(pa.Table.from_pylist(rows, schema=STEP_PAIR_SCHEMA)),
+                            output_dir=str(work / "random" / "checkpoints"), policy_version=2, num_pairs=len(rows))  # fmt: skip
+        train_s = time.perf_counter() - start
+        tokenizer = AutoTokenizer.from_pretrained(m1.hf_dir)
+        pairs = [p.pair for p in read_judge_pairs(m1.data_files["heldout_pairs"])]
+        with temporary_engines(cfg, "rollout", trained.hf_dir, 2) as engines:
+            scores = score_model(cfg, engines, tokenizer, pairs, _eft_mode(cfg))
+    precision = pairs_precision(rows, problems)
+    return {"hf_dir": trained.hf_dir, "num_pairs": len(rows), "scores": scores, "train_s": train_s,
+            "train_metrics": trained.metrics, "pair_precision": None if precision is None else precision.to_dict(),
+            "seconds": time.perf_counter() - start, "peak_gib": memory.peak_gib}  # fmt: skip
+
+
+def _eft_mode(cfg: Any) -> Any:
+    from psr_ray.init_data.run import eft_mode
+
+    return eft_mode(cfg)
+
+
+def stage_mc(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Monte-Carlo values (M1's rollouts) of stored candidates against their exact labels."""
+    from transformers import AutoTokenizer
+
+    from psr_ray.cluster import init_ray
+    from psr_ray.data.pairs_io import read_pairs
+    from psr_ray.data.problems import load_problems
+    from psr_ray.init_data.first import init_dir
+    from psr_ray.init_data.run import read_result, temporary_engines
+    from psr_ray.oracle.judge import label_steps, previous_steps
+    from psr_ray.oracle.rollouts import StepToValue, hard_label, rollout_values
+
+    cfg = load_cfg(args)
+    init_ray(cfg)
+    m1 = read_result(init_dir(cfg))
+    problems = {p.problem_id: p for p in load_problems(cfg.data.source, split=cfg.data.split, seed=None).problems}
+    items, exact = [], []
+    for row in read_pairs(str(work / "oracle"), 1).to_pylist():
+        problem = problems[row["problem_id"]]
+        texts = sorted({c.strip() for c in row["candidates"] if c.strip()})
+        for text, label in zip(texts, label_steps(problem, row["prefix"], texts), strict=True):
+            items.append(StepToValue(problem, tuple(previous_steps(row["prefix"])), text))
+            exact.append(label)
+    rng = random.Random(0)
+    chosen = sorted(rng.sample(range(len(items)), min(args.mc_items, len(items))))
+    items, exact = [items[i] for i in chosen], [exact[i] for i in chosen]
+    start = time.perf_counter()
+    with temporary_engines(cfg, "rollout", m1.hf_dir, 1) as engines:
+        values = rollout_values(engines, AutoTokenizer.from_pretrained(m1.hf_dir), items,
+                                num_rollouts=args.mc_rollouts, max_tokens=cfg.eval.max_tokens)  # fmt: skip
+    mc = [hard_label(v) for v in values]
+    return {"num_items": len(items), "num_rollouts": args.mc_rollouts, "seconds": time.perf_counter() - start,
+            "agree": sum(a == b for a, b in zip(mc, exact, strict=True)),
+            "exact_right_mc_right": sum(a and b for a, b in zip(exact, mc, strict=True)),
+            "exact_right_mc_wrong": sum(a and not b for a, b in zip(exact, mc, strict=True)),
+            "exact_wrong_mc_right": sum(b and not a for a, b in zip(exact, mc, strict=True)),
+            "exact_wrong_mc_wrong": sum(not a and not b for a, b in zip(exact, mc, strict=True)),
+            "mean_value_exact_right": _mean([v for v, e in zip(values, exact, strict=True) if e]),
+            "mean_value_exact_wrong": _mean([v for v, e in zip(values, exact, strict=True) if not e])}  # fmt: skip
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(HERE.parent / "runs" / "fidelity"), help="stage outputs (resumable)")
+    parser.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable)")
+    parser.add_argument("--redo", action="store_true", help="run the named stages again even if recorded")
+    parser.add_argument("--config", action="append", help="YAML config(s); default: the embedded preset")
+    parser.add_argument("--iterations", type=int, default=2, help="self-judged iterations (M2, M3)")
+    parser.add_argument("--mc-items", type=int, default=120)
+    parser.add_argument("--mc-rollouts", type=int, default=4)
+    parser.add_argument("--out", default=str(HERE / "results" / "fidelity.md"))
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    runners = {"init": stage_init, "self": lambda a, w: stage_loop(a, w, "self"),
+               "oracle": lambda a, w: stage_loop(a, w, "oracle"), "random": stage_random, "mc": stage_mc}  # fmt: skip
+    for stage in args.stage or STAGES:
+        if stage == "report":
+            from fidelity_report import write_fidelity_report  # bench/fidelity_report.py
+
+            write_fidelity_report(work, Path(args.out), command=_command(args), machine=_machine())
+            continue
+        if recorded(work, stage) is not None and not args.redo:
+            print(f"[fidelity] {stage}: recorded in {work}, skipped (--redo to run it again)", flush=True)
+            continue
+        print(f"[fidelity] {stage} ...", flush=True)
+        started = time.perf_counter()
+        result = runners[stage](args, work)
+        result["wall_s"] = time.perf_counter() - started
+        result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        record(work, stage, result)
+        print(f"[fidelity] {stage}: {result['wall_s']:.0f} s", flush=True)
+
+
+def _command(args: argparse.Namespace) -> str:
+    return "python bench/fidelity.py " + " ".join(args.overrides)
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    main()

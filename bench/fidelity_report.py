@@ -1,0 +1,185 @@
+"""bench/fidelity.py's report: bench/results/fidelity.md and fidelity.png from the stages' records. Every
+figure is read from a record or computed here; nothing is typed in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from psr_ray.report import compare, format_run_table, pct, plot_models
+from psr_ray.stats import format_p, mcnemar
+
+
+def _load(work: Path, stage: str) -> dict[str, Any] | None:
+    path = work / f"stage_{stage}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _eval(state: dict[str, Any], k: int) -> dict[str, Any] | None:
+    return state["iterations"].get(str(k), {}).get("eval")
+
+
+def build_models(work: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The report entries (report.write_run_report's shape) and the stage records they came from."""
+    stages = {s: r for s in ("init", "self", "oracle", "random", "mc") if (r := _load(work, s)) is not None}
+    models: list[dict[str, Any]] = []
+    init = stages.get("init")
+    if init:
+        m0 = init["m0"]
+        models.append({"model": "M0", "trained_on": "(SmolLM2-135M-Instruct)", "rows": m0["benchmarks"],
+                       "judge": m0["judge"], "seconds": {"eval": m0.get("eval_s")}})  # fmt: skip
+    arms = (("self", "self-judged"), ("oracle", "ORACLE-judged (ablation)"))
+    for arm, label in arms:
+        run = stages.get(arm)
+        if not run:
+            continue
+        state = run["state"]
+        if not any(m["model"] == "M1" for m in models) and _eval(state, 0):
+            first = _eval(state, 0)
+            models.append({"model": "M1", "trained_on": "init SFT (IFT + EFT)", "rows": first["rows"],
+                           "judge": first.get("judge"), "seconds": {"eval": first.get("seconds")}})  # fmt: skip
+        for k in sorted(int(x) for x in state["iterations"] if int(x) > 0):
+            done = _eval(state, k)
+            if done is None:
+                continue
+            name = f"M{k + 1}" if arm == "self" else f"M{k + 1} oracle"
+            search, train = state["iterations"][str(k)].get("search", {}), state["iterations"][str(k)].get("train", {})
+            previous = "M1" if k == 1 else f"M{k}"
+            models.append({"model": name, "baseline": previous, "trained_on": f"{previous}'s {label} pairs",
+                           "rows": done["rows"], "judge": done.get("judge"), "pair_precision": done.get("pair_precision"),
+                           "pairs": search.get("pairs_total"),
+                           "seconds": {"search": search.get("seconds"), "search+train": train.get("seconds"),
+                                       "eval": done.get("seconds")}})  # fmt: skip
+    rnd = stages.get("random")
+    if rnd:
+        models.append({"model": "M2 random", "baseline": "M1", "trained_on": "M1 + oracle run's candidates, random preferences",
+                       "rows": rnd["scores"]["benchmarks"], "judge": rnd["scores"]["judge"],
+                       "pair_precision": rnd.get("pair_precision"), "pairs": rnd["num_pairs"],
+                       "seconds": {"train": rnd.get("train_s"), "eval": rnd["scores"].get("eval_s")}})  # fmt: skip
+    return models, stages
+
+
+def _by_name(models: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {m["model"]: m for m in models}
+
+
+def _row(model: dict[str, Any] | None) -> dict[str, Any] | None:
+    return model["rows"][0] if model and model["rows"] else None
+
+
+def _diff_line(models: dict[str, dict[str, Any]], a: str, b: str) -> str:
+    """`a` against `b` on the same problems: accuracy difference and exact McNemar."""
+    ra, rb = _row(models.get(a)), _row(models.get(b))
+    if ra is None or rb is None or ra.get("problems_digest") != rb.get("problems_digest"):
+        return f"- {a} vs {b}: not both measured on the same problems."
+    test = mcnemar([x == "1" for x in rb["boxed_bits"]], [x == "1" for x in ra["boxed_bits"]])
+    delta = 100 * (ra["accuracy_boxed"] - rb["accuracy_boxed"])
+    return (f"- {a} vs {b}: {pct(ra['accuracy_boxed'])}% vs {pct(rb['accuracy_boxed'])}% = {delta:+.1f} points on "
+            f"{ra['n']} problems; {test.only_after} problems only {a} solves, {test.only_before} only {b}; exact "
+            f"McNemar p = {format_p(test.p_value)} ({'p < 0.05' if test.p_value < 0.05 else 'not significant at 0.05'}).")  # fmt: skip
+
+
+def _precision_table(models: list[dict[str, Any]]) -> list[str]:
+    lines = ["| pairs of | pairs | precision % [95% CI] | random pick % | CI excludes random pick | reversed |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for m in models:
+        p = m.get("pair_precision")
+        if p:
+            lines.append(f"| {m['trained_on']} (-> {m['model']}) | {p['num_pairs']} | "
+                         f"{pct(p['precision'], p['precision_ci95'])} | {pct(p['random_pick'])} | "
+                         f"{'yes, above' if p['above_random'] else 'no'} | {p['num_reversed']} |")  # fmt: skip
+    return lines
+
+
+def _judge_table(models: list[dict[str, Any]]) -> list[str]:
+    lines = ["| model | mode | judgments | accuracy % [95% CI] | pairs right (both orders) % [95% CI] | share A % |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for m in models:
+        j = m.get("judge")
+        if j:
+            lines.append(f"| {m['model']} | {j.get('mode', '')} | {j['num_judgments']} | "
+                         f"{pct(j['accuracy'], j['accuracy_ci95'])} | {pct(j['pair_accuracy'], j['pair_accuracy_ci95'])} | "
+                         f"{pct(j['share_a'])} |")  # fmt: skip
+    return lines
+
+
+def _times(stages: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| stage | wall s | peak memory GiB (PSS, process tree) | detail |", "|---|---|---|---|"]
+    init = stages.get("init")
+    if init:
+        detail = ", ".join(f"{k} {v:.0f} s" for k, v in init["result"]["seconds"].items())
+        lines.append(f"| init (M0 -> M1, cached) | {init['wall_s']:.0f} | {init['peak_gib']:.1f} | {detail} |")
+    for arm in ("self", "oracle"):
+        run = stages.get(arm)
+        if run:
+            parts = []
+            for k, it in sorted(run["state"]["iterations"].items(), key=lambda x: int(x[0])):
+                bits = [f"{s} {it[s].get('seconds', it[s].get('verify_seconds', 0)):.0f} s" for s in
+                        ("search", "train", "sync", "eval") if s in it]  # fmt: skip
+                parts.append(f"iteration {k}: " + ", ".join(bits))
+            lines.append(f"| loop, {arm} judge | {run['wall_s']:.0f} | {run['peak_gib']:.1f} | {'; '.join(parts)} "
+                         "(train = search + step-DPO, overlapped) |")  # fmt: skip
+    rnd = stages.get("random")
+    if rnd:
+        lines.append(f"| random-preference control | {rnd['wall_s']:.0f} | {rnd['peak_gib']:.1f} | step-DPO "
+                     f"{rnd['train_s']:.0f} s, eval {rnd['scores']['eval_s']:.0f} s |")  # fmt: skip
+    if init and stages.get("self"):
+        run = stages["self"]
+        lines.append(f"| = `psr-ray run` (`make run`): init + the self-judged loop, the same code and config | "
+                     f"{init['wall_s'] + run['wall_s']:.0f} | {max(init['peak_gib'], run['peak_gib']):.1f} | "
+                     "the two stages run `psr-ray run`'s init-first step and loop one after the other |")  # fmt: skip
+    mc = stages.get("mc")
+    if mc:
+        lines.append(f"| Monte-Carlo oracle check | {mc['wall_s']:.0f} | | {mc['num_items']} steps x {mc['num_rollouts']} rollouts |")
+    return lines
+
+
+def write_fidelity_report(work: Path, out: Path, *, command: str, machine: str) -> None:
+    models, stages = build_models(work)
+    by_name = _by_name(models)
+    init = stages.get("init", {}).get("result", {})
+    lines = ["# Fidelity: does PSR measurably improve the model? (embedded CPU run)", "",
+             f"Command: `{command}` (stages recorded in `{work}`). Machine: {machine}. Every figure below is computed "
+             "by bench/fidelity.py from its stage records; see bench/fidelity.py's docstring for what each stage runs.", "",
+             "## Accuracy, judge accuracy, pair precision", "", format_run_table(models), "",
+             "Boxed = the paper's rule (last `\\boxed{}` answer); lenient = boxed, else \"the answer is\", else the last "
+             "number. McNemar: exact two-sided, against the model named (+: problems only this model solves, -: only "
+             "the other). The ORACLE-judged model is an ablation: the exact step check replaced the self-judge.", "",
+             "## The targets", ""]  # fmt: skip
+    for a, b in (("M1", "M0"), ("M2", "M1"), ("M3", "M2"), ("M2 oracle", "M1"), ("M2 random", "M1"),
+                 ("M2 oracle", "M2 random")):  # fmt: skip
+        if a in by_name and b in by_name:
+            lines.append(_diff_line(by_name, a, b))
+    lines += ["", "## Pair precision (oracle labels of the pairs a model was trained on)", "", *_precision_table(models),
+              "", "## Judge accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)", "",
+              *_judge_table(models), ""]  # fmt: skip
+    if init:
+        e = init["eft_counts"]
+        lines += ["## Initialization", "",
+                  f"EFT:IFT = {init['num_eft_rows']}:{init['num_ift_rows']} rows = "
+                  f"{init['num_eft_rows'] / max(1, init['num_ift_rows']):.3f} (configured {init['eft_ift_ratio']}; "
+                  f"the paper's ~0.143). EFT pairs: {init['num_eft_pairs']} from M0's own candidates ({e.get('candidates')} "
+                  f"candidates at {e.get('sites')} steps, {e.get('right')} right by the exact check). Held-out judge "
+                  f"pairs: {init['num_heldout_pairs']} from M1's candidates. SFT: {len(init['train_metrics'])} optimizer "
+                  "steps.", ""]  # fmt: skip
+    mc = stages.get("mc")
+    if mc:
+        lines += ["## The Monte-Carlo oracle against the exact check", "",
+                  f"{mc['num_items']} distinct stored candidates of the oracle run, {mc['num_rollouts']} rollouts of M1 "
+                  f"each (right = any rollout reaches the answer): agreement {mc['agree']}/{mc['num_items']}; exact right: "
+                  f"MC right {mc['exact_right_mc_right']}, MC wrong {mc['exact_right_mc_wrong']}; exact wrong: MC right "
+                  f"{mc['exact_wrong_mc_right']}, MC wrong {mc['exact_wrong_mc_wrong']}. Mean MC value: "
+                  f"{_fmt(mc['mean_value_exact_right'])} (exact right) vs {_fmt(mc['mean_value_exact_wrong'])} (exact wrong).", ""]  # fmt: skip
+    lines += ["## Wall time on this machine", "", *_times(stages), ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    plot_models([{k: v for k, v in m.items()} for m in models], out.with_suffix(".png"))
+    print(out.read_text())
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+__all__ = ["build_models", "compare", "write_fidelity_report"]

@@ -1,0 +1,78 @@
+"""Init first, cached: `psr-ray run` with `init.run_first` starts PSR from M1, built once per settings.
+
+The cache folder is `<run.cache_dir>/init/<key>`, the key a digest of everything that changes M1 or its
+held-out pairs (model, data, init and SFT settings, seed, the EFT judge mode, the prompt and step formats). A finished init leaves
+`init.json` there and is reused as is; an interrupted one is redone, reusing its finished SFT checkpoint.
+One process builds it at a time (a file lock); another waiting on the same key then reuses it.
+
+M0's scores for the run's table are cached beside it per evaluation setting (`run.scores_of`), so changing
+`eval.*` re-evaluates M0 but never re-trains M1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from psr_ray.config import PSRConfig
+from psr_ray.init_data.run import InitResult, eft_mode, initialize, read_result, scores_of
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def format_digest() -> str:
+    """The step and prompt formats SFT teaches: M1 trained on other prompts is another model."""
+    from psr_ray import prompts, steps
+
+    parts = [prompts.SOLVER_INSTRUCTION, prompts.JUDGE_INSTRUCTION, prompts.DIRECT_VERDICT_PREFIX,
+             prompts.EXPLAIN_VERDICT_PREFIX, steps.join_steps(["a", "b"]), steps.step_header(3)]  # fmt: skip
+    return _digest(parts)
+
+
+def init_key(cfg: PSRConfig) -> str:
+    """The digest of every setting M1 and its held-out pairs depend on, and of the prompt formats."""
+    plain = cfg.to_dict()
+    trainer = {k: v for k, v in plain["trainer"].items() if k not in ("learning_rate", "beta", "num_epochs")}
+    return _digest({
+        "model": plain["model"], "data": plain["data"], "init": {k: v for k, v in plain["init"].items() if k != "run_first"},
+        "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,
+        "rollout": {k: plain["rollout"][k] for k in ("top_p", "max_step_tokens")}, "format": format_digest(),
+    })  # fmt: skip
+
+
+def init_dir(cfg: PSRConfig) -> Path:
+    return Path(cfg.run.cache_dir).expanduser() / "init" / init_key(cfg)
+
+
+def initialize_first(cfg: PSRConfig) -> tuple[InitResult, dict[str, Any]]:
+    """M1 (built now, or found in the cache) and M0's scores for the run's evaluation settings."""
+    folder = init_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = read_result(folder)
+        if result is None:
+            print(f"[init] building M1 (init.run_first) in {folder}", flush=True)
+            result = initialize(cfg, output_dir=str(folder), evaluate=("M0",))
+        else:
+            print(f"[init] reusing M1 from {folder} (built before with the same settings)", flush=True)
+        m0 = _m0_scores(cfg, result)
+    return result, m0
+
+
+def _m0_scores(cfg: PSRConfig, result: InitResult) -> dict[str, Any]:
+    """M0's scores for the run's evaluation settings (computed once per setting, then read back)."""
+    from transformers import AutoTokenizer
+
+    from psr_ray.init_data.build import read_pairs
+    from psr_ray.models import resolve_model_path
+
+    model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    pairs = [p.pair for p in read_pairs(result.data_files["heldout_pairs"])]
+    return scores_of(cfg, Path(result.output_dir), "M0", model_path, 0, pairs, tokenizer)

@@ -1,0 +1,47 @@
+"""The run's results (`<output_dir>/results.{json,md}`, `accuracy.png`) from what `state.json` recorded: one
+entry per model, M0 (when the run initialized first) and M1, then the model each iteration trained, with its
+benchmark rows, judge accuracy, the pair precision of its training pairs and the stage times."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from psr_ray.report import write_run_report
+
+JUDGE_LABELS = {"direct": "self-judged (direct)", "explain": "self-judged (explain)",
+                "oracle": "ORACLE-judged (ablation)"}  # fmt: skip
+
+
+def models_from_state(state: Any, *, judge_mode: str, m0: dict[str, Any] | None = None,
+                      init_seconds: dict[str, float] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Report entries (see `report.write_run_report`) for every evaluated iteration of `state` (a RunState)."""
+    models = []
+    if m0 is not None:
+        models.append({"model": "M0", "trained_on": "", "rows": m0["benchmarks"], "judge": m0.get("judge"),
+                       "seconds": {"eval": m0.get("eval_s")}})  # fmt: skip
+    for key in sorted(state.data["iterations"], key=int):
+        k = int(key)
+        evaluated = state.stage(k, "eval")
+        if evaluated is None:
+            continue
+        search, train = state.stage(k, "search") or {}, state.stage(k, "train") or {}
+        entry: dict[str, Any] = {"model": f"M{k + 1}", "rows": evaluated["rows"], "judge": evaluated.get("judge"),
+                                 "pair_precision": evaluated.get("pair_precision")}  # fmt: skip
+        if k == 0:
+            entry["trained_on"] = "init SFT (IFT + EFT)" if m0 is not None else "the configured model"
+            entry["seconds"] = {**(init_seconds or {}), "eval": evaluated.get("seconds")}
+        else:
+            entry["trained_on"] = f"M{k}'s {JUDGE_LABELS.get(judge_mode, judge_mode)} pairs"
+            entry["pairs"] = search.get("pairs_total")
+            entry["seconds"] = {"search": search.get("seconds"), "search+train": train.get("seconds"),
+                                "eval": evaluated.get("seconds")}  # fmt: skip
+        models.append(entry)
+    return models
+
+
+def write_results(state: Any, out_dir: str | Path, *, judge_mode: str, m0: dict[str, Any] | None = None,
+                  init_seconds: dict[str, float] | None = None) -> dict[str, Path]:  # fmt: skip
+    models = models_from_state(state, judge_mode=judge_mode, m0=m0, init_seconds=init_seconds)
+    title = f"PSR run: {JUDGE_LABELS.get(judge_mode, judge_mode)} step pairs"
+    return write_run_report(models, str(out_dir), title=title)

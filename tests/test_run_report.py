@@ -1,0 +1,77 @@
+"""The run's measurements and results table: pair precision of stored pairs by the oracle, models built from
+`state.json`, McNemar against the named baseline, the Markdown table and the PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from psr_ray.data.problems import load_problems
+from psr_ray.measure import pairs_precision
+from psr_ray.report import compare, format_run_table, write_run_report
+from psr_ray.run_report import models_from_state
+from psr_ray.run_state import RunState
+from psr_ray.steps import join_steps
+
+
+def test_pair_precision_of_stored_pairs_by_the_oracle():
+    problem = load_problems("embedded:arith", split="train", seed=None, limit=1).problems[0]
+    right = problem.steps[1]
+    result = right.split(" = ")[1].split()[0]
+    wrong = right.replace(f"= {result}", f"= {int(result) + 1}", 1)
+    base = {"problem_id": problem.problem_id, "prefix": join_steps(problem.steps[:1])}
+    rows = [
+        base | {"chosen": right, "rejected": wrong, "candidates": [right, wrong, wrong, "x"]},
+        base | {"chosen": wrong, "rejected": right, "candidates": [wrong, right]},
+        {"problem_id": "gsm8k-test-0", "prefix": "", "chosen": "a", "rejected": "b", "candidates": ["a", "b"]},
+    ]
+    summary = pairs_precision(rows, {problem.problem_id: problem})
+    assert (summary.num_pairs, summary.num_precise, summary.num_reversed) == (2, 1, 1)  # the gsm8k pair is skipped
+    # Random pick: [right, wrong, wrong, x]: right chosen 1/4 of the time, then a wrong one always -> 1/4;
+    # [wrong, right]: right chosen 1/2 -> 1/2. Mean 3/8.
+    assert summary.random_pick == pytest.approx(3 / 8)
+    assert pairs_precision(rows[2:], {}) is None
+
+
+def _row(bits: str, iteration: int) -> dict:
+    n, k = len(bits), bits.count("1")
+    return {"iteration": iteration, "benchmark": "arith", "n": n, "accuracy_boxed": k / n, "accuracy": k / n,
+            "accuracy_boxed_ci95": [0.0, 1.0], "accuracy_ci95": [0.0, 1.0], "boxed_bits": bits,
+            "lenient_bits": bits, "problems_digest": "d"}  # fmt: skip
+
+
+def test_models_from_state_and_the_table(tmp_path):
+    state = RunState(tmp_path)
+    judge = {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6], "num_judgments": 300}
+    state.record(0, "eval", {"rows": [_row("0011000000", 0)], "judge": judge, "pair_precision": None, "seconds": 5.0})
+    state.record(1, "search", {"pairs_total": 40, "seconds": 30.0})
+    state.record(1, "train", {"seconds": 60.0})
+    precision = {"precision": 0.75, "precision_ci95": [0.6, 0.86], "random_pick": 0.3, "num_pairs": 40}
+    state.record(1, "eval", {"rows": [_row("1111111000", 1)], "judge": judge, "pair_precision": precision,
+                             "seconds": 6.0})  # fmt: skip
+    m0 = {"benchmarks": [_row("0000000000", 0)], "judge": judge, "eval_s": 4.0}
+    models = models_from_state(state, judge_mode="oracle", m0=m0, init_seconds={"sft": 100.0})
+    assert [m["model"] for m in models] == ["M0", "M1", "M2"]
+    assert models[2]["trained_on"] == "M1's ORACLE-judged (ablation) pairs" and models[2]["pairs"] == 40
+    tests = compare(models)
+    # M0 -> M1: 2 improved, none lost: p = 2 * (1/2)^2 = 0.5; M1 -> M2: 5 improved, 0 lost: p = 2/32.
+    assert tests[("M1", "arith")]["p_value"] == 0.5
+    assert (tests[("M2", "arith")]["only_model"], tests[("M2", "arith")]["p_value"]) == (5, 0.0625)
+    # A named baseline instead of the previous entry; rows on other problems are not compared.
+    other = dict(models[2], model="M2 random", baseline="M1", rows=[dict(_row("1111111000", 1), problems_digest="e")])
+    assert ("M2 random", "arith") not in compare(models + [other])
+    table = format_run_table(models)
+    assert "| M2 | M1's ORACLE-judged (ablation) pairs | arith | 10 | 70.0 [0.0, 100.0] | 70.0 [0.0, 100.0] | " \
+           "0.062 (vs M1: 5+/0-) | 50.0 [40.0, 60.0] (n=300) | 40 | 75.0 [60.0, 86.0] (n=40) | 30.0 |" in table
+    paths = write_run_report(models, str(tmp_path / "report"), title="t")
+    assert json.loads(paths["json"].read_text())[0]["model"] == "M0"
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_accepts_intervals_that_miss_their_point_by_a_rounding_error(tmp_path):
+    # Wilson's lower end of 0/n can come out a hair above 0; errorbar refuses negative error lengths.
+    row = dict(_row("000", 0), accuracy_boxed_ci95=[5.5e-17, 0.56])
+    judge = {"accuracy": 0.5, "accuracy_ci95": [0.5 + 1e-16, 0.6], "num_judgments": 4}
+    paths = write_run_report([{"model": "M1", "rows": [row], "judge": judge}], str(tmp_path))
+    assert paths["plot"].is_file()
