@@ -105,11 +105,25 @@ def auth_headers(address: str, token: str | None, *, warn: Callable[[str], None]
     return {"Authorization": f"Bearer {token}"}
 
 
+def _check_resolves(address: str) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address).hostname
+    if not host:
+        raise ValueError(f"address {address!r} names no host; submit to http://HEAD:8265")
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        raise ValueError(f"cannot reach a Ray dashboard at {address}: no host named {host!r} resolves") from None
+
+
 def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> tuple[Any, str]:
     """A JobSubmissionClient for the cluster, with its token; auth failures become one-line ValueErrors."""
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address, environ=environ)
+    _check_resolves(address)  # before any token is sent (or warned about) to a host that does not exist
     token, source = find_token(environ=environ)
     headers = auth_headers(address, token, warn=lambda line: print(line, file=sys.stderr, flush=True))
     try:

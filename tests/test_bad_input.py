@@ -182,18 +182,21 @@ def test_a_running_ray_start_head_is_left_alone_and_named(tiny_model_dir, tmp_pa
             time.sleep(0.5)
         address = address_file.read_text().strip()
         probe = (
-            "import json, ray\nfrom psr_ray.cluster import init_ray\nfrom psr_ray.testing import tiny_cfg\n"
+            "import json, os, ray\nfrom psr_ray.cluster import init_ray, required_cpus\n"
+            "from psr_ray.testing import tiny_cfg\n"
             f"cfg = tiny_cfg({tiny_model_dir!r}, {str(tmp_path)!r}, *{{}})\n"
+            "print(json.dumps({'sized': max(os.cpu_count() or 1, required_cpus(cfg))}))\n"
             "init_ray(cfg)\n"
             "print(json.dumps({'gcs': ray.get_runtime_context().gcs_address, 'cpus': ray.cluster_resources()['CPU']}))\n"
         )  # fmt: skip
         separate = subprocess.run([sys.executable, "-c", probe.replace("{}", "()")], env=env, capture_output=True,
                                   text=True, timeout=300)  # fmt: skip
         assert separate.returncode == 0, separate.stderr[-3000:]
+        sized = json.loads(separate.stdout.strip().splitlines()[0])["sized"]
         assert (f"[psr_ray] a Ray cluster started with `ray start` runs here ({address}); this run starts its own "
-                "local Ray with 6 CPUs. To run on that cluster instead, pass run.ray_address=auto") in separate.stdout
+                f"local Ray with {sized} CPUs. To run on that cluster instead, pass run.ray_address=auto") in separate.stdout
         started = json.loads(separate.stdout.strip().splitlines()[-1])
-        assert started["gcs"] != address and started["cpus"] == 6  # its own cluster, sized for the run
+        assert started["gcs"] != address and started["cpus"] == sized  # its own cluster, sized for the run
         joined = subprocess.run([sys.executable, "-c", probe.replace("{}", "('run.ray_address=auto',)")], env=env,
                                 capture_output=True, text=True, timeout=300)  # fmt: skip
         assert joined.returncode == 0, joined.stderr[-3000:]

@@ -7,6 +7,7 @@ the cases tests/test_bad_input.py asserts line by line and bench/fault_injection
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from psr_ray.config import REPO_ROOT
+from psr_ray.config import DEFAULT_CONFIG, REPO_ROOT, load
+from psr_ray.config.sections import RolloutConfig
+from psr_ray.data.problems import BENCHMARKS
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
             "judge.max_explanation_tokens=16", "eval.max_tokens=16", "run.wandb_mode=disabled")  # fmt: skip
     run = ("run", *tiny)
     valid_keys = "data, eval, init, judge, model, rollout, run, search, trainer, weight_sync"
+    default = load([str(DEFAULT_CONFIG)])
+    one_node = ("run.require_shared_storage=false",)  # only the address is wrong here
+    rollout_keys = ", ".join(sorted(f.name for f in dataclasses.fields(RolloutConfig)))
     return [
         BadInput("malformed YAML", ("validate", "--config", f"{w}/malformed.yaml"),
                  f"psr-ray validate: config file {w}/malformed.yaml: invalid YAML at line 3, column 1: "
@@ -111,9 +117,7 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
                  "psr-ray validate: run.name: cannot resolve its ${...} interpolation (Interpolation key "
                  "'nosuch.key' not found)"),
         BadInput("unknown key", ("validate", "rollout.bogus=1"),
-                 "psr-ray validate: unknown config key 'rollout.bogus'; valid keys of rollout: cpu_kv_cache_gib, "
-                 "enable_prefix_caching, gpu_memory_utilization, max_restarts, max_step_tokens, num_candidates, "
-                 "num_cpus_per_engine, num_engines, num_gpus_per_engine, temperature, tensor_parallel_size, top_p"),
+                 f"psr-ray validate: unknown config key 'rollout.bogus'; valid keys of rollout: {rollout_keys}"),
         BadInput("unknown section", ("validate", "nosuch.x=1"),
                  f"psr-ray validate: unknown config key 'nosuch'; valid keys of the root: {valid_keys}"),
         BadInput("wrong type", ("validate", "rollout.num_candidates=four"),
@@ -128,20 +132,20 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
                  "psr-ray validate: trainer.learning_rate must be a finite number, got nan"),
         BadInput("max_step_tokens above the context length", ("validate", "rollout.max_step_tokens=4096"),
                  "psr-ray validate: invalid config: rollout.max_step_tokens (4096) must be below "
-                 "model.max_model_len (2048), leaving room for the prompt"),
+                 f"model.max_model_len ({default.model.max_model_len}), leaving room for the prompt"),
         BadInput("max_model_len above the model's context", ("validate", *tiny, "model.max_model_len=8192"),
                  f"psr-ray validate: invalid config: model.max_model_len (8192) is above the model's context "
                  f"length (4096, max_position_embeddings in {model_dir}/config.json)"),
         BadInput("unknown benchmark name", ("validate", "eval.benchmarks=[gsm8k,gsm9k]"),
-                 "psr-ray validate: invalid config: eval.benchmarks: unknown benchmark 'gsm9k'; use one of gsm8k, "
-                 "math, math500, gaokao2023en, minerva_math, svamp, aime24, amc23 or a .jsonl path"),
+                 f"psr-ray validate: invalid config: eval.benchmarks: unknown benchmark 'gsm9k'; use one of "
+                 f"{', '.join(BENCHMARKS)} or a .jsonl path"),
         BadInput("bad data.split", ("validate", "data.split=trian"),
-                 "psr-ray validate: invalid config: data.split 'trian' does not exist in embedded:gsm8k; "
-                 "its splits: test, train"),
-        BadInput("ray_address that is no address", ("validate", "run.ray_address=my-cluster"),
+                 f"psr-ray validate: invalid config: data.split 'trian' does not exist in {default.data.source}; "
+                 "its splits: train, test"),
+        BadInput("ray_address that is no address", ("validate", "run.ray_address=my-cluster", *one_node),
                  "psr-ray validate: invalid config: run.ray_address 'my-cluster' must be auto, host:port "
                  "(e.g. 10.0.0.1:6379) or ray://host:10001"),
-        BadInput("dashboard URL as ray_address", ("validate", "run.ray_address=http://127.0.0.1:8265"),
+        BadInput("dashboard URL as ray_address", ("validate", "run.ray_address=http://127.0.0.1:8265", *one_node),
                  "psr-ray validate: invalid config: run.ray_address 'http://127.0.0.1:8265' is a dashboard address "
                  "(psr-ray submit --address takes those); run.ray_address takes auto, host:port "
                  "(e.g. 10.0.0.1:6379) or ray://host:10001"),
@@ -181,8 +185,8 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
         BadInput("eval --limit -1", ("eval", *tiny, "--limit", "-1"), "psr-ray eval: --limit must be >= 0 (0 means "
                  "all), got -1"),
         BadInput("eval --benchmarks with an unknown name", ("eval", *tiny, "--benchmarks", "gsm8k,nope"),
-                 "psr-ray eval: invalid config: eval.benchmarks: unknown benchmark 'nope'; use one of gsm8k, "
-                 "math, math500, gaokao2023en, minerva_math, svamp, aime24, amc23 or a .jsonl path"),
+                 f"psr-ray eval: invalid config: eval.benchmarks: unknown benchmark 'nope'; use one of "
+                 f"{', '.join(BENCHMARKS)} or a .jsonl path"),
         BadInput("train --pairs of a missing folder", ("train", *tiny, "--pairs", f"{w}/nope", "--output", f"{w}/t"),
                  f"psr-ray train: --pairs {w}/nope: no such folder"),
         BadInput("Ray address where nothing answers", (*run, f"run.output_dir={w}/out_addr",
@@ -190,7 +194,9 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
                  "psr-ray run: run.ray_address 127.0.0.1:1: nothing answers at 127.0.0.1:1 (Connection refused); "
                  "is the Ray head running and reachable from here?"),
         BadInput("submit address where nothing answers", ("submit", "--address", "http://127.0.0.1:1"),
-                 "psr-ray submit: Failed to connect to Ray at address: http://127.0.0.1:1."),
+                 "psr-ray submit: cannot reach a Ray dashboard at http://127.0.0.1:1: Failed to connect to Ray at "
+                 "address: http://127.0.0.1:1."),
         BadInput("submit address that is no URL", ("submit", "--address", "nonsense"),
-                 "psr-ray submit: Invalid address format: nonsense"),
+                 "psr-ray submit: cannot reach a Ray dashboard at http://nonsense: no host named 'nonsense' "
+                 "resolves"),
     ]  # fmt: skip
