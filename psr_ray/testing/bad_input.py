@@ -74,7 +74,6 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
     (work / "relative").mkdir(exist_ok=True)
     stored = work / "stored_run"
     stored.mkdir(exist_ok=True)
-    from psr_ray.config import load
 
     cfg = load([], [f"model.path={model_dir}", f"run.output_dir={stored}"])
     (stored / "state.json").write_text(json.dumps({"config": cfg.to_dict(), "iterations": {}}))
