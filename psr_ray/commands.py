@@ -55,7 +55,8 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
     result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
                        output_dir=args.output or f"{cfg.run.output_dir}/train", policy_version=2)
     final = result.metrics[-1] if result.metrics else {}
-    print(f"trained {result.num_optimizer_steps} optimizer steps; HF export: {result.hf_dir}")
+    print(f"trained {result.num_optimizer_steps} optimizer steps on {result.num_trained_rows} pairs "
+          f"(all epochs); HF export: {result.hf_dir}")
     for key, value in final.items():
         print(f"  {key:24s} {value:.4f}")
     return 0

@@ -173,7 +173,6 @@ def _search_and_train(psr: Driver, k: int) -> None:
             dataset=dataset,
             output_dir=str(psr.out / "checkpoints" / f"iter_{k}"),
             policy_version=next_version,
-            num_pairs=_expected_pairs(cfg, len(problems)),
             on_weights=lambda state_dict: sender.send(state_dict, policy_version=next_version),
         )
         if search is not None:
@@ -185,12 +184,20 @@ def _search_and_train(psr: Driver, k: int) -> None:
         "hf_dir": result.hf_dir,
         "checkpoint_dir": result.checkpoint_dir,
         "num_optimizer_steps": result.num_optimizer_steps,
+        # Every committed pair once per epoch: equal to pairs_total x trainer.num_epochs.
+        "num_trained_pairs": result.num_trained_rows,
+        "heldout": result.heldout,
         "seconds": time.perf_counter() - start,
         "final": result.metrics[-1] if result.metrics else {},
     }
+    expected = search_summary.get("pairs_total", 0) * cfg.trainer.num_epochs
+    if result.num_trained_rows != expected:  # an invariant of the trainer: say so loudly, keep the trained model
+        print(f"[psr_ray] WARNING iteration {k}: trained {result.num_trained_rows} pairs, expected {expected}")
     psr.state.record(k, "train", train_summary)
     for step, metrics in enumerate(result.metrics):
         psr.logger.log({**metrics, "iteration": k, "train/step_in_iteration": step})
+    if result.heldout:
+        psr.logger.log({**result.heldout, "iteration": k})
     psr.logger.log({f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
                    | {"iteration": k})
     psr.policy_dir, psr.policy_version = result.hf_dir, result.policy_version
@@ -266,11 +273,6 @@ def _check_engine_versions(psr: Driver) -> None:
     versions = engine_versions(psr.engines)
     if any(v != psr.policy_version for v in versions):
         raise RuntimeError(f"engines serve policy versions {versions}, expected {psr.policy_version}")
-
-
-def _expected_pairs(cfg: PSRConfig, num_problems: int) -> int:
-    # The cosine schedule needs a length before the stream ends: about half the step cap per problem.
-    return max(1, num_problems * max(1, cfg.search.max_steps // 2))
 
 
 def _finished_summary(state: RunState) -> str:

@@ -100,8 +100,8 @@ def test_trainer_worker_killed_mid_fit_restarts_and_completes(cfg, tiny_model_di
     hf = Path(result.hf_dir)
     assert (hf / "config.json").is_file() and list(hf.glob("*.safetensors"))
     assert result.num_optimizer_steps == len(result.metrics) >= 1
-    # The retried attempt re-read the stream from its first part: each pair trained at most once.
-    assert 0 < sum(m["train/num_pairs"] for m in result.metrics) <= baseline.num_pair_rows
+    # The retried attempt re-read the stream from its first part and trained each committed pair once.
+    assert sum(m["train/num_pairs"] for m in result.metrics) == result.num_trained_rows == baseline.num_pair_rows > 0
 
 
 def test_driver_killed_after_train_resumes_without_redoing_work(ray_cluster, engines, tiny_model_dir, tmp_path):

@@ -97,7 +97,6 @@ def initialize(
         dataset=ray.data.from_arrow(pa.Table.from_pylist(train_rows)),
         output_dir=str(out / "sft"),
         policy_version=1,
-        num_rows=len(train_rows),
     )
     result.hf_dir, result.train_metrics = trained.hf_dir, trained.metrics
     print(f"[init] SFT: {trained.num_optimizer_steps} optimizer steps, M1 -> {trained.hf_dir}", flush=True)

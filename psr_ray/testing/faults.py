@@ -163,12 +163,11 @@ def train(cfg, model_dir: str, finished: list[Any], out: str | Path, *, kill: bo
 
     writer = PairWriter(str(out), iteration, flush_pairs=1)
     dataset = stream_pairs_dataset(str(out), iteration, poll_seconds=0.2)
-    num_pairs = sum(len(f.pairs) for f in finished)
     start = time.perf_counter()
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(
             train_dpo, cfg, policy_path=model_dir, reference_path=model_dir, dataset=dataset,
-            output_dir=str(Path(out) / "checkpoints"), policy_version=SERVED_VERSION, num_pairs=num_pairs,
+            output_dir=str(Path(out) / "checkpoints"), policy_version=SERVED_VERSION,
         )  # fmt: skip
         half = len(finished) // 2
         for f in finished[:half]:
