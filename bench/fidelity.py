@@ -197,7 +197,7 @@ def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     with PeakMemory() as memory:
         trained = train_dpo(cfg, policy_path=m1.hf_dir, reference_path=m1.hf_dir,
                             dataset=ray.data.from_arrow(pa.Table.from_pylist(rows, schema=STEP_PAIR_SCHEMA)),
-                            output_dir=str(work / "random" / "checkpoints"), policy_version=2, num_pairs=len(rows))  # fmt: skip
+                            output_dir=str(work / "random" / "checkpoints"), policy_version=2)  # fmt: skip
         train_s = time.perf_counter() - start
         tokenizer = AutoTokenizer.from_pretrained(m1.hf_dir)
         pairs = [p.pair for p in read_judge_pairs(m1.data_files["heldout_pairs"])]

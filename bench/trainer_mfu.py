@@ -96,9 +96,7 @@ def main() -> None:
         model.save_pretrained(model_dir)
         del model
         t0 = time.perf_counter()
-        policy = build_policy(
-            model_dir, tcfg, use_gpu=use_gpu, world_size=1, learning_rate=1e-6, num_training_steps=1000
-        )
+        policy = build_policy(model_dir, tcfg, use_gpu=use_gpu, world_size=1, learning_rate=1e-6)
         reference = build_reference(model_dir, tcfg, use_gpu=use_gpu, world_size=1)
         setup_s = time.perf_counter() - t0
 
@@ -120,7 +118,8 @@ def main() -> None:
     for i in range(args.warmup + args.steps):
         sync()
         start = time.perf_counter()
-        dpo_micro_step(policy, reference, batch, beta=0.5)
+        dpo_micro_step(policy, reference, batch, beta=0.5, loss_scale=1.0)
+        policy.step()
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)

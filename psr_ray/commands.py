@@ -81,7 +81,8 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
     lock.release()
     final = result.metrics[-1] if result.metrics else {}
     source = "the checkpoint already in --output (--resume)" if result.resumed else "this run"
-    print(f"trained {result.num_optimizer_steps} optimizer steps ({source}); HF export: {result.hf_dir}")
+    print(f"trained {result.num_optimizer_steps} optimizer steps on {result.num_trained_rows} pairs (all epochs; "
+          f"{source}); HF export: {result.hf_dir}")
     for key, value in final.items():
         print(f"  {key:24s} {value:.4f}")
     return 0

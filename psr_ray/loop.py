@@ -194,6 +194,7 @@ def problems_for_iteration(cfg: PSRConfig, problems: list[Any], k: int) -> list[
 def _search_and_train(psr: Driver, k: int) -> None:
     """Search with M_k while the trainer consumes the pairs as they stream in, then train M_{k+1}."""
     from psr_ray.data.pairs_io import stream_pairs_dataset
+    from psr_ray.init_data.labelled import dpo_rows
     from psr_ray.metrics import timed_weight_sync
     from psr_ray.search.generate import generate_pairs
     from psr_ray.trainer.group import train_dpo
@@ -234,8 +235,8 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 dataset=dataset,
                 output_dir=str(psr.out / "checkpoints" / f"iter_{k}"),
                 policy_version=next_version,
-                num_pairs=_expected_pairs(cfg, len(problems)),
                 on_weights=on_weights,
+                heldout=dpo_rows(psr.heldout_pairs) or None,  # KL and reward margin of M_{k+1} vs M_k
             )
         except BaseException:
             stop_search.set()  # a trainer error surfaces now, not after the whole search
@@ -252,14 +253,21 @@ def _search_and_train(psr: Driver, k: int) -> None:
         "hf_dir": result.hf_dir,
         "checkpoint_dir": result.checkpoint_dir,
         "num_optimizer_steps": result.num_optimizer_steps,
-        "num_pairs_trained": int(sum(m.get("train/num_pairs", 0) for m in result.metrics)),
+        # Every committed pair once per epoch: equal to pairs_total x trainer.num_epochs.
+        "num_pairs_trained": result.num_trained_rows,
         "num_pairs_committed": search_summary.get("pairs_total"),
+        "heldout": result.heldout,
         "seconds": time.perf_counter() - start,
         "final": result.metrics[-1] if result.metrics else {},
     }
+    expected = search_summary.get("pairs_total", 0) * cfg.trainer.num_epochs
+    if result.num_trained_rows != expected:  # an invariant of the trainer: say so loudly, keep the trained model
+        print(f"[psr_ray] WARNING iteration {k}: trained {result.num_trained_rows} pairs, expected {expected}")
     psr.state.record(k, "train", train_summary)
     for step, metrics in enumerate(result.metrics):
         psr.logger.log({**metrics, "iteration": k, "train/step_in_iteration": step})
+    if result.heldout:
+        psr.logger.log({**result.heldout, "iteration": k})
     psr.logger.log({f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
                    | {"iteration": k})
     psr.policy_dir, psr.policy_version = result.hf_dir, result.policy_version
@@ -376,11 +384,6 @@ def _raise_search_cause(psr: Driver, k: int, search: concurrent.futures.Future) 
         check_search_pairs(k, search.result().to_dict(), policy_version=psr.policy_version)
     elif not isinstance(error, SearchStopped):
         raise error
-
-
-def _expected_pairs(cfg: PSRConfig, num_problems: int) -> int:
-    # The cosine schedule needs a length before the stream ends: about half the step cap per problem.
-    return max(1, num_problems * max(1, cfg.search.max_steps // 2))
 
 
 def _finished_summary(state: RunState) -> str:

@@ -83,6 +83,7 @@ def test_outputs_per_iteration(finished_run):
         assert set(stages) == {"search", "train", "sync", "eval"}
         pairs = read_pairs(str(out), k)
         assert stages["search"]["pairs_total"] == pairs.num_rows
+        assert stages["train"]["num_pairs_trained"] == pairs.num_rows > 0  # each committed pair once (1 epoch)
         assert set(pairs.column("iteration").to_pylist()) <= {k}
         assert set(pairs.column("policy_version").to_pylist()) <= {k}
         assert len(set(pairs.column("pair_id").to_pylist())) == pairs.num_rows

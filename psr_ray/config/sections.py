@@ -107,6 +107,13 @@ class SearchConfig:
     min_score_margin: float = 1.0
 
 
+class LRSchedule(enum.StrEnum):
+    # The peak learning rate after the warm-up, throughout (the paper states no schedule).
+    CONSTANT = "constant"
+    # A half cosine from the peak to trainer.min_lr_ratio x peak over trainer.lr_decay_steps, then flat.
+    COSINE = "cosine"
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     num_workers: int = 2
@@ -119,7 +126,18 @@ class TrainerConfig:
     global_batch_size: int = 32
     micro_batch_size: int = 4
     num_epochs: int = 1
-    warmup_ratio: float = 0.1
+    # The schedule counts optimizer steps from the start of each fit (iteration) and never rises again after
+    # the warm-up; its length is never guessed from the pair count, which a streamed iteration only knows at
+    # its end (psr_ray/trainer/schedule.py).
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    # Linear warm-up: step i (0-based) of the first warmup_steps runs at (i + 1) / (warmup_steps + 1) x peak.
+    warmup_steps: int = 0
+    # Cosine only: optimizer steps from the peak to the end value (required >= 1), and that end value.
+    lr_decay_steps: int = 0
+    min_lr_ratio: float = 0.0
+    # Rows each worker holds to shuffle its share of the stream (seeded by run.seed + epoch); 0 keeps the
+    # stream's order. A worker's first batch waits until this many rows (or the whole stream) arrived.
+    shuffle_buffer_size: int = 64
     max_seq_len: int = 1024
     gradient_checkpointing: bool = False
     # Initialization SFT (M0 -> M1): 3 epochs at lr 1e-6 in the paper.

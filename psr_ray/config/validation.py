@@ -81,7 +81,14 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
             f"micro_batch_size x num_workers ({t.micro_batch_size} x {t.num_workers})",
         )
     need(t.num_epochs >= 1 and t.sft_num_epochs >= 1, "trainer epochs must be >= 1")
-    need(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio must be in [0, 1)")
+    need(t.warmup_steps >= 0, f"trainer.warmup_steps must be >= 0, got {t.warmup_steps}")
+    need(
+        t.lr_schedule != "cosine" or t.lr_decay_steps >= 1,
+        "trainer.lr_schedule=cosine needs trainer.lr_decay_steps >= 1 (optimizer steps from the peak to its end)",
+    )
+    need(t.lr_decay_steps >= 0, f"trainer.lr_decay_steps must be >= 0, got {t.lr_decay_steps}")
+    need(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    need(t.shuffle_buffer_size >= 0, f"trainer.shuffle_buffer_size must be >= 0 (0: no shuffle), got {t.shuffle_buffer_size}")
     need(t.max_seq_len >= 16, "trainer.max_seq_len must be >= 16")
     need(t.max_failures >= 0, f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}")
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from psr_ray.engines.api import JudgeRequest, Judgment
 from psr_ray.stats import wilson
-from psr_ray.steps import join_steps
+from psr_ray.steps import join_steps, split_steps
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 # A plain integer: not part of a decimal or a comma-grouped number, so changing it keeps the text well-formed.
@@ -31,6 +31,12 @@ class LabelledPair(NamedTuple):
     prefix: str  # previous reference steps, as `join_steps` writes them
     good_step: str
     bad_step: str
+
+
+def dpo_rows(pairs: Iterable[LabelledPair]) -> list[dict[str, Any]]:
+    """Labelled pairs as step-DPO rows (the right step chosen): the trainer's held-out measurement."""
+    return [{"question": p.question, "prefix": p.prefix, "step_index": len(split_steps(p.prefix)) + 1,
+             "chosen": p.good_step, "rejected": p.bad_step} for p in pairs]  # fmt: skip
 
 
 def solution_steps(answer: str) -> list[str]:

@@ -120,7 +120,7 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
 
     with _timed(seconds, "sft"):
         trained = train_sft(cfg, model_path=model_path, dataset=ray.data.from_arrow(pa.Table.from_pylist(train_rows)),
-                            output_dir=str(out / "sft"), policy_version=1, num_rows=len(train_rows))  # fmt: skip
+                            output_dir=str(out / "sft"), policy_version=1)  # fmt: skip
     print(f"[init] SFT: {trained.num_optimizer_steps} optimizer steps, M1 -> {trained.hf_dir}", flush=True)
 
     with _timed(seconds, "heldout_pairs"):

@@ -21,6 +21,11 @@ from psr_ray.steps import step_continuation
 
 DPO_COLUMNS = ("question", "prefix", "step_index", "chosen", "rejected")
 SFT_COLUMNS = ("prompt_text", "target_text")
+# What a zero-weight micro-step computes on (a rank with no row left while others train): tiny, any tokenizer.
+PADDING_ROWS = {
+    "dpo": {"question": "0", "prefix": "", "step_index": 1, "chosen": "0", "rejected": "1"},
+    "sft": {"prompt_text": "0", "target_text": "1"},
+}
 
 
 @dataclass(frozen=True)

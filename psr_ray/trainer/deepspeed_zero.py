@@ -5,6 +5,7 @@ Runs inside Ray Train workers (a process group already exists). DeepSpeed is imp
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from psr_ray.config import TrainerConfig
+from psr_ray.trainer.schedule import lr_multiplier
 
 
 def prepare_deepspeed(use_gpu: bool) -> None:
@@ -88,20 +90,23 @@ def build_policy(
     use_gpu: bool,
     world_size: int,
     learning_rate: float,
-    num_training_steps: int,
 ) -> Any:
-    """Trainable engine: AdamW, cosine schedule with linear warmup over `num_training_steps` optimizer steps."""
+    """Trainable engine: AdamW at peak `learning_rate`, scheduled per optimizer step by `trainer.lr_schedule`
+    (`schedule.lr_multiplier`: warm-up, then constant or a capped cosine)."""
     import deepspeed
-    from transformers import get_cosine_schedule_with_warmup
+    from torch.optim.lr_scheduler import LambdaLR
 
     config = ds_config(tcfg, use_gpu=use_gpu, world_size=world_size, learning_rate=learning_rate)
     model = load_model(model_path, config, gradient_checkpointing=tcfg.gradient_checkpointing)
-    num_warmup = int(tcfg.warmup_ratio * num_training_steps)
+    multiplier = functools.partial(
+        lr_multiplier, schedule=tcfg.lr_schedule, warmup_steps=tcfg.warmup_steps, decay_steps=tcfg.lr_decay_steps,
+        min_lr_ratio=tcfg.min_lr_ratio,
+    )  # fmt: skip
     engine, *_ = deepspeed.initialize(
         model=model,
         config=config,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, num_warmup, max(num_training_steps, 1)),
+        lr_scheduler=lambda opt: LambdaLR(opt, multiplier),
     )
     return engine
 

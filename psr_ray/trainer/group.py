@@ -4,6 +4,8 @@
                        policy_version=k + 1)
     result.hf_dir         # HF export: load it with transformers or into the vLLM engines
     result.metrics        # one dict per optimizer step, for wandb
+    result.num_trained_rows   # pairs (rows) trained, all epochs: every committed pair once per epoch
+    result.heldout        # `heldout/...` figures of the new policy against its reference, with `heldout=`
 
 Resume: a complete checkpoint of the same (or a later) policy version under `output_dir` is returned as is
 without training; otherwise the latest complete checkpoint's DeepSpeed shards (weights and optimizer state)
@@ -13,7 +15,6 @@ so on a multi-node cluster it must be a shared filesystem.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ class TrainResult:
     hf_dir: str
     metrics: list[dict[str, float]] = field(default_factory=list)
     num_optimizer_steps: int = 0
+    num_trained_rows: int = 0  # over all epochs
+    heldout: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
 
 
@@ -44,19 +47,21 @@ def train_dpo(
     dataset: Any,
     output_dir: str,
     policy_version: int,
-    num_pairs: int | None = None,
     on_weights: Callable[[dict[str, Any] | None], None] | None = None,
+    heldout: str | list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Step-DPO of `policy_path` against the frozen `reference_path` on `dataset` (rows of STEP_PAIR_SCHEMA,
-    at least the columns question, prefix, step_index, chosen, rejected), `cfg.trainer.num_epochs` epochs.
+    at least the columns question, prefix, step_index, chosen, rejected), `cfg.trainer.num_epochs` epochs;
+    the dataset may still be growing (a streamed iteration): every row it ever yields is trained once per epoch.
 
-    `num_pairs` sizes the cosine schedule; None counts the dataset (pass it for a streaming dataset, whose
-    count would wait for the producers). `on_weights(state_dict)` runs on every rank inside the group after
-    training (the weight-sync hook, `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights,
-    the other ranks None."""
+    `on_weights(state_dict)` runs on every rank inside the group after training (the weight-sync hook,
+    `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights, the other ranks None.
+    `heldout`: step pairs never trained on (a Parquet file or folder, or row dicts with the columns above);
+    after training the new policy is measured on them against the reference (`trainer/heldout.py`)."""
     _require_columns(dataset, DPO_COLUMNS, "train_dpo")
-    fit = {"learning_rate": cfg.trainer.learning_rate, "num_epochs": cfg.trainer.num_epochs}
-    return _fit(cfg, "dpo", policy_path, reference_path, dataset, output_dir, policy_version, num_pairs, on_weights, **fit)
+    heldout_rows = read_heldout_pairs(heldout) if heldout is not None else None
+    fit = {"learning_rate": cfg.trainer.learning_rate, "num_epochs": cfg.trainer.num_epochs, "heldout_rows": heldout_rows}
+    return _fit(cfg, "dpo", policy_path, reference_path, dataset, output_dir, policy_version, on_weights, **fit)
 
 
 def train_sft(
@@ -66,14 +71,15 @@ def train_sft(
     dataset: Any,
     output_dir: str,
     policy_version: int = 1,
-    num_rows: int | None = None,
     on_weights: Callable[[dict[str, Any] | None], None] | None = None,
 ) -> TrainResult:
     """Cross-entropy on target tokens of rows (prompt_text, target_text), `cfg.trainer.sft_num_epochs` epochs
     at `cfg.trainer.sft_learning_rate` (the initialization stage: IFT and EFT data together)."""
     _require_columns(dataset, SFT_COLUMNS, "train_sft")
+    # Small blocks, so the unequal split (data_split.py) gives every worker a share of a one-block table.
+    dataset = dataset.repartition(target_num_rows_per_block=cfg.trainer.micro_batch_size)
     fit = {"learning_rate": cfg.trainer.sft_learning_rate, "num_epochs": cfg.trainer.sft_num_epochs}
-    return _fit(cfg, "sft", model_path, None, dataset, output_dir, policy_version, num_rows, on_weights, **fit)
+    return _fit(cfg, "sft", model_path, None, dataset, output_dir, policy_version, on_weights, **fit)
 
 
 def read_pairs_dataset(directory: str) -> Any:
@@ -94,6 +100,38 @@ def read_pairs_dataset(directory: str) -> Any:
             raise ValueError(f"{file} is not a readable Parquet file ({err}); delete or regenerate it") from None
         check_table(schema.empty_table())
     return ray.data.read_parquet([str(f) for f in files], schema=STEP_PAIR_SCHEMA)
+
+
+def read_heldout_pairs(source: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Held-out step pairs as plain rows of DPO_COLUMNS, from row dicts or a Parquet file or folder (read here
+    on the driver: they travel to the workers in the loop config). Errors name the file and the columns."""
+    if not isinstance(source, (str, Path)):
+        return _heldout_rows(list(source), "held-out rows")
+    import pyarrow.parquet as pq
+
+    path = Path(source).expanduser()
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise ValueError(f"held-out pairs {str(source)!r}: no such Parquet file or folder of .parquet files")
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise ValueError(f"held-out pairs {file} is not a readable Parquet file ({err})") from None
+        missing = [c for c in DPO_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"held-out pairs {file} lack columns {missing}; they need {list(DPO_COLUMNS)}")
+        rows += _heldout_rows(table.select(list(DPO_COLUMNS)).to_pylist(), str(file))
+    return rows
+
+
+def _heldout_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    for i, row in enumerate(rows):
+        missing = [c for c in DPO_COLUMNS if row.get(c) is None]
+        if missing:
+            raise ValueError(f"held-out pairs {source}: row {i} has no {missing}; they need {list(DPO_COLUMNS)}")
+    return [{c: row[c] for c in DPO_COLUMNS} for row in rows]
 
 
 def _require_columns(dataset: Any, columns: tuple[str, ...], caller: str) -> None:
@@ -119,15 +157,17 @@ def _fit(
     dataset: Any,
     output_dir: str,
     policy_version: int,
-    num_rows: int | None,
     on_weights: Callable[[dict[str, Any] | None], None] | None,
     *,
     learning_rate: float,
     num_epochs: int,
+    heldout_rows: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from psr_ray.trainer.data_split import UnequalSplitDataConfig
 
     output = Path(output_dir).expanduser().resolve()
     latest = ckpt.latest_checkpoint(output)
@@ -137,9 +177,6 @@ def _fit(
         return _result(latest, resumed=True)
 
     tcfg = cfg.trainer
-    if num_rows is None:
-        num_rows = dataset.count()
-    num_training_steps = max(1, math.floor(num_rows * num_epochs / tcfg.global_batch_size))
     loop_config = {
         "cfg": cfg,
         "mode": mode,
@@ -149,7 +186,8 @@ def _fit(
         "policy_version": policy_version,
         "learning_rate": learning_rate,
         "num_epochs": num_epochs,
-        "num_training_steps": num_training_steps,
+        "seed": cfg.run.seed,
+        "heldout_rows": heldout_rows,
         "on_weights": on_weights,
     }
     trainer = TorchTrainer(
@@ -165,6 +203,7 @@ def _fit(
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
         ),
         datasets={DATASET_NAME: dataset},
+        dataset_config=UnequalSplitDataConfig(),  # Ray Train's default split drops rows
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -182,5 +221,7 @@ def _result(checkpoint_dir: Path, *, resumed: bool) -> TrainResult:
         hf_dir=str(checkpoint_dir / ckpt.HF_DIR),
         metrics=metrics,
         num_optimizer_steps=int(version.get("num_optimizer_steps", len(metrics))),
+        num_trained_rows=int(version.get("num_trained_rows", 0)),
+        heldout=dict(version.get("heldout", {})),
         resumed=resumed,
     )

@@ -58,3 +58,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     rows = mask.nonzero(as_tuple=True)[0]
     out = torch.zeros(logits.shape[0], dtype=token_logps.dtype, device=logits.device)
     return out.index_add(0, rows, token_logps)
+
+
+def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) over the positions where `loss_mask` is 1 of the exact full-vocabulary
+    KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)) of the next-token distributions that predict
+    those tokens (aligned like `sequence_logps`). Only the masked positions are softmaxed."""
+    mask = loss_mask[:, 1:].bool()
+    log_p = policy_logits[:, :-1][mask].float().log_softmax(-1)
+    log_q = reference_logits[:, :-1][mask].float().log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl.sum(), mask.sum()

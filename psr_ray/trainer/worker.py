@@ -1,37 +1,54 @@
 """The per-worker loop of the trainer group (Ray Train `train_loop_per_worker`): step-DPO or SFT on ZeRO-3.
 
-Every rank reads its own shard of the "pairs" dataset as it streams in. ZeRO-3 runs collectives inside
-every forward/backward, so all ranks must take the same number of micro-steps: before each one the ranks
-all-reduce a has-batch flag with MIN and stop together when any shard is exhausted.
+Every committed row is trained exactly once per epoch:
+- Each rank reads its own share of the "pairs" dataset as it streams in (split without dropping rows:
+  `data_split.py`), shuffled within a bounded buffer seeded by `seed + epoch`.
+- Rows go in accumulation windows: each rank collates up to `gradient_accumulation_steps` micro-batches,
+  then the ranks agree (all-reduce) on the window's micro-step count (the most any rank has) and its number
+  of real units (pairs; target tokens for SFT). An epoch ends when no rank has a row left.
+- ZeRO-3 runs collectives inside every forward/backward, so a rank with fewer micro-batches runs zero-weight
+  micro-steps (a fixed padding row, its loss times 0) beside the others.
+- The last micro-step of every window, a partial one included, is the accumulation boundary, so an epoch's
+  trailing rows are stepped too.
+- Each unit's loss is weighted `accumulation x world_size / units in the window`: DeepSpeed divides the loss
+  by the accumulation steps and averages gradients over the ranks, so each optimizer step follows the mean
+  gradient over exactly its real units.
 """
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from psr_ray import kill_windows
-from psr_ray.trainer.batches import collate_pairs, collate_sft, rows_of
+from psr_ray.trainer.batches import PADDING_ROWS, collate_pairs, collate_sft, rows_of
 from psr_ray.trainer.loss import sequence_logps, step_dpo_loss
 
 DATASET_NAME = "pairs"
 
 
-def lockstep(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
-    """Yields batches while every rank still has one (all_reduce MIN of a has-batch flag)."""
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        flag = torch.tensor([0 if batch is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if int(flag.item()) == 0:
-            return
-        yield batch
+
+@dataclass(frozen=True)
+class MicroBatch:
+    batch: dict[str, torch.Tensor]
+    num_rows: int
+    num_units: int  # what the loss averages over: pairs (DPO) or target tokens (SFT)
+    num_truncated: int
+
+
+def collate_micro_batch(
+    mode: str, tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, pad_to_multiple_of: int = 1
+) -> MicroBatch:
+    collate = collate_pairs if mode == "dpo" else collate_sft
+    batch, truncated = collate(tokenizer, rows, max_seq_len=max_seq_len, pad_to_multiple_of=pad_to_multiple_of)
+    units = len(rows) if mode == "dpo" else int(batch["loss_mask"][:, 1:].sum())
+    return MicroBatch(batch, len(rows), units, truncated)
 
 
 def forward_logps(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -39,17 +56,19 @@ def forward_logps(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
 
 
-def dpo_micro_step(policy: Any, reference: Any, batch: dict[str, torch.Tensor], *, beta: float) -> torch.Tensor:
-    """Forward/backward/step of one micro-batch ([2B, T]: chosen rows then rejected rows); returns the sums
-    [loss*B, margin, correct, chosen_logps, rejected_logps, B, tokens] for the step's metrics."""
+def dpo_micro_step(
+    policy: Any, reference: Any, batch: dict[str, torch.Tensor], *, beta: float, loss_scale: float
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch ([2B, T]: chosen rows then rejected rows) with the sum of its
+    pairs' losses times `loss_scale`; returns [loss sum, margin, correct, chosen_logps, rejected_logps, pairs,
+    tokens] for the step's metrics."""
     b = batch["input_ids"].shape[0] // 2
     # Reference first, so its logits are freed before the policy's activations exist.
     with torch.no_grad():
         ref = forward_logps(reference, batch)
     logps = forward_logps(policy, batch)
     out = step_dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=beta)
-    policy.backward(out.loss)
-    policy.step()
+    policy.backward(out.loss * b * loss_scale)
     margin = out.chosen_rewards - out.rejected_rewards
     return torch.stack(
         [
@@ -64,15 +83,17 @@ def dpo_micro_step(policy: Any, reference: Any, batch: dict[str, torch.Tensor], 
     )
 
 
-def sft_micro_step(policy: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token-mean cross-entropy on target tokens; returns [loss*targets, targets, tokens]."""
+def sft_micro_step(policy: Any, batch: dict[str, torch.Tensor], *, loss_scale: float) -> torch.Tensor:
+    """Cross-entropy summed over target tokens, times `loss_scale`; returns [loss sum, targets, tokens, rows]."""
     logps = forward_logps(policy, batch)
-    num_targets = batch["loss_mask"][:, 1:].sum().clamp(min=1)
-    loss = -logps.sum() / num_targets
-    policy.backward(loss)
-    policy.step()
+    policy.backward(-logps.sum() * loss_scale)
     return torch.stack(
-        [loss.detach().float() * num_targets, num_targets.float(), batch["attention_mask"].sum().float()]
+        [
+            -logps.detach().sum().float(),
+            batch["loss_mask"][:, 1:].sum().float(),
+            batch["attention_mask"].sum().float(),
+            torch.tensor(float(batch["input_ids"].shape[0]), device=logps.device),
+        ]
     )
 
 
@@ -92,8 +113,8 @@ def step_metrics(
             "train/num_pairs": pairs,
         }
     else:
-        loss, targets, tokens = sums.tolist()
-        metrics = {"train/loss": loss / max(targets, 1.0), "train/num_target_tokens": targets}
+        loss, targets, tokens, rows = sums.tolist()
+        metrics = {"train/loss": loss / max(targets, 1.0), "train/num_target_tokens": targets, "train/num_rows": rows}
     metrics.update(
         {
             "train/tokens_per_s": tokens / max(seconds, 1e-9),
@@ -103,6 +124,21 @@ def step_metrics(
         }
     )
     return metrics
+
+
+def trained_rows(mode: str, history: list[dict[str, float]]) -> int:
+    """Rows (pairs, or SFT rows) trained over all the optimizer steps of `history`."""
+    return int(sum(m["train/num_pairs" if mode == "dpo" else "train/num_rows"] for m in history))
+
+
+def agree_on_window(local: list[MicroBatch], device: torch.device) -> tuple[int, int]:
+    """(micro-steps, real units) of the window over all ranks: the most micro-batches any rank has, and the
+    units of all of them. A collective: every rank calls it once per window."""
+    most = torch.tensor([len(local)], dtype=torch.long, device=device)
+    units = torch.tensor([sum(m.num_units for m in local)], dtype=torch.long, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    dist.all_reduce(units, op=dist.ReduceOp.SUM)
+    return int(most.item()), int(units.item())
 
 
 def train_epochs(
@@ -117,53 +153,65 @@ def train_epochs(
     micro_batch_size: int,
     num_epochs: int,
     pad_to_multiple_of: int = 1,
+    shuffle_buffer_size: int = 0,
+    seed: int = 0,
     report: Any = None,
 ) -> list[dict[str, float]]:
-    """Trains over `shard` (anything with `iter_batches`) `num_epochs` times; returns one metrics dict per
-    optimizer step, after calling `report(metrics)` on every rank (a barrier in Ray Train)."""
+    """Trains over `shard` (anything with Ray Data's `iter_batches`) `num_epochs` times, every row once per
+    epoch (module docstring); returns one metrics dict per optimizer step, after calling `report(metrics)`
+    on every rank (a barrier in Ray Train)."""
     device = policy.device
-    collate = collate_pairs if mode == "dpo" else collate_sft
+    accumulation = policy.gradient_accumulation_steps()
+    world_size = dist.get_world_size()
+    kwargs = {"max_seq_len": max_seq_len, "pad_to_multiple_of": pad_to_multiple_of}
+    padding = collate_micro_batch(mode, tokenizer, [PADDING_ROWS[mode]], **kwargs)
     history: list[dict[str, float]] = []
-    window: torch.Tensor | None = None
     truncated = 0
-    started = waited_since = time.perf_counter()
-    data_wait = 0.0
-    for _ in range(num_epochs):
-        batches = shard.iter_batches(batch_size=micro_batch_size, batch_format="pyarrow", drop_last=False)
-        for raw in lockstep(batches, device):
-            batch, num_truncated = collate(
-                tokenizer, rows_of(raw), max_seq_len=max_seq_len, pad_to_multiple_of=pad_to_multiple_of
+    for epoch in range(num_epochs):
+        shuffle = {"local_shuffle_buffer_size": shuffle_buffer_size, "local_shuffle_seed": seed + epoch}
+        batches = iter(
+            shard.iter_batches(
+                batch_size=micro_batch_size, batch_format="pyarrow", drop_last=False,
+                **(shuffle if shuffle_buffer_size else {}),
             )
-            truncated += num_truncated
-            batch = {k: v.to(device) for k, v in batch.items()}
-            data_wait += time.perf_counter() - waited_since
-            boundary = policy.is_gradient_accumulation_boundary()
+        )  # fmt: skip
+        while True:
+            started = time.perf_counter()
+            local = [
+                collate_micro_batch(mode, tokenizer, rows_of(raw), **kwargs)
+                for raw in itertools.islice(batches, accumulation)
+            ]
+            data_wait = time.perf_counter() - started
+            num_micro, num_units = agree_on_window(local, device)
+            if num_micro == 0:
+                break
+            loss_scale = accumulation * world_size / max(num_units, 1)
             lr = float(policy.get_lr()[0])
-            if mode == "dpo":
-                sums = dpo_micro_step(policy, reference, batch, beta=beta)
-            else:
-                sums = sft_micro_step(policy, batch)
-            window = sums if window is None else window + sums
-            if boundary:
-                dist.all_reduce(window)
-                total_truncated = torch.tensor([truncated], device=device)
-                dist.all_reduce(total_truncated)
-                now = time.perf_counter()
-                metrics = step_metrics(
-                    mode,
-                    window,
-                    lr=lr,
-                    seconds=now - started,
-                    step=len(history) + 1,
-                    truncated=int(total_truncated.item()),
-                )
-                metrics["train/data_wait_s"] = data_wait
-                history.append(metrics)
-                if report is not None:
-                    report(metrics)
-                kill_windows.reached("train.after_step")
-                window, started, data_wait = None, time.perf_counter(), 0.0
-            waited_since = time.perf_counter()
+            window = None
+            for i in range(num_micro):
+                real = i < len(local)
+                batch = {k: v.to(device) for k, v in (local[i] if real else padding).batch.items()}
+                policy.set_gradient_accumulation_boundary(i == num_micro - 1)
+                if mode == "dpo":
+                    sums = dpo_micro_step(policy, reference, batch, beta=beta, loss_scale=loss_scale if real else 0.0)
+                else:
+                    sums = sft_micro_step(policy, batch, loss_scale=loss_scale if real else 0.0)
+                policy.step()  # an optimizer step only at the boundary set above
+                sums = sums if real else torch.zeros_like(sums)
+                window = sums if window is None else window + sums
+            truncated += sum(m.num_truncated for m in local)
+            dist.all_reduce(window)
+            total_truncated = torch.tensor([truncated], device=device)
+            dist.all_reduce(total_truncated)
+            metrics = step_metrics(
+                mode, window, lr=lr, seconds=time.perf_counter() - started, step=len(history) + 1,
+                truncated=int(total_truncated.item()),
+            )  # fmt: skip
+            metrics["train/data_wait_s"] = data_wait
+            history.append(metrics)
+            if report is not None:
+                report(metrics)
+            kill_windows.reached("train.after_step")
     return history
 
 
@@ -175,6 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from psr_ray import metrics
     from psr_ray.trainer import checkpoint as ckpt
     from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
+    from psr_ray.trainer.heldout import heldout_metrics
 
     cfg = loop_config["cfg"]
     tcfg = cfg.trainer
@@ -193,7 +242,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         use_gpu=tcfg.use_gpu,
         world_size=world_size,
         learning_rate=loop_config["learning_rate"],
-        num_training_steps=loop_config["num_training_steps"],
     )
     phases["policy_engine"] = time.perf_counter() - clock - sum(phases.values())
     if loop_config.get("resume_dir"):
@@ -214,10 +262,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         micro_batch_size=tcfg.micro_batch_size,
         num_epochs=loop_config["num_epochs"],
         pad_to_multiple_of=8 if tcfg.use_gpu else 1,
+        shuffle_buffer_size=tcfg.shuffle_buffer_size,
+        seed=loop_config["seed"],
         report=metrics.train_reporter(ray.train.report, rank=rank, mode=mode),  # live train metrics
     )
-
     phases["train"] = time.perf_counter() - clock - sum(phases.values())
+    heldout = {}
+    if mode == "dpo" and loop_config.get("heldout_rows"):
+        heldout = heldout_metrics(
+            policy, reference, loop_config["heldout_rows"], tokenizer, beta=tcfg.beta, max_seq_len=tcfg.max_seq_len,
+            micro_batch_size=tcfg.micro_batch_size, pad_to_multiple_of=8 if tcfg.use_gpu else 1,
+        )  # fmt: skip
+        phases["heldout"] = time.perf_counter() - clock - sum(phases.values())
     state_dict = gather_full_state_dict(policy)
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
         ckpt.save_deepspeed(policy, tmp)
@@ -234,6 +290,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 extra={
                     "mode": mode,
                     "num_optimizer_steps": len(history),
+                    "num_trained_rows": trained_rows(mode, history),
+                    "heldout": heldout,
                     "world_size": world_size,
                     "resumed_from": loop_config.get("resume_dir"),
                 },
@@ -241,6 +299,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         phases["checkpoint"] = time.perf_counter() - clock - sum(phases.values())
         if rank == 0:
             print("psr_ray trainer phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
-        final = dict(history[-1]) if history else {}
+        final = (dict(history[-1]) if history else {}) | heldout
         final["policy_version"] = loop_config["policy_version"]
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))

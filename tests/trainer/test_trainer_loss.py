@@ -68,3 +68,16 @@ def test_sequence_logps_position_zero_is_never_scored():
     labels = torch.tensor([[1, 2]])
     got = sequence_logps(logits, labels, torch.tensor([[1, 1]]))
     assert got.item() == pytest.approx(-math.log(4), abs=1e-6)
+
+
+def test_token_kl_hand_computed_on_masked_positions_only():
+    from psr_ray.trainer.loss import token_kl
+
+    # Vocabulary of 2, one sequence of 3 tokens; positions 0 and 1 predict tokens 1 and 2. Only token 2 is in
+    # the mask, so only position 1's distributions count: p = softmax([0, ln 3]) = (1/4, 3/4), q = (1/2, 1/2).
+    policy = torch.tensor([[[5.0, 0.0], [0.0, math.log(3.0)], [9.0, 9.0]]])
+    reference = torch.tensor([[[0.0, 5.0], [0.0, 0.0], [1.0, 2.0]]])
+    total, count = token_kl(policy, reference, torch.tensor([[0, 0, 1]]))
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert count.item() == 1 and total.item() == pytest.approx(expected, abs=1e-6)
+    assert token_kl(policy, policy, torch.tensor([[0, 1, 1]]))[0].item() == pytest.approx(0.0, abs=1e-7)

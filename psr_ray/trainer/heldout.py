@@ -1,0 +1,78 @@
+"""Held-out evaluation at the end of a step-DPO fit: how the new policy differs from its frozen reference on
+step pairs it never trained on.
+
+    heldout/reward_accuracy   share of pairs whose DPO reward margin r_w - r_l is > 0
+    heldout/reward_margin     mean of r_w - r_l (r = beta * (log pi - log pi_ref) of the step's tokens)
+    heldout/kl_per_token      mean over the steps' tokens (chosen and rejected) of the exact full-vocabulary
+                              KL(pi(. | prefix) || pi_ref(. | prefix)) at that position
+    heldout/num_pairs, heldout/num_tokens
+
+Runs inside the Ray Train workers on ZeRO-3 engines: rank r takes pairs r, r + world_size, ...; every rank
+runs the same number of forwards (zero-weight padding batches where it has none left), then the sums are
+all-reduced, so every rank returns the same figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from psr_ray.trainer.batches import PADDING_ROWS, collate_pairs
+from psr_ray.trainer.loss import sequence_logps, step_dpo_loss, token_kl
+
+
+def heldout_metrics(
+    policy: Any,
+    reference: Any,
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    beta: float,
+    max_seq_len: int,
+    micro_batch_size: int,
+    pad_to_multiple_of: int = 1,
+) -> dict[str, float]:
+    """The figures above for `rows` (dicts with `batches.DPO_COLUMNS`); a collective over the trainer group."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = rows[rank::world_size]
+    chunks = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    rounds = torch.tensor([len(chunks)], dtype=torch.long, device=policy.device)
+    dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    # correct, margin sum, pairs, KL sum, KL tokens
+    sums = torch.zeros(5, dtype=torch.float64, device=policy.device)
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        for i in range(int(rounds.item())):
+            real = i < len(chunks)
+            batch, _ = collate_pairs(
+                tokenizer, chunks[i] if real else [PADDING_ROWS["dpo"]], max_seq_len=max_seq_len,
+                pad_to_multiple_of=pad_to_multiple_of,
+            )  # fmt: skip
+            batch = {k: v.to(policy.device) for k, v in batch.items()}
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            ref_logits = reference(**inputs).logits
+            logits = policy(**inputs).logits
+            if not real:
+                continue
+            b = batch["input_ids"].shape[0] // 2
+            logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+            ref = sequence_logps(ref_logits, batch["input_ids"], batch["loss_mask"])
+            out = step_dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=beta)
+            margin = out.chosen_rewards - out.rejected_rewards
+            kl_sum, kl_tokens = token_kl(logits, ref_logits, batch["loss_mask"])
+            found = [(margin > 0).sum(), margin.sum(), torch.tensor(b), kl_sum, kl_tokens]
+            sums += torch.stack([x.to(sums) for x in found])
+    if was_training:
+        policy.train()
+    dist.all_reduce(sums)
+    correct, margin, pairs, kl, tokens = sums.tolist()
+    return {
+        "heldout/reward_accuracy": correct / max(pairs, 1.0),
+        "heldout/reward_margin": margin / max(pairs, 1.0),
+        "heldout/kl_per_token": kl / max(tokens, 1.0),
+        "heldout/num_pairs": pairs,
+        "heldout/num_tokens": tokens,
+    }
