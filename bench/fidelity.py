@@ -24,50 +24,14 @@ import json
 import os
 import platform
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from psr_ray.memory import PeakMemory
+
 HERE = Path(__file__).resolve().parent
 STAGES = ("init", "self", "oracle", "random", "mc", "report")
-
-
-class PeakMemory:
-    """Samples the memory of this process and all its descendants (Ray's raylet, workers, engines) every
-    `interval` seconds; `peak_gib` is the largest sum seen. PSS (proportional set size): shared library pages
-    count once over the processes that map them, not once per process as RSS would."""
-
-    def __init__(self, interval: float = 1.0):
-        import psutil
-
-        self._proc, self._interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.wait(self._interval):
-            total = 0
-            for p in [self._proc, *self._proc.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak / 2**30
 
 
 def load_cfg(args: argparse.Namespace, *extra: str) -> Any:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,26 +68,37 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     """Runs (or resumes) all iterations. The returned `Driver` holds the results rows and the engine handles:
     the engines live as long as it does (they are the driver's actors, not detached)."""
     from psr_ray import console, metrics
+    from psr_ray.memory import PeakMemory
 
-    psr = _start(cfg, resume_dir)
+    memory = PeakMemory().start()  # this node's run processes; each stage's peak goes to state.json and results
+    try:
+        psr = _start(cfg, resume_dir)
+    except BaseException:
+        memory.stop()
+        raise
+    psr.state.record_peak("start (init, engines)", memory.take())
     cfg = psr.cfg
     total = cfg.run.num_iterations
+
+    def stage(title: str, work: Callable[[], None]) -> None:
+        with console.stage(title):
+            work()
+        psr.state.record_peak(title, memory.take())
+
     try:  # one display per stage (psr_ray.console), one summary line per iteration
         metrics.set_gauge("iteration", 0)
-        with console.stage("starting model: eval"):
-            _evaluate(psr, iteration=0)
+        stage("starting model: eval", functools.partial(_evaluate, psr, iteration=0))
         print(console.iteration_summary(0, total, _stages(psr, 0), []), flush=True)
         for k in range(1, total + 1):
             metrics.set_gauge("iteration", k)
-            with console.stage(f"iter {k}/{total} search+train"):
-                _search_and_train(psr, k)
-            with console.stage(f"iter {k}/{total} sync"):
-                _sync(psr, k)
-            with console.stage(f"iter {k}/{total} eval"):
-                _evaluate(psr, iteration=k)
+            stage(f"iter {k}/{total} search+train", functools.partial(_search_and_train, psr, k))
+            stage(f"iter {k}/{total} sync", functools.partial(_sync, psr, k))
+            stage(f"iter {k}/{total} eval", functools.partial(_evaluate, psr, iteration=k))
             print(console.iteration_summary(k, total, _stages(psr, k), _stages(psr, k - 1).get("eval", {}).get("rows", [])),
                   flush=True)  # fmt: skip
+        _write_results(psr)  # with the last stage's peak
     finally:
+        memory.stop()
         psr.logger.finish()
         psr.lock.release()
     print(f"\nResults ({psr.out / 'results.md'}):\n")
@@ -113,6 +126,7 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
     from psr_ray.cluster import init_ray
     from psr_ray.data.problems import load_problems
     from psr_ray.engines.pool import start_engine_pool
+    from psr_ray.init_data.first import init_for_run
     from psr_ray.metrics import WandbLogger
     from psr_ray.models import resolve_model_path
 
@@ -144,7 +158,7 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
     if not loaded.problems:
         raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
     init_ray(cfg)
-    init, m0, heldout_pairs = _init_first(cfg) if cfg.init.run_first else (None, None, [])
+    init, m0, heldout_pairs = init_for_run(cfg) if cfg.init.run_first else (None, None, [])
     if init is not None and policy_version == FIRST_POLICY_VERSION:
         policy_dir = init.hf_dir  # PSR starts from M1
     heldout = set(init.heldout_problem_ids) if init is not None else set()
@@ -173,15 +187,6 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
     _check_engine_versions(psr)
     state.set_config(cfg.to_dict())  # the run has started (a resume may have changed RESUMABLE settings)
     return psr
-
-
-def _init_first(cfg: PSRConfig) -> tuple[Any, dict[str, Any], list[Any]]:
-    """M0 -> M1 (built once per settings and cached), M0's scores, and the held-out judge pairs."""
-    from psr_ray.init_data.build import read_pairs
-    from psr_ray.init_data.first import initialize_first
-
-    init, m0 = initialize_first(cfg)
-    return init, m0, [p.pair for p in read_pairs(init.data_files["heldout_pairs"])]
 
 
 def problems_for_iteration(cfg: PSRConfig, problems: list[Any], k: int) -> list[Any]:
@@ -293,8 +298,7 @@ def _reload_stale(psr: Driver) -> int:
     from psr_ray.ray_waits import get_all
 
     timeout = psr.cfg.run.engine_call_timeout_s
-    versions = get_all([e.policy_version.remote() for e in psr.engines], labels=psr.engine_names,
-                       timeout_s=timeout, what="policy_version()")  # fmt: skip
+    versions = _engine_versions(psr)
     stale = [(e, n) for e, n, v in zip(psr.engines, psr.engine_names, versions, strict=True) if v != psr.policy_version]
     refs = [e.update_weights_from_path.remote(psr.policy_dir, policy_version=psr.policy_version) for e, _ in stale]
     get_all(refs, labels=[n for _, n in stale], timeout_s=timeout, what=f"a weight load of {psr.policy_dir}")
@@ -305,8 +309,6 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
     from psr_ray.eval import evaluate
     from psr_ray.init_data.run import eft_mode
     from psr_ray.measure import iteration_pair_precision, judge_accuracy
-    from psr_ray.run_report import write_results
-
     done = psr.state.stage(iteration, "eval")
     if done is None:
         cfg = psr.cfg
@@ -333,6 +335,12 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
                             "search/random_pick_precision": precision["random_pick"], "iteration": iteration})  # fmt: skip
     psr.rows = [row for k in sorted(psr.state.data["iterations"], key=int)
                 for row in (psr.state.stage(int(k), "eval") or {}).get("rows", [])]
+    _write_results(psr)
+
+
+def _write_results(psr: Driver) -> None:
+    from psr_ray.run_report import write_results
+
     paths = write_results(psr.state, psr.out, judge_mode=str(psr.cfg.judge.mode), m0=psr.m0,
                           init_seconds=None if psr.init is None else psr.init.seconds)  # fmt: skip
     psr.logger.log_image("eval/accuracy", str(paths["plot"]))
@@ -340,6 +348,8 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
 
 def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, Any]:
     """An eval row with the iteration's search and training figures beside it (the results table)."""
+    from psr_ray.run_report import margins_cell
+
     search = psr.state.stage(iteration, "search") or {}
     train = psr.state.stage(iteration, "train") or {}
     return {
@@ -347,7 +357,7 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
         "policy_version": psr.policy_version,
         "pairs": search.get("pairs_total"),
         "rollbacks": search.get("rollbacks"),
-        "margins": _margins(search),
+        "margins": margins_cell(search),
         "unparseable_rate": search.get("unparseable_rate"),
         "search_train_s": train.get("seconds"),
     }
@@ -357,19 +367,15 @@ def _stages(psr: Driver, iteration: int) -> dict[str, Any]:
     return psr.state.data["iterations"].get(str(iteration), {})
 
 
-def _margins(search: dict[str, Any]) -> str | None:
-    """The iteration's pair margin distribution as one results-table cell, e.g. `1.00/1.50/2.00/3.00/4.00`."""
-    keys = ("margin_min", "margin_q1", "margin_median", "margin_q3", "margin_max")
-    if search.get("margin_min") is None:
-        return None
-    return "/".join(f"{search[k]:.2f}" for k in keys)
+def _engine_versions(psr: Driver) -> list[int]:
+    from psr_ray.ray_waits import get_all
+
+    return get_all([e.policy_version.remote() for e in psr.engines], labels=psr.engine_names,
+                   timeout_s=psr.cfg.run.engine_call_timeout_s, what="policy_version()")  # fmt: skip
 
 
 def _check_engine_versions(psr: Driver) -> list[int]:
-    from psr_ray.ray_waits import get_all
-
-    versions = get_all([e.policy_version.remote() for e in psr.engines], labels=psr.engine_names,
-                       timeout_s=psr.cfg.run.engine_call_timeout_s, what="policy_version()")  # fmt: skip
+    versions = _engine_versions(psr)
     if any(v != psr.policy_version for v in versions):
         raise RuntimeError(f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}")
     return versions

@@ -142,13 +142,14 @@ NOTES = (
 )
 
 
-def write_run_report(models: list[dict[str, Any]], out_dir: str, *, title: str = "Results") -> dict[str, Path]:
+def write_run_report(models: list[dict[str, Any]], out_dir: str, *, title: str = "Results",
+                     footer: str = "") -> dict[str, Path]:  # fmt: skip
     """results.json (the models as given), results.md (table + notes) and accuracy.png into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy.png"}
     paths["json"].write_text(json.dumps(models, indent=2) + "\n")
-    paths["markdown"].write_text(f"# {title}\n\n{format_run_table(models)}\n\n{NOTES}\n")
+    paths["markdown"].write_text(f"# {title}\n\n{format_run_table(models)}\n\n{NOTES}\n" + (f"\n{footer}\n" if footer else ""))
     plot_models(models, paths["plot"])
     return paths
 

@@ -44,4 +44,25 @@ def write_results(state: Any, out_dir: str | Path, *, judge_mode: str, m0: dict[
                   init_seconds: dict[str, float] | None = None) -> dict[str, Path]:  # fmt: skip
     models = models_from_state(state, judge_mode=judge_mode, m0=m0, init_seconds=init_seconds)
     title = f"PSR run: {JUDGE_LABELS.get(judge_mode, judge_mode)} step pairs"
-    return write_run_report(models, str(out_dir), title=title)
+    return write_run_report(models, str(out_dir), title=title, footer=memory_line(state.data.get("peak_memory_gib", {})))
+
+
+def memory_line(peaks: dict[str, float]) -> str:
+    """The peak memory per stage (psr_ray.memory: PSS of this node's run processes) against the machine's."""
+    from psr_ray.memory import machine_gib
+
+    if not peaks:
+        return ""
+    stage, top = max(peaks.items(), key=lambda item: item[1])
+    total = machine_gib()
+    per_stage = ", ".join(f"{name} {gib:.1f}" for name, gib in peaks.items())
+    return (f"Peak memory (PSS of this node's run processes, GiB): {top:.1f} in `{stage}`, {100 * top / total:.0f}% "
+            f"of this machine's {total:.1f} GiB. Per stage: {per_stage}.")
+
+
+def margins_cell(search: dict[str, Any]) -> str | None:
+    """The iteration's pair margin distribution as one results-table cell, e.g. `1.00/1.50/2.00/3.00/4.00`."""
+    keys = ("margin_min", "margin_q1", "margin_median", "margin_q3", "margin_max")
+    if search.get("margin_min") is None:
+        return None
+    return "/".join(f"{search[k]:.2f}" for k in keys)

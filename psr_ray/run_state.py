@@ -52,6 +52,11 @@ class RunState:
         self.data["iterations"].setdefault(str(iteration), {})[stage] = summary
         self._write()
 
+    def record_peak(self, stage: str, gib: float) -> None:
+        """The peak memory (GiB, `psr_ray.memory`) of a console stage, e.g. `iter 1/2 search+train`."""
+        self.data.setdefault("peak_memory_gib", {})[stage] = round(gib, 3)
+        self._write()
+
     def set_config(self, config: dict[str, Any]) -> None:
         self.data["config"] = config
         self._write()

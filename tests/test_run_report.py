@@ -75,3 +75,25 @@ def test_plot_accepts_intervals_that_miss_their_point_by_a_rounding_error(tmp_pa
     judge = {"accuracy": 0.5, "accuracy_ci95": [0.5 + 1e-16, 0.6], "num_judgments": 4}
     paths = write_run_report([{"model": "M1", "rows": [row], "judge": judge}], str(tmp_path))
     assert paths["plot"].is_file()
+
+
+def test_peak_memory_is_sampled_per_stage_and_reported():
+    import time
+
+    from psr_ray.memory import PeakMemory, machine_gib
+    from psr_ray.run_report import memory_line
+
+    with PeakMemory(interval_s=0.05) as memory:
+        block = bytearray(256 * 2**20)  # zero-filled: its pages are resident
+        time.sleep(0.2)
+        first = memory.take()
+        del block
+        time.sleep(0.2)
+        second = memory.take()
+    assert first >= 0.25 and second < first - 0.2  # a take() reports the peak since the previous one only
+    assert memory.peak_gib == first
+    line = memory_line({"start": 1.0, "iter 1/2 search+train": 3.0})
+    total = machine_gib()
+    assert line.startswith(f"Peak memory (PSS of this node's run processes, GiB): 3.0 in `iter 1/2 search+train`, "
+                           f"{100 * 3.0 / total:.0f}% of this machine's {total:.1f} GiB.")
+    assert line.endswith("Per stage: start 1.0, iter 1/2 search+train 3.0.") and memory_line({}) == ""

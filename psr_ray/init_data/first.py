@@ -65,6 +65,14 @@ def initialize_first(cfg: PSRConfig) -> tuple[InitResult, dict[str, Any]]:
     return result, m0
 
 
+def init_for_run(cfg: PSRConfig) -> tuple[InitResult, dict[str, Any], list[Any]]:
+    """For `psr-ray run` with init.run_first: M1, M0's scores, and the held-out judge pairs (LabelledPair)."""
+    from psr_ray.init_data.build import read_pairs
+
+    init, m0 = initialize_first(cfg)
+    return init, m0, [p.pair for p in read_pairs(init.data_files["heldout_pairs"])]
+
+
 def _m0_scores(cfg: PSRConfig, result: InitResult) -> dict[str, Any]:
     """M0's scores for the run's evaluation settings (computed once per setting, then read back)."""
     from transformers import AutoTokenizer
