@@ -150,12 +150,16 @@ def _search_and_train(psr: Driver, k: int) -> None:
     from psr_ray.search.generate import generate_pairs
     from psr_ray.trainer.group import train_dpo
     from psr_ray.weight_sync import backend_for, make_sender
+    from psr_ray.weight_sync.probe import make_probe
 
     if psr.state.done(k, "train"):
         return
     cfg, next_version = psr.cfg, psr.policy_version + 1
     problems = problems_for_iteration(cfg, psr.problems, k)
-    sender = make_sender(backend_for(cfg), psr.engines, bucket_mb=cfg.weight_sync.bucket_mb)
+    # The engines serve psr.policy_dir's weights: a failed sync restores them from there.
+    sender = make_sender(backend_for(cfg), psr.engines, probe=make_probe(psr.tokenizer, psr.policy_dir),
+                         restore_dir=psr.policy_dir, bucket_mb=cfg.weight_sync.bucket_mb,
+                         timeout_s=cfg.weight_sync.timeout_s)  # fmt: skip
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
         search = None
@@ -165,6 +169,12 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 rollout=psr.rollout, judge=psr.judge, output_dir=str(psr.out),
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
             )
+        if cfg.weight_sync.colocate:  # one GPU for all: search first, then the engines sleep while training
+            import ray
+
+            if search is not None:
+                search.result()
+            ray.get([e.sleep.remote() for e in psr.engines])  # the push wakes them (receivers.begin_update)
         dataset = stream_pairs_dataset(str(psr.out), k)
         result = train_dpo(
             cfg,
@@ -187,6 +197,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
         "num_optimizer_steps": result.num_optimizer_steps,
         "seconds": time.perf_counter() - start,
         "final": result.metrics[-1] if result.metrics else {},
+        "weight_sync": result.weight_sync,  # the trainer's push into the engines (SyncReport.to_dict)
     }
     psr.state.record(k, "train", train_summary)
     for step, metrics in enumerate(result.metrics):
@@ -197,24 +208,24 @@ def _search_and_train(psr: Driver, k: int) -> None:
 
 
 def _sync(psr: Driver, k: int) -> None:
-    """The trainer pushed the weights already; verify every engine serves M_{k+1}, else load the export."""
-    import ray
-
+    """The trainer pushed M_{k+1} at the end of training (its report is in the train stage): check it, reload
+    any engine that does not serve it from the export (verified), record the figures (weight_sync/stage.py)."""
     from psr_ray import metrics
-    from psr_ray.weight_sync import engine_versions
+    from psr_ray.weight_sync.probe import make_probe
+    from psr_ray.weight_sync.stage import sync_stage
 
     if psr.state.done(k, "sync"):
         return
-    start = time.perf_counter()
-    versions = engine_versions(psr.engines)
-    stale = [e for e, v in zip(psr.engines, versions, strict=True) if v != psr.policy_version]
-    if stale:  # a resumed run, or an engine restarted after the push: load the checkpoint's HF export
-        ray.get([e.update_weights_from_path.remote(psr.policy_dir, policy_version=psr.policy_version) for e in stale])
-    _check_engine_versions(psr)
-    seconds = time.perf_counter() - start
+    summary = sync_stage(psr.engines, pushed=(psr.state.stage(k, "train") or {}).get("weight_sync"),
+                         policy_dir=psr.policy_dir, policy_version=psr.policy_version,
+                         probe=make_probe(psr.tokenizer, psr.policy_dir), timeout_s=psr.cfg.weight_sync.timeout_s)  # fmt: skip
+    if summary["push_error"]:
+        print(f"[psr_ray] iteration {k}: the trainer's weight push failed ({summary['push_error']}); "
+              f"reloaded from the export instead")  # fmt: skip
     metrics.set_gauge("policy_version", psr.policy_version)
-    psr.state.record(k, "sync", {"policy_version": psr.policy_version, "reloaded_from_export": len(stale),
-                                 "verify_seconds": seconds})
+    metrics.set_gauge("weight_sync_seconds", summary["seconds"])
+    psr.state.record(k, "sync", summary)
+    psr.logger.log({f"sync/{key}": v for key, v in summary.items() if isinstance(v, (int, float))} | {"iteration": k})
 
 
 def _evaluate(psr: Driver, *, iteration: int) -> None:
@@ -248,7 +259,17 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
         "rollbacks": search.get("rollbacks"),
         "unparseable_rate": search.get("unparseable_rate"),
         "search_train_s": train.get("seconds"),
+        **_sync_figures(psr.state.stage(iteration, "sync")),
     }
+
+
+def _sync_figures(sync: dict[str, Any] | None) -> dict[str, Any]:
+    """The results table's weight-sync columns for an iteration's sync stage."""
+    if not sync:
+        return {}
+    return {"sync_transport": sync.get("transport"), "sync_engines": sync.get("num_engines"),
+            "sync_mb": sync.get("num_bytes", 0) / 1e6, "sync_s": sync.get("seconds"),
+            "sync_gbps": sync.get("gbytes_per_s")}  # fmt: skip
 
 
 def _check_engine_versions(psr: Driver) -> None:

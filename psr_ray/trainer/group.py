@@ -34,6 +34,7 @@ class TrainResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
     num_optimizer_steps: int = 0
     resumed: bool = False
+    weight_sync: dict[str, Any] | None = None  # the push into the engines (weight_sync.SyncReport.to_dict)
 
 
 def train_dpo(
@@ -53,7 +54,7 @@ def train_dpo(
     `num_pairs` sizes the cosine schedule; None counts the dataset (pass it for a streaming dataset, whose
     count would wait for the producers). `on_weights(state_dict)` runs on every rank inside the group after
     training (the weight-sync hook, `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights,
-    the other ranks None."""
+    the other ranks None; rank 0's returned report is `TrainResult.weight_sync`."""
     _require_columns(dataset, DPO_COLUMNS, "train_dpo")
     fit = {"learning_rate": cfg.trainer.learning_rate, "num_epochs": cfg.trainer.num_epochs}
     return _fit(cfg, "dpo", policy_path, reference_path, dataset, output_dir, policy_version, num_pairs, on_weights, **fit)
@@ -178,4 +179,5 @@ def _result(checkpoint_dir: Path, *, resumed: bool) -> TrainResult:
         metrics=metrics,
         num_optimizer_steps=int(version.get("num_optimizer_steps", len(metrics))),
         resumed=resumed,
+        weight_sync=version.get("weight_sync"),
     )
