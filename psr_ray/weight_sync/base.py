@@ -28,7 +28,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from psr_ray.weight_sync.plan import TensorMeta, dtype_name, tensor_plan
+from psr_ray.weight_sync.plan import TensorMeta, dtype_name, tensor_plan, without_aliases
 from psr_ray.weight_sync.probe import ProbeSpec, probe_error, reference_logprobs, tolerance_for
 
 
@@ -111,9 +111,10 @@ def wait_engines(refs: list[Any], what: str, *, timeout_s: float) -> list[Any]:
     return results
 
 
-def _cause(err: BaseException) -> str:
+def _cause(err: BaseException, limit: int = 600) -> str:
     cause = getattr(err, "cause", None) or err  # RayTaskError wraps the engine's exception
-    return f"{type(cause).__name__}: {cause}"
+    text = f"{type(cause).__name__}: {cause}"
+    return text if len(text) <= limit else text[: limit - 5] + " ..."
 
 
 class Sender:
@@ -141,6 +142,7 @@ class Sender:
     def send(self, state_dict: dict[str, Any] | None, *, policy_version: int) -> SyncReport | None:
         if state_dict is None:  # not rank 0: nothing to send, the gather already happened
             return None
+        state_dict = without_aliases(state_dict)
         started = time.perf_counter()
         seconds = verify_seconds = 0.0
         errors: dict[str, float] = {}

@@ -69,15 +69,29 @@ class CudaIpcSender(Sender):
     backend = WeightSyncBackend.CUDA_IPC
 
     def _transfer(self, state_dict: dict[str, Any], plan: list[TensorMeta]) -> None:
-        import torch
-
-        device = torch.cuda.current_device()
         sizes = [(n, state_dict[n].numel() * state_dict[n].element_size()) for n, _, _ in plan]
         for names in plan_buckets(sizes, self.bucket_bytes):
-            on_gpu = {n: state_dict[n].to(device, non_blocking=True).contiguous() for n in names}
-            torch.cuda.synchronize(device)
+            on_gpu = _to_gpu({n: state_dict[n] for n in names})
             call_engines(self.engines, "load_bucket_from_ipc", share_bucket(on_gpu), timeout_s=self.timeout_s)
             # torch's IPC reference counts keep a block alive while an engine still holds it (a layer
             # buffered until its last part arrives); ipc_collect frees what no engine holds any more.
             del on_gpu
-            torch.cuda.ipc_collect()
+            _collect()
+
+
+# ---- the GPU calls (module functions, so that CPU tests can stand in for them) ------------------------
+
+
+def _to_gpu(tensors: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    device = torch.cuda.current_device()
+    on_gpu = {n: t.to(device, non_blocking=True).contiguous() for n, t in tensors.items()}
+    torch.cuda.synchronize(device)
+    return on_gpu
+
+
+def _collect() -> None:
+    import torch
+
+    torch.cuda.ipc_collect()

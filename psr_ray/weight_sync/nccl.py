@@ -96,11 +96,11 @@ class NcclSender(Sender):
             notes.append(f"engines #{stuck} were stuck in the NCCL transfer and were killed (Ray restarts them on "
                          "their start-up weights; the loop reloads the current policy into them)")  # fmt: skip
         try:
-            wait_engines([r for r in ready], "rolling back", timeout_s=1.0)
+            wait_engines(list(ready), "rolling back", timeout_s=1.0)
         except SyncError as err:
-            notes.append(f"rolling back failed: {err}")
+            return ". " + "; ".join([*notes, f"rolling back failed: {err}"]) + "."
         done = "the others rolled back" if stuck else "every engine rolled back"
-        return ". " + "; ".join(notes + [f"{done} to the weights it served before"]) + "."
+        return ". " + "; ".join([*notes, f"{done} to the weights they served before"]) + "."
 
 
 # ---- the GPU calls ----------------------------------------------------------------------------------

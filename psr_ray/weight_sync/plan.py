@@ -30,6 +30,19 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def without_aliases(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drops a name whose tensor is an earlier name's tensor (a tied head in `model.state_dict()`): sent
+    once, under its first name, as the engine's loader expects of a tied model."""
+    seen: set[tuple[int, tuple[int, ...], Any]] = set()
+    out = {}
+    for name, t in state_dict.items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key not in seen or t.data_ptr() == 0:
+            out[name] = t
+            seen.add(key)
+    return out
+
+
 def tensor_plan(state_dict: dict[str, Any]) -> list[TensorMeta]:
     """The plan of a {name: tensor} state dict, in its order."""
     return [(name, tuple(t.shape), dtype_name(t.dtype)) for name, t in state_dict.items()]

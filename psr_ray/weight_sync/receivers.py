@@ -133,9 +133,19 @@ class WeightReceiver:
         self._plan = []
         return version
 
+    def serving_from(self, hf_dir: str, *, policy_version: int) -> bool:
+        """Records that `hf_dir` holds the weights of `policy_version` (the export of what was pushed), so a
+        later failed update can restore them; False (nothing recorded) if this engine serves another version."""
+        if self._gate.state is not UpdateState.SERVING or self._gate.policy_version != policy_version:
+            return False
+        self._weights_dir = hf_dir
+        return True
+
     def rollback_update(self) -> int:
         """Back to the weights served before the update, at the old version; returns that version. A no-op
         when no update is under way. If they cannot be restored the engine is BROKEN and serves nothing."""
+        if self._gate.state is UpdateState.BROKEN:
+            raise RuntimeError(f"engine {self.name} serves no policy: {self._gate.reason}")
         if not self._gate.in_update:
             return self._gate.policy_version
         try:

@@ -48,6 +48,8 @@ def sync_stage(
     versions = engine_versions(engines, timeout_s=timeout_s)
     if any(v != policy_version for v in versions):
         raise SyncError(f"after the sync, engines serve policy versions {versions}, expected {policy_version}")
+    # What a later failed sync restores: the export of the weights these engines now serve.
+    ray.get([e.serving_from.remote(policy_dir, policy_version=policy_version) for e in engines], timeout=timeout_s)
     return summarize(push, reload, policy_version=policy_version)
 
 

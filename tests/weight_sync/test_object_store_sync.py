@@ -156,3 +156,53 @@ def test_no_generation_while_an_update_is_under_way(ray_cluster, setup):
         ray_cluster.get(rollout.generate.remote(["Step 1:"], max_tokens=4))
     assert ray_cluster.get(rollout.rollback_update.remote()) == version  # not verified: back to the old ones
     assert_serving(ray_cluster, engines, base, probe, version)
+
+
+def export_of(state_dict: dict, model_dir: str, folder) -> str:
+    """An HF folder holding `state_dict` with `model_dir`'s config and tokenizer (a trainer's export)."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    for f in Path(model_dir).iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, folder / f.name)
+    save_file(state_dict, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster, setup, tmp_path):
+    from psr_ray.weight_sync.base import SyncError, SyncReport
+    from psr_ray.weight_sync.stage import sync_stage
+
+    engines, base, probe, model_dir = setup
+    version = ray_cluster.get(engines[0].policy_version.remote())
+    ray_cluster.get([e.update_weights_from_path.remote(model_dir, policy_version=version) for e in engines])
+    failed_push = SyncReport("object_store", version + 1, 2, len(base), 1, 0.5, error="SyncError: boom").to_dict()
+
+    new = perturbed(base, seed=6)
+    (tmp_path / "good").mkdir()
+    good = export_of(new, model_dir, tmp_path / "good")
+    summary = sync_stage(engines, pushed=failed_push, policy_dir=good, policy_version=version + 1,
+                         probe=probe, timeout_s=120)  # fmt: skip
+    assert summary["transport"] == "export" and summary["reloaded_from_export"] == 2
+    assert summary["push_error"] == "SyncError: boom" and summary["max_probe_error"] < 1e-4
+    assert summary["num_bytes"] == sum(t.numel() * 4 for t in base.values()) and summary["seconds"] > 0.5
+    assert_serving(ray_cluster, engines, new, probe, version + 1)
+
+    # The push reached every engine: nothing to reload, the push's figures are the stage's.
+    pushed = SyncReport("object_store", version + 1, 2, len(base), 10**6, 0.25, 0.1, {"a": 1e-5}, 1e-3).to_dict()
+    summary = sync_stage(engines, pushed=pushed, policy_dir=good, policy_version=version + 1, probe=probe,
+                         timeout_s=120)  # fmt: skip
+    assert summary["reloaded_from_export"] == 0 and summary["transport"] == "object_store"
+    assert summary["gbytes_per_s"] == pytest.approx(10**6 / 1e9 / 0.25)
+
+    # A broken export after a failed push: both errors, and the engines keep serving the last good policy.
+    broken = perturbed(base, seed=7) | {"model.norm.weight": torch.full((128,), float("nan"))}
+    (tmp_path / "broken").mkdir()
+    bad = export_of(broken, model_dir, tmp_path / "broken")
+    with pytest.raises(SyncError, match=r"the trainer's push failed: SyncError: boom; then reloading 2 engine\(s\)"):
+        sync_stage(engines, pushed=failed_push | {"policy_version": version + 2}, policy_dir=bad,
+                   policy_version=version + 2, probe=probe, timeout_s=120)  # fmt: skip
+    assert_serving(ray_cluster, engines, new, probe, version + 1)

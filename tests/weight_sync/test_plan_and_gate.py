@@ -45,6 +45,19 @@ def test_buckets_never_split_a_layer():
             assert not any(layer_key(n) in keys for n in others), (size, bucket)
 
 
+def test_buckets_keep_order_and_size():
+    import torch
+
+    from psr_ray.weight_sync.base import state_dict_bytes
+
+    # One module each (names without a dot would all be one module): 40, 40, 120, 20, 20 bytes.
+    state = {f"m{i}.weight": torch.zeros(n) for i, n in enumerate([10, 10, 30, 5, 5])}
+    sizes = [(n, t.numel() * t.element_size()) for n, t in state.items()]
+    assert plan_buckets(sizes, 80) == [["m0.weight", "m1.weight"], ["m2.weight"], ["m3.weight", "m4.weight"]]
+    assert plan_buckets(sizes, 10**6) == [list(state)]
+    assert state_dict_bytes(state) == 240
+
+
 def write_safetensors(path, header: dict) -> None:
     blob = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(blob)) + blob)
@@ -138,3 +151,15 @@ def test_gate_sleep_and_wake():
     gate.check_serving()
     with pytest.raises(EngineUpdatingError, match="cannot wake up while serving"):
         gate.wake()
+
+
+def test_without_aliases_sends_a_tied_tensor_once():
+    import torch
+
+    from psr_ray.weight_sync.plan import without_aliases
+
+    embedding = torch.zeros(4, 2)
+    tied = {"model.embed_tokens.weight": embedding, "model.norm.weight": torch.zeros(2), "lm_head.weight": embedding}
+    assert list(without_aliases(tied)) == ["model.embed_tokens.weight", "model.norm.weight"]
+    untied = {"model.embed_tokens.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)}
+    assert list(without_aliases(untied)) == list(untied)

@@ -37,11 +37,14 @@ def test_explicit_choices_a_layout_cannot_run_are_refused():
         topo("nccl", own=False)
     with pytest.raises(ValueError, match="nccl needs"):
         topo("nccl", colocate=True)
+    with pytest.raises(ValueError, match="nccl needs a GPU trainer"):
+        topo("nccl", trainer_gpu=False, engines_gpu=False, own=False)  # no GPU at all
     with pytest.raises(ValueError, match="cuda_ipc needs the engines on the trainer's GPU"):
         topo("cuda_ipc")
     with pytest.raises(ValueError, match="colocate needs a GPU trainer"):
         topo(trainer_gpu=False, colocate=True)
-    assert topo("object_store", colocate=True) is B.OBJECT_STORE  # always possible
+    assert topo("object_store") is B.OBJECT_STORE  # always possible
+    assert topo("object_store", colocate=True) is B.OBJECT_STORE
 
 
 def test_backend_for_configs_and_validation_names_the_field():

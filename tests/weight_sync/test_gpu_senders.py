@@ -1,7 +1,8 @@
-"""The NCCL sender's orchestration around the GPU calls, on a real local Ray with stand-in engine actors (a
-unit test: the three GPU calls are replaced, everything around them runs): each engine joins with its own rank
+"""The GPU senders' orchestration around the GPU calls, on a real local Ray with stand-in engine actors (a unit
+test: the GPU calls are replaced, everything around them runs). NCCL: each engine joins with its own rank
 offset, a failed broadcast is the error reported (not the clean-up's), every engine rolls back, and an engine
-stuck in NCCL is killed instead of hanging the sync."""
+stuck in NCCL is killed instead of hanging the sync. CUDA IPC: buckets that never split a layer, all inside one
+update per engine."""
 
 from __future__ import annotations
 
@@ -9,56 +10,67 @@ import time
 
 import pytest
 
-from psr_ray.weight_sync import nccl
+from psr_ray.weight_sync import cuda_ipc, nccl
+from psr_ray.weight_sync.plan import layer_key
 from psr_ray.weight_sync.probe import ProbeSpec, reference_logprobs
 
 pytestmark = pytest.mark.ray
 
 
-class StandInEngine:
-    """What an engine actor answers in an NCCL sync; `stuck`: its receive never returns (as a worker whose
-    trainer stopped broadcasting)."""
+def stand_in_engine_class():
+    """Defined in a function so that Ray ships the class by value (workers cannot import test modules)."""
 
-    def __init__(self, name: str, workers: int, answer: dict, *, stuck: bool = False):
-        self.name, self.workers, self.answer, self.stuck = name, workers, answer, stuck
-        self.version, self.pending, self.calls = 1, None, []
+    class StandInEngine:
+        """What an engine actor answers in an NCCL sync; `stuck`: its receive never returns (as a worker whose
+        trainer stopped broadcasting)."""
 
-    def check_update(self, plan, *, policy_version):
-        return self.name
+        def __init__(self, name: str, workers: int, answer: dict, *, stuck: bool = False):
+            self.name, self.workers, self.answer, self.stuck = name, workers, answer, stuck
+            self.version, self.pending, self.calls = 1, None, []
 
-    def begin_update(self, plan, *, policy_version, restore_dir=None, via="extension"):
-        self.calls.append(("begin", via, restore_dir))
-        self.pending = policy_version
-        return self.name
+        def check_update(self, plan, *, policy_version):
+            return self.name
 
-    def transfer_world_size(self):
-        return self.workers
+        def begin_update(self, plan, *, policy_version, restore_dir=None, via="extension"):
+            self.calls.append(("begin", via, restore_dir))
+            self.pending = policy_version
+            return self.name
 
-    def transfer_init(self, info):
-        self.calls.append(("init", info["rank_offset"], info["world_size"]))
+        def transfer_world_size(self):
+            return self.workers
 
-    def transfer_receive(self, update_info):
-        self.calls.append(("receive", len(update_info["names"])))
-        while self.stuck:
-            time.sleep(1)
+        def transfer_init(self, info):
+            self.calls.append(("init", info["rank_offset"], info["world_size"]))
 
-    def end_update(self, token_ids, num_top):
-        return self.answer
+        def transfer_receive(self, update_info):
+            self.calls.append(("receive", len(update_info["names"])))
+            while self.stuck:
+                time.sleep(1)
 
-    def commit_update(self):
-        self.version, self.pending = self.pending, None
-        return self.version
+        def load_bucket_from_ipc(self, shared):
+            self.calls.append(("bucket", [name for name, _, _ in shared["metas"]], shared["uuid"]))
+            return len(shared["metas"])
 
-    def rollback_update(self):
-        self.calls.append(("rollback",))
-        self.pending = None
-        return self.version
+        def end_update(self, token_ids, num_top):
+            self.calls.append(("end",))
+            return self.answer
 
-    def transfer_shutdown(self):
-        self.calls.append(("shutdown",))
+        def commit_update(self):
+            self.version, self.pending = self.pending, None
+            return self.version
 
-    def log(self):
-        return self.calls, self.version
+        def rollback_update(self):
+            self.calls.append(("rollback",))
+            self.pending = None
+            return self.version
+
+        def transfer_shutdown(self):
+            self.calls.append(("shutdown",))
+
+        def log(self):
+            return self.calls, self.version
+
+    return StandInEngine
 
 
 @pytest.fixture
@@ -98,7 +110,7 @@ def weights(tiny_model_dir):
 
 
 def start(ray, answer, workers, *, stuck=()):
-    cls = ray.remote(StandInEngine).options(num_cpus=0, max_concurrency=1)
+    cls = ray.remote(stand_in_engine_class()).options(num_cpus=0, max_concurrency=1)
     return [cls.remote(f"engine-{i}", w, answer, stuck=i in stuck) for i, w in enumerate(workers)]
 
 
@@ -144,3 +156,22 @@ def test_an_engine_stuck_in_nccl_is_killed_not_waited_for(ray_cluster, gpu_calls
     assert ("rollback",) in calls and version == 1
     with pytest.raises(ray_cluster.exceptions.RayActorError):
         ray_cluster.get(engines[1].log.remote(), timeout=30)
+
+
+def test_cuda_ipc_sends_whole_layers_in_buckets_of_one_update(ray_cluster, monkeypatch, weights):
+    state, probe, answer = weights
+    monkeypatch.setattr(cuda_ipc, "_to_gpu", lambda tensors: tensors)
+    monkeypatch.setattr(cuda_ipc, "_collect", lambda: None)
+    monkeypatch.setattr(cuda_ipc, "share_bucket", lambda tensors: {
+        "uuid": "GPU-0", "metas": [(n, tuple(t.shape), "float32") for n, t in tensors.items()], "handles": {}})
+    engines = start(ray_cluster, answer, [1, 1])
+    sender = cuda_ipc.CudaIpcSender(engines, probe=probe, restore_dir="/old", bucket_mb=1, timeout_s=30)
+    report = sender.send(state, policy_version=2)
+    assert report.ok, report.error
+    for calls, version in ray_cluster.get([e.log.remote() for e in engines]):
+        assert version == 2
+        assert [c[0] for c in calls] == ["begin"] + ["bucket"] * (len(calls) - 2) + ["end"]
+        buckets = [c[1] for c in calls if c[0] == "bucket"]
+        assert len(buckets) >= 3 and [n for b in buckets for n in b] == list(state)
+        keys = [{layer_key(n) for n in b} for b in buckets]
+        assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1 :])  # no layer in two buckets
