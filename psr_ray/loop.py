@@ -132,7 +132,7 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
 
     state = RunState(out)
     if resuming:
-        print(f"[psr_ray] resuming {out}: {_finished_summary(state)}")
+        print(f"[psr_ray] resuming {out}: {state.finished_summary()}")
     elif state.exists:
         raise ValueError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
                          "or choose another run.output_dir")
@@ -201,9 +201,10 @@ def _search_and_train(psr: Driver, k: int) -> None:
     from psr_ray.data.pairs_io import stream_pairs_dataset
     from psr_ray.init_data.labelled import dpo_rows
     from psr_ray.metrics import timed_weight_sync
-    from psr_ray.search.generate import generate_pairs
+    from psr_ray.search.generate import generate_pairs, raise_search_cause
     from psr_ray.trainer.group import train_dpo
     from psr_ray.weight_sync import backend_for, make_sender
+    from psr_ray.weight_sync.probe import make_probe
 
     if psr.state.done(k, "train"):
         return
@@ -211,7 +212,10 @@ def _search_and_train(psr: Driver, k: int) -> None:
         check_search_pairs(k, psr.state.stage(k, "search") or {}, policy_version=psr.policy_version)
     cfg, next_version = psr.cfg, psr.policy_version + 1
     problems = problems_for_iteration(cfg, psr.problems, k)
-    sender = make_sender(backend_for(cfg), psr.engines, bucket_mb=cfg.weight_sync.bucket_mb)
+    # The engines serve psr.policy_dir's weights: a failed sync restores them from there.
+    sender = make_sender(backend_for(cfg), psr.engines, probe=make_probe(psr.tokenizer, psr.policy_dir),
+                         restore_dir=psr.policy_dir, bucket_mb=cfg.weight_sync.bucket_mb,
+                         timeout_s=cfg.weight_sync.timeout_s)  # fmt: skip
     timed_send = timed_weight_sync(sender.send, backend=str(sender.backend))
 
     def on_weights(state_dict: dict[str, Any] | None) -> Any:  # runs in the trainer's workers
@@ -231,6 +235,12 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
                 stop=stop_search,
             )
+        if cfg.weight_sync.colocate:  # one GPU for all: search first, then the engines sleep while training
+            import ray
+
+            if search is not None:
+                search.result()
+            ray.get([e.sleep.remote() for e in psr.engines])  # the push wakes them (receivers.begin_update)
         dataset = stream_pairs_dataset(str(psr.out), k)
         try:
             result = train_dpo(
@@ -246,7 +256,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
         except BaseException:
             stop_search.set()  # a trainer error surfaces now, not after the whole search
             if search is not None:
-                _raise_search_cause(psr, k, search)
+                raise_search_cause(k, search, policy_version=psr.policy_version)
             raise
         if search is not None:
             summary = search.result()
@@ -264,6 +274,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
         "heldout": result.heldout,
         "seconds": time.perf_counter() - start,
         "final": result.metrics[-1] if result.metrics else {},
+        "weight_sync": result.weight_sync,  # the trainer's push into the engines (SyncReport.to_dict)
     }
     expected = search_summary.get("pairs_total", 0) * cfg.trainer.num_epochs
     if result.num_trained_rows != expected:  # an invariant of the trainer: say so loudly, keep the trained model
@@ -279,18 +290,23 @@ def _search_and_train(psr: Driver, k: int) -> None:
 
 
 def _sync(psr: Driver, k: int) -> None:
-    """The trainer pushed the weights already; verify every engine serves M_{k+1}, else load the export."""
+    """The trainer pushed M_{k+1} at the end of training (its report is in the train stage): check it, reload
+    any engine that does not serve it from the export (verified), record the figures (weight_sync/stage.py)."""
     from psr_ray import metrics
+    from psr_ray.weight_sync.probe import make_probe
+    from psr_ray.weight_sync.stage import sync_stage
 
     if psr.state.done(k, "sync"):
         return
-    start = time.perf_counter()
-    reloaded = _reload_stale(psr)  # a resumed run, or an engine restarted after the push
-    versions = _check_engine_versions(psr)
-    seconds = time.perf_counter() - start
+    summary = sync_stage(psr.engines, pushed=(psr.state.stage(k, "train") or {}).get("weight_sync"),
+                         policy_dir=psr.policy_dir, policy_version=psr.policy_version,
+                         probe=make_probe(psr.tokenizer, psr.policy_dir), timeout_s=psr.cfg.weight_sync.timeout_s)  # fmt: skip
+    if summary["push_error"]:
+        print(f"[psr_ray] iteration {k}: the trainer's weight push failed ({summary['push_error']}); "
+              f"reloaded from the export instead")  # fmt: skip
     metrics.set_gauge("policy_version", psr.policy_version)
-    psr.state.record(k, "sync", {"policy_version": psr.policy_version, "reloaded_from_export": reloaded,
-                                 "engine_versions": versions, "verify_seconds": seconds})
+    psr.state.record(k, "sync", summary)
+    psr.logger.log({f"sync/{key}": v for key, v in summary.items() if isinstance(v, (int, float))} | {"iteration": k})
 
 
 def _reload_stale(psr: Driver) -> int:
@@ -349,6 +365,7 @@ def _write_results(psr: Driver) -> None:
 def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, Any]:
     """An eval row with the iteration's search and training figures beside it (the results table)."""
     from psr_ray.run_report import margins_cell
+    from psr_ray.weight_sync.stage import sync_columns
 
     search = psr.state.stage(iteration, "search") or {}
     train = psr.state.stage(iteration, "train") or {}
@@ -360,6 +377,7 @@ def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, A
         "margins": margins_cell(search),
         "unparseable_rate": search.get("unparseable_rate"),
         "search_train_s": train.get("seconds"),
+        **sync_columns(psr.state.stage(iteration, "sync")),
     }
 
 
@@ -379,20 +397,3 @@ def _check_engine_versions(psr: Driver) -> list[int]:
     if any(v != psr.policy_version for v in versions):
         raise RuntimeError(f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}")
     return versions
-
-
-def _raise_search_cause(psr: Driver, k: int, search: concurrent.futures.Future) -> None:
-    """After a trainer error: the search's own failure, or its zero pairs, is the cause to report."""
-    from psr_ray.search.generate import SearchStopped
-
-    error = search.exception()  # returns soon: the search stops at its next turn
-    if error is None:
-        check_search_pairs(k, search.result().to_dict(), policy_version=psr.policy_version)
-    elif not isinstance(error, SearchStopped):
-        raise error
-
-
-def _finished_summary(state: RunState) -> str:
-    done = [f"{k}:{'+'.join(s for s in ('search', 'train', 'sync', 'eval') if state.done(int(k), s))}"
-            for k in sorted(state.data["iterations"], key=int)]
-    return "finished " + (", ".join(done) if done else "nothing yet")

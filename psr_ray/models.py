@@ -75,7 +75,7 @@ def _embedded_smollm2(target: Path) -> str:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
         # Dequantized on load; drop the quantizer so save_pretrained writes plain fp32 weights.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute by transformers)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         staging = target.with_name(target.name + ".tmp")

@@ -33,6 +33,12 @@ COLUMNS = (
     ("margins", "pair margin min/q1/median/q3/max", "{}"),
     ("unparseable_rate", "unparseable %", "pct"),
     ("search_train_s", "search+train s", "{:.0f}"),
+    # The weight sync that put this iteration's model into the engines (weight_sync/stage.py).
+    ("sync_transport", "sync", "{}"),
+    ("sync_engines", "engines", "{}"),
+    ("sync_mb", "sync MB", "{:.0f}"),
+    ("sync_s", "sync s", "{:.2f}"),
+    ("sync_gbps", "sync GB/s", "{:.2f}"),
     ("eval_s", "eval s", "{:.0f}"),
 )
 

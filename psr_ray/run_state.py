@@ -57,6 +57,11 @@ class RunState:
         self.data.setdefault("peak_memory_gib", {})[stage] = round(gib, 3)
         self._write()
 
+    def finished_summary(self) -> str:
+        done = [f"{k}:{'+'.join(s for s in STAGES if self.done(int(k), s))}"
+                for k in sorted(self.data["iterations"], key=int)]  # fmt: skip
+        return "finished " + (", ".join(done) if done else "nothing yet")
+
     def set_config(self, config: dict[str, Any]) -> None:
         self.data["config"] = config
         self._write()

@@ -90,6 +90,12 @@ def test_outputs_per_iteration(finished_run):
         hf_dir = Path(stages["train"]["hf_dir"])
         assert (hf_dir / "config.json").is_file() and list(hf_dir.glob("*.safetensors"))
         assert stages["train"]["policy_version"] == k + 1
+        # The trainer's push: its report came back in the training result; the sync stage records it.
+        push, sync = stages["train"]["weight_sync"], stages["sync"]
+        assert push["error"] is None and push["policy_version"] == k + 1 and push["num_engines"] == 2
+        assert sync["transport"] == "object_store" and sync["reloaded_from_export"] == 0
+        assert sync["num_bytes"] == push["num_bytes"] > 0 and sync["seconds"] == push["seconds"] > 0
+        assert set(sync["probe_errors"]) == {"psr-rollout-0", "psr-judge-0"} and sync["max_probe_error"] < 1e-3
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert [r["policy_version"] for r in rows] == [1, 2, 3]
     for name in ("results.json", "results.md", "accuracy.png"):
@@ -99,6 +105,8 @@ def test_outputs_per_iteration(finished_run):
     # previous model, the training pairs of each trained model (no judge pairs without an init).
     assert "| M1 | the configured model | gsm8k | 3 |" in table and "| M3 | M2's self-judged (direct) pairs | gsm8k | 3 |" in table
     assert "(vs M2: " in table
+    assert "| sync | engines | sync MB | sync s | sync GB/s |" in table
+    assert [r.get("sync_transport") for r in rows] == [None, "object_store", "object_store"]
 
 
 def test_resume_redoes_only_unfinished_stages(ray_cluster, finished_run):

@@ -162,7 +162,14 @@ class WeightSyncBackend(enum.StrEnum):
 @dataclass(frozen=True)
 class WeightSyncConfig:
     backend: WeightSyncBackend = WeightSyncBackend.AUTO
+    # Weights in flight per step of a sync (object-store puts, CUDA IPC shares, NCCL packed buffers); a
+    # bucket never splits a layer, and one reload spans all of them.
     bucket_mb: int = 512
+    # Engines on the trainer's GPUs (GPU only): they sleep (weights offloaded, KV cache freed) while the
+    # trainer trains, wake for the sync, which goes by CUDA IPC. Search then runs before training, not beside it.
+    colocate: bool = False
+    # An engine that does not answer a step of a sync in this time fails it (NCCL: it is killed, stuck).
+    timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,13 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(t.max_failures >= 0, f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}")
 
     need(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb must be >= 1")
+    need(cfg.weight_sync.timeout_s > 0, f"weight_sync.timeout_s must be > 0, got {cfg.weight_sync.timeout_s}")
+    from psr_ray.weight_sync.topology import backend_for
+
+    try:
+        backend_for(cfg)
+    except ValueError as err:  # a transport this layout cannot run (the message names the fields)
+        errors.append(str(err))
 
     need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype must be auto, float32, bfloat16 or float16")
     need(cfg.model.max_model_len >= 64, "model.max_model_len must be >= 64")

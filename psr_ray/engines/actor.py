@@ -2,8 +2,10 @@
 
 `EngineActor` is a plain class; `engines.pool` makes it a named Ray actor. It speaks the contract of
 `psr_ray.engines.api`: `propose` candidate steps, `judge` pairs of steps, greedy `generate`, and update its
-weights in place (`update_weights`) without a restart. Prompts and parsing come from the pure modules
-`prompts` and `steps`; this file only batches them through the engine.
+weights in place without a restart (the methods of `weight_sync.receivers.WeightReceiver`, mixed in: one
+call runs at a time, so an update drains the calls before it, and its gate refuses generation until the
+update commits or rolls back). Prompts and parsing come from the pure modules `prompts` and `steps`; this
+file only batches them through the engine.
 
 Engine layout: with `tensor_parallel_size == 1` the engine runs in-process (`distributed_executor_backend=
 "uni"`, `VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds and weight tensors reach the worker intact.
@@ -15,14 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from psr_ray import prompts, steps
 from psr_ray.config import EnginePoolConfig, JudgeMode, WeightSyncBackend
 from psr_ray.engines.api import Candidates, Generation, JudgeRequest, Judgment, ProposeRequest
-from psr_ray.weight_sync.receivers import GpuTransferReceiver
+from psr_ray.weight_sync.receivers import WeightReceiver
 
 EXTENSION_CLS = "psr_ray.weight_sync.vllm_extension.WeightSyncExtension"
 ROLES = ("rollout", "judge")
@@ -48,6 +49,8 @@ class EngineSettings:
     log_stats: bool = True
     # "nccl" builds the engine with vLLM's weight-transfer engine (weight_sync/nccl.py); None otherwise.
     weight_transfer_backend: str | None = None
+    # Colocated engines sleep while the trainer trains (weight_sync.colocate; GPU only).
+    sleep_mode: bool = False
 
 
 def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
@@ -72,6 +75,7 @@ def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
         weight_transfer_backend="nccl" if backend_for(cfg) is WeightSyncBackend.NCCL else None,
+        sleep_mode=cfg.weight_sync.colocate,
     )
 
 
@@ -85,7 +89,7 @@ def engine_env(settings: EngineSettings) -> dict[str, str]:
     return env
 
 
-class EngineActor(GpuTransferReceiver):
+class EngineActor(WeightReceiver):
     """One vLLM engine serving one role. Methods follow `psr_ray.engines.api`."""
 
     def __init__(self, settings: EngineSettings, *, name: str, policy_version: int = 0):
@@ -94,8 +98,8 @@ class EngineActor(GpuTransferReceiver):
 
         self.settings = settings
         self.name = name
-        self._policy_version = policy_version
         self._in_process = settings.tensor_parallel_size == 1
+        self._init_receiver(policy_version)  # weight updates and their gate (weight_sync/receivers.py)
         kwargs: dict[str, Any] = {}
         if settings.use_gpu:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
@@ -105,6 +109,8 @@ class EngineActor(GpuTransferReceiver):
             # are scheduled whole instead, up to 8192 tokens a step.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
+        if settings.sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         if settings.weight_transfer_backend is not None:
             from vllm.config import WeightTransferConfig
 
@@ -139,6 +145,7 @@ class EngineActor(GpuTransferReceiver):
             "role": self.settings.role,
             "name": self.name,
             "policy_version": self._policy_version,
+            "update_state": self.update_state(),
             "pid": os.getpid(),
         }
 
@@ -156,9 +163,6 @@ class EngineActor(GpuTransferReceiver):
             if metric.name in wanted and hasattr(metric, "value"):
                 stats[wanted[metric.name]] += float(metric.value)
         return stats
-
-    def policy_version(self) -> int:
-        return self._policy_version
 
     def propose(
         self,
@@ -273,40 +277,13 @@ class EngineActor(GpuTransferReceiver):
             for out in outputs
         ]
 
-    def update_weights(self, named_tensors: Any, *, policy_version: int) -> int:
-        """Loads HF-named weights (a dict or `(name, tensor)` pairs, any subset of the model) in place and
-        sets the policy version; returns how many tensors were loaded."""
-        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
-        if self._in_process:
-            (count, *_) = self.llm.collective_rpc("load_hf_weights", args=(items,))
-        else:
-            # Multiprocess RPC serializes tensors as lists: hand the workers a safetensors file instead.
-            from safetensors.torch import save_file
-
-            with tempfile.TemporaryDirectory(prefix="psr_weights_") as folder:
-                # clone(): save_file refuses tensors that share storage (tied embeddings).
-                save_file({k: v.detach().contiguous().clone() for k, v in items}, f"{folder}/model.safetensors")
-                (count, *_) = self.llm.collective_rpc("load_hf_weights_from_path", args=(folder,))
-        self._after_update(policy_version)
-        return count
-
-    def update_weights_from_path(self, hf_dir: str, *, policy_version: int) -> int:
-        """Loads the `*.safetensors` files of an HF export folder in place (the path must be readable by
-        the engine's workers); returns the tensor count."""
-        (count, *_) = self.llm.collective_rpc("load_hf_weights_from_path", args=(hf_dir,))
-        self._after_update(policy_version)
-        return count
-
     # ---- internals ---------------------------------------------------------------------------------
-
-    def _after_update(self, policy_version: int) -> None:
-        # Cached prefix KV was computed by the old weights; reusing it would mix two policies.
-        self.llm.reset_prefix_cache()
-        self._policy_version = policy_version
 
     def _generate(self, texts: list[str], params: list[Any], *, room: int) -> list[Any]:
         """One `llm.generate` over every prompt that fits the context (prompt + `room` new tokens);
-        None in place of a prompt that does not, so one long problem cannot fail the whole batch."""
+        None in place of a prompt that does not, so one long problem cannot fail the whole batch. Refused
+        while the weights are changing (weight_sync/gate.py)."""
+        self._gate.check_serving()
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # templates hold specials
         limit = self.settings.max_model_len - room
         keep = [i for i, token_ids in enumerate(ids) if len(token_ids) <= limit]

@@ -8,7 +8,12 @@ Engine actors (psr_ray/engines/actor.py) expose, as Ray actor methods:
   sample(prompts: list[str], *, num_samples, temperature, top_p, max_tokens, seed) -> list[list[Generation]]
                                                                         (the step oracle's rollouts)
   policy_version() -> int
-  update_weights(named_tensors, *, policy_version) -> None              (in place, no restart)
+  update_weights(named_tensors, *, policy_version) -> int               (in place, no restart)
+  update_weights_from_path(hf_dir, *, policy_version) -> int
+  probe(token_ids, num_top) -> dict                                     (log-probs: a sync's check)
+and the weight-sync transaction (check_update, begin_update, load_bucket, end_update, commit_update,
+rollback_update; psr_ray/weight_sync/receivers.py). Generation raises EngineUpdatingError while an update
+is under way.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -80,3 +81,14 @@ def generate_pairs(
     return SearchSummary.of(stats, iteration=iteration, pairs_total=writer.num_pairs,
                             seconds=time.monotonic() - start, pairs_dir=str(writer.directory),
                             **margin_summary(margins))  # fmt: skip
+
+
+def raise_search_cause(k: int, search: concurrent.futures.Future, *, policy_version: int) -> None:
+    """After a trainer error: the search's own failure, or its zero pairs, is the cause to report."""
+    from psr_ray.run_dir import check_search_pairs
+
+    error = search.exception()  # returns soon: the search stops at its next turn
+    if error is None:
+        check_search_pairs(k, search.result().to_dict(), policy_version=policy_version)
+    elif not isinstance(error, SearchStopped):
+        raise error

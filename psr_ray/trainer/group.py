@@ -37,6 +37,7 @@ class TrainResult:
     num_trained_rows: int = 0  # over all epochs
     heldout: dict[str, float] = field(default_factory=dict)
     resumed: bool = False
+    weight_sync: dict[str, Any] | None = None  # the push into the engines (weight_sync.SyncReport.to_dict)
 
 
 def train_dpo(
@@ -55,9 +56,10 @@ def train_dpo(
     the dataset may still be growing (a streamed iteration): every row it ever yields is trained once per epoch.
 
     `on_weights(state_dict)` runs on every rank inside the group after training (the weight-sync hook,
-    `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights, the other ranks None.
-    `heldout`: step pairs never trained on (a Parquet file or folder, or row dicts with the columns above);
-    after training the new policy is measured on them against the reference (`trainer/heldout.py`)."""
+    `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights, the other ranks None; rank 0's
+    returned report is `TrainResult.weight_sync`. `heldout`: step pairs never trained on (a Parquet file or
+    folder, or row dicts with the columns above); after training the new policy is measured on them against
+    the reference (`trainer/heldout.py`)."""
     _require_columns(dataset, DPO_COLUMNS, "train_dpo")
     heldout_rows = read_heldout_pairs(heldout) if heldout is not None else None
     fit = {"learning_rate": cfg.trainer.learning_rate, "num_epochs": cfg.trainer.num_epochs, "heldout_rows": heldout_rows}
@@ -224,4 +226,5 @@ def _result(checkpoint_dir: Path, *, resumed: bool) -> TrainResult:
         num_trained_rows=int(version.get("num_trained_rows", 0)),
         heldout=dict(version.get("heldout", {})),
         resumed=resumed,
+        weight_sync=version.get("weight_sync"),
     )

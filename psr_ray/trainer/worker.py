@@ -277,9 +277,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state_dict = gather_full_state_dict(policy)
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
         ckpt.save_deepspeed(policy, tmp)
+        sync_report = None
         if loop_config.get("on_weights") is not None:
             # Every rank calls it (the weight-sync protocol); only rank 0 has the weights, the others get None.
-            loop_config["on_weights"](state_dict)
+            # Rank 0's SyncReport goes into the checkpoint's metadata, and from there into the TrainResult.
+            sync_report = loop_config["on_weights"](state_dict)
         if rank == 0:
             ckpt.export_hf(state_dict, policy.module.config, tokenizer, f"{tmp}/{ckpt.HF_DIR}")
             ckpt.write_metadata(
@@ -294,6 +296,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "heldout": heldout,
                     "world_size": world_size,
                     "resumed_from": loop_config.get("resume_dir"),
+                    "weight_sync": sync_report.to_dict() if hasattr(sync_report, "to_dict") else None,
                 },
             )
         phases["checkpoint"] = time.perf_counter() - clock - sum(phases.values())

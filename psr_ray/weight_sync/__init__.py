@@ -5,51 +5,46 @@ from __future__ import annotations
 from typing import Any
 
 from psr_ray.config import WeightSyncBackend
-from psr_ray.weight_sync.base import SyncReport, WeightSender, engine_versions
+from psr_ray.weight_sync.base import SyncError, SyncReport, WeightSender, engine_versions
+from psr_ray.weight_sync.probe import ProbeSpec
+from psr_ray.weight_sync.topology import backend_for, resolve_backend
 
-__all__ = ["SyncReport", "WeightSender", "backend_for", "engine_versions", "make_sender", "resolve_backend"]
-
-
-def resolve_backend(
-    backend: WeightSyncBackend, *, trainer_gpu: bool, engines_gpu: bool, colocated: bool
-) -> WeightSyncBackend:
-    """`auto` -> cuda_ipc when trainer and engines share GPUs, nccl for GPUs apart, object_store otherwise."""
-    backend = WeightSyncBackend(backend)
-    if backend is not WeightSyncBackend.AUTO:
-        gpu_only = (WeightSyncBackend.CUDA_IPC, WeightSyncBackend.NCCL)
-        if backend in gpu_only and not (trainer_gpu and engines_gpu):
-            raise ValueError(f"weight_sync.backend={backend} needs GPU trainer and GPU engines; use object_store")
-        return backend
-    if trainer_gpu and engines_gpu:
-        return WeightSyncBackend.CUDA_IPC if colocated else WeightSyncBackend.NCCL
-    return WeightSyncBackend.OBJECT_STORE
+__all__ = [
+    "ProbeSpec",
+    "SyncError",
+    "SyncReport",
+    "WeightSender",
+    "backend_for",
+    "engine_versions",
+    "make_sender",
+    "resolve_backend",
+]
 
 
-def backend_for(cfg: Any) -> WeightSyncBackend:
-    """The transport a `PSRConfig` resolves to. Colocation (engines on the trainer's GPUs) is not a config
-    option yet, so GPU engines apart from GPU trainers use NCCL."""
-    engines_gpu = cfg.rollout.num_gpus_per_engine > 0 and cfg.judge.num_gpus_per_engine > 0
-    return resolve_backend(cfg.weight_sync.backend, trainer_gpu=cfg.trainer.use_gpu, engines_gpu=engines_gpu,
-                           colocated=False)  # fmt: skip
-
-
-def make_sender(backend: WeightSyncBackend, engines: list[Any], *, bucket_mb: int = 512) -> WeightSender:
-    """The sender of a resolved transport, for these engine actor handles."""
+def make_sender(
+    backend: WeightSyncBackend | str,
+    engines: list[Any],
+    *,
+    probe: ProbeSpec,
+    restore_dir: str | None,
+    bucket_mb: int = 512,
+    timeout_s: float = 600.0,
+) -> WeightSender:
+    """The sender of a resolved transport for these engine actor handles. `probe` checks every engine
+    after the sync; `restore_dir` holds the weights the engines serve now (what a failed sync restores)."""
     try:
         backend = WeightSyncBackend(backend)
     except ValueError:
         choices = ", ".join(b.value for b in WeightSyncBackend if b is not WeightSyncBackend.AUTO)
         raise ValueError(f"unknown weight-sync backend {backend!r}; choose one of {choices}") from None
+    sender: type[Any]
     if backend is WeightSyncBackend.OBJECT_STORE:
-        from psr_ray.weight_sync.object_store import ObjectStoreSender
-
-        return ObjectStoreSender(engines, bucket_mb=bucket_mb)
-    if backend is WeightSyncBackend.CUDA_IPC:
-        from psr_ray.weight_sync.cuda_ipc import CudaIpcSender
-
-        return CudaIpcSender(engines, bucket_mb=bucket_mb)
-    if backend is WeightSyncBackend.NCCL:
-        from psr_ray.weight_sync.nccl import NcclSender
-
-        return NcclSender(engines, bucket_mb=bucket_mb)
+        from psr_ray.weight_sync.object_store import ObjectStoreSender as sender
+    elif backend is WeightSyncBackend.CUDA_IPC:
+        from psr_ray.weight_sync.cuda_ipc import CudaIpcSender as sender
+    elif backend is WeightSyncBackend.NCCL:
+        from psr_ray.weight_sync.nccl import NcclSender as sender
+    else:
+        made: WeightSender = sender(engines, probe=probe, restore_dir=restore_dir, bucket_mb=bucket_mb, timeout_s=timeout_s)
+    return made
     raise ValueError(f"weight sync needs a resolved backend, not {backend}; call resolve_backend first")

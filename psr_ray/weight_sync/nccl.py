@@ -1,99 +1,137 @@
-"""Weight sync over NCCL through vLLM's own weight-transfer API (GPU engines on other nodes). GPU only.
+"""Weight sync over NCCL through vLLM's weight-transfer engine (GPU engines on GPUs of their own). GPU only.
 
-The trainer's rank 0 opens an NCCL group with every engine worker (vLLM's `NCCLTrainerWeightTransferEngine`,
-engines built with `WeightTransferConfig(backend="nccl")`) and broadcasts the weights in packed buckets of
-`weight_sync.bucket_mb`, never one RPC per parameter. The engines' actor methods `transfer_*` (receivers.py)
-forward to `LLM.init_weight_transfer_engine` / `start_weight_update` / `update_weights` /
-`finish_weight_update`. A fresh group per sync: the trainer group is a new Ray Train run each iteration.
-Not exercised on the CPU machines (no NCCL there); see tests/test_weight_sync.py for what is.
+Engines are built with `WeightTransferConfig(backend="nccl")`. The trainer's rank 0 is rank 0 of one NCCL
+group with every engine worker and broadcasts the weights in packed buffers of `weight_sync.bucket_mb`
+(vLLM's `packed_nccl_broadcast_producer`); each engine receives them inside one start..finish, which is one
+layer-wise reload. vLLM's own trainer side (`NCCLTrainerWeightTransferEngine.trainer_init`) gives every
+engine `rank_offset=1`, so with two engines both first workers claim rank 1, rank 2 never joins and the
+rendezvous waits forever: here each engine is initialized with its own offset (`rank_offsets`). A fresh
+group per sync: the trainer group is a new Ray Train run each iteration.
+
+A failed broadcast leaves engine workers blocked inside NCCL, where no call reaches them: after
+`weight_sync.timeout_s` such an engine is killed (Ray restarts it on its start-up weights; the loop reloads
+it) and the report says so; the broadcast's own error is what the report leads with, never a clean-up error.
+The GPU calls (`_open_group`, `_broadcast`, `_close_group`) are module functions so that CPU tests can stand
+in for them; everything around them runs in those tests.
 """
 
 from __future__ import annotations
 
-import time
+import logging
+import socket
 from typing import Any
 
 from psr_ray.config import WeightSyncBackend
-from psr_ray.weight_sync.base import Sender, SyncReport
+from psr_ray.weight_sync.base import Sender, SyncError, call_engines, wait_engines
+from psr_ray.weight_sync.plan import TensorMeta
+from psr_ray.weight_sync.receivers import VIA_NCCL
+
+log = logging.getLogger(__name__)
 
 
-class _EngineClient:
-    """vLLM's `VLLMWeightSyncClient` shape over our engine actors (whose own `update_weights` is taken)."""
-
-    def __init__(self, engines: list[Any], policy_version: int):
-        self.engines = engines
-        self.policy_version = policy_version
-
-    def _all(self, method: str, *args: Any) -> None:
-        import ray
-
-        ray.get([getattr(e, method).remote(*args) for e in self.engines])
-
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._all("transfer_init", init_info)
-
-    def start_weight_update(self) -> None:
-        self._all("transfer_start")
-
-    def update_weights(self, update_info: dict[str, Any]) -> None:
-        self._all("transfer_receive", update_info)
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("transfer_finish", self.policy_version)
-
-    def shutdown_weight_transfer_engine(self) -> None:
-        self._all("transfer_shutdown")
+def rank_offsets(workers_per_engine: list[int]) -> list[int]:
+    """Engine i's NCCL rank offset: 1 (the trainer is rank 0) + the workers of the engines before it."""
+    offsets, next_rank = [], 1
+    for workers in workers_per_engine:
+        if workers < 1:
+            raise ValueError(f"an engine contributes {workers} NCCL workers; expected >= 1")
+        offsets.append(next_rank)
+        next_rank += workers
+    return offsets
 
 
-def _state_dict_source(state_dict: dict[str, Any]) -> Any:
-    import torch
-    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-
-    class StateDictSource(WeightSource):
-        # The ZeRO-3 gather already ran on every rank; rank 0 alone streams its full copy to the GPU.
-        def metadata(self) -> list[ParamMeta]:
-            return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in state_dict.items()]
-
-        def __iter__(self):
-            for name, tensor in state_dict.items():
-                yield name, tensor.to(torch.cuda.current_device(), non_blocking=True)
-
-    return StateDictSource()
+def engine_init_infos(workers_per_engine: list[int], *, master_address: str, master_port: int,
+                      bucket_bytes: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The `init_weight_transfer_engine` payload of each engine (vLLM's NCCLWeightTransferInitInfo fields)."""
+    world_size = 1 + sum(workers_per_engine)
+    return [
+        {"master_address": master_address, "master_port": master_port, "rank_offset": offset,
+         "world_size": world_size, "packed": True, "packed_buffer_size_bytes": bucket_bytes}  # fmt: skip
+        for offset in rank_offsets(workers_per_engine)
+    ]
 
 
 class NcclSender(Sender):
     backend = WeightSyncBackend.NCCL
 
-    def send(self, state_dict: dict[str, Any] | None, *, policy_version: int) -> SyncReport | None:
-        if state_dict is None:
-            return None
-        import ray
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+    def _begin(self, plan: list[TensorMeta], policy_version: int) -> list[str]:
+        call_engines(self.engines, "check_update", plan, policy_version=policy_version, timeout_s=self.timeout_s)
+        return call_engines(self.engines, "begin_update", plan, policy_version=policy_version,
+                            restore_dir=self.restore_dir, via=VIA_NCCL, timeout_s=self.timeout_s)  # fmt: skip
 
-        started = time.perf_counter()
-        engines = self.engines
-        workers_per_engine = ray.get([e.transfer_world_size.remote() for e in engines])
-        init = NCCLTrainerInitInfo(
-            master_address=ray.util.get_node_ip_address(),
-            master_port=_free_port(),
-            world_size=1 + sum(workers_per_engine),
-            packed=True,
-            packed_buffer_size_bytes=self.bucket_bytes,
-            rank=0,
-        )
-        client = _EngineClient(engines, policy_version)
-        sender = NCCLTrainerWeightTransferEngine.trainer_init(init, client=client, source=_state_dict_source(state_dict))
+    def _transfer(self, state_dict: dict[str, Any], plan: list[TensorMeta]) -> None:
+        import ray
+
+        workers = call_engines(self.engines, "transfer_world_size", timeout_s=self.timeout_s)
+        infos = engine_init_infos(workers, master_address=ray.util.get_node_ip_address(), master_port=_free_port(),
+                                  bucket_bytes=self.bucket_bytes)  # fmt: skip
+        # Engine workers block in the rendezvous until rank 0 joins: start theirs, then open ours.
+        joining = [e.transfer_init.remote(info) for e, info in zip(self.engines, infos, strict=True)]
+        group = _open_group(infos[0]["master_address"], infos[0]["master_port"], infos[0]["world_size"])
         try:
-            sender.send_weights()  # start -> update (concurrent with the broadcast) -> finish
+            wait_engines(joining, "joining the NCCL group", timeout_s=self.timeout_s)
+            update_info = {"names": [n for n, _, _ in plan], "dtype_names": [d for _, _, d in plan],
+                           "shapes": [list(s) for _, s, _ in plan]}  # fmt: skip
+            receiving = [e.transfer_receive.remote(update_info) for e in self.engines]  # concurrent with:
+            _broadcast(group, state_dict, bucket_bytes=self.bucket_bytes)
+            wait_engines(receiving, "receiving the broadcast", timeout_s=self.timeout_s)
         finally:
-            sender.shutdown()
-            client.shutdown_weight_transfer_engine()
-        return self.report(state_dict, policy_version=policy_version, started=started)
+            try:
+                _close_group(group)
+            except Exception as err:  # never hides the error that got us here
+                log.warning("closing the weight-sync NCCL group failed: %s", err)
+        call_engines(self.engines, "transfer_shutdown", timeout_s=self.timeout_s)
+
+    def _rollback(self) -> str:
+        """As `Sender._rollback`, and an engine stuck in NCCL (it never answers) is killed and restarted."""
+        import ray
+
+        refs = [e.rollback_update.remote() for e in self.engines]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        stuck = [i for i, ref in enumerate(refs) if ref not in set(ready)]
+        for i in stuck:
+            ray.kill(self.engines[i], no_restart=False)
+        notes = []
+        if stuck:
+            notes.append(f"engines #{stuck} were stuck in the NCCL transfer and were killed (Ray restarts them on "
+                         "their start-up weights; the loop reloads the current policy into them)")  # fmt: skip
+        try:
+            wait_engines(list(ready), "rolling back", timeout_s=1.0)
+        except SyncError as err:
+            return ". " + "; ".join([*notes, f"rolling back failed: {err}"]) + "."
+        done = "the others rolled back" if stuck else "every engine rolled back"
+        return ". " + "; ".join([*notes, f"{done} to the weights they served before"]) + "."
+
+
+# ---- the GPU calls ----------------------------------------------------------------------------------
+
+
+def _open_group(master_address: str, master_port: int, world_size: int) -> Any:
+    """Rank 0 of the trainer<->engines NCCL group, on this process's current GPU."""
+    from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+    return trainer_init({"master_address": master_address, "master_port": master_port, "world_size": world_size})
+
+
+def _broadcast(group: Any, state_dict: dict[str, Any], *, bucket_bytes: int) -> None:
+    import torch
+    from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+    device = torch.cuda.current_device()
+    packed_nccl_broadcast_producer(
+        iterator=((n, t.to(device, non_blocking=True)) for n, t in state_dict.items()),
+        group=group,
+        src=0,
+        post_iter_func=lambda item: item[1],
+        buffer_size_bytes=bucket_bytes,
+    )
+
+
+def _close_group(group: Any) -> None:
+    group.destroy()
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

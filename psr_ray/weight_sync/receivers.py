@@ -1,31 +1,208 @@
-"""Engine-side ends of the GPU weight-sync transports, mixed into `EngineActor` (which provides `self.llm`,
-`self.settings` and `_after_update`). GPU only: on CPU engines nothing calls them.
+"""The engine's end of every weight-sync transport, mixed into `EngineActor` (which provides `self.llm`,
+`self.settings`, `self.name` and `self._in_process`).
 
-- CUDA IPC (cuda_ipc.py): `update_weights_from_ipc` rebuilds the sender's tensors from their IPC handles
-  on this engine's GPU inside each vLLM worker and reloads them in place.
-- NCCL (nccl.py): `transfer_*` forward to vLLM's weight-transfer API (`LLM.init_weight_transfer_engine`,
-  `start_weight_update`, `update_weights`, `finish_weight_update`); the engine must be built with
-  `weight_transfer_backend="nccl"` (EngineSettings), which the loop sets when the backend resolves to nccl.
+One update is a transaction (base.py drives it for a sync): `check_update(plan)` -> `begin_update` ->
+`load_bucket`* (object store, or `load_bucket_from_ipc`, or `transfer_receive` for NCCL) -> `end_update`
+(answers the probe) -> `commit_update` or `rollback_update`. The gate (gate.py) refuses generation from
+`begin_update` until commit or rollback. If the update fails after the engine's layers were touched, the
+engine itself rolls back before it reports the error: the weights it served before come back from
+`restore_dir` (the old policy's HF folder; by default the folder it last loaded whole) and it keeps its old
+policy version. `update_weights` / `update_weights_from_path` are whole updates in one call (tests, engine
+restarts, the export fallback).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from typing import Any, NoReturn
+
+from psr_ray.weight_sync.gate import UpdateGate, UpdateState
+from psr_ray.weight_sync.plan import (
+    TensorMeta,
+    bucket_problems,
+    checkpoint_spec,
+    dtype_name,
+    plan_problems,
+    tensor_plan,
+    tied_aliases,
+)
+
+VIA_EXTENSION = "extension"  # our worker extension: object store, CUDA IPC, in-memory, folders
+VIA_NCCL = "nccl"  # vLLM's weight-transfer engine (built with WeightTransferConfig(backend="nccl"))
 
 
-class GpuTransferReceiver:
+class WeightReceiver:
     llm: Any
     settings: Any
+    name: str
+    _in_process: bool
 
-    def _after_update(self, policy_version: int) -> None:  # provided by EngineActor
-        raise NotImplementedError
+    def _init_receiver(self, policy_version: int) -> None:
+        self._gate = UpdateGate(self.name, policy_version)
+        self._spec = checkpoint_spec(self.settings.model_path)
+        self._aliases = tied_aliases(self.settings.model_path)
+        self._weights_dir: str | None = self.settings.model_path  # a folder holding the weights served now
+        self._restore_dir: str | None = None
+        self._plan: list[TensorMeta] = []
+        self._via = VIA_EXTENSION
 
-    def update_weights_from_ipc(self, handles: dict[str, Any], *, policy_version: int | None) -> int:
-        """Loads one bucket of weights shared by CUDA IPC; `policy_version` is set with the last bucket."""
-        (count, *_) = self.llm.collective_rpc("load_hf_weights_from_ipc", args=(handles,))
-        if policy_version is not None:
-            self._after_update(policy_version)
+    @property
+    def _policy_version(self) -> int:
+        return self._gate.policy_version
+
+    def policy_version(self) -> int:
+        return self._gate.policy_version
+
+    def update_state(self) -> str:
+        return self._gate.state.value
+
+    # ---- the transaction ------------------------------------------------------------------------------
+
+    def check_update(self, plan: list[TensorMeta], *, policy_version: int) -> str:
+        """Refuses (ValueError, weights untouched) a plan whose names, shapes or dtypes do not fit."""
+        problems = plan_problems(plan, self._spec, self._aliases)
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"engine {self.name}: update to policy {policy_version} refused, weights unchanged: "
+                             + "; ".join(problems[:5]) + more)  # fmt: skip
+        return self.name
+
+    def begin_update(
+        self, plan: list[TensorMeta], *, policy_version: int, restore_dir: str | None = None, via: str = VIA_EXTENSION
+    ) -> str:
+        """Checks the plan, then starts one reload; generation is refused until commit or rollback."""
+        if self._gate.in_update:  # an update whose sender vanished: undo it first
+            self.rollback_update()
+        if self._gate.state is UpdateState.ASLEEP:
+            self.wake_up()
+        self.check_update(plan, policy_version=policy_version)
+        self._gate.begin(policy_version)
+        self._plan = [(n, tuple(s), d) for n, s, d in plan]
+        self._restore_dir = restore_dir or self._weights_dir
+        self._via = via
+        self._guarded(self.llm.start_weight_update if via == VIA_NCCL else lambda: self._rpc("begin_update"))
+        return self.name
+
+    def load_bucket(self, bucket: Any) -> int:
+        """One bucket of the update: a `PackedBucket` (object store), a dict or `(name, tensor)` pairs."""
+        from psr_ray.weight_sync.object_store import PackedBucket, unpack_bucket
+
+        self._gate.require(UpdateState.LOADING, "load weights")
+        if isinstance(bucket, PackedBucket):
+            named = unpack_bucket(bucket)
+        else:
+            named = list(bucket.items() if isinstance(bucket, dict) else bucket)
+        self._check_bucket([(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in named])
+        return self._guarded(lambda: self._load(named))
+
+    def load_folder(self, hf_dir: str) -> int:
+        """The `*.safetensors` files of an HF folder as the update's one bucket (read by the workers)."""
+        self._gate.require(UpdateState.LOADING, "load weights")
+        self._check_bucket([(n, shape, dtype) for n, (shape, dtype) in checkpoint_spec(hf_dir).items()])
+        return self._guarded(lambda: self._load_folder(hf_dir))
+
+    def load_bucket_from_ipc(self, shared: dict[str, Any]) -> int:
+        """One bucket shared by CUDA IPC (cuda_ipc.share_bucket). GPU only."""
+        self._gate.require(UpdateState.LOADING, "load weights")
+        self._check_bucket([tuple(meta) for meta in shared["metas"]])
+        return self._guarded(lambda: self._rpc("load_bucket_from_ipc", shared))
+
+    def end_update(self, probe_token_ids: list[int] | None = None, num_top: int = 8) -> dict[str, Any] | None:
+        """Finishes loading; returns the engine's answer to the probe (None without one). Still gated."""
+        self._gate.require(UpdateState.LOADING, "finish an update")
+
+        def finish() -> None:
+            if self._via == VIA_NCCL:
+                self.llm.finish_weight_update()
+                self._rpc("refresh_tied_heads")
+            else:
+                self._rpc("end_update")
+            # Cached prefix KV was computed by the old weights; reusing it would mix two policies.
+            self.llm.reset_prefix_cache()
+
+        self._guarded(finish)
+        self._gate.loaded()
+        if probe_token_ids is None:
+            return None
+        return self._guarded(lambda: self._probe(probe_token_ids, num_top))
+
+    def commit_update(self, *, weights_dir: str | None = None) -> int:
+        """Serves the new weights at the new policy version (`weights_dir`: a folder that holds them)."""
+        version = self._gate.commit()
+        self._weights_dir = weights_dir
+        self._plan = []
+        return version
+
+    def serving_from(self, hf_dir: str, *, policy_version: int) -> bool:
+        """Records that `hf_dir` holds the weights of `policy_version` (the export of what was pushed), so a
+        later failed update can restore them; False (nothing recorded) if this engine serves another version."""
+        if self._gate.state is not UpdateState.SERVING or self._gate.policy_version != policy_version:
+            return False
+        self._weights_dir = hf_dir
+        return True
+
+    def rollback_update(self) -> int:
+        """Back to the weights served before the update, at the old version; returns that version. A no-op
+        when no update is under way. If they cannot be restored the engine is BROKEN and serves nothing."""
+        if self._gate.state is UpdateState.BROKEN:
+            raise RuntimeError(f"engine {self.name} serves no policy: {self._gate.reason}")
+        if not self._gate.in_update:
+            return self._gate.policy_version
+        try:
+            if self._gate.state is UpdateState.LOADING:
+                self._rpc("abort_update")  # layers still on meta get their old tensors back
+            if self._restore_dir is None:
+                raise RuntimeError("no folder holds the weights it served before (an in-memory update)")
+            self._load_whole(self._restore_dir)
+            self.llm.reset_prefix_cache()
+        except Exception as err:
+            self._gate.broke(f"a failed update could not be undone ({type(err).__name__}: {err})")
+            raise
+        self._gate.restored()
+        self._weights_dir = self._restore_dir
+        return self._gate.policy_version
+
+    def sleep(self) -> None:
+        """Colocated engines while the trainer trains: weights offloaded to CPU, KV cache freed (vLLM sleep
+        level 1; nothing to free on CPU engines). Generation is refused until `wake_up`."""
+        self._gate.sleep()
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+        self._gate.wake()
+
+    # ---- whole updates in one call -----------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Any, *, policy_version: int, restore_dir: str | None = None) -> int:
+        """Loads HF-named weights (a dict or `(name, tensor)` pairs, any subset of the model) in place and
+        serves them as `policy_version`; returns how many tensors were loaded."""
+        items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        self.begin_update(tensor_plan(dict(items)), policy_version=policy_version, restore_dir=restore_dir)
+        count = self.load_bucket(items)
+        self.end_update()
+        self.commit_update()
         return count
+
+    def update_weights_from_path(self, hf_dir: str, *, policy_version: int) -> int:
+        """Loads the `*.safetensors` files of an HF folder in place (readable by the engine's workers)."""
+        plan = [(n, shape, dtype) for n, (shape, dtype) in checkpoint_spec(hf_dir).items()]
+        if not plan:
+            raise ValueError(f"engine {self.name}: no *.safetensors files in {hf_dir!r}")
+        self.begin_update(plan, policy_version=policy_version)
+        count = self.load_folder(hf_dir)
+        self.end_update()
+        self.commit_update(weights_dir=hf_dir)
+        return count
+
+    def probe(self, token_ids: list[int], num_top: int = 8) -> dict[str, Any]:
+        """Log-probs of every prompt token given the ones before it, and the top `num_top` next tokens
+        (probe.py compares them with the trainer's)."""
+        if self._gate.state is not UpdateState.LOADED:
+            self._gate.check_serving()
+        return self._probe(token_ids, num_top)
+
+    # ---- NCCL (vLLM's weight-transfer engine; GPU only) -------------------------------------------------
 
     def transfer_world_size(self) -> int:
         """NCCL ranks this engine contributes to a weight-transfer group (one per tensor-parallel worker)."""
@@ -34,15 +211,83 @@ class GpuTransferReceiver:
     def transfer_init(self, init_info: dict[str, Any]) -> None:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
-    def transfer_start(self) -> None:
-        self.llm.start_weight_update()
-
     def transfer_receive(self, update_info: dict[str, Any]) -> None:
-        self.llm.update_weights({"update_info": update_info})
-
-    def transfer_finish(self, policy_version: int) -> None:
-        self.llm.finish_weight_update(weight_version=str(policy_version))
-        self._after_update(policy_version)
+        self._gate.require(UpdateState.LOADING, "receive weights")
+        metas = zip(update_info["names"], update_info["shapes"], update_info["dtype_names"], strict=True)
+        self._check_bucket([(n, tuple(s), d) for n, s, d in metas])
+        self._guarded(lambda: self.llm.update_weights({"update_info": update_info}))
 
     def transfer_shutdown(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
+
+    # ---- internals ---------------------------------------------------------------------------------
+
+    def _rpc(self, method: str, *args: Any) -> Any:
+        (result, *_) = self.llm.collective_rpc(method, args=args)
+        return result
+
+    def _check_bucket(self, metas: list[tuple[str, tuple[int, ...], str]]) -> None:
+        problems = bucket_problems(metas, self._plan)
+        if problems:
+            self._fail(ValueError("; ".join(problems[:5])))
+
+    def _guarded(self, step: Any) -> Any:
+        """Runs one step of an update; if it fails, rolls back first, then reports the real error."""
+        try:
+            return step()
+        except Exception as err:
+            self._fail(err)
+
+    def _fail(self, err: Exception) -> NoReturn:
+        version = self._gate.pending_version
+        try:
+            self.rollback_update()
+            note = f"rolled back to policy {self._gate.policy_version} from {self._weights_dir}"
+        except Exception as undo:
+            note = f"could not roll back ({type(undo).__name__}: {undo}); it serves nothing until a whole update"
+        raise RuntimeError(f"engine {self.name}: update to policy {version} failed ({type(err).__name__}: {err}); "
+                           f"{note}") from err  # fmt: skip
+
+    def _load(self, named: list[tuple[str, Any]]) -> int:
+        if self._in_process:
+            return self._rpc("load_bucket", named)
+        # Multiprocess RPC serializes tensors as lists: hand the workers a safetensors file instead.
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="psr_weights_") as folder:
+            # clone(): save_file refuses tensors that share storage (tied embeddings).
+            save_file({n: t.detach().contiguous().clone() for n, t in named}, f"{folder}/model.safetensors")
+            return self._rpc("load_bucket_from_path", folder)
+
+    def _load_folder(self, hf_dir: str) -> int:
+        if self._in_process:
+            from psr_ray.models import load_safetensors_dir
+
+            return self._rpc("load_bucket", list(load_safetensors_dir(hf_dir).items()))
+        return self._rpc("load_bucket_from_path", hf_dir)
+
+    def _load_whole(self, hf_dir: str) -> None:
+        """A whole, separate reload of a folder (rollback)."""
+        self._rpc("begin_update")
+        try:
+            self._load_folder(hf_dir)
+        except BaseException:
+            self._rpc("abort_update")
+            raise
+        self._rpc("end_update")
+
+    def _probe(self, token_ids: list[int], num_top: int) -> dict[str, Any]:
+        from vllm import SamplingParams
+
+        prompt = {"prompt_token_ids": list(token_ids)}
+        # First as any request is served (through the prefix cache: stale blocks would show), then with
+        # prompt log-probs (vLLM computes those afresh, never from the cache).
+        (cached,) = self.llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, logprobs=num_top),
+                                      use_tqdm=False)  # fmt: skip
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, logprobs=num_top)
+        (out,) = self.llm.generate([prompt], params, use_tqdm=False)
+        return {
+            "prompt": [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], token_ids[1:], strict=True)],
+            "top": {int(t): lp.logprob for t, lp in out.outputs[0].logprobs[0].items()},
+            "cached_top": {int(t): lp.logprob for t, lp in cached.outputs[0].logprobs[0].items()},
+        }
