@@ -45,6 +45,6 @@ def make_sender(
     elif backend is WeightSyncBackend.NCCL:
         from psr_ray.weight_sync.nccl import NcclSender as sender
     else:
-        made: WeightSender = sender(engines, probe=probe, restore_dir=restore_dir, bucket_mb=bucket_mb, timeout_s=timeout_s)
+        raise ValueError(f"weight sync needs a resolved backend, not {backend}; call resolve_backend first")
+    made: WeightSender = sender(engines, probe=probe, restore_dir=restore_dir, bucket_mb=bucket_mb, timeout_s=timeout_s)
     return made
-    raise ValueError(f"weight sync needs a resolved backend, not {backend}; call resolve_backend first")
