@@ -44,7 +44,39 @@ def write_results(state: Any, out_dir: str | Path, *, judge_mode: str, m0: dict[
                   init_seconds: dict[str, float] | None = None) -> dict[str, Path]:  # fmt: skip
     models = models_from_state(state, judge_mode=judge_mode, m0=m0, init_seconds=init_seconds)
     title = f"PSR run: {JUDGE_LABELS.get(judge_mode, judge_mode)} step pairs"
-    return write_run_report(models, str(out_dir), title=title, footer=memory_line(state.data.get("peak_memory_gib", {})))
+    footer = "\n\n".join(x for x in (iteration_table(state), memory_line(state.data.get("peak_memory_gib", {}))) if x)
+    return write_run_report(models, str(out_dir), title=title, footer=footer)
+
+
+ITERATION_HEADER = ("| iteration | pairs | pair margin min/q1/median/q3/max | optimizer steps | pairs trained | "
+                    "held-out KL/token | held-out reward acc % | sync | engines | sync MB | sync s | sync GB/s |")  # fmt: skip
+
+
+def iteration_table(state: Any) -> str:
+    """Per iteration: its pairs, the fit (steps, pairs trained, held-out KL of M_{k+1} to M_k and reward
+    accuracy on the init's held-out pairs) and the weight sync (transport, engines, MB, s, GB/s)."""
+    from psr_ray.weight_sync.stage import sync_columns
+
+    lines = []
+    for key in sorted(state.data["iterations"], key=int):
+        k = int(key)
+        search, train = state.stage(k, "search"), state.stage(k, "train")
+        if k == 0 or train is None:
+            continue
+        heldout, sync = train.get("heldout") or {}, sync_columns(state.stage(k, "sync"))
+        cells = [k, (search or {}).get("pairs_total"), margins_cell(search or {}), train.get("num_optimizer_steps"),
+                 train.get("num_pairs_trained"), _fmt("{:.2e}", heldout.get("heldout/kl_per_token")),
+                 _fmt("{:.1f}", None if "heldout/reward_accuracy" not in heldout else 100 * heldout["heldout/reward_accuracy"]),
+                 sync.get("sync_transport"), sync.get("sync_engines"), _fmt("{:.0f}", sync.get("sync_mb")),
+                 _fmt("{:.2f}", sync.get("sync_s")), _fmt("{:.2f}", sync.get("sync_gbps"))]  # fmt: skip
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join([ITERATION_HEADER, "|" + "---|" * ITERATION_HEADER.count(" | ") + "---|", *lines])
+
+
+def _fmt(fmt: str, value: float | None) -> str | None:
+    return None if value is None else fmt.format(value)
 
 
 def memory_line(peaks: dict[str, float]) -> str:

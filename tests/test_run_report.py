@@ -99,3 +99,22 @@ def test_peak_memory_is_sampled_per_stage_and_reported():
     assert line.startswith(f"Peak memory (PSS of this node's run processes, GiB): 3.0 in `iter 1/2 search+train`, "
                            f"{100 * 3.0 / total:.0f}% of this machine's {total:.1f} GiB.")
     assert line.endswith("Per stage: start 1.0, iter 1/2 search+train 3.0.") and memory_line({}) == ""
+
+
+def test_iteration_table_shows_the_fit_and_the_sync_of_each_iteration(tmp_path):
+    from psr_ray.run_report import ITERATION_HEADER, iteration_table
+    from psr_ray.run_state import RunState
+
+    state = RunState(tmp_path)
+    assert iteration_table(state) == ""
+    state.record(1, "search", {"pairs_total": 7, "margin_min": 1.0, "margin_q1": 1.0, "margin_median": 2.0,
+                               "margin_q3": 3.0, "margin_max": 4.0})  # fmt: skip
+    state.record(1, "train", {"num_optimizer_steps": 2, "num_pairs_trained": 7,
+                              "heldout": {"heldout/kl_per_token": 0.0157, "heldout/reward_accuracy": 0.875}})  # fmt: skip
+    state.record(1, "sync", {"transport": "object_store", "num_engines": 2, "num_bytes": 538_000_000, "seconds": 1.83,
+                             "gbytes_per_s": 0.294})  # fmt: skip
+    assert iteration_table(state).splitlines() == [
+        ITERATION_HEADER,
+        "|" + "---|" * 12,
+        "| 1 | 7 | 1.00/1.00/2.00/3.00/4.00 | 2 | 7 | 1.57e-02 | 87.5 | object_store | 2 | 538 | 1.83 | 0.29 |",
+    ]

@@ -28,7 +28,10 @@ from psr_ray import submit
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TINY_RUN = ("model.max_model_len=1024", "judge.both_orders=false", "rollout.max_step_tokens=8", "search.max_steps=2",
+# The tiny random model on the embedded preset: no init, GSM8K prompts, and pairs from any soft-vote margin
+# (psr_ray.testing.TINY_OVERRIDES says why).
+TINY_RUN = ("model.max_model_len=1024", "init.run_first=false", "data.source=embedded:gsm8k", "eval.benchmarks=[gsm8k]",
+            "search.min_score_margin=0.01", "judge.both_orders=false", "rollout.max_step_tokens=8", "search.max_steps=2",
             "trainer.max_seq_len=256", "eval.limit=2", "eval.max_tokens=8", "run.num_iterations=1",
             "run.prompts_per_iteration=[2]", "run.wandb_mode=disabled")  # fmt: skip
 PINNED = ("rollout.node_resource=psr_engine", "judge.node_resource=psr_engine", "trainer.node_resource=psr_trainer")

@@ -102,7 +102,8 @@ def write_inputs(model_dir: str, work: Path, ray_address: str) -> TinyRun:
 
     work.mkdir(parents=True, exist_ok=True)
     data = problems_jsonl(work / "problems.jsonl")
-    cfg = tiny_cfg(model_dir, work / "unused", *DRIVER_OVERRIDES, f"data.source={data}", f"run.ray_address={ray_address}")
+    cfg = tiny_cfg(model_dir, work / "unused", *DRIVER_OVERRIDES, f"data.source={data}", f"run.ray_address={ray_address}",
+                  "run.require_shared_storage=false")  # one node: the test's tmp dir is its storage
     config = work / "tiny_run.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(cfg.to_dict())))))
     return TinyRun(config, data, ray_address)
