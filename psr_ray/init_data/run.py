@@ -262,8 +262,12 @@ def temporary_engines(cfg: PSRConfig, role: str, model_path: str, policy_version
 
 @contextlib.contextmanager
 def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """An init phase: timed into `seconds`, shown as one console stage (`init: sft ... 03:12`)."""
+    from psr_ray import console
+
     start = time.perf_counter()
     try:
-        yield
+        with console.stage(f"init: {name.replace('_', ' ')}"):
+            yield
     finally:
         seconds[name] = time.perf_counter() - start
