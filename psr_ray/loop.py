@@ -96,7 +96,8 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
             stage(f"iter {k}/{total} eval", functools.partial(_evaluate, psr, iteration=k))
             print(console.iteration_summary(k, total, _stages(psr, k), _stages(psr, k - 1).get("eval", {}).get("rows", [])),
                   flush=True)  # fmt: skip
-        _write_results(psr)  # with the last stage's peak
+        psr.state.flush()  # the last stage's peak
+        _write_results(psr)
     finally:
         memory.stop()
         psr.logger.finish()

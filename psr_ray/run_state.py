@@ -53,8 +53,11 @@ class RunState:
         self._write()
 
     def record_peak(self, stage: str, gib: float) -> None:
-        """The peak memory (GiB, `psr_ray.memory`) of a console stage, e.g. `iter 1/2 search+train`."""
+        """The peak memory (GiB, `psr_ray.memory`) of a console stage, e.g. `iter 1/2 search+train`. Kept with
+        the next write (a record, or `flush()`): no extra commit point of its own."""
         self.data.setdefault("peak_memory_gib", {})[stage] = round(gib, 3)
+
+    def flush(self) -> None:
         self._write()
 
     def finished_summary(self) -> str:
