@@ -1,7 +1,7 @@
 """Judge plans side by side (issue 17 section 1): judge calls per step, agreement of (best, worst) with round
 robin, oracle pair precision and wall time, on the same recorded candidate sets.
 
-    python bench/judge_plans.py [--num-sets 40] [--num-problems 16] [--config ...] [k=v ...]
+    python bench/judge_plans.py [--num-sets 24] [--num-problems 8] [--config ...] [k=v ...]
 
 1. Record: a real self-judged search (SmolLM2-135M, the embedded config's `embedded:arith`, N candidates)
    runs on `--num-problems` problems; every candidate set it proposes is kept (problem, prefix, steps), up to
@@ -88,8 +88,8 @@ def derive(plan, steps, matrix, *, both_orders: bool, min_score_margin: float):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-sets", type=int, default=40)
-    parser.add_argument("--num-problems", type=int, default=16)
+    parser.add_argument("--num-sets", type=int, default=24)
+    parser.add_argument("--num-problems", type=int, default=8)
     parser.add_argument("--num-candidates", type=int, default=6)
     parser.add_argument("--record-plan", default="knockout", choices=["round_robin", "knockout"])
     parser.add_argument("--config", default=str(ROOT / "psr_ray" / "configs" / "embedded_cpu.yaml"))
@@ -123,9 +123,11 @@ def main() -> int:
         cfg, problems, EnginePool("rollout", [engines["rollout"]], max_restarts=0),
         EnginePool("judge", [engines["judge"]], max_restarts=0), args.num_sets,
     )  # fmt: skip
+    print(f"recorded {len(sets)} candidate sets in {record_s:.0f} s", file=sys.stderr, flush=True)
     live = {}
     for plan in (C.JudgePlan.KNOCKOUT, C.JudgePlan.ROUND_ROBIN):  # knockout first: round robin gets no warm cache
         live[plan] = live_run(ray, engines["judge"], plan, sets, both_orders=True)
+        print(f"{plan.value}: {live[plan][1]:.0f} s", file=sys.stderr, flush=True)
     ray.shutdown()
     lines = report(args, cfg, problems, sets, record_stats, record_s, live)
     Path(args.out).write_text("\n".join(lines) + "\n")
