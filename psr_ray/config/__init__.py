@@ -14,6 +14,7 @@ from psr_ray.config.sections import (
     InitConfig,
     JudgeConfig,
     JudgeMode,
+    JudgePlan,
     LRSchedule,
     ModelConfig,
     PSRConfig,
@@ -29,7 +30,8 @@ from psr_ray.config.validation import has_gpu, validate
 
 __all__ = [
     "DEFAULT_CONFIG", "EMBEDDED_DATA", "EMBEDDED_MODEL", "REPO_ROOT", "DataConfig", "EnginePoolConfig",
-    "EvalConfig", "InitConfig", "JudgeConfig", "JudgeMode", "LRSchedule", "ModelConfig", "PSRConfig", "RolloutConfig",
+    "EvalConfig", "InitConfig", "JudgeConfig", "JudgeMode", "JudgePlan", "LRSchedule", "ModelConfig", "PSRConfig",
+    "RolloutConfig",
     "RunConfig", "SearchConfig", "TrainerConfig", "WeightSyncBackend", "WeightSyncConfig", "from_dict",
     "has_gpu", "load", "to_plain", "validate",
 ]  # fmt: skip

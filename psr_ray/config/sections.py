@@ -80,9 +80,19 @@ class JudgeMode(enum.StrEnum):
     ORACLE = "oracle"
 
 
+class JudgePlan(enum.StrEnum):
+    # The paper's: every pair of the N candidates, N(N-1) judge calls per step in both orders.
+    ROUND_ROBIN = "round_robin"
+    # Knockouts for best and worst sharing a first round: at most 2(N-1) calls per step, in up to
+    # 1 + ceil(log2(N/2)) judge rounds (psr_ray.search.plans).
+    KNOCKOUT = "knockout"
+
+
 @dataclass(frozen=True)
 class JudgeConfig(EnginePoolConfig):
     mode: JudgeMode = JudgeMode.EXPLAIN
+    # Which comparisons a step's judge rounds ask for (and so what picks best and worst).
+    plan: JudgePlan = JudgePlan.ROUND_ROBIN
     # Judge each unordered pair in both orders to cancel position bias.
     both_orders: bool = True
     temperature: float = 0.0

@@ -3,7 +3,8 @@
 At step k the policy proposes `num_candidates` next steps; the judge compares every unordered pair of
 distinct candidates (in both orders by default) and candidate i scores the number of comparisons it wins:
 ``Score_i = sum_{j != i} votes[i][j]``. The best candidate continues the solution and (best, worst) becomes
-a `StepPair`. When all scores are equal the judge saw no difference, which the paper reads as a sign that
+a `StepPair` (`judge.plan: knockout` asks fewer comparisons over several judge rounds instead: rules in
+`psr_ray.search.plans`). When all scores are equal the judge saw no difference, which the paper reads as a sign that
 the previous step was a dead end: that step and its pair are dropped and it is proposed again (a rollback).
 
 Rules the paper leaves open, decided here:
@@ -36,11 +37,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from psr_ray.config import JudgeMode
+from psr_ray.config import JudgeMode, JudgePlan
 from psr_ray.data.problems import Problem
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest
-from psr_ray.search.scoring import Decision, decide_step, judge_plan, score_step
+from psr_ray.search.plans import KnockoutRun, RoundRobinRun, start_plan
+from psr_ray.search.scoring import Decision
 from psr_ray.steps import is_final_step, join_steps
 from psr_ray.verify import extract_answer, is_equivalent
 
@@ -73,6 +75,7 @@ class ProblemSearch:
         both_orders: bool = True,
         judge_mode: JudgeMode = JudgeMode.EXPLAIN,
         min_score_margin: float = 1.0,
+        judge_plan: JudgePlan = JudgePlan.ROUND_ROBIN,
     ) -> None:
         self.problem = problem
         self.iteration = iteration
@@ -81,6 +84,7 @@ class ProblemSearch:
         self.both_orders = both_orders
         self.judge_mode = JudgeMode(judge_mode)
         self.min_score_margin = min_score_margin
+        self.judge_plan = JudgePlan(judge_plan)
         self.steps: list[str] = []
         self.pairs: list[StepPair | None] = []  # pairs[k] belongs to steps[k]
         self.phase = Phase.PROPOSE
@@ -93,7 +97,8 @@ class ProblemSearch:
         self.num_unparseable = 0
         self.num_steps_without_pair = 0  # steps kept that emit no pair (identical candidates), dropped ones included
         self._candidates: Candidates | None = None
-        self._plan: list[tuple[int, int]] = []
+        self._run: RoundRobinRun | KnockoutRun | None = None  # the step's judge plan, fed round by round
+        self._all_right = True  # every round so far said all its candidates are right (judge.mode=oracle)
         self._answer_correct: bool | None = None
 
     @property
@@ -114,30 +119,36 @@ class ProblemSearch:
         self._candidates = candidates
         self.num_candidates_seen += len(candidates.steps)
         self.num_generated_tokens += candidates.num_tokens
-        self._plan = judge_plan(candidates.steps, both_orders=self.both_orders)
+        self._run = start_plan(
+            self.judge_plan, candidates.steps, both_orders=self.both_orders,
+            soft_votes=self.judge_mode is JudgeMode.DIRECT,
+        )  # fmt: skip
+        self._all_right = True
         self.phase = Phase.JUDGE
-        if not self._plan:  # every pair auto-decided: nothing to ask the judge
+        if not self._run.requests:  # every pair auto-decided: nothing to ask the judge
             self.on_judgments([])
 
     def judge_requests(self) -> list[JudgeRequest]:
-        assert self.phase is Phase.JUDGE and self._candidates is not None, self.phase
+        """The current judge round's comparisons (a plan of several rounds asks again after each)."""
+        assert self.phase is Phase.JUDGE and self._candidates is not None and self._run is not None, self.phase
         steps, prefix = self._candidates.steps, self.prefix
-        return [JudgeRequest(self.problem.question, prefix, steps[a], steps[b]) for a, b in self._plan]
+        return [JudgeRequest(self.problem.question, prefix, steps[a], steps[b]) for a, b in self._run.requests]
 
     def on_judgments(self, judgments: list[Judgment], *, all_right: bool = False) -> None:
         """`all_right`: the judge knows every candidate is right (judge.mode=oracle); a tie then advances
-        without a pair, as identical candidates do, instead of rolling a right step back."""
-        assert self.phase is Phase.JUDGE and self._candidates is not None, self.phase
-        cands = self._candidates
-        result = score_step(
-            cands.steps, self._plan, judgments, both_orders=self.both_orders, soft_votes=self.judge_mode is JudgeMode.DIRECT
-        )
+        without a pair, as identical candidates do, instead of rolling a right step back. A plan of several
+        rounds stays in JUDGE until its last round is fed; `all_right` must then hold for every round."""
+        assert self.phase is Phase.JUDGE and self._candidates is not None and self._run is not None, self.phase
+        cands, run = self._candidates, self._run
+        run.feed(judgments)
+        self._all_right = self._all_right and all_right
+        if not run.done:
+            return  # the plan's next round: judge_requests() lists it
+        result, scores, decided = run.decide(min_score_margin=self.min_score_margin)
         self.num_judgments += result.num_judgments
         self.num_unparseable += result.num_unparseable
-        self._candidates, self._plan = None, []
-        scores = result.scores
-        decided = decide_step(cands.steps, result, min_score_margin=self.min_score_margin)
-        if decided.decision is Decision.TIE and all_right:
+        self._candidates, self._run = None, None
+        if decided.decision is Decision.TIE and self._all_right:
             decided = decided._replace(decision=Decision.NO_PAIR, worst=None, margin=0.0)
         if decided.decision is Decision.TIE:
             self._rollback()

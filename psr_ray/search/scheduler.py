@@ -4,7 +4,8 @@ Every problem is a `ProblemSearch` state machine; the scheduler only moves reque
 
   admit     start searches for queued problems, up to `search.max_problems_in_flight`
   dispatch  batch pending `ProposeRequest`s of all problems to the least-loaded rollout engine, and pending
-            judge rounds (all comparisons of one problem's step travel together) to the least-loaded judge
+            judge rounds (all comparisons of one problem's judge round travel together; `judge.plan: knockout`
+            asks up to 3 rounds per step, each routed back here) to the least-loaded judge
   collect   take every finished call (`ray.wait`) and feed its results back to the searches
 
 Each engine holds at most `MAX_CALLS_PER_ENGINE` calls and a batch at most 1/(that x pool size) of the
@@ -41,6 +42,7 @@ from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
+from psr_ray.search.plans import first_round_calls
 from psr_ray.search.problem import Outcome, Phase, ProblemSearch
 from psr_ray.search.stats import SearchStats
 
@@ -93,8 +95,7 @@ class SearchScheduler:
         self.stats = SearchStats()
         in_flight = cfg.search.max_problems_in_flight
         self.max_propose_batch = max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * len(rollout))))
-        n = cfg.rollout.num_candidates
-        comparisons = n * (n - 1) // (1 if cfg.judge.both_orders else 2)
+        comparisons = first_round_calls(cfg.judge.plan, cfg.rollout.num_candidates, both_orders=cfg.judge.both_orders)
         self.max_judge_batch = max(1, math.ceil(in_flight * comparisons / (MAX_CALLS_PER_ENGINE * len(judge))))
         self._num_proposals: dict[str, int] = {}  # accepted proposals per problem: the seed's attempt number
         self._queue: deque[Problem] = deque()
@@ -171,6 +172,7 @@ class SearchScheduler:
                 both_orders=judge_cfg.both_orders,
                 judge_mode=judge_cfg.mode,
                 min_score_margin=search_cfg.min_score_margin,
+                judge_plan=judge_cfg.plan,
             )
             self._want[CallKind.PROPOSE].append(problem.problem_id)
             self.stats.count("problems_started")

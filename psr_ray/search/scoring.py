@@ -81,19 +81,30 @@ def score_step(
             soft[j] += orders * (1.0 - win_i)
     num_unparseable = 0
     for (a, b), judgment in zip(plan, judgments, strict=True):
-        verdict = Verdict(judgment.verdict)
-        if verdict is Verdict.UNPARSEABLE:
-            num_unparseable += 1
-        elif soft_votes:
-            votes[a][b] += judgment.prob_a
-            votes[b][a] += 1.0 - judgment.prob_a
-        elif verdict is Verdict.A:
-            votes[a][b] += 1.0
-        else:
-            votes[b][a] += 1.0
-        soft[a] += judgment.prob_a
-        soft[b] += 1.0 - judgment.prob_a
+        num_unparseable += add_vote(votes, soft, a, b, judgment, soft_votes=soft_votes)
     return StepScores(votes, soft, len(plan), num_unparseable)
+
+
+def add_vote(
+    votes: list[list[float]], soft: list[float], a: int, b: int, judgment: Judgment, *, soft_votes: bool,
+    position_bias: float = 0.0,
+) -> bool:
+    """Adds one judgment of `a` (shown first) vs `b` to `votes` and `soft`; True when it was unparseable.
+    `position_bias` (soft votes only) is subtracted from P(A): see `psr_ray.search.plans` for why."""
+    verdict = Verdict(judgment.verdict)
+    soft[a] += judgment.prob_a
+    soft[b] += 1.0 - judgment.prob_a
+    if verdict is Verdict.UNPARSEABLE:
+        return True
+    if soft_votes:
+        prob_a = min(1.0, max(0.0, judgment.prob_a - position_bias))
+        votes[a][b] += prob_a
+        votes[b][a] += 1.0 - prob_a
+    elif verdict is Verdict.A:
+        votes[a][b] += 1.0
+    else:
+        votes[b][a] += 1.0
+    return False
 
 
 class Decision(enum.Enum):
@@ -110,7 +121,7 @@ class StepDecision(NamedTuple):
 
 
 # Soft votes are sums of floats: a margin that is the minimum in exact arithmetic must not fall just below it.
-_MARGIN_TOLERANCE = 1e-9
+MARGIN_TOLERANCE = 1e-9
 
 
 def decide_step(
@@ -135,5 +146,5 @@ def decide_step(
         return StepDecision(Decision.NO_PAIR, best, None, 0.0)
     worst = min(rejectable, key=lambda i: (scores[i], result.soft[i], -i))
     margin = scores[best] - scores[worst]
-    decision = Decision.PAIR if margin >= min_score_margin - _MARGIN_TOLERANCE else Decision.TIE
+    decision = Decision.PAIR if margin >= min_score_margin - MARGIN_TOLERANCE else Decision.TIE
     return StepDecision(decision, best, worst, margin)
