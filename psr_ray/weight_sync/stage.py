@@ -50,7 +50,7 @@ def sync_stage(
         raise SyncError(f"after the sync, engines serve policy versions {versions}, expected {policy_version}")
     # What a later failed sync restores: the export of the weights these engines now serve.
     ray.get([e.serving_from.remote(policy_dir, policy_version=policy_version) for e in engines], timeout=timeout_s)
-    return summarize(push, reload, policy_version=policy_version)
+    return summarize(push, reload, policy_version=policy_version) | {"engine_versions": versions}
 
 
 def summarize(push: SyncReport | None, reload: SyncReport | None, *, policy_version: int) -> dict[str, Any]:
