@@ -7,7 +7,8 @@ and bench/results/fidelity.png, every figure computed here.
 Stages (the embedded config, `--config`/overrides change it; outputs under --work):
   init     M0 -> M1 through the product (`init.run_first`'s cached init: M0's own candidates as EFT pairs,
            ZeRO-3 SFT on Ray Train, held-out oracle-labelled judge pairs from M1's candidates)
-  self     `psr-ray run`'s loop from M1 with the configured self-judge: M2 (and M3 with --iterations 2)
+  self     `psr-ray run`'s loop from M1 with the configured self-judge: M2 (and M3 with --iterations 2), or
+           with --self-run DIR the record of a `psr-ray run` already made with this config (e.g. `make run`'s)
   oracle   the same loop with `judge.mode: oracle` (the ablation): M2 from oracle-judged pairs
   random   the control: step-DPO from M1 on the oracle run's stored candidates with random preferences
   mc       the Monte-Carlo oracle (rollouts) against the exact check on stored candidates
@@ -101,13 +102,35 @@ def stage_loop(args: argparse.Namespace, work: Path, arm: str) -> dict[str, Any]
             "peak_gib": memory.peak_gib, "judge_mode": str(cfg.judge.mode)}  # fmt: skip
 
 
+def stage_self_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The self arm taken from a `psr-ray run` output folder made with this bench's config (only where the
+    run writes, its name and wandb may differ), instead of running the same loop again."""
+    from psr_ray.run_dir import check_resume, stored_config
+
+    folder = Path(args.self_run).expanduser().resolve()
+    if not (folder / "state.json").is_file():
+        raise SystemExit(f"--self-run {folder}: no state.json (not a psr-ray run output folder)")
+    state = json.loads((folder / "state.json").read_text())
+    stored = stored_config(str(folder))
+    cfg = load_cfg(args, f"run.output_dir={stored.run.output_dir}", f"run.num_iterations={stored.run.num_iterations}",
+                   f"run.wandb_mode={stored.run.wandb_mode}")  # fmt: skip
+    try:
+        check_resume(stored, cfg, str(folder))
+    except ValueError as err:
+        raise SystemExit(f"--self-run: {err} (the run was made with another config than this bench's)") from None
+    seconds = sum(float(s.get("seconds", 0.0)) for it in state["iterations"].values() for s in it.values())
+    return {"output_dir": str(folder), "state": state, "seconds": seconds, "taken_from": str(folder),
+            "peak_gib": max(state.get("peak_memory_gib", {}).values(), default=None),
+            "judge_mode": str(cfg.judge.mode)}  # fmt: skip
+
+
 def _share_m1_eval(work: Path, arm: str, cfg: Any) -> None:
     """M1 is the same model in both arms (the same cached init): an arm starting after the other one takes
     its M1 evaluation (iteration 0) instead of evaluating the same model on the same problems again."""
     from psr_ray.run_state import RunState
 
     for other in ("self", "oracle"):
-        state = work / other / "state.json"
+        state = Path((recorded(work, other) or {}).get("output_dir", work / other)) / "state.json"
         if other == arm or not state.is_file():
             continue
         first = json.loads(state.read_text())["iterations"].get("0", {}).get("eval")
@@ -231,6 +254,7 @@ def main() -> None:
     parser.add_argument("--redo", action="store_true", help="run the named stages again even if recorded")
     parser.add_argument("--config", action="append", help="YAML config(s); default: the embedded preset")
     parser.add_argument("--iterations", type=int, default=2, help="self-judged iterations (M2, M3)")
+    parser.add_argument("--self-run", help="the self arm from this `psr-ray run` output folder (same config)")
     parser.add_argument("--mc-items", type=int, default=120)
     parser.add_argument("--mc-rollouts", type=int, default=4)
     parser.add_argument("--out", default=str(HERE / "results" / "fidelity.md"))
@@ -239,7 +263,8 @@ def main() -> None:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    runners = {"init": stage_init, "self": lambda a, w: stage_loop(a, w, "self"),
+    run_self = stage_self_run if args.self_run else (lambda a, w: stage_loop(a, w, "self"))
+    runners = {"init": stage_init, "self": run_self,
                "oracle": lambda a, w: stage_loop(a, w, "oracle"), "random": stage_random, "mc": stage_mc}  # fmt: skip
     for stage in args.stage or STAGES:
         if stage == "report":
