@@ -38,6 +38,7 @@ class Verdict(enum.Enum):
     A = "A"
     B = "B"
     UNPARSEABLE = "unparseable"
+    DRAW = "draw"  # a judge that saw no difference (the oracle on two right or two wrong steps): half a win each
 
 
 def solver_messages(question: str) -> list[dict[str, str]]:

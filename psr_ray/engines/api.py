@@ -45,7 +45,7 @@ class JudgeRequest:
 
 @dataclass(frozen=True)
 class Judgment:
-    verdict: str  # "A", "B" or "unparseable" (prompts.Verdict values)
+    verdict: str  # "A", "B", "unparseable" or "draw" (prompts.Verdict values)
     prob_a: float  # P(A better); 1/0 for a parsed explain-mode verdict, 0.5 when unparseable
     text: str  # the judge's raw output (explanation), for provenance and debugging
     num_tokens: int

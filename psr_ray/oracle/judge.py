@@ -1,8 +1,9 @@
 """The oracle as a judge (the `judge.mode: oracle` ablation) and as a labeller of candidate steps. Pure.
 
 An oracle verdict compares the exact check of both steps: the right one wins with probability 1; two right or
-two wrong steps are a draw (p = 0.5, verdict "unparseable" as a draw of the direct judge is), so the step's
-scores tie exactly where the oracle sees no difference. A round of wrong steps only rolls back (the paper's
+two wrong steps are a draw (verdict "draw", p = 0.5: half a win each, as identical candidates get), so the
+step's scores tie exactly where the oracle sees no difference. (Counted as no vote, as an unparseable verdict
+is, two copies of one wrong step outscored the other wrong ones and made wrong-vs-wrong pairs.) A round of wrong steps only rolls back (the paper's
 dead end); a round of right steps only advances without a pair (`ProblemSearch.on_judgments(all_right=)`).
 """
 
@@ -47,7 +48,7 @@ def oracle_round(problem: Problem, requests: Sequence[JudgeRequest], *,
         all_right = all_right and right_a and right_b
         text = ORACLE_TEXT.format(a="right" if right_a else "wrong", b="right" if right_b else "wrong")
         if right_a == right_b:
-            judgments.append(Judgment("unparseable", 0.5, text, 0, policy_version))
+            judgments.append(Judgment("draw", 0.5, text, 0, policy_version))
         else:
             judgments.append(Judgment("A" if right_a else "B", 1.0 if right_a else 0.0, text, 0, policy_version))
     return judgments, all_right

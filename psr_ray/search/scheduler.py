@@ -314,8 +314,8 @@ class SearchScheduler:
             start += size
             self._active[key].on_judgments(judgments, all_right=all_right)
             self.stats.count("judge_calls", size)
-            undecided = sum(1 for x in judgments if x.verdict not in ("A", "B"))
-            self.stats.count("oracle_draws" if self.cfg.judge.mode == JudgeMode.ORACLE else "unparseable", undecided)
+            self.stats.count("unparseable", sum(1 for x in judgments if x.verdict == "unparseable"))
+            self.stats.count("oracle_draws", sum(1 for x in judgments if x.verdict == "draw"))
             self.stats.count("judge_tokens", sum(x.num_tokens for x in judgments))
 
     def _finish(self, search: ProblemSearch, on_finished: Callable[[FinishedProblem], None]) -> None:

@@ -96,6 +96,10 @@ def add_vote(
     soft[b] += 1.0 - judgment.prob_a
     if verdict is Verdict.UNPARSEABLE:
         return True
+    if verdict is Verdict.DRAW:  # as identical candidates are: a draw, not a failed judgment that votes nothing
+        votes[a][b] += 0.5
+        votes[b][a] += 0.5
+        return False
     if soft_votes:
         prob_a = min(1.0, max(0.0, judgment.prob_a - position_bias))
         votes[a][b] += prob_a

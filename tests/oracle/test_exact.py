@@ -62,7 +62,7 @@ def test_oracle_verdicts_and_labels():
     requests = [JudgeRequest(PROBLEM.question, "", right, wrong), JudgeRequest(PROBLEM.question, "", wrong, right),
                 JudgeRequest(PROBLEM.question, "", right, right), JudgeRequest(PROBLEM.question, "", wrong, wrong)]
     verdicts = [(j.verdict, j.prob_a, j.policy_version) for j in oracle_judgments(PROBLEM, requests, policy_version=3)]
-    assert verdicts == [("A", 1.0, 3), ("B", 0.0, 3), ("unparseable", 0.5, 3), ("unparseable", 0.5, 3)]
+    assert verdicts == [("A", 1.0, 3), ("B", 0.0, 3), ("draw", 0.5, 3), ("draw", 0.5, 3)]
     prefix = join_steps(PROBLEM.steps[:1])
     assert label_steps(PROBLEM, prefix, ["Tom has 24 + 5 = 29 marbles.", "Tom has 24 + 5 = 30 marbles."]) == [True, False]
     gsm = load_benchmark("gsm8k", limit=1).problems[0]
