@@ -118,7 +118,9 @@ def stage_self_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         check_resume(stored, cfg, str(folder))
     except ValueError as err:
         raise SystemExit(f"--self-run: {err} (the run was made with another config than this bench's)") from None
-    seconds = sum(float(s.get("seconds", 0.0)) for it in state["iterations"].values() for s in it.values())
+    # "train" is search + step-DPO (overlapped): the search's own seconds are inside it
+    seconds = sum(float(s.get("seconds", 0.0)) for it in state["iterations"].values()
+                  for name, s in it.items() if name != "search")  # fmt: skip
     return {"output_dir": str(folder), "state": state, "seconds": seconds, "taken_from": str(folder),
             "peak_gib": max(state.get("peak_memory_gib", {}).values(), default=None),
             "judge_mode": str(cfg.judge.mode)}  # fmt: skip
@@ -285,7 +287,8 @@ def main() -> None:
 
 
 def _command(args: argparse.Namespace) -> str:
-    return "python bench/fidelity.py " + " ".join(args.overrides)
+    self_run = [f"--self-run {args.self_run}"] if args.self_run else []
+    return " ".join(["python bench/fidelity.py", *self_run, *args.overrides])
 
 
 def _machine() -> str:
