@@ -294,14 +294,10 @@ def _sync(psr: Driver, k: int) -> None:
     """The trainer pushed M_{k+1} at the end of training (its report is in the train stage): check it, reload
     any engine that does not serve it from the export (verified), record the figures (weight_sync/stage.py)."""
     from psr_ray import metrics
-    from psr_ray.weight_sync.probe import make_probe
-    from psr_ray.weight_sync.stage import sync_stage
 
     if psr.state.done(k, "sync"):
         return
-    summary = sync_stage(psr.engines, pushed=(psr.state.stage(k, "train") or {}).get("weight_sync"),
-                         policy_dir=psr.policy_dir, policy_version=psr.policy_version,
-                         probe=make_probe(psr.tokenizer, psr.policy_dir), timeout_s=psr.cfg.weight_sync.timeout_s)  # fmt: skip
+    summary = serve_policy(psr, pushed=(psr.state.stage(k, "train") or {}).get("weight_sync"))
     if summary["push_error"]:
         print(f"[psr_ray] iteration {k}: the trainer's weight push failed ({summary['push_error']}); "
               f"reloaded from the export instead")  # fmt: skip
@@ -310,16 +306,14 @@ def _sync(psr: Driver, k: int) -> None:
     psr.logger.log({f"sync/{key}": v for key, v in summary.items() if isinstance(v, (int, float))} | {"iteration": k})
 
 
-def _reload_stale(psr: Driver) -> int:
-    """Loads the checkpoint's HF export into every engine not serving `psr.policy_version`; returns how many."""
-    from psr_ray.ray_waits import get_all
+def serve_policy(psr: Driver, *, pushed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every engine serving `psr.policy_version`, verified: an engine that does not (the trainer's `pushed`
+    failed, Ray restarted it) is reloaded from `psr.policy_dir` with the probe checked (weight_sync/stage.py)."""
+    from psr_ray.weight_sync.probe import make_probe
+    from psr_ray.weight_sync.stage import sync_stage
 
-    timeout = psr.cfg.run.engine_call_timeout_s
-    versions = _engine_versions(psr)
-    stale = [(e, n) for e, n, v in zip(psr.engines, psr.engine_names, versions, strict=True) if v != psr.policy_version]
-    refs = [e.update_weights_from_path.remote(psr.policy_dir, policy_version=psr.policy_version) for e, _ in stale]
-    get_all(refs, labels=[n for _, n in stale], timeout_s=timeout, what=f"a weight load of {psr.policy_dir}")
-    return len(stale)
+    return sync_stage(psr.engines, pushed=pushed, policy_dir=psr.policy_dir, policy_version=psr.policy_version,
+                      probe=make_probe(psr.tokenizer, psr.policy_dir), timeout_s=psr.cfg.weight_sync.timeout_s)  # fmt: skip
 
 
 def _evaluate(psr: Driver, *, iteration: int) -> None:
@@ -329,7 +323,10 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
     done = psr.state.stage(iteration, "eval")
     if done is None:
         cfg = psr.cfg
-        _reload_stale(psr)  # an engine restarted since the sync must not be scored as the new model
+        reloaded = serve_policy(psr)["reloaded_from_export"]  # an engine restarted since the sync is not scored
+        if reloaded:
+            print(f"[psr_ray] eval {iteration}: {reloaded} engine(s) no longer served policy {psr.policy_version}; "
+                  "reloaded from its export, verified")  # fmt: skip
         result = evaluate(psr.engines, psr.tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
                           max_tokens=cfg.eval.max_tokens, policy_version=psr.policy_version,
                           engine_names=psr.engine_names, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
@@ -386,15 +383,10 @@ def _stages(psr: Driver, iteration: int) -> dict[str, Any]:
     return psr.state.data["iterations"].get(str(iteration), {})
 
 
-def _engine_versions(psr: Driver) -> list[int]:
-    from psr_ray.ray_waits import get_all
-
-    return get_all([e.policy_version.remote() for e in psr.engines], labels=psr.engine_names,
-                   timeout_s=psr.cfg.run.engine_call_timeout_s, what="policy_version()")  # fmt: skip
-
-
 def _check_engine_versions(psr: Driver) -> list[int]:
-    versions = _engine_versions(psr)
+    from psr_ray.weight_sync.base import engine_versions
+
+    versions = engine_versions(psr.engines, names=psr.engine_names, timeout_s=psr.cfg.run.engine_call_timeout_s)
     if any(v != psr.policy_version for v in versions):
         raise RuntimeError(f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}")
     return versions

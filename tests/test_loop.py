@@ -43,7 +43,7 @@ def test_every_engine_serves_the_last_policy(ray_cluster, finished_run):
     from psr_ray.weight_sync import engine_versions
 
     engines = [ray_cluster.get_actor(n) for n in ("psr-rollout-0", "psr-judge-0")]
-    assert engine_versions(engines) == [3, 3]  # M1 -> M2 -> M3
+    assert engine_versions(engines, timeout_s=60) == [3, 3]  # M1 -> M2 -> M3
 
 
 def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_run):
@@ -71,6 +71,30 @@ def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_r
     finally:
         ray_cluster.kill(base)
     assert before != expected
+
+
+def test_an_engine_stale_before_eval_is_reloaded_through_the_verified_sync(ray_cluster, finished_run):
+    """What eval does first: an engine no longer on the policy (as if Ray restarted it) is reloaded from the
+    export with the probe checked, so it is never scored as the new model."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from psr_ray.loop import serve_policy
+    from psr_ray.weight_sync import engine_versions
+
+    cfg, out, _ = finished_run
+    hf_dir = json.loads((out / "state.json").read_text())["iterations"]["2"]["train"]["hf_dir"]
+    engines = [ray_cluster.get_actor(n) for n in ("psr-rollout-0", "psr-judge-0")]
+    ray_cluster.get(engines[1].update_weights_from_path.remote(cfg.model.path, policy_version=1))
+    psr = SimpleNamespace(cfg=cfg, engines=engines, tokenizer=AutoTokenizer.from_pretrained(cfg.model.path),
+                          policy_dir=hf_dir, policy_version=3)  # fmt: skip
+    summary = serve_policy(psr)
+    assert summary["transport"] == "export" and summary["reloaded_from_export"] == 1
+    assert set(summary["probe_errors"]) == {"psr-judge-0"} and summary["max_probe_error"] < 1e-3
+    assert engine_versions(engines, timeout_s=60) == [3, 3]
+    rollout, judge = ([g.text for g in ray_cluster.get(e.generate.remote(PROBE, max_tokens=12))] for e in engines)
+    assert judge == rollout
 
 
 def test_outputs_per_iteration(finished_run):

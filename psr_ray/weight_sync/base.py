@@ -76,11 +76,14 @@ def state_dict_bytes(state_dict: dict[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for t in state_dict.values())
 
 
-def engine_versions(engines: list[Any], *, timeout_s: float | None = None) -> list[int]:
-    """The policy version each engine reports serving."""
-    import ray
+def engine_versions(engines: list[Any], *, timeout_s: float, names: list[str] | None = None) -> list[int]:
+    """The policy version each engine reports serving; a TimeoutError names (`names`, else `engine #i`) those
+    that do not answer within `timeout_s`."""
+    from psr_ray.ray_waits import get_all
 
-    return ray.get([e.policy_version.remote() for e in engines], timeout=timeout_s)
+    labels = names if names is not None else [f"engine #{i}" for i in range(len(engines))]
+    return get_all([e.policy_version.remote() for e in engines], labels=labels, timeout_s=timeout_s,
+                   what="policy_version()")  # fmt: skip
 
 
 def call_engines(engines: list[Any], method: str, *args: Any, timeout_s: float, **kwargs: Any) -> list[Any]:
