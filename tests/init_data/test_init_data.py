@@ -27,6 +27,7 @@ from psr_ray.init_data.labelled import LabelledPair
 from psr_ray.init_data.segment import gsm8k_steps, math_steps, worked_solution
 from psr_ray.prompts import Verdict, parse_verdict
 from psr_ray.steps import extract_boxed, join_steps, split_steps, step_header
+from psr_ray.testing.arith_engine import ArithEngine, off_by_one
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
 needs_gsm8k = pytest.mark.skipif(not GSM8K_TRAIN.is_file(), reason=f"needs {GSM8K_TRAIN}")
@@ -160,26 +161,9 @@ def test_held_out_split_shares_no_problem_and_ift_targets_are_the_solutions():
         split_problems(problems[:20], num_heldout=10, num_ift=50)
 
 
-class ArithProposer:
-    """Proposes, at step k of a problem, the reference step, the same step with its result off by one, and
-    a step with no equation: exactly one right candidate of three."""
-
-    def __init__(self, problems):
-        self.steps = {p.question: p.steps for p in problems}
-
-    def propose(self, requests, *, num_candidates, temperature, top_p, max_tokens, seed):
-        from psr_ray.engines.api import Candidates
-
-        out = []
-        for r in requests:
-            right = self.steps[r.question][r.step_index - 1]
-            result = right.split(" = ")[1].split()[0]
-            steps = (right.replace(f"= {result}", f"= {int(result) + 1}", 1), "We need to think.", right)
-            out.append(Candidates(steps[:num_candidates], 30, 0))
-        return out
-
-    def ready(self):
-        return True
+def one_right_of_three(request, right: str) -> tuple[str, ...]:
+    """The reference step's result off by one, a step with no equation, the reference step."""
+    return (off_by_one(right), "We need to think.", right)
 
 
 @pytest.mark.ray
@@ -191,7 +175,7 @@ def test_oracle_pairs_from_own_candidates(ray_cluster):
 
     problems = load_worked_problems("embedded:arith", seed=0)[:10]
     ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    actor = ray_cluster.remote(ArithProposer).options(num_cpus=0).remote(problems)
+    actor = ray_cluster.remote(ArithEngine).options(num_cpus=0).remote(problems, candidates=one_right_of_three)
     sampling = Sampling(num_candidates=3, temperature=1.0, top_p=1.0, max_tokens=32, num_rollouts=2, seed=0)
     try:
         pairs, counts = oracle_pairs([actor], None, problems, num_pairs=6, sampling=sampling, chunk=4)

@@ -10,39 +10,22 @@ import pytest
 
 from psr_ray.config import JudgeConfig, PSRConfig, RolloutConfig, SearchConfig, validate
 from psr_ray.data.problems import load_problems
-from psr_ray.engines.api import Candidates
 from psr_ray.engines.pool import EnginePool
 from psr_ray.oracle.judge import label_steps
 from psr_ray.search.scheduler import SearchScheduler
+from psr_ray.testing.arith_engine import ArithEngine, off_by_one
 
 pytestmark = pytest.mark.ray
 
 
-class ArithEngine:
-    """Proposes, for step k of a problem, its reference step (right), the same step with the result off by
-    one (wrong) and, on odd problems, the reference step once more (a duplicate). At step 1 of a question
-    starting with a vowel every candidate is right (different texts). Never judges."""
-
-    def __init__(self, problems):
-        self.steps = {p.question: p.steps for p in problems}
-
-    def propose(self, requests, *, num_candidates, temperature, top_p, max_tokens, seed):
-        out = []
-        for r in requests:
-            right = self.steps[r.question][r.step_index - 1]
-            result = right.split(" = ")[1].split()[0]
-            wrong = right.replace(f"= {result}", f"= {int(result) + 1}", 1)
-            steps = (wrong, right, right if len(r.question) % 2 else wrong + " So.")
-            if r.step_index == 1 and r.question[0] in "AEIOU":
-                steps = (right, right + " Done.", "So: " + right)
-            out.append(Candidates(steps=steps[:num_candidates], num_tokens=30, policy_version=1))
-        return out
-
-    def judge(self, requests, **kwargs):
-        raise AssertionError("judge.mode=oracle must not call a judge engine")
-
-    def ready(self):
-        return True
+def candidates(request, right: str) -> tuple[str, ...]:
+    """At step k of a problem: the reference step (right), the same step with the result off by one (wrong)
+    and, on odd problems, the reference step once more (a duplicate). At step 1 of a question starting with a
+    vowel every candidate is right (different texts)."""
+    if request.step_index == 1 and request.question[0] in "AEIOU":
+        return (right, right + " Done.", "So: " + right)
+    wrong = off_by_one(right)
+    return (wrong, right, right if len(request.question) % 2 else wrong + " So.")
 
 
 def test_oracle_mode_judges_in_the_driver_and_picks_right_steps(ray_cluster):
@@ -56,7 +39,7 @@ def test_oracle_mode_judges_in_the_driver_and_picks_right_steps(ray_cluster):
     )
     cloudpickle = sys.modules["ray"].cloudpickle
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    actor = ray.remote(ArithEngine).options(num_cpus=0).remote(problems)
+    actor = ray.remote(ArithEngine).options(num_cpus=0).remote(problems, candidates=candidates)
     ray.get(actor.ready.remote())
     rollout, judge = EnginePool("rollout", [actor], max_restarts=0), EnginePool("judge", [actor], max_restarts=0)
     finished = []
