@@ -4,6 +4,7 @@ figure is read from a record or computed here; nothing is typed in."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,28 +81,25 @@ def _diff_line(models: dict[str, dict[str, Any]], a: str, b: str) -> str:
             f"McNemar p = {format_p(test.p_value)} ({'p < 0.05' if test.p_value < 0.05 else 'not significant at 0.05'}).")  # fmt: skip
 
 
+def _model_table(models: list[dict[str, Any]], key: str, header: list[str],
+                 cells: Callable[[dict[str, Any], dict[str, Any]], list[str]]) -> list[str]:  # fmt: skip
+    """A Markdown table: `header`, then `cells(model, model[key])` for every model that has a `key` record."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells(m, m[key])) + " |" for m in models if m.get(key)]
+
+
 def _precision_table(models: list[dict[str, Any]]) -> list[str]:
-    lines = ["| pairs of | pairs | precision % [95% CI] | random pick % | CI excludes random pick | reversed |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for m in models:
-        p = m.get("pair_precision")
-        if p:
-            lines.append(f"| {m['trained_on']} (-> {m['model']}) | {p['num_pairs']} | "
-                         f"{pct(p['precision'], p['precision_ci95'])} | {pct(p['random_pick'])} | "
-                         f"{'yes, above' if p['above_random'] else 'no'} | {p['num_reversed']} |")  # fmt: skip
-    return lines
+    header = ["pairs of", "pairs", "precision % [95% CI]", "random pick %", "CI excludes random pick", "reversed"]
+    return _model_table(models, "pair_precision", header, lambda m, p: [
+        f"{m['trained_on']} (-> {m['model']})", str(p["num_pairs"]), pct(p["precision"], p["precision_ci95"]),
+        pct(p["random_pick"]), "yes, above" if p["above_random"] else "no", str(p["num_reversed"])])  # fmt: skip
 
 
 def _judge_table(models: list[dict[str, Any]]) -> list[str]:
-    lines = ["| model | mode | judgments | accuracy % [95% CI] | pairs right (both orders) % [95% CI] | share A % |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for m in models:
-        j = m.get("judge")
-        if j:
-            lines.append(f"| {m['model']} | {j.get('mode', '')} | {j['num_judgments']} | "
-                         f"{pct(j['accuracy'], j['accuracy_ci95'])} | {pct(j['pair_accuracy'], j['pair_accuracy_ci95'])} | "
-                         f"{pct(j['share_a'])} |")  # fmt: skip
-    return lines
+    header = ["model", "mode", "judgments", "accuracy % [95% CI]", "pairs right (both orders) % [95% CI]", "share A %"]
+    return _model_table(models, "judge", header, lambda m, j: [
+        m["model"], j.get("mode", ""), str(j["num_judgments"]), pct(j["accuracy"], j["accuracy_ci95"]),
+        pct(j["pair_accuracy"], j["pair_accuracy_ci95"]), pct(j["share_a"])])  # fmt: skip
 
 
 def _arm_seconds(run: dict[str, Any]) -> float:
