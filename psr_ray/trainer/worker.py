@@ -118,6 +118,10 @@ def step_metrics(
     metrics.update(
         {
             "train/tokens_per_s": tokens / max(seconds, 1e-9),
+            # Real tokens of the step's sequences (all ranks, no padding) and its wall time on this rank, data
+            # wait included: what bench/trainer_cpu.py sums into a steady rate (trainer/fit_timing.py).
+            "train/num_tokens": tokens,
+            "train/step_s": seconds,
             "train/lr": lr,
             "train/step": float(step),
             "train/num_truncated": float(truncated),
@@ -208,6 +212,7 @@ def train_epochs(
                 truncated=int(total_truncated.item()),
             )  # fmt: skip
             metrics["train/data_wait_s"] = data_wait
+            metrics["train/step_end_unix_s"] = time.time()  # places the step on the caller's clock (start-up cost)
             history.append(metrics)
             if report is not None:
                 report(metrics)
@@ -297,6 +302,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "world_size": world_size,
                     "resumed_from": loop_config.get("resume_dir"),
                     "weight_sync": sync_report.to_dict() if hasattr(sync_report, "to_dict") else None,
+                    "phases": dict(phases),  # rank 0's seconds per phase so far: the fit's fixed costs
                 },
             )
         phases["checkpoint"] = time.perf_counter() - clock - sum(phases.values())
