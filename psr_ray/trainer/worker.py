@@ -98,9 +98,9 @@ def sft_micro_step(policy: Any, batch: dict[str, torch.Tensor], *, loss_scale: f
 
 
 def step_metrics(
-    mode: str, sums: torch.Tensor, *, lr: float, seconds: float, step: int, truncated: int
+    mode: str, sums: torch.Tensor, *, lr: float, seconds: float, step: int, truncated: int, ended_at: float = 0.0
 ) -> dict[str, float]:
-    """All-reduced sums of one optimizer step -> the named metrics."""
+    """All-reduced sums of one optimizer step -> the named metrics; `ended_at`: the step's end (unix s)."""
     if mode == "dpo":
         loss, margin, correct, chosen, rejected, pairs, tokens = sums.tolist()
         n = max(pairs, 1.0)
@@ -122,6 +122,7 @@ def step_metrics(
             # wait included: what bench/trainer_cpu.py sums into a steady rate (trainer/fit_timing.py).
             "train/num_tokens": tokens,
             "train/step_s": seconds,
+            "train/step_end_unix_s": ended_at,  # the step on the caller's clock: a fit's start-up cost
             "train/lr": lr,
             "train/step": float(step),
             "train/num_truncated": float(truncated),
@@ -209,10 +210,9 @@ def train_epochs(
             dist.all_reduce(total_truncated)
             metrics = step_metrics(
                 mode, window, lr=lr, seconds=time.perf_counter() - started, step=len(history) + 1,
-                truncated=int(total_truncated.item()),
+                truncated=int(total_truncated.item()), ended_at=time.time(),
             )  # fmt: skip
             metrics["train/data_wait_s"] = data_wait
-            metrics["train/step_end_unix_s"] = time.time()  # places the step on the caller's clock (start-up cost)
             history.append(metrics)
             if report is not None:
                 report(metrics)

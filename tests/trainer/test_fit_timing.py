@@ -43,6 +43,6 @@ def test_the_trainer_step_metrics_carry_what_fit_timing_reads():
 
     # DPO sums: loss, margin, correct, chosen, rejected, pairs, tokens.
     sums = torch.tensor([1.0, 2.0, 3.0, -4.0, -5.0, 4.0, 480.0])
-    metrics = step_metrics("dpo", sums, lr=1e-6, seconds=2.0, step=1, truncated=0)
+    metrics = step_metrics("dpo", sums, lr=1e-6, seconds=2.0, step=1, truncated=0, ended_at=5.0)
     assert metrics["train/num_tokens"] == 480.0 and metrics["train/step_s"] == 2.0
-    assert metrics["train/tokens_per_s"] == 240.0
+    assert metrics["train/tokens_per_s"] == 240.0 and metrics["train/step_end_unix_s"] == 5.0
