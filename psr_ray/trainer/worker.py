@@ -98,9 +98,9 @@ def sft_micro_step(policy: Any, batch: dict[str, torch.Tensor], *, loss_scale: f
 
 
 def step_metrics(
-    mode: str, sums: torch.Tensor, *, lr: float, seconds: float, step: int, truncated: int
+    mode: str, sums: torch.Tensor, *, lr: float, seconds: float, step: int, truncated: int, ended_at: float = 0.0
 ) -> dict[str, float]:
-    """All-reduced sums of one optimizer step -> the named metrics."""
+    """All-reduced sums of one optimizer step -> the named metrics; `ended_at`: the step's end (unix s)."""
     if mode == "dpo":
         loss, margin, correct, chosen, rejected, pairs, tokens = sums.tolist()
         n = max(pairs, 1.0)
@@ -118,6 +118,11 @@ def step_metrics(
     metrics.update(
         {
             "train/tokens_per_s": tokens / max(seconds, 1e-9),
+            # Real tokens of the step's sequences (all ranks, no padding) and its wall time on this rank, data
+            # wait included: what bench/trainer_cpu.py sums into a steady rate (trainer/fit_timing.py).
+            "train/num_tokens": tokens,
+            "train/step_s": seconds,
+            "train/step_end_unix_s": ended_at,  # the step on the caller's clock: a fit's start-up cost
             "train/lr": lr,
             "train/step": float(step),
             "train/num_truncated": float(truncated),
@@ -205,7 +210,7 @@ def train_epochs(
             dist.all_reduce(total_truncated)
             metrics = step_metrics(
                 mode, window, lr=lr, seconds=time.perf_counter() - started, step=len(history) + 1,
-                truncated=int(total_truncated.item()),
+                truncated=int(total_truncated.item()), ended_at=time.time(),
             )  # fmt: skip
             metrics["train/data_wait_s"] = data_wait
             history.append(metrics)
@@ -297,6 +302,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "world_size": world_size,
                     "resumed_from": loop_config.get("resume_dir"),
                     "weight_sync": sync_report.to_dict() if hasattr(sync_report, "to_dict") else None,
+                    "phases": dict(phases),  # rank 0's seconds per phase so far: the fit's fixed costs
                 },
             )
         phases["checkpoint"] = time.perf_counter() - clock - sum(phases.values())
