@@ -121,6 +121,7 @@ def plain_fit(cfg: Any, model: str, rows: list[dict[str, Any]]) -> dict[str, Any
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from psr_ray.trainer.batches import collate_pairs
+    from psr_ray.trainer.deepspeed_zero import ADAMW_PARAMS, GRADIENT_CLIPPING
     from psr_ray.trainer.fit_timing import fit_timing
     from psr_ray.trainer.loss import sequence_logps, step_dpo_loss
 
@@ -133,8 +134,7 @@ def plain_fit(cfg: Any, model: str, rows: list[dict[str, Any]]) -> dict[str, Any
     reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
     policy.train()
     reference.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=tcfg.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                  weight_decay=0.0)  # fmt: skip
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=tcfg.learning_rate, **ADAMW_PARAMS)
 
     def logps(model_: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = model_(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -155,7 +155,7 @@ def plain_fit(cfg: Any, model: str, rows: list[dict[str, Any]]) -> dict[str, Any
             out = step_dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta=tcfg.beta)
             (out.loss * b / len(window)).backward()  # the mean over the window's pairs
             tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), GRADIENT_CLIPPING)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({"train/num_tokens": float(tokens), "train/step_s": time.perf_counter() - started,
@@ -175,14 +175,16 @@ def summarize(fits: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
 
 
 def machine() -> str:
+    from psr_ray.memory import machine_gib
+
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
-    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))  # fmt: skip
-    return f"{model}, {os.cpu_count()} cores, {mem / 2**20:.1f} GiB, {platform.system()} {platform.release()}"
+    return f"{model}, {os.cpu_count()} cores, {machine_gib():.1f} GiB, {platform.system()} {platform.release()}"
 
 
 def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, order: list, lines_after: list) -> None:
+    from psr_ray.trainer.deepspeed_zero import GRADIENT_CLIPPING
+
     tcfg = cfg.trainer
     out = [
         "# The CPU trainer against a plain torch loop (bench/trainer_cpu.py)",
@@ -191,7 +193,7 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
         "engineers' jobs (heavy jobs take turns under a lock; the 1-minute load average after each fit is shown).",
         f"Model `{cfg.model.path}` ({cfg.model.dtype}); {args.pairs} arithmetic step pairs (seed {args.seed}), "
         f"{tcfg.global_batch_size} pairs per optimizer step in micro-batches of {tcfg.micro_batch_size}, "
-        f"max_seq_len {tcfg.max_seq_len}, beta {tcfg.beta}, AdamW lr {tcfg.learning_rate:g}, clipping 1.0.",
+        f"max_seq_len {tcfg.max_seq_len}, beta {tcfg.beta}, AdamW lr {tcfg.learning_rate:g}, clipping {GRADIENT_CLIPPING}.",
         f"trainer: `train_dpo`, {tcfg.num_workers} Ray Train workers x {tcfg.num_cpus_per_worker} CPU, DeepSpeed "
         f"ZeRO-{tcfg.zero_stage}, gloo, the loop's streamed pairs dataset. plain: one process, "
         f"torch.set_num_threads({os.cpu_count()}), policy and reference as plain HF models.",

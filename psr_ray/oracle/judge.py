@@ -3,8 +3,9 @@
 An oracle verdict compares the exact check of both steps: the right one wins with probability 1; two right or
 two wrong steps are a draw (verdict "draw", p = 0.5: half a win each, as identical candidates get), so the
 step's scores tie exactly where the oracle sees no difference. (Counted as no vote, as an unparseable verdict
-is, two copies of one wrong step outscored the other wrong ones and made wrong-vs-wrong pairs.) A round of wrong steps only rolls back (the paper's
-dead end); a round of right steps only advances without a pair (`ProblemSearch.on_judgments(all_right=)`).
+is, two copies of one wrong step outscored the other wrong ones and made wrong-vs-wrong pairs.) A round of
+wrong steps only rolls back (the paper's dead end); a round of right steps only advances without a pair
+(`ProblemSearch.on_judgments(all_right=)`).
 """
 
 from __future__ import annotations

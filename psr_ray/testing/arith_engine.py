@@ -9,10 +9,14 @@ from typing import Any
 from psr_ray.engines.api import Candidates, ProposeRequest
 
 
-def off_by_one(step: str) -> str:
-    """`step` with its first result (`... = 24 ...`) one higher: a wrong step."""
+def off_by(step: str, delta: int) -> str:
+    """`step` with its first result (`... = 24 ...`) moved by `delta`: a wrong step."""
     result = step.split(" = ")[1].split()[0]
-    return step.replace(f"= {result}", f"= {int(result) + 1}", 1)
+    return step.replace(f"= {result}", f"= {int(result) + delta}", 1)
+
+
+def off_by_one(step: str) -> str:
+    return off_by(step, 1)
 
 
 class ArithEngine:

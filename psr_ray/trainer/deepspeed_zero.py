@@ -15,6 +15,10 @@ import torch
 from psr_ray.config import TrainerConfig
 from psr_ray.trainer.schedule import lr_multiplier
 
+# The optimizer of every fit besides its learning rate (bench/trainer_cpu.py's plain loop uses the same).
+ADAMW_PARAMS: dict[str, Any] = {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}
+GRADIENT_CLIPPING = 1.0
+
 
 def prepare_deepspeed(use_gpu: bool) -> None:
     """Environment and patches that must precede `import deepspeed` / `init_distributed`.
@@ -53,7 +57,7 @@ def ds_config(
         "gradient_accumulation_steps": tcfg.global_batch_size // (micro * world_size),
         "zero_optimization": {"stage": tcfg.zero_stage, "stage3_gather_16bit_weights_on_model_save": False},
         "bf16": {"enabled": use_gpu},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": GRADIENT_CLIPPING,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -62,7 +66,7 @@ def ds_config(
         # toolchain (and minutes) on every fresh machine.
         config["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True},
+            "params": {"lr": learning_rate, **ADAMW_PARAMS, "torch_adam": True},
         }
     return config
 

@@ -12,13 +12,13 @@ from psr_ray.data.problems import load_problems
 from psr_ray.engines.api import Candidates
 from psr_ray.oracle.judge import label_steps, oracle_round
 from psr_ray.search.problem import Phase, ProblemSearch
+from psr_ray.testing.arith_engine import off_by
 
 
 def first_problem():
     problem = load_problems("embedded:arith", split="train", seed=None).problems[0]
     right = problem.steps[0]
-    result = right.split(" = ")[1].split()[0]
-    wrong = [right.replace(f"= {result}", f"= {int(result) + d}", 1) for d in (1, 2, 3)]
+    wrong = [off_by(right, d) for d in (1, 2, 3)]
     assert label_steps(problem, "", [right, *wrong]) == [True, False, False, False]
     return problem, right, wrong
 
