@@ -49,13 +49,14 @@ def engine_rows(work: Path, model_dir: str) -> list[tuple]:
     for fault, how in (("rollout", "SIGKILL of its process"), ("judge", "ray.kill, restarted by Ray")):
         run = fi.search(cfg, rollout, judge, problems, work / f"search_{fault}", fault=fault)
         d = fi.compare(base, run)
-        ok = run.restarted_pid != run.killed_pid and all(
+        version = ray.get((rollout if fault == "rollout" else judge).actors[0].policy_version.remote())
+        on_final = version == fi.SERVED_VERSION  # part of "recovered", as in the driver rows (dk.recovered)
+        ok = run.restarted_pid != run.killed_pid and on_final and all(
             d[k] == 0 for k in ("problems_lost", "pairs_lost", "pairs_extra", "pairs_duplicated", "pairs_changed")
         )
-        version = ray.get((rollout if fault == "rollout" else judge).actors[0].policy_version.remote())
         rows.append((f"{fault} engine killed mid-search ({how})", "after the first finished problem", yes(ok),
                      d["problems_lost"], d["pairs_lost"], d["pairs_extra"], d["pairs_duplicated"], d["pairs_changed"],
-                     "- (no training)", yes(version == fi.SERVED_VERSION), f"{d['extra_s']:+.1f} s"))  # fmt: skip
+                     "- (no training)", yes(on_final), f"{d['extra_s']:+.1f} s"))  # fmt: skip
     garbage_cfg = fi.fault_cfg(model_dir, work / "run", "judge.mode=explain", "judge.max_explanation_tokens=8")
     garbage = fi.search(garbage_cfg, rollout, judge, problems[:4], work / "garbage")
     again = fi.search(garbage_cfg, rollout, judge, problems[:4], work / "garbage_again")
