@@ -11,7 +11,8 @@ from typing import Any
 
 
 class PeakMemory:
-    """A sampling thread; `take()` returns the peak (GiB) since the previous `take()`, `peak_gib` the overall."""
+    """A sampling thread; `take()` returns the peak (GiB) since the previous `take()`, `peak_gib` the overall.
+    The overall is folded from the windows, so it is exactly the largest `take()` (or the window still open)."""
 
     def __init__(self, interval_s: float = 1.0):
         self._interval, self._since, self._overall = interval_s, 0, 0
@@ -26,6 +27,8 @@ class PeakMemory:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        with self._lock:
+            self._overall = max(self._overall, self._since)
 
     def __enter__(self) -> PeakMemory:
         return self.start()
@@ -37,11 +40,13 @@ class PeakMemory:
         self._sample()
         with self._lock:
             peak, self._since = self._since, 0
+            self._overall = max(self._overall, peak)
         return peak / 2**30
 
     @property
     def peak_gib(self) -> float:
-        return self._overall / 2**30
+        with self._lock:
+            return max(self._overall, self._since) / 2**30
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -58,7 +63,7 @@ class PeakMemory:
             except psutil.Error:  # exited meanwhile, or not ours to read
                 pass
         with self._lock:
-            self._since, self._overall = max(self._since, total), max(self._overall, total)
+            self._since = max(self._since, total)
 
 
 def machine_gib() -> float:
