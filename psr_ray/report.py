@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +175,12 @@ def plot_models(models: list[dict[str, Any]], path: Path) -> None:
     benchmarks = list(dict.fromkeys(r["benchmark"] for m in models for r in m["rows"]))
     ax = axes[0][0]
     for k, bench in enumerate(benchmarks):
-        xs, ys, lo, hi = [], [], [], []
+        xs, ys, lo, hi, present = [], [], [], [], []
         for i, m in enumerate(models):
             row = next((r for r in m["rows"] if r["benchmark"] == bench), None)
             if row is None:
                 continue
+            present.append(i)
             ci = row.get("accuracy_boxed_ci95") or [row["accuracy_boxed"]] * 2
             xs.append(i + 0.08 * (k - (len(benchmarks) - 1) / 2))
             ys.append(100 * row["accuracy_boxed"])
@@ -186,7 +188,11 @@ def plot_models(models: list[dict[str, Any]], path: Path) -> None:
             lo.append(max(0.0, 100 * (row["accuracy_boxed"] - ci[0])))
             hi.append(max(0.0, 100 * (ci[1] - row["accuracy_boxed"])))
         n = sorted({r["n"] for m in models for r in m["rows"] if r["benchmark"] == bench})
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=f"{bench} (n={'/'.join(map(str, n))})")
+        bars = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, linestyle="none",
+                           label=f"{bench} (n={'/'.join(map(str, n))})")  # fmt: skip
+        # A line joins the iteration chain M0 -> M1 -> ... only; an ablation or control ("M2 oracle") stands alone.
+        chain = [(x, y) for x, y, i in zip(xs, ys, present, strict=True) if re.fullmatch(r"M\d+", names[i])]
+        ax.plot([c[0] for c in chain], [c[1] for c in chain], color=bars.lines[0].get_color())
         for x, y in zip(xs, ys, strict=True):
             ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, fontsize=8)
