@@ -261,6 +261,23 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
         "time minus the time its step was decided (the latest decision of that step, after any roll-back). Out of "
         "roll-back reach: fewer roll-backs left in the problem's budget than steps from the newest step down to "
         "this one; such a pair can still be lost, because an abandoned problem releases none of its pairs.",
+        "",
+        "Early release (issue 17 section 2) is not done; why, from the figures above: exactly-once means a "
+        "released pair is never retracted. Out of roll-back reach is not enough: once a problem's roll-back "
+        "budget is spent every kept pair is out of reach, and its next tie abandons the problem and drops them "
+        f"all. In this search {ledger.dropped} pairs were dropped with abandoned problems (each had been out of "
+        f"reach before it was lost) and {ledger.popped} popped by roll-backs, against {len(waits)} released; "
+        "releasing pairs as soon as they leave roll-back reach would change the rule that an abandoned path "
+        f"trains nothing ({ledger.dropped} pairs here). Two more things hold pairs to the problem's end: each "
+        "pair's `answer_correct` is the problem's final answer, known only then, and `PairWriter`'s resume is per "
+        "problem (manifest `done_problems`): a problem released in part and re-searched after a crash would write "
+        "its released pairs again. What early release could save: "
+        + (
+            f"released pairs waited {sum(early) / len(early):.1f} s on average after leaving reach, of "
+            f"{sum(waits) / len(waits):.1f} s after their step was decided."
+            if early and waits
+            else "no released pair left roll-back reach before its release."
+        ),
     ]
     return lines
 
