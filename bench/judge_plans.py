@@ -95,7 +95,9 @@ def main() -> int:
     parser.add_argument("--record-plan", default="knockout", choices=["round_robin", "knockout"])
     parser.add_argument("--config", default=str(ROOT / "psr_ray" / "configs" / "embedded_cpu.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "judge_plans.md"))
-    parser.add_argument("--report-from", help="re-write the table from a run's saved measurements (OUT.pkl)")
+    parser.add_argument(
+        "--report-from", help="re-write the table from a run's saved measurements ($TMPDIR/judge_plans.pkl)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -136,7 +138,7 @@ def main() -> int:
         print(f"{plan.value}: {live[plan][1]:.0f} s", file=sys.stderr, flush=True)
     ray.shutdown()
     # The measurements, kept so that a table can be re-written without re-measuring (--report-from).
-    with open(args.out + ".pkl", "wb") as f:
+    with open(Path(os.environ.get("TMPDIR", "/tmp")) / "judge_plans.pkl", "wb") as f:
         pickle.dump((problems, sets, record_stats, record_s, live), f)
     return write(args, report(args, cfg, problems, sets, record_stats, record_s, live))
 
