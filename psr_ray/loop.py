@@ -76,14 +76,14 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     except BaseException:
         memory.stop()
         raise
-    psr.state.record_peak("start (init, engines)", memory.take())
+    psr.state.record_peak("start (init, engines)", *memory.take_with_roles())
     cfg = psr.cfg
     total = cfg.run.num_iterations
 
     def stage(title: str, work: Callable[[], None]) -> None:
         with console.stage(title):
             work()
-        psr.state.record_peak(title, memory.take())
+        psr.state.record_peak(title, *memory.take_with_roles())
 
     try:  # one display per stage (psr_ray.console), one summary line per iteration
         metrics.set_gauge("iteration", 0)

@@ -1,21 +1,89 @@
 """Peak memory of a run on this machine: the proportional set size (PSS) of this process and all its
 descendants (with a local Ray: the raylet, the engines, the trainer workers, Ray Data tasks), sampled every
 second. PSS counts a shared page once over the processes that map it, so the sum is what the machine holds,
-unlike a sum of RSS. On a multi-node cluster it covers the driver's node only."""
+unlike a sum of RSS. On a multi-node cluster it covers the driver's node only.
+
+Each sample also splits that sum by role (`process_role`: the driver, each engine, each trainer worker, Ray's
+own processes, ...), and the shared-memory part of every process (`Pss_Shmem`: Ray's object store, whose
+pages the raylet and every reader map) goes to one role of its own. `take_with_roles()` returns a stage's peak
+with the split at the moment of that peak, so the roles add up to it."""
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
+
+# Set in every engine actor's environment (engines/pool.py), so its process is named by its engine.
+ENGINE_NAME_ENV = "PSR_ENGINE_NAME"
+OBJECT_STORE = "object store (shared memory)"
+DRIVER = "driver"
+TRAINER_WORKER = "trainer worker"
+ENGINE = "engine"
+# Ray's own processes; the dashboard's heads run as `ray-dashboard-<Name>-0` children.
+RAY_SYSTEM_MARKERS = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
+
+
+def process_role(cmdline: Sequence[str], *, engine_name: str | None = None, is_root: bool = False) -> str:
+    """The role a process plays in a run, from its command line (Ray names an actor's process
+    `ray::<Class>` or `ray::<Class>.<method>`) and, for an engine, the name its environment carries."""
+    if is_root:
+        return DRIVER
+    title = cmdline[0] if cmdline else ""
+    if title.startswith("ray::"):
+        cls = (title[len("ray::"):].split(".")[0].split() or [""])[0]
+        if cls == "EngineActor":
+            return f"{ENGINE} {engine_name}" if engine_name else ENGINE
+        if cls == "RayTrainWorker":
+            return TRAINER_WORKER
+        if cls == "IDLE":
+            return "idle Ray workers"
+        return "Ray Train/Data actors"
+    joined = " ".join(cmdline)
+    if any(marker in joined for marker in RAY_SYSTEM_MARKERS):
+        return "Ray system (raylet, GCS, dashboard, agents)"
+    return "other"
+
+
+def split_by_role(samples: list[tuple[str, int, int, int]]) -> dict[str, int]:
+    """Bytes per role from (role, pid, pss, pss_shmem) per process: each process's shared memory goes to
+    OBJECT_STORE, the rest to its role; trainer workers are numbered by pid (`trainer worker 1`, ...)."""
+    workers = sorted(pid for role, pid, _, _ in samples if role == TRAINER_WORKER)
+    out: dict[str, int] = {}
+    for role, pid, pss, shmem in samples:
+        if role == TRAINER_WORKER:
+            role = f"{TRAINER_WORKER} {workers.index(pid) + 1}"
+        out[role] = out.get(role, 0) + pss - shmem
+        out[OBJECT_STORE] = out.get(OBJECT_STORE, 0) + shmem
+    return out
+
+
+def read_pss(pid: int) -> tuple[int, int]:
+    """(Pss, Pss_Shmem) in bytes from /proc/<pid>/smaps_rollup (one read, no per-mapping walk in Python)."""
+    pss = shmem = 0
+    if not os.path.exists(f"/proc/{pid}/smaps_rollup"):  # kernels before 4.14: psutil walks smaps
+        import psutil
+
+        return psutil.Process(pid).memory_full_info().pss, 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+            elif line.startswith("Pss_Shmem:"):
+                shmem = int(line.split()[1]) * 1024
+    return pss, shmem
 
 
 class PeakMemory:
-    """A sampling thread; `take()` returns the peak (GiB) since the previous `take()`, `peak_gib` the overall.
-    The overall is folded from the windows, so it is exactly the largest `take()` (or the window still open)."""
+    """A sampling thread; `take()` returns the peak (GiB) since the previous `take()`, `peak_gib` the overall;
+    `take_with_roles()` also the split by role (GiB) at that peak. The overall is folded from the windows, so it
+    is exactly the largest `take()` (or the window still open)."""
 
     def __init__(self, interval_s: float = 1.0):
         self._interval, self._since, self._overall = interval_s, 0, 0
+        self._since_roles: dict[str, int] = {}
+        self._engine_names: dict[tuple[int, float], str | None] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="psr-peak-memory", daemon=True)
@@ -37,11 +105,15 @@ class PeakMemory:
         self.stop()
 
     def take(self) -> float:
+        return self.take_with_roles()[0]
+
+    def take_with_roles(self) -> tuple[float, dict[str, float]]:
         self._sample()
         with self._lock:
-            peak, self._since = self._since, 0
+            peak, roles = self._since, self._since_roles
+            self._since, self._since_roles = 0, {}
             self._overall = max(self._overall, peak)
-        return peak / 2**30
+        return peak / 2**30, {role: b / 2**30 for role, b in sorted(roles.items(), key=lambda item: -item[1])}
 
     @property
     def peak_gib(self) -> float:
@@ -52,18 +124,29 @@ class PeakMemory:
         while not self._stop.wait(self._interval):
             self._sample()
 
+    def _engine_name(self, proc: Any) -> str | None:
+        key = (proc.pid, proc.create_time())  # a pid reused by another process is another key
+        if key not in self._engine_names:
+            self._engine_names[key] = proc.environ().get(ENGINE_NAME_ENV)
+        return self._engine_names[key]
+
     def _sample(self) -> None:
         import psutil
 
-        total = 0
         me = psutil.Process()
+        samples = []
         for proc in [me, *me.children(recursive=True)]:
             try:
-                total += proc.memory_full_info().pss
-            except psutil.Error:  # exited meanwhile, or not ours to read
-                pass
+                cmdline = proc.cmdline()
+                name = self._engine_name(proc) if cmdline[:1] and cmdline[0].startswith("ray::EngineActor") else None
+                pss, shmem = read_pss(proc.pid)
+            except (psutil.Error, OSError):  # exited meanwhile, or not ours to read
+                continue
+            samples.append((process_role(cmdline, engine_name=name, is_root=proc.pid == me.pid), proc.pid, pss, shmem))
+        total = sum(pss for _, _, pss, _ in samples)
         with self._lock:
-            self._since = max(self._since, total)
+            if total > self._since:
+                self._since, self._since_roles = total, split_by_role(samples)
 
 
 def machine_gib() -> float:

@@ -44,7 +44,8 @@ def write_results(state: Any, out_dir: str | Path, *, judge_mode: str, m0: dict[
                   init_seconds: dict[str, float] | None = None) -> dict[str, Path]:  # fmt: skip
     models = models_from_state(state, judge_mode=judge_mode, m0=m0, init_seconds=init_seconds)
     title = f"PSR run: {JUDGE_LABELS.get(judge_mode, judge_mode)} step pairs"
-    footer = "\n\n".join(x for x in (iteration_table(state), memory_line(state.data.get("peak_memory_gib", {}))) if x)
+    memory = memory_line(state.data.get("peak_memory_gib", {}), state.data.get("peak_memory_roles_gib", {}))
+    footer = "\n\n".join(x for x in (iteration_table(state), memory, trainer_memory_lines(state)) if x)
     return write_run_report(models, str(out_dir), title=title, footer=footer)
 
 
@@ -79,8 +80,9 @@ def _fmt(fmt: str, value: float | None) -> str | None:
     return None if value is None else fmt.format(value)
 
 
-def memory_line(peaks: dict[str, float]) -> str:
-    """The peak memory per stage (psr_ray.memory: PSS of this node's run processes) against the machine's."""
+def memory_line(peaks: dict[str, float], roles: dict[str, dict[str, float]] | None = None) -> str:
+    """The peak memory per stage (psr_ray.memory: PSS of this node's run processes) against the machine's, its
+    half (the goal), and the split by process role at the highest peak."""
     from psr_ray.memory import machine_gib
 
     if not peaks:
@@ -88,8 +90,24 @@ def memory_line(peaks: dict[str, float]) -> str:
     stage, top = max(peaks.items(), key=lambda item: item[1])
     total = machine_gib()
     per_stage = ", ".join(f"{name} {gib:.1f}" for name, gib in peaks.items())
-    return (f"Peak memory (PSS of this node's run processes, GiB): {top:.1f} in `{stage}`, {100 * top / total:.0f}% "
-            f"of this machine's {total:.1f} GiB. Per stage: {per_stage}.")
+    line = (f"Peak memory (PSS of this node's run processes, GiB): {top:.1f} in `{stage}`, {100 * top / total:.0f}% "
+            f"of this machine's {total:.1f} GiB ({top / (total / 2):.2f} x half of it). Per stage: {per_stage}.")  # fmt: skip
+    split = (roles or {}).get(stage)
+    if split:
+        line += f" At that peak: {', '.join(f'{role} {gib:.2f}' for role, gib in split.items())}."
+    return line
+
+
+def trainer_memory_lines(state: Any) -> str:
+    """Per fit: each trainer worker's measured memory against its parts (trainer/memory_budget.py)."""
+    from psr_ray.trainer.memory_budget import budget_line
+
+    lines = []
+    for key in sorted(state.data["iterations"], key=int):
+        line = budget_line(((state.stage(int(key), "train") or {}).get("final")) or {})
+        if line:
+            lines.append(f"Trainer memory, iteration {key} (GiB): {line}.")
+    return "\n".join(lines)
 
 
 def margins_cell(search: dict[str, Any]) -> str | None:

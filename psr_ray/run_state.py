@@ -52,10 +52,13 @@ class RunState:
         self.data["iterations"].setdefault(str(iteration), {})[stage] = summary
         self._write()
 
-    def record_peak(self, stage: str, gib: float) -> None:
-        """The peak memory (GiB, `psr_ray.memory`) of a console stage, e.g. `iter 1/2 search+train`. Kept with
-        the next write (a record, or `flush()`): no extra commit point of its own."""
+    def record_peak(self, stage: str, gib: float, roles: dict[str, float] | None = None) -> None:
+        """The peak memory (GiB, `psr_ray.memory`) of a console stage, e.g. `iter 1/2 search+train`, and its
+        split by process role at that peak. Kept with the next write (a record, or `flush()`): no extra commit
+        point of its own."""
         self.data.setdefault("peak_memory_gib", {})[stage] = round(gib, 3)
+        if roles:
+            self.data.setdefault("peak_memory_roles_gib", {})[stage] = {k: round(v, 3) for k, v in roles.items()}
 
     def flush(self) -> None:
         self._write()

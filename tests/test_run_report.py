@@ -98,8 +98,27 @@ def test_peak_memory_is_sampled_per_stage_and_reported():
     line = memory_line({"start": 1.0, "iter 1/2 search+train": 3.0})
     total = machine_gib()
     assert line.startswith(f"Peak memory (PSS of this node's run processes, GiB): 3.0 in `iter 1/2 search+train`, "
-                           f"{100 * 3.0 / total:.0f}% of this machine's {total:.1f} GiB.")
+                           f"{100 * 3.0 / total:.0f}% of this machine's {total:.1f} GiB ({3.0 / (total / 2):.2f} x half of it).")
     assert line.endswith("Per stage: start 1.0, iter 1/2 search+train 3.0.") and memory_line({}) == ""
+    roles = {"iter 1/2 search+train": {"trainer worker 1": 2.0, "driver": 1.0}, "start": {"driver": 1.0}}
+    assert memory_line({"start": 1.0, "iter 1/2 search+train": 3.0}, roles).endswith(
+        "Per stage: start 1.0, iter 1/2 search+train 3.0. At that peak: trainer worker 1 2.00, driver 1.00.")
+
+
+def test_results_carry_the_memory_split_by_role_and_the_trainer_budget(tmp_path):
+    from psr_ray.run_report import trainer_memory_lines
+    from psr_ray.run_state import RunState
+
+    state = RunState(tmp_path)
+    state.record_peak("iter 1/1 search+train", 3.0, {"trainer worker 1": 2.0, "driver": 1.0})
+    state.record(1, "train", {"final": {"train/loss": 0.6, "memory/runtime_gib": 0.5, "memory/params_gib": 0.25,
+                                        "memory/accounted_gib": 0.75, "memory/worker0_peak_rss_gib": 1.0,
+                                        "memory/worker0_pss_gib": 0.9}})  # fmt: skip
+    stored = RunState(tmp_path).data
+    assert stored["peak_memory_roles_gib"] == {"iter 1/1 search+train": {"trainer worker 1": 2.0, "driver": 1.0}}
+    assert trainer_memory_lines(RunState(tmp_path)) == (
+        "Trainer memory, iteration 1 (GiB): worker0 peak RSS 1.00 (PSS 0.90 at the end); accounted per worker 0.75 "
+        "= runtime 0.50 + params 0.25.")
 
 
 def test_iteration_table_shows_the_fit_and_the_sync_of_each_iteration(tmp_path):

@@ -149,7 +149,14 @@ class TrainerConfig:
     # stream's order. A worker's first batch waits until this many rows (or the whole stream) arrived.
     shuffle_buffer_size: int = 64
     max_seq_len: int = 1024
+    # Recompute each decoder layer in the backward instead of keeping its activations: a layer keeps about
+    # 8h + 2kv + 4i values per token, a checkpointed one h (trainer/memory_budget.py). Memory only.
     gradient_checkpointing: bool = False
+    # ZeRO-3's working buffers in elements: the reduce bucket, the prefetch bucket, the parameters gathered at
+    # once and the reuse distance under which a gathered parameter is kept. 0 keeps DeepSpeed's defaults (sized
+    # for GPUs: a 5e8-element bucket, and a reuse distance of 1e9 that keeps a small model whole on every
+    # worker through each step). Memory only.
+    zero3_buffer_numel: int = 0
     # Initialization SFT (M0 -> M1): 3 epochs at lr 1e-6 in the paper.
     sft_learning_rate: float = 1e-6
     sft_num_epochs: int = 3

@@ -90,6 +90,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     need(t.shuffle_buffer_size >= 0, f"trainer.shuffle_buffer_size must be >= 0 (0: no shuffle), got {t.shuffle_buffer_size}")
     need(t.max_seq_len >= 16, "trainer.max_seq_len must be >= 16")
+    need(t.zero3_buffer_numel >= 0, f"trainer.zero3_buffer_numel must be >= 0 (0: DeepSpeed's defaults), got {t.zero3_buffer_numel}")
     need(t.max_failures >= 0, f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}")
 
     need(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb must be >= 1")

@@ -109,6 +109,7 @@ def start_engine_pool(
     import ray
 
     from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
+    from psr_ray.memory import ENGINE_NAME_ENV
     from psr_ray.ray_waits import get_all
 
     settings = engine_settings(cfg, role, model_path)
@@ -123,7 +124,8 @@ def start_engine_pool(
             "lifetime": lifetime,
             "max_restarts": section.max_restarts,
             "max_task_retries": 0,
-            "runtime_env": {"env_vars": engine_env(settings)},
+            # The name in its environment lets psr_ray.memory attribute the process's memory to this engine.
+            "runtime_env": {"env_vars": engine_env(settings) | {ENGINE_NAME_ENV: name}},
         }
         if settings.tensor_parallel_size > 1:
             from ray.util.placement_group import placement_group

@@ -34,10 +34,16 @@ def format_digest() -> str:
     return _digest(parts)
 
 
+# Trainer settings that change only memory, never M1: keyed at their defaults (an added one not at all), so
+# caches built before they existed, or with other values, stay valid.
+MEMORY_ONLY = {"gradient_checkpointing": False}
+
+
 def init_key(cfg: PSRConfig) -> str:
     """The digest of every setting M1 and its held-out pairs depend on, and of the prompt formats."""
     plain = cfg.to_dict()
-    trainer = {k: v for k, v in plain["trainer"].items() if k not in ("learning_rate", "beta", "num_epochs")}
+    trainer = {k: MEMORY_ONLY.get(k, v) for k, v in plain["trainer"].items()
+               if k not in ("learning_rate", "beta", "num_epochs", "zero3_buffer_numel")}  # fmt: skip
     return _digest({
         "model": plain["model"], "data": plain["data"], "init": {k: v for k, v in plain["init"].items() if k != "run_first"},
         "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,

@@ -61,6 +61,10 @@ def ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if tcfg.zero3_buffer_numel and tcfg.zero_stage == 3:
+        numel = tcfg.zero3_buffer_numel
+        config["zero_optimization"] |= {"reduce_bucket_size": numel, "stage3_prefetch_bucket_size": numel,
+                                        "stage3_max_live_parameters": numel, "stage3_max_reuse_distance": numel}  # fmt: skip
     if with_optimizer:
         # torch's AdamW, not DeepSpeed's fused/CPU Adam: those are JIT-built C++/CUDA ops that need a compiler
         # toolchain (and minutes) on every fresh machine.

@@ -40,16 +40,26 @@ def step_dpo_loss(
     return DPOOutput(loss, chosen.detach(), rejected.detach())
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Positions t whose logits some row scores (the token at t+1 is a step token in some row): the only
+    positions `sequence_logps` reads, so the model's head need not compute the others (`logits_to_keep`)."""
+    return loss_mask[:, 1:].bool().any(0).nonzero().squeeze(-1)
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, *, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sum of log p(label_t | tokens < t) over positions where `loss_mask` is 1.
 
     `logits` [B, T, V] predicts the token at t+1 from position t; `labels`, `loss_mask` are [B, T] aligned
-    with the input ids. Only the masked (step) positions are gathered, so the log-softmax never
+    with the input ids. With `positions` (`scored_positions(loss_mask)`), `logits` is [B, K, V] for those K
+    positions only. Only the masked (step) positions are gathered, so the log-softmax never
     materializes a float32 [B, T, V] tensor of the whole vocabulary.
     """
-    logits = logits[:, :-1]
-    labels = labels[:, 1:]
-    mask = loss_mask[:, 1:].bool()
+    if positions is None:
+        logits, labels, mask = logits[:, :-1], labels[:, 1:], loss_mask[:, 1:].bool()
+    else:
+        labels, mask = labels[:, positions + 1], loss_mask[:, positions + 1].bool()
     # logsumexp over the vocabulary only where needed: [N, V] for the N step tokens.
     picked = logits[mask]
     token_logps = picked.float().gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(

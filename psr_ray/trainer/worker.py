@@ -18,6 +18,7 @@ Every committed row is trained exactly once per epoch:
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from psr_ray import kill_windows
+from psr_ray.memory import read_pss
 from psr_ray.trainer.batches import PADDING_ROWS, collate_pairs, collate_sft, rows_of
-from psr_ray.trainer.loss import sequence_logps, step_dpo_loss
+from psr_ray.trainer.loss import scored_positions, sequence_logps, step_dpo_loss
 
 DATASET_NAME = "pairs"
 
@@ -52,8 +54,13 @@ def collate_micro_batch(
 
 
 def forward_logps(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    """Summed step log-probabilities per row; the head computes logits only at the scored positions (a step
+    is a few dozen of a row's hundreds of tokens, and full-vocabulary logits, with their gradient, were the
+    largest tensors of a micro-step)."""
+    positions = scored_positions(batch["loss_mask"])
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    logits_to_keep=positions).logits  # fmt: skip
+    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"], positions=positions)
 
 
 def dpo_micro_step(
@@ -172,6 +179,7 @@ def train_epochs(
     padding = collate_micro_batch(mode, tokenizer, [PADDING_ROWS[mode]], **kwargs)
     history: list[dict[str, float]] = []
     truncated = 0
+    largest = torch.zeros(2, dtype=torch.long, device=device)  # the largest micro-batch: tokens, logit rows
     for epoch in range(num_epochs):
         shuffle = {"local_shuffle_buffer_size": shuffle_buffer_size, "local_shuffle_seed": seed + epoch}
         batches = iter(
@@ -196,6 +204,10 @@ def train_epochs(
             for i in range(num_micro):
                 real = i < len(local)
                 batch = {k: v.to(device) for k, v in (local[i] if real else padding).batch.items()}
+                if real:
+                    rows = batch["input_ids"].shape[0]
+                    shape = [batch["input_ids"].numel(), rows * len(scored_positions(batch["loss_mask"]))]
+                    largest = torch.maximum(largest, torch.tensor(shape, device=device))
                 policy.set_gradient_accumulation_boundary(i == num_micro - 1)
                 if mode == "dpo":
                     sums = dpo_micro_step(policy, reference, batch, beta=beta, loss_scale=loss_scale if real else 0.0)
@@ -208,16 +220,36 @@ def train_epochs(
             dist.all_reduce(window)
             total_truncated = torch.tensor([truncated], device=device)
             dist.all_reduce(total_truncated)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
             metrics = step_metrics(
                 mode, window, lr=lr, seconds=time.perf_counter() - started, step=len(history) + 1,
                 truncated=int(total_truncated.item()), ended_at=time.time(),
             )  # fmt: skip
             metrics["train/data_wait_s"] = data_wait
+            metrics["train/max_micro_tokens"], metrics["train/max_micro_logit_rows"] = map(float, largest.tolist())
             history.append(metrics)
             if report is not None:
                 report(metrics)
             kill_windows.reached("train.after_step")
     return history
+
+
+def worker_memory(policy: Any, tcfg: Any, world_size: int, last: dict[str, float], runtime_bytes: int, *,
+                  with_reference: bool) -> dict[str, float]:  # fmt: skip
+    """The `memory/*` metrics: every rank's peak RSS and PSS now (a collective), against the budget of the
+    largest micro-batch seen (`last`: the final step's metrics)."""
+    import resource
+
+    from psr_ray.trainer.memory_budget import ModelSizes, memory_metrics, worker_budget
+
+    mine = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, read_pss(os.getpid())[0])  # ru_maxrss: KiB
+    measured: list[Any] = [None] * world_size
+    dist.all_gather_object(measured, mine)
+    sizes = ModelSizes.of(policy.module.config, [getattr(p, "ds_numel", p.numel()) for p in policy.module.parameters()])
+    budget = worker_budget(sizes, world_size=world_size, with_reference=with_reference,
+                           max_tokens=int(last["train/max_micro_tokens"]), max_logit_rows=int(last["train/max_micro_logit_rows"]),
+                           gradient_checkpointing=tcfg.gradient_checkpointing, zero3_buffer_numel=tcfg.zero3_buffer_numel)  # fmt: skip
+    return memory_metrics(budget, runtime_bytes=runtime_bytes, measured=measured)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -241,6 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
 
     tokenizer = AutoTokenizer.from_pretrained(loop_config["model_path"])
+    runtime_bytes = read_pss(os.getpid())[0]  # this worker before any model: Python, torch, DeepSpeed, Ray
     policy = build_policy(
         loop_config["model_path"],
         tcfg,
@@ -279,6 +312,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             micro_batch_size=tcfg.micro_batch_size, pad_to_multiple_of=8 if tcfg.use_gpu else 1,
         )  # fmt: skip
         phases["heldout"] = time.perf_counter() - clock - sum(phases.values())
+    if history:  # measured per worker beside the budget of its parts (trainer/memory_budget.py)
+        history[-1] |= worker_memory(policy, tcfg, world_size, history[-1], runtime_bytes, with_reference=reference is not None)
     state_dict = gather_full_state_dict(policy)
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
         ckpt.save_deepspeed(policy, tmp)

@@ -62,6 +62,40 @@ def test_sequence_logps_matches_naive_log_softmax():
     assert got[2].item() == 0.0
 
 
+def test_sequence_logps_on_the_scored_positions_only_equals_the_full_logits():
+    from psr_ray.trainer.loss import scored_positions
+
+    torch.manual_seed(1)
+    logits = torch.randn(3, 9, 13)
+    labels = torch.randint(0, 13, (3, 9))
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    mask[0, 5:8] = 1
+    mask[1, 2:4] = 1  # rows score different spans: their union is kept
+    positions = scored_positions(mask)
+    assert positions.tolist() == [1, 2, 4, 5, 6]
+    got = sequence_logps(logits[:, positions], labels, mask, positions=positions)
+    torch.testing.assert_close(got, sequence_logps(logits, labels, mask), atol=0, rtol=0)
+
+
+def test_logits_at_the_scored_positions_match_a_real_models_full_forward(tiny_model_dir):
+    # What forward_logps asks of a HF causal LM (`logits_to_keep` = the positions) on the tiny Llama.
+    from transformers import AutoModelForCausalLM
+
+    from psr_ray.trainer.loss import scored_positions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, 500, (2, 12))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, 8:11] = 1
+    mask[1, 4:6] = 1
+    positions = scored_positions(mask)
+    with torch.no_grad():
+        full = sequence_logps(model(input_ids=ids).logits, ids, mask)
+        kept = model(input_ids=ids, logits_to_keep=positions).logits
+    assert kept.shape[1] == len(positions) == 5
+    torch.testing.assert_close(sequence_logps(kept, ids, mask, positions=positions), full, atol=1e-5, rtol=0)
+
+
 def test_sequence_logps_position_zero_is_never_scored():
     # Position 0 has no preceding token, so a mask bit there must be ignored.
     logits = torch.zeros(1, 2, 4)

@@ -1,0 +1,75 @@
+"""Role attribution of the run's memory (psr_ray.memory): pure rules, then a real process tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from psr_ray.memory import ENGINE_NAME_ENV, OBJECT_STORE, PeakMemory, process_role, split_by_role
+
+
+def test_process_roles_from_ray_titles_and_command_lines():
+    assert process_role(["python", "-m", "psr_ray"], is_root=True) == "driver"
+    assert process_role(["ray::EngineActor.propose"], engine_name="psr-rollout-0") == "engine psr-rollout-0"
+    assert process_role(["ray::EngineActor"]) == "engine"  # started by someone else: no name in its environment
+    assert process_role(["ray::RayTrainWorker"]) == "trainer worker"
+    assert process_role(["ray::RayTrainWorker._RayTrainWorker__execute"]) == "trainer worker"
+    assert process_role(["ray::IDLE"]) == "idle Ray workers"
+    for title in ("ray::TrainController.run", "ray::SplitCoordinator.get", "ray::ReadStepPairManifest", "ray::"):
+        assert process_role([title]) == "Ray Train/Data actors", title
+    system = "Ray system (raylet, GCS, dashboard, agents)"
+    assert process_role(["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--head"]) == system
+    assert process_role(["/venv/ray/core/src/ray/gcs/gcs_server", "--x"]) == system
+    assert process_role(["ray-dashboard-NodeHead-0 (/venv/bin/python -B -c ...)"]) == system
+    assert process_role(["/venv/bin/python", "-u", "/venv/ray/dashboard/agent.py"]) == system
+    assert process_role(["sleep", "5"]) == "other" and process_role([]) == "other"
+
+
+def test_split_by_role_numbers_trainer_workers_and_gives_shared_memory_to_the_object_store():
+    samples = [("driver", 10, 500, 0), ("trainer worker", 31, 4000, 0), ("trainer worker", 22, 3000, 100),
+               ("engine psr-rollout-0", 40, 2500, 20), ("Ray system (raylet, GCS, dashboard, agents)", 5, 900, 800)]
+    split = split_by_role(samples)
+    assert split == {"driver": 500, "trainer worker 1": 2900, "trainer worker 2": 4000, "engine psr-rollout-0": 2480,
+                     "Ray system (raylet, GCS, dashboard, agents)": 100, OBJECT_STORE: 920}
+    assert sum(split.values()) == sum(pss for _, _, pss, _ in samples)
+
+
+CHILD = """
+import mmap, os, time
+private = bytearray(96 * 2**20)                       # zero-filled: resident
+path = f"/dev/shm/psr_test_memory_{os.getpid()}"
+with open(path, "w+b") as f:
+    f.truncate(64 * 2**20)
+    shared = mmap.mmap(f.fileno(), 64 * 2**20)        # shared memory, as Ray's object store maps it
+os.unlink(path)                                       # the mapping stays; nothing is left behind
+shared.write(b"x" * 64 * 2**20)                       # touched: resident
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_peak_memory_attributes_a_real_process_tree_by_role():
+    # Children that look like a named engine and a trainer worker (the titles Ray gives them), one of them
+    # holding private and shared memory.
+    env = dict(os.environ, **{ENGINE_NAME_ENV: "psr-judge-0"})
+    engine = subprocess.Popen(["ray::EngineActor.judge", "-c", CHILD], executable=sys.executable, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    worker = subprocess.Popen(["ray::RayTrainWorker", "30"], executable="sleep")
+    try:
+        assert engine.stdout.readline().strip() == "ready", engine.stderr.read()
+        time.sleep(0.2)
+        with PeakMemory(interval_s=0.05) as memory:
+            time.sleep(0.3)
+            peak, roles = memory.take_with_roles()
+    finally:
+        engine.kill()
+        worker.kill()
+        engine.wait()
+        worker.wait()
+    assert set(roles) == {"driver", "engine psr-judge-0", "trainer worker 1", OBJECT_STORE}
+    assert abs(sum(roles.values()) - peak) < 1e-9
+    assert 96 / 1024 < roles["engine psr-judge-0"] < 0.5  # its private bytearray and interpreter
+    assert 60 / 1024 < roles[OBJECT_STORE] < 70 / 1024  # the 64 MiB it wrote to shared memory
+    assert list(roles) == sorted(roles, key=lambda r: -roles[r])  # largest first
