@@ -48,9 +48,10 @@ class EnginePoolConfig:
     num_cpus_per_engine: float = 1.0
     num_gpus_per_engine: float = 0.0
     tensor_parallel_size: int = 1
-    # GPU: share of device memory for vLLM; CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    # GPU: share of device memory for vLLM; CPU: KV cache size in GiB (vLLM's kv_cache_memory_bytes; a
+    # fraction is fine: SmolLM2-135M's KV is 45 KiB a token, so 0.5 GiB holds about 11,600 tokens).
     gpu_memory_utilization: float = 0.45
-    cpu_kv_cache_gib: int = 1
+    cpu_kv_cache_gib: float = 1.0
     # Every candidate and judge prompt repeats the question and the previous steps.
     enable_prefix_caching: bool = True
     # Ray restarts a dead engine this often; its in-flight requests are re-queued on a live one.

@@ -36,7 +36,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
             f"{section}.num_gpus_per_engine >= {sub.tensor_parallel_size}",
         )
         need(0 < sub.gpu_memory_utilization <= 1, f"{section}.gpu_memory_utilization must be in (0, 1]")
-        need(sub.cpu_kv_cache_gib >= 1, f"{section}.cpu_kv_cache_gib must be >= 1")
+        need(sub.cpu_kv_cache_gib > 0, f"{section}.cpu_kv_cache_gib must be > 0")
         need(sub.max_restarts >= 0, f"{section}.max_restarts must be >= 0")
 
     context = cfg.model.max_model_len

@@ -40,7 +40,7 @@ class EngineSettings:
     tensor_parallel_size: int = 1
     use_gpu: bool = False
     gpu_memory_utilization: float = 0.45
-    cpu_kv_cache_gib: int = 1
+    cpu_kv_cache_gib: float = 1.0
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     seed: int = 0
@@ -84,8 +84,6 @@ def engine_env(settings: EngineSettings) -> dict[str, str]:
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if settings.tensor_parallel_size == 1:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: fast start, tensors pass intact
-    if not settings.use_gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
     return env
 
 
@@ -109,6 +107,9 @@ class EngineActor(WeightReceiver):
             # are scheduled whole instead, up to 8192 tokens a step.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
+            # Not VLLM_CPU_KVCACHE_SPACE: it takes whole GiB only, and overrides this when set.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            kwargs["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gib * 2**30)
         if settings.sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if settings.weight_transfer_backend is not None:
