@@ -56,12 +56,12 @@ class Driver:
 
     @property
     def engines(self) -> list[Any]:
-        """Every engine actor handle, rollout first."""
-        return self.rollout.actors + self.judge.actors
+        """Every engine actor handle, rollout first, each once (a judge may run on the rollout engines)."""
+        return self.rollout.actors + [a for a in self.judge.actors if a not in self.rollout.actors]
 
     @property
     def engine_names(self) -> list[str]:
-        return self.rollout.names + self.judge.names
+        return self.rollout.names + [n for n in self.judge.names if n not in self.rollout.names]
 
 
 def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:

@@ -91,7 +91,10 @@ def test_load_rejects_missing_file_and_bad_override():
     [
         ("rollout.num_candidates=1", "rollout.num_candidates"),
         ("rollout.num_engines=-1", "rollout.num_engines"),
-        ("judge.num_engines=0", "judge.num_engines"),
+        ("judge.num_engines=-1", "judge.num_engines"),
+        ("rollout.num_engines=0", "rollout.num_engines"),
+        ("judge.cpu_kv_cache_gib=0", "judge.cpu_kv_cache_gib"),
+        ("trainer.zero3_buffer_numel=-1", "trainer.zero3_buffer_numel"),
         ("rollout.top_p=0", "rollout.top_p"),
         ("judge.mode=vote", "judge.mode"),
         ("search.max_steps=0", "search.max_steps"),

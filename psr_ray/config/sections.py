@@ -91,6 +91,8 @@ class JudgePlan(enum.StrEnum):
 
 @dataclass(frozen=True)
 class JudgeConfig(EnginePoolConfig):
+    # num_engines: 0 runs the judge on the rollout engines (the same policy): one engine's memory less for
+    # small setups; the judge's own engine settings (CPUs, KV cache, ...) are then unused.
     mode: JudgeMode = JudgeMode.EXPLAIN
     # Which comparisons a step's judge rounds ask for (and so what picks best and worst).
     plan: JudgePlan = JudgePlan.ROUND_ROBIN

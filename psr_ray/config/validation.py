@@ -26,7 +26,10 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
 
     for section in ("rollout", "judge"):
         sub = getattr(cfg, section)
-        need(sub.num_engines >= 1, f"{section}.num_engines must be >= 1, got {sub.num_engines}")
+        if section == "judge":
+            need(sub.num_engines >= 0, f"judge.num_engines must be >= 0 (0: the judge runs on the rollout engines), got {sub.num_engines}")
+        else:
+            need(sub.num_engines >= 1, f"rollout.num_engines must be >= 1, got {sub.num_engines}")
         need(sub.num_cpus_per_engine >= 0, f"{section}.num_cpus_per_engine must be >= 0")
         need(sub.num_gpus_per_engine >= 0, f"{section}.num_gpus_per_engine must be >= 0")
         need(sub.tensor_parallel_size >= 1, f"{section}.tensor_parallel_size must be >= 1")

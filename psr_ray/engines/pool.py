@@ -21,11 +21,12 @@ MAX_CALLS_PER_ENGINE = 2
 class EnginePool:
     """Engine actor handles of one role with their in-flight calls, failures and back-off."""
 
-    def __init__(self, role: str, actors: list[Any], *, max_restarts: int):
+    def __init__(self, role: str, actors: list[Any], *, max_restarts: int, names: list[str] | None = None):
         if not actors:
             raise ValueError(f"no {role} engines given; start them with start_engine_pool(cfg, {role!r}, model_path)")
         self.role = role
         self.actors = list(actors)
+        self._names = names
         self.in_flight = [0] * len(actors)
         self._failures = [0] * len(actors)
         self._not_before = [0.0] * len(actors)
@@ -36,8 +37,8 @@ class EnginePool:
 
     @property
     def names(self) -> list[str]:
-        """The engines' actor names, `psr-<role>-<i>`, for messages."""
-        return [engine_name(self.role, i) for i in range(len(self.actors))]
+        """The engines' actor names, `psr-<role>-<i>` (the rollout engines' for a judge pool on them)."""
+        return self._names or [engine_name(self.role, i) for i in range(len(self.actors))]
 
     def pick(self) -> int | None:
         """The least-loaded engine that may take another call now, or None."""
@@ -98,6 +99,7 @@ def start_engine_pool(
     cfg: Any, role: str, model_path: str, *, policy_version: int = 0, lifetime: str | None = None
 ) -> EnginePool:
     """Starts (or reuses) the named `role` engine actors `psr-<role>-<i>` and waits until they are ready.
+    With `judge.num_engines: 0` the judge pool is the rollout engines (the same policy; start those first).
 
     Resources come from `cfg.<role>`: CPUs and GPUs per engine, plus its `node_resource` (the engine node
     group's custom resource) if set; with `tensor_parallel_size > 1` each engine gets a placement group of one
@@ -108,6 +110,9 @@ def start_engine_pool(
     """
     import ray
 
+    if role == "judge" and cfg.judge.num_engines == 0:  # the judge runs on the rollout engines (started first)
+        names = [engine_name("rollout", i) for i in range(cfg.rollout.num_engines)]
+        return EnginePool(role, [ray.get_actor(n) for n in names], max_restarts=cfg.rollout.max_restarts, names=names)
     from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
     from psr_ray.memory import ENGINE_NAME_ENV
     from psr_ray.ray_waits import get_all

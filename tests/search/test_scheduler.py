@@ -217,3 +217,29 @@ def test_generate_pairs_with_real_tiny_engines(ray_cluster, tiny_model_dir, tmp_
     assert len({r["pair_id"] for r in rows}) == len(rows)
     streamed = [r["pair_id"] for r in stream_pairs_dataset(str(tmp_path), 1).iter_rows()]
     assert sorted(streamed) == sorted(r["pair_id"] for r in rows)
+
+
+def test_a_judge_with_no_engines_of_its_own_runs_on_the_rollout_engines(ray_cluster):
+    # judge.num_engines: 0 — the judge pool is the named rollout engines; the search runs on them alone.
+    import sys
+
+    from ray import cloudpickle
+
+    from psr_ray.engines.pool import start_engine_pool
+
+    ray = ray_cluster
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = dataclasses.replace(make_cfg(), judge=JudgeConfig(num_engines=0, max_restarts=3))
+    remote = ray.remote(FakeEngine).options(num_cpus=0, max_task_retries=0)
+    actors = [remote.options(name=f"psr-rollout-{i}").remote(0.01) for i in range(2)]
+    try:
+        rollout = EnginePool("rollout", actors, max_restarts=3)
+        judge = start_engine_pool(cfg, "judge", "unused: no engine is started")
+        assert judge.actors == actors and judge.names == ["psr-rollout-0", "psr-rollout-1"]
+        scheduler = SearchScheduler(cfg, iteration=0, policy_version=1, rollout=rollout, judge=judge)
+        finished: list = []
+        stats = scheduler.run(problems(6), finished.append, lambda: None)
+        assert sorted(r.problem_id for r in finished) == [f"p{i}" for i in range(6)] and stats.pairs > 0
+    finally:
+        for actor in actors:
+            ray.kill(actor)
