@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psr_ray.trainer.memory_budget import ModelSizes, activation_values_per_token, budget_line, memory_metrics, worker_budget
+from psr_ray.trainer.memory_budget import (
+    ModelSizes,
+    activation_values_per_token,
+    budget_line,
+    memory_metrics,
+    worker_budget,
+)
 
 
 def saved_values_per_token(model: torch.nn.Module, tokens: torch.Tensor) -> float:
