@@ -7,6 +7,7 @@ round trips), one runs `train_dpo` end to end from a Parquet directory, one `tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -212,8 +213,10 @@ def dpo_result(ray_cluster, tiny_model_dir, tmp_path_factory):
     # Held-out pairs of the same kind, never trained on (a Parquet file, as the oracle writes them).
     heldout = [dict(row, question=row["question"].replace("Sam", "Ana")) for row in pair_rows(12)[7:]]
     pq.write_table(pa.Table.from_pylist(heldout), root / "heldout.parquet")
+    # With the memory levers of the embedded preset on (checkpointing, small ZeRO-3 buffers): same results.
+    levers = dataclasses.replace(TRAINER, gradient_checkpointing=True, zero3_buffer_numel=20_000)
     result = train_dpo(
-        PSRConfig(trainer=TRAINER), policy_path=tiny_model_dir, reference_path=tiny_model_dir, dataset=dataset,
+        PSRConfig(trainer=levers), policy_path=tiny_model_dir, reference_path=tiny_model_dir, dataset=dataset,
         output_dir=str(root / "trainer"), policy_version=1, on_weights=on_weights,
         heldout=str(root / "heldout.parquet"),
     )  # fmt: skip
@@ -241,6 +244,15 @@ def test_train_dpo_end_to_end(dpo_result, tiny_model_dir, ray_cluster):
     assert heldout["heldout/num_pairs"] == 5 and heldout["heldout/kl_per_token"] > 1e-4
     assert heldout["heldout/reward_margin"] > 0 and heldout["heldout/reward_accuracy"] >= 0.8
     assert {k: v for k, v in result.metrics[-1].items() if k.startswith("heldout/")} == {}  # per fit, not per step
+    # Each worker's measured memory beside the parts computed from the model's sizes (trainer/memory_budget.py).
+    final = result.metrics[-1]
+    for rank in (0, 1):
+        assert final[f"memory/worker{rank}_peak_rss_gib"] >= final[f"memory/worker{rank}_pss_gib"] > final["memory/runtime_gib"] > 0
+    parts = [v for k, v in final.items() if k.startswith("memory/") and k.endswith("_gib") and "worker" not in k
+             and k != "memory/accounted_gib"]  # fmt: skip
+    assert final["memory/accounted_gib"] == pytest.approx(sum(parts))
+    assert final["memory/activations_gib"] > 0 and final["memory/reduce_bucket_gib"] == 20_000 * 4 / 2**30
+    assert 0 < final["train/max_micro_logit_rows"] < final["train/max_micro_tokens"]  # logits at scored positions only
 
     checkpoint = Path(result.checkpoint_dir)
     assert ckpt.read_version(checkpoint)["policy_version"] == 1
