@@ -10,7 +10,7 @@ trainer's `memory/*` metrics).
 Each arm runs the product's loop (`psr_ray.loop.run`, as `psr-ray run` does) on the embedded preset at reduced
 size (REDUCED: 8 prompts, 1 iteration, 32 eval problems; the cached init is reused) on its own local Ray:
   before   the preset with the levers off (BEFORE: no gradient checkpointing, DeepSpeed's GPU-sized ZeRO-3
-           buffers, a judge engine of its own, 1 GiB of KV cache per engine)
+           buffers, a judge engine of its own, 1 GiB of KV cache per engine, glibc's dynamic mmap threshold)
   after    the preset as shipped
 The logits lever (the head computes logits only at the scored positions) has no switch: both arms run it; the
 table computes what the full-length logits of the same micro-batch would have held beside it.
@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 ARMS = ("before", "after")
 REDUCED = ("run.prompts_per_iteration=[8]", "run.num_iterations=1", "eval.limit=32", "run.wandb_mode=disabled")
 BEFORE = ("trainer.gradient_checkpointing=false", "trainer.zero3_buffer_numel=0", "judge.num_engines=1",
-          "rollout.cpu_kv_cache_gib=1", "judge.cpu_kv_cache_gib=1")  # fmt: skip
+          "rollout.cpu_kv_cache_gib=1", "judge.cpu_kv_cache_gib=1", "run.malloc_mmap_threshold_mib=0")  # fmt: skip
 SEARCH_TRAIN = "iter 1/1 search+train"
 
 
@@ -49,6 +49,7 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     out = Path(args.work) / arm
     cfg = load_cfg(args, f"run.output_dir={out}", *(BEFORE if arm == "before" else ()))
     resume = str(out) if (out / "state.json").is_file() else None
+    os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)  # an earlier arm's (cluster.init_ray sets it per run)
     start = time.perf_counter()
     try:
         driver = run(cfg, resume_dir=resume)

@@ -52,6 +52,8 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
     # engines mostly wait on each other and the trainer), threads per process are kept at 1.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.run.malloc_mmap_threshold_mib:  # read by glibc as each process of the new cluster starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(cfg.run.malloc_mmap_threshold_mib * 2**20)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=kwargs.pop("include_dashboard", None), **kwargs)
     console.after_ray_init()
     return ray

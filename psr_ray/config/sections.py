@@ -252,6 +252,10 @@ class RunConfig:
     # `auto`: online when WANDB_API_KEY is set, offline otherwise; `disabled` turns it off.
     wandb_mode: str = "auto"
     wandb_project: str = "psr_ray"
+    # A local Ray only: glibc's mmap threshold (MiB) for the run's processes (MALLOC_MMAP_THRESHOLD_). glibc
+    # raises its threshold to 32 MiB as large blocks are freed, and from then on keeps freed tensors of up to
+    # that size in its heaps instead of returning them; a fixed threshold returns them. 0 leaves glibc alone.
+    malloc_mmap_threshold_mib: int = 0
 
 
 @dataclass(frozen=True)
