@@ -312,7 +312,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             micro_batch_size=tcfg.micro_batch_size, pad_to_multiple_of=8 if tcfg.use_gpu else 1,
         )  # fmt: skip
         phases["heldout"] = time.perf_counter() - clock - sum(phases.values())
-    if history:  # measured per worker beside the budget of its parts (trainer/memory_budget.py)
+    if history and not tcfg.use_gpu:  # host memory per worker beside its parts (trainer/memory_budget.py)
         history[-1] |= worker_memory(policy, tcfg, world_size, history[-1], runtime_bytes, with_reference=reference is not None)
     state_dict = gather_full_state_dict(policy)
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
