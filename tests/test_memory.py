@@ -53,7 +53,7 @@ time.sleep(30)
 def test_peak_memory_attributes_a_real_process_tree_by_role():
     # Children that look like a named engine and a trainer worker (the titles Ray gives them), one of them
     # holding private and shared memory.
-    env = dict(os.environ, **{ENGINE_NAME_ENV: "psr-judge-0"})
+    env = dict(os.environ, **{ENGINE_NAME_ENV: "psr-judge-test"})
     engine = subprocess.Popen(["ray::EngineActor.judge", "-c", CHILD], executable=sys.executable, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     worker = subprocess.Popen(["ray::RayTrainWorker", "30"], executable="sleep")
@@ -68,8 +68,9 @@ def test_peak_memory_attributes_a_real_process_tree_by_role():
         worker.kill()
         engine.wait()
         worker.wait()
-    assert set(roles) == {"driver", "engine psr-judge-0", "trainer worker 1", OBJECT_STORE}
+    # (A Ray cluster another test of this session started adds its own roles beside these.)
+    assert {"driver", "engine psr-judge-test", "trainer worker 1", OBJECT_STORE} <= set(roles)
     assert abs(sum(roles.values()) - peak) < 1e-9
-    assert 96 / 1024 < roles["engine psr-judge-0"] < 0.5  # its private bytearray and interpreter
-    assert 60 / 1024 < roles[OBJECT_STORE] < 70 / 1024  # the 64 MiB it wrote to shared memory
+    assert 96 / 1024 < roles["engine psr-judge-test"] < 0.5  # its private bytearray and interpreter
+    assert roles[OBJECT_STORE] > 60 / 1024  # the 64 MiB it wrote to shared memory
     assert list(roles) == sorted(roles, key=lambda r: -roles[r])  # largest first
