@@ -104,11 +104,16 @@ def _roles_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[st
         stage = max(peaks, key=peaks.get) if peaks else None
         split[a] = (stage, arms[a]["state"].get("peak_memory_roles_gib", {}).get(stage, {}))
     roles = list(dict.fromkeys(r for a in present for r in split[a][1]))
+    both = len(present) == 2
     lines = ["## At the highest peak, per process role (GiB)", "",
-             "| role | " + " | ".join(f"{a} (`{split[a][0]}`)" for a in present) + " |", "|---|" + "---|" * len(present)]  # fmt: skip
-    for role in roles:
-        lines.append(f"| {role} | " + " | ".join(f"{split[a][1][role]:.2f}" if role in split[a][1] else "" for a in present) + " |")
-    lines.append("| **sum** | " + " | ".join(f"{sum(split[a][1].values()):.2f}" for a in present) + " |")
+             "| role | " + " | ".join(f"{a} (`{split[a][0]}`)" for a in present) + (" | after - before |" if both else " |"),
+             "|---|" + "---|" * (len(present) + both)]  # fmt: skip
+    for role in [*roles, None]:
+        values = [sum(split[a][1].values()) if role is None else split[a][1].get(role) for a in present]
+        cells = ["" if v is None else f"{v:.2f}" for v in values]
+        if both:
+            cells.append(f"{(values[1] or 0.0) - (values[0] or 0.0):+.2f}")
+        lines.append(f"| {'**sum**' if role is None else role} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -129,6 +134,8 @@ def _trainer_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[
     for key in workers:
         name = key.removeprefix("memory/").removesuffix("_peak_rss_gib")
         lines.append(f"| {name} measured peak RSS | " + " | ".join(f"{final[a][key]:.2f}" if key in final[a] else "" for a in present) + " |")
+        lines.append(f"| {name} peak RSS - accounted | " + " | ".join(
+            f"{final[a][key] - final[a]['memory/accounted_gib']:+.2f}" if key in final[a] else "" for a in present) + " |")  # fmt: skip
     for a in present:
         f = final[a]
         if "train/max_micro_tokens" in f:
