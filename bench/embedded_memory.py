@@ -61,6 +61,24 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, Any]:
             "state": state, "vocab": _vocab(cfg)}  # fmt: skip
 
 
+def watch(pid: int, seconds: float) -> dict[str, Any]:
+    """The `before` arm from a run another process is making (e.g. `make run` or a bench with main's preset):
+    psr_ray.memory's peak and role split of that process tree, sampled each second for `seconds`."""
+    import psutil
+
+    from psr_ray.memory import PeakMemory
+
+    command = " ".join(psutil.Process(pid).cmdline())
+    start = time.perf_counter()
+    with PeakMemory(root_pid=pid) as memory:
+        while time.perf_counter() - start < seconds and psutil.pid_exists(pid):
+            time.sleep(1.0)
+        peak, roles = memory.take_with_roles()
+    stage = f"watched pid {pid} for {time.perf_counter() - start:.0f} s"
+    return {"arm": "before", "watched": command, "wall_s": time.perf_counter() - start, "vocab": None,
+            "state": {"peak_memory_gib": {stage: peak}, "peak_memory_roles_gib": {stage: roles}, "iterations": {}}}  # fmt: skip
+
+
 def _vocab(cfg: Any) -> int:
     from transformers import AutoConfig
 
@@ -79,6 +97,9 @@ def report(arms: dict[str, dict[str, Any]], machine_gib: float) -> str:
              f"`before` = the preset with {', '.join(BEFORE)}; `after` = the preset. Each arm ran in its own "
              "process tree and local Ray, one after the other (not at once): "
              + "; ".join(f"{a} took {arms[a]['wall_s']:.0f} s" for a in present) + ".", ""]  # fmt: skip
+    if "watched" in arms.get("before", {}):
+        lines[-1:-1] = [f"`before` here is not that arm: it is another process's run, watched with the same "
+                        f"attribution (psr_ray.memory) while it ran: `{arms['before']['watched']}`."]  # fmt: skip
     peaks = {a: arms[a]["state"].get("peak_memory_gib", {}) for a in present}
     stages = list(dict.fromkeys(s for a in present for s in peaks[a]))
     lines += ["## Peak per stage (GiB)", "", "| stage | " + " | ".join(f"{a} | {a} / half" for a in present) + " |",
@@ -154,6 +175,9 @@ def main() -> None:
     parser.add_argument("--work", default=str(HERE.parent / "runs" / "embedded_memory"), help="arm outputs (kept)")
     parser.add_argument("--arm", action="append", choices=(*ARMS, "report"), help="run only these (repeatable)")
     parser.add_argument("--redo", action="store_true", help="run the named arms again even if recorded")
+    parser.add_argument("--watch-before", type=int, metavar="PID",
+                        help="record `before` from the run of another process (its driver's pid) instead")
+    parser.add_argument("--watch-seconds", type=float, default=1200.0)
     parser.add_argument("--config", action="append", help="YAML config(s); default: the embedded preset")
     parser.add_argument("--out", default=str(HERE / "results" / "embedded_memory.md"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -169,7 +193,7 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(work / arm)
-        result = run_arm(args, arm)
+        result = watch(args.watch_before, args.watch_seconds) if arm == "before" and args.watch_before else run_arm(args, arm)
         record.write_text(json.dumps(result, indent=2, default=str) + "\n")
     arms = {a: json.loads((work / f"arm_{a}.json").read_text()) for a in ARMS if (work / f"arm_{a}.json").is_file()}
     if arms:

@@ -80,8 +80,10 @@ class PeakMemory:
     `take_with_roles()` also the split by role (GiB) at that peak. The overall is folded from the windows, so it
     is exactly the largest `take()` (or the window still open)."""
 
-    def __init__(self, interval_s: float = 1.0):
+    def __init__(self, interval_s: float = 1.0, *, root_pid: int | None = None):
+        """`root_pid`: the tree of another process (e.g. a run started elsewhere) instead of this one's."""
         self._interval, self._since, self._overall = interval_s, 0, 0
+        self._root_pid = root_pid
         self._since_roles: dict[str, int] = {}
         self._engine_names: dict[tuple[int, float], str | None] = {}
         self._stop = threading.Event()
@@ -133,7 +135,10 @@ class PeakMemory:
     def _sample(self) -> None:
         import psutil
 
-        me = psutil.Process()
+        try:
+            me = psutil.Process(self._root_pid)
+        except psutil.Error:  # a watched process that ended
+            return
         samples = []
         for proc in [me, *me.children(recursive=True)]:
             try:
