@@ -63,7 +63,9 @@ def ds_config(
     }
     if tcfg.zero3_buffer_numel and tcfg.zero_stage == 3:
         numel = tcfg.zero3_buffer_numel
-        config["zero_optimization"] |= {"reduce_bucket_size": numel, "stage3_prefetch_bucket_size": numel,
+        # No prefetch: a parameter prefetched for a module that never ran (the held-out forward after the fit)
+        # stays in flight, and the final gather fails on it ("Cannot partition a param in flight").
+        config["zero_optimization"] |= {"reduce_bucket_size": numel, "stage3_prefetch_bucket_size": 0,
                                         "stage3_max_live_parameters": numel, "stage3_max_reuse_distance": numel}  # fmt: skip
     if with_optimizer:
         # torch's AdamW, not DeepSpeed's fused/CPU Adam: those are JIT-built C++/CUDA ops that need a compiler
