@@ -229,7 +229,8 @@ def test_a_judge_with_no_engines_of_its_own_runs_on_the_rollout_engines(ray_clus
 
     ray = ray_cluster
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = dataclasses.replace(make_cfg(), judge=JudgeConfig(num_engines=0, max_restarts=3))
+    cfg = dataclasses.replace(make_cfg(), rollout=RolloutConfig(num_engines=2, num_candidates=3, max_restarts=3),
+                              judge=JudgeConfig(num_engines=0, max_restarts=3))
     remote = ray.remote(FakeEngine)
     actors = [remote.options(num_cpus=0, max_task_retries=0, name=f"psr-rollout-{i}").remote(0.01) for i in range(2)]
     try:
