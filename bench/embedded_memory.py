@@ -138,23 +138,45 @@ def _roles_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[st
     return lines
 
 
-TRAINER_PARTS = ("runtime", "params", "grads", "optimizer", "reference", "gathered", "reduce_bucket", "activations", "logits")
+TRAINER_PARTS = (
+    "runtime",
+    "params",
+    "grads",
+    "optimizer",
+    "reference",
+    "gathered",
+    "reduce_bucket",
+    "activations",
+    "logits",
+)
 
 
 def _trainer_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[str]:
     """Per trainer worker: the parts computed from the model's sizes (trainer/memory_budget.py) against its
     measured peak RSS, and what full-length logits of the largest micro-batch would have held."""
-    final = {a: ((arms[a]["state"]["iterations"].get("1") or {}).get("train") or {}).get("final") or {} for a in present}
+    final = {
+        a: ((arms[a]["state"]["iterations"].get("1") or {}).get("train") or {}).get("final") or {} for a in present
+    }
     lines = ["## Trainer worker memory, iteration 1 (GiB per worker)", "", "| part | " + " | ".join(present) + " |",
              "|---|" + "---|" * len(present)]  # fmt: skip
     for part in TRAINER_PARTS:
         key = f"memory/{part}_gib"
-        lines.append(f"| {part} | " + " | ".join(f"{final[a][key]:.2f}" if key in final[a] else "" for a in present) + " |")
-    lines.append("| **accounted** | " + " | ".join(f"{final[a].get('memory/accounted_gib', float('nan')):.2f}" for a in present) + " |")
+        lines.append(
+            f"| {part} | " + " | ".join(f"{final[a][key]:.2f}" if key in final[a] else "" for a in present) + " |"
+        )
+    lines.append(
+        "| **accounted** | "
+        + " | ".join(f"{final[a].get('memory/accounted_gib', float('nan')):.2f}" for a in present)
+        + " |"
+    )
     workers = sorted({k for a in present for k in final[a] if k.endswith("_peak_rss_gib")})
     for key in workers:
         name = key.removeprefix("memory/").removesuffix("_peak_rss_gib")
-        lines.append(f"| {name} measured peak RSS | " + " | ".join(f"{final[a][key]:.2f}" if key in final[a] else "" for a in present) + " |")
+        lines.append(
+            f"| {name} measured peak RSS | "
+            + " | ".join(f"{final[a][key]:.2f}" if key in final[a] else "" for a in present)
+            + " |"
+        )
         lines.append(f"| {name} peak RSS - accounted | " + " | ".join(
             f"{final[a][key] - final[a]['memory/accounted_gib']:+.2f}" if key in final[a] else "" for a in present) + " |")  # fmt: skip
     for a in present:
@@ -175,8 +197,12 @@ def main() -> None:
     parser.add_argument("--work", default=str(HERE.parent / "runs" / "embedded_memory"), help="arm outputs (kept)")
     parser.add_argument("--arm", action="append", choices=(*ARMS, "report"), help="run only these (repeatable)")
     parser.add_argument("--redo", action="store_true", help="run the named arms again even if recorded")
-    parser.add_argument("--watch-before", type=int, metavar="PID",
-                        help="record `before` from the run of another process (its driver's pid) instead")
+    parser.add_argument(
+        "--watch-before",
+        type=int,
+        metavar="PID",
+        help="record `before` from the run of another process (its driver's pid) instead",
+    )
     parser.add_argument("--watch-seconds", type=float, default=1200.0)
     parser.add_argument("--config", action="append", help="YAML config(s); default: the embedded preset")
     parser.add_argument("--out", default=str(HERE / "results" / "embedded_memory.md"))
@@ -193,7 +219,11 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(work / arm)
-        result = watch(args.watch_before, args.watch_seconds) if arm == "before" and args.watch_before else run_arm(args, arm)
+        result = (
+            watch(args.watch_before, args.watch_seconds)
+            if arm == "before" and args.watch_before
+            else run_arm(args, arm)
+        )
         record.write_text(json.dumps(result, indent=2, default=str) + "\n")
     arms = {a: json.loads((work / f"arm_{a}.json").read_text()) for a in ARMS if (work / f"arm_{a}.json").is_file()}
     if arms:

@@ -32,7 +32,7 @@ def process_role(cmdline: Sequence[str], *, engine_name: str | None = None, is_r
         return DRIVER
     title = cmdline[0] if cmdline else ""
     if title.startswith("ray::"):
-        cls = (title[len("ray::"):].split(".")[0].split() or [""])[0]
+        cls = (title[len("ray::") :].split(".")[0].split() or [""])[0]
         if cls == "EngineActor":
             return f"{ENGINE} {engine_name}" if engine_name else ENGINE
         if cls == "RayTrainWorker":

@@ -28,11 +28,22 @@ def test_process_roles_from_ray_titles_and_command_lines():
 
 
 def test_split_by_role_numbers_trainer_workers_and_gives_shared_memory_to_the_object_store():
-    samples = [("driver", 10, 500, 0), ("trainer worker", 31, 4000, 0), ("trainer worker", 22, 3000, 100),
-               ("engine psr-rollout-0", 40, 2500, 20), ("Ray system (raylet, GCS, dashboard, agents)", 5, 900, 800)]
+    samples = [
+        ("driver", 10, 500, 0),
+        ("trainer worker", 31, 4000, 0),
+        ("trainer worker", 22, 3000, 100),
+        ("engine psr-rollout-0", 40, 2500, 20),
+        ("Ray system (raylet, GCS, dashboard, agents)", 5, 900, 800),
+    ]
     split = split_by_role(samples)
-    assert split == {"driver": 500, "trainer worker 1": 2900, "trainer worker 2": 4000, "engine psr-rollout-0": 2480,
-                     "Ray system (raylet, GCS, dashboard, agents)": 100, OBJECT_STORE: 920}
+    assert split == {
+        "driver": 500,
+        "trainer worker 1": 2900,
+        "trainer worker 2": 4000,
+        "engine psr-rollout-0": 2480,
+        "Ray system (raylet, GCS, dashboard, agents)": 100,
+        OBJECT_STORE: 920,
+    }
     assert sum(split.values()) == sum(pss for _, _, pss, _ in samples)
 
 

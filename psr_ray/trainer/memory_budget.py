@@ -89,9 +89,7 @@ def worker_budget(
     }
 
 
-def memory_metrics(
-    budget: dict[str, int], *, runtime_bytes: int, measured: list[tuple[int, int]]
-) -> dict[str, float]:
+def memory_metrics(budget: dict[str, int], *, runtime_bytes: int, measured: list[tuple[int, int]]) -> dict[str, float]:
     """The trainer's `memory/*` metrics (GiB): each budget component, the runtime measured before the model
     was built, their sum (`accounted`), and per worker (rank order) its peak RSS and its PSS at the end."""
     gib = 2**30
@@ -108,8 +106,20 @@ def budget_line(metrics: dict[str, float]) -> str:
     """One line for the results: measured per worker against the accounted parts; "" without the metrics."""
     if "memory/accounted_gib" not in metrics:
         return ""
-    names = ("runtime", "params", "grads", "optimizer", "reference", "gathered", "reduce_bucket", "activations", "logits")
-    parts = " + ".join(f"{name} {metrics[f'memory/{name}_gib']:.2f}" for name in names if f"memory/{name}_gib" in metrics)
+    names = (
+        "runtime",
+        "params",
+        "grads",
+        "optimizer",
+        "reference",
+        "gathered",
+        "reduce_bucket",
+        "activations",
+        "logits",
+    )
+    parts = " + ".join(
+        f"{name} {metrics[f'memory/{name}_gib']:.2f}" for name in names if f"memory/{name}_gib" in metrics
+    )
     workers = sorted(k for k in metrics if k.endswith("_peak_rss_gib"))
     measured = ", ".join(f"{k.removeprefix('memory/').removesuffix('_peak_rss_gib')} peak RSS {metrics[k]:.2f} "
                          f"(PSS {metrics[k.replace('_peak_rss_', '_pss_')]:.2f} at the end)" for k in workers)  # fmt: skip
