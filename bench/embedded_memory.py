@@ -98,8 +98,11 @@ def report(arms: dict[str, dict[str, Any]], machine_gib: float) -> str:
              "process tree and local Ray, one after the other (not at once): "
              + "; ".join(f"{a} took {arms[a]['wall_s']:.0f} s" for a in present) + ".", ""]  # fmt: skip
     if "watched" in arms.get("before", {}):
-        lines[-1:-1] = [f"`before` here is not that arm: it is another process's run, watched with the same "
-                        f"attribution (psr_ray.memory) while it ran: `{arms['before']['watched']}`."]  # fmt: skip
+        lines[-1:-1] = [f"**The `before` column is not that arm and not the same configuration as `after`**: it is "
+                        f"another process's run, watched with the same attribution (psr_ray.memory) while it ran: "
+                        f"`{arms['before']['watched']}`. What ran is that command's configuration and stages (e.g. "
+                        f"bench/fidelity.py's `oracle` stage runs the loop with `judge.mode=oracle`: no judge engine), "
+                        f"not the preset with the `before` overrides above; compare the columns with that in mind."]  # fmt: skip
     peaks = {a: arms[a]["state"].get("peak_memory_gib", {}) for a in present}
     stages = list(dict.fromkeys(s for a in present for s in peaks[a]))
     lines += ["## Peak per stage (GiB)", "", "| stage | " + " | ".join(f"{a} | {a} / half" for a in present) + " |",
@@ -113,11 +116,11 @@ def report(arms: dict[str, dict[str, Any]], machine_gib: float) -> str:
                                               f"({'under' if g < half else 'OVER'} half)" for a, g in tops.items())]  # fmt: skip
     if "before" in tops and "after" in tops:
         lines[-1] += f"; after / before = {tops['after'] / tops['before']:.2f}."
-    lines += ["", *_roles_table(arms, present), "", *_trainer_table(arms, present)]
+    lines += ["", *_roles_table(arms, present, half), "", *_trainer_table(arms, present)]
     return "\n".join(lines) + "\n"
 
 
-def _roles_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[str]:
+def _roles_table(arms: dict[str, dict[str, Any]], present: list[str], half: float) -> list[str]:
     """The split by role at each arm's highest peak (psr_ray.memory: the roles add up to the peak)."""
     split = {}
     for a in present:
@@ -126,12 +129,14 @@ def _roles_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[st
         split[a] = (stage, arms[a]["state"].get("peak_memory_roles_gib", {}).get(stage, {}))
     roles = list(dict.fromkeys(r for a in present for r in split[a][1]))
     both = len(present) == 2
-    lines = ["## At the highest peak, per process role (GiB)", "",
-             "| role | " + " | ".join(f"{a} (`{split[a][0]}`)" for a in present) + (" | after - before |" if both else " |"),
-             "|---|" + "---|" * (len(present) + both)]  # fmt: skip
+    lines = ["## At the highest peak, per process role (GiB, and / half the machine)", "",
+             "| role | " + " | ".join(f"{a} (`{split[a][0]}`) | {a} / half" for a in present)
+             + (" | after - before |" if both else " |"),
+             "|---|" + "---|---|" * len(present) + "---|" * both]  # fmt: skip
     for role in [*roles, None]:
         values = [sum(split[a][1].values()) if role is None else split[a][1].get(role) for a in present]
-        cells = ["" if v is None else f"{v:.2f}" for v in values]
+        cells = ["" if v is None else f"{v:.2f} | {v / half:.2f}" for v in values]
+        cells = [c or " | " for c in cells]
         if both:
             cells.append(f"{(values[1] or 0.0) - (values[0] or 0.0):+.2f}")
         lines.append(f"| {'**sum**' if role is None else role} | " + " | ".join(cells) + " |")
