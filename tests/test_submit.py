@@ -34,7 +34,9 @@ TINY_RUN = ("model.max_model_len=1024", "init.run_first=false", "data.source=emb
             "search.min_score_margin=0.01", "judge.both_orders=false", "rollout.max_step_tokens=8", "search.max_steps=2",
             "trainer.max_seq_len=256", "eval.limit=2", "eval.max_tokens=8", "run.num_iterations=1",
             "run.prompts_per_iteration=[2]", "run.wandb_mode=disabled")  # fmt: skip
-PINNED = ("rollout.node_resource=psr_engine", "judge.node_resource=psr_engine", "trainer.node_resource=psr_trainer")
+# judge.num_engines=1: the embedded preset judges on the rollout engine; this test pins a judge engine of its own.
+PINNED = ("rollout.node_resource=psr_engine", "judge.num_engines=1", "judge.node_resource=psr_engine",
+          "trainer.node_resource=psr_trainer")
 
 
 def free_port() -> int:
