@@ -380,15 +380,21 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     key = f"k{args.rows}_lr{args.lr:g}_e{args.epochs}_b{args.batch}_s{args.seed}_n{len(pairs)}_m{args.max_steps}"
-    modes = "direct,explain"
-    measured = {"M1": run_stage(args, work / f"measure_M1_n{len(pairs)}_t{args.explain_tokens}.json",
-                                ["--stage", "measure", "--stage-model", args.model, "--stage-in", str(pairs_json),
-                                 "--stage-modes", modes, "--explain-tokens", str(args.explain_tokens),
-                                 "--kv-cache-gib", str(args.kv_cache_gib)])}  # fmt: skip
-    fits, all_rows = {}, []
+    example = eft_rows(tokenizer, train_set[:1], mode=JudgeMode.EXPLAIN)
+    measured: dict[str, Any] = {}
+    fits: dict[str, Any] = {}
+
+    def write_report() -> None:
+        # After every stage: a run cut short still leaves the figures it measured (the rest stay cached).
+        text = report(args, pairs, example, fits, measured, overlap, len(train_set))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(text, flush=True)
+        print(f"wrote {args.out}", flush=True)
+
+    # The cue first (train, then measure), M1's baseline after it: the new figure is the trained judge's.
     for arm in arms:
         rows = eft_rows(tokenizer, train_set, mode=arm)
-        all_rows += rows if arm is JudgeMode.EXPLAIN else []
         rows_json = work / f"rows_{arm.value}_{key}.json"
         rows_json.write_text(json.dumps([{k: r[k] for k in ("prompt_text", "target_text")} for r in rows]))
         model_dir = work / f"model_{arm.value}_{key}"
@@ -397,19 +403,18 @@ def main() -> None:
                                      "--stage-dir", str(model_dir), "--lr", str(args.lr), "--epochs",
                                      str(args.epochs), "--batch", str(args.batch), "--seed", str(args.seed),
                                      *(["--max-steps", str(args.max_steps)] if args.max_steps else [])])  # fmt: skip
-        # Explain first: it is the cue; direct after it when the time is there.
         measured[f"M1+{arm.value}"] = run_stage(
             args, work / f"measure_{arm.value}_{key}_t{args.explain_tokens}.json",
             ["--stage", "measure", "--stage-model", str(model_dir), "--stage-in", str(pairs_json),
              "--stage-modes", "explain,direct", "--explain-tokens", str(args.explain_tokens),
              "--kv-cache-gib", str(args.kv_cache_gib)],
         )  # fmt: skip
-    text = report(args, pairs, all_rows or eft_rows(tokenizer, train_set[:1], mode=JudgeMode.EXPLAIN), fits,
-                  measured, overlap, len(train_set))  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
-    print(f"wrote {args.out}")
+        write_report()
+    measured = {"M1": run_stage(args, work / f"measure_M1_n{len(pairs)}_t{args.explain_tokens}.json",
+                                ["--stage", "measure", "--stage-model", args.model, "--stage-in", str(pairs_json),
+                                 "--stage-modes", "direct,explain", "--explain-tokens", str(args.explain_tokens),
+                                 "--kv-cache-gib", str(args.kv_cache_gib)]), **measured}  # fmt: skip
+    write_report()
 
 
 if __name__ == "__main__":
