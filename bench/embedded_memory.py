@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from psr_ray.trainer.memory_budget import PARTS
+
 HERE = Path(__file__).resolve().parent
 ARMS = ("before", "after")
 REDUCED = ("run.prompts_per_iteration=[8]", "run.num_iterations=1", "eval.limit=32", "run.wandb_mode=disabled")
@@ -143,19 +145,6 @@ def _roles_table(arms: dict[str, dict[str, Any]], present: list[str], half: floa
     return lines
 
 
-TRAINER_PARTS = (
-    "runtime",
-    "params",
-    "grads",
-    "optimizer",
-    "reference",
-    "gathered",
-    "reduce_bucket",
-    "activations",
-    "logits",
-)
-
-
 def _trainer_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[str]:
     """Per trainer worker: the parts computed from the model's sizes (trainer/memory_budget.py) against its
     measured peak RSS, and what full-length logits of the largest micro-batch would have held."""
@@ -164,7 +153,7 @@ def _trainer_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[
     }
     lines = ["## Trainer worker memory, iteration 1 (GiB per worker)", "", "| part | " + " | ".join(present) + " |",
              "|---|" + "---|" * len(present)]  # fmt: skip
-    for part in TRAINER_PARTS:
+    for part in PARTS:
         key = f"memory/{part}_gib"
         lines.append(
             f"| {part} | " + " | ".join(f"{final[a][key]:.2f}" if key in final[a] else "" for a in present) + " |"

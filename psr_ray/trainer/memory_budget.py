@@ -59,6 +59,10 @@ def activation_values_per_token(sizes: ModelSizes, *, gradient_checkpointing: bo
     return sizes.num_layers * per_layer + 3 * h
 
 
+# The order in which reports list a worker's parts: the runtime measured first, then worker_budget's keys.
+PARTS = ("runtime", "params", "grads", "optimizer", "reference", "gathered", "reduce_bucket", "activations", "logits")
+
+
 def worker_budget(
     sizes: ModelSizes,
     *,
@@ -106,19 +110,8 @@ def budget_line(metrics: dict[str, float]) -> str:
     """One line for the results: measured per worker against the accounted parts; "" without the metrics."""
     if "memory/accounted_gib" not in metrics:
         return ""
-    names = (
-        "runtime",
-        "params",
-        "grads",
-        "optimizer",
-        "reference",
-        "gathered",
-        "reduce_bucket",
-        "activations",
-        "logits",
-    )
     parts = " + ".join(
-        f"{name} {metrics[f'memory/{name}_gib']:.2f}" for name in names if f"memory/{name}_gib" in metrics
+        f"{name} {metrics[f'memory/{name}_gib']:.2f}" for name in PARTS if f"memory/{name}_gib" in metrics
     )
     workers = sorted(k for k in metrics if k.endswith("_peak_rss_gib"))
     measured = ", ".join(f"{k.removeprefix('memory/').removesuffix('_peak_rss_gib')} peak RSS {metrics[k]:.2f} "
