@@ -79,3 +79,27 @@ def test_memory_metrics_and_their_results_line():
     assert budget_line(metrics) == ("worker0 peak RSS 3.00 (PSS 2.00 at the end), worker1 peak RSS 1.00 (PSS 0.50 at "
                                     "the end); accounted per worker 1.75 = runtime 0.25 + params 1.00 + activations 0.50")  # fmt: skip
     assert budget_line({"train/loss": 0.5}) == ""
+
+
+def test_policy_loaded_like_the_trainer_checkpoints_its_activations_with_dropout_off(tmp_path):
+    # `from_pretrained` returns eval mode, where HF skips gradient checkpointing: the trainer's policy kept
+    # every activation until `training_mode`. Loaded the trainer's way (`load_model`), from a saved model
+    # with dropout configured.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from psr_ray.trainer.deepspeed_zero import load_model, training_mode
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=500, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    ds = {"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}
+    tokens = torch.randint(0, 500, (2, 32))
+    loaded = load_model(str(tmp_path), ds, gradient_checkpointing=True)
+    full = saved_values_per_token(loaded, tokens)  # as the trainer ran before: eval mode, nothing checkpointed
+    policy = training_mode(load_model(str(tmp_path), ds, gradient_checkpointing=True))
+    assert policy.training and all(m.training for m in policy.modules())
+    assert saved_values_per_token(policy, tokens) < full / 4
+    with torch.no_grad():  # dropout off: the same log-probabilities as in eval mode, call after call
+        once, twice = (policy(input_ids=tokens).logits for _ in range(2))
+        assert torch.equal(once, twice) and torch.allclose(once, loaded(input_ids=tokens).logits, atol=1e-6)

@@ -131,6 +131,8 @@ def test_heldout_metrics_are_zero_while_the_policy_is_its_reference(components):
 def test_reference_stays_bit_identical(components):
     results, _ = components
     assert results["reference_identical"]
+    # The policy trains in training mode (HF checkpoints activations only then), the reference stays in eval.
+    assert results["modes"] == {"policy": True, "reference": False}
     assert "lm_head.weight" in results["reference_names"]
 
 

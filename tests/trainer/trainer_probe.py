@@ -78,7 +78,7 @@ def components_loop(config: dict) -> None:
     kwargs = {"use_gpu": False, "world_size": world}
     policy = build_policy(model_dir, tcfg, learning_rate=tcfg.learning_rate, **kwargs)
     reference = build_reference(model_dir, tcfg, **kwargs)
-    results: dict = {}
+    results: dict = {"modes": {"policy": policy.module.training, "reference": reference.module.training}}
     for name, engine in (("policy", policy), ("reference", reference)):
         params = list(engine.module.parameters())
         results[f"{name}_local_numel"] = sum(p.numel() for p in params)
