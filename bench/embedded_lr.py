@@ -25,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def pair_rows(num_pairs: int, seed: int) -> list[dict]:
+    from psr_ray.core.steps import split_steps
     from psr_ray.data.problems import read_source
     from psr_ray.init_data.labelled import build_corrupted_pairs
-    from psr_ray.steps import split_steps
 
     rows = [row for _, _, row in read_source("embedded:gsm8k", "train").rows]
     pairs = build_corrupted_pairs(rows, num_pairs, seed)
@@ -96,8 +96,9 @@ def main() -> None:
     import ray
 
     from psr_ray import config as C
-    from psr_ray.cluster import init_ray
-    from psr_ray.models import resolve_model_path
+    from psr_ray.pipeline import preflight
+    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.runtime.models import resolve_model_path
     from psr_ray.trainer.group import train_dpo
 
     rows = pair_rows(args.train_pairs + args.heldout_pairs, args.seed)
@@ -108,7 +109,7 @@ def main() -> None:
         base = resolve_model_path(base_cfg.model.path, base_cfg.run.cache_dir)
         init_ray(base_cfg)
         for lr in [float(x) for x in args.lrs.split(",")]:
-            cfg = C.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", f"trainer.learning_rate={lr}"]))
+            cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", f"trainer.learning_rate={lr}"]))
             started = time.perf_counter()
             result = train_dpo(
                 cfg, policy_path=base, reference_path=base, dataset=ray.data.from_items(train),

@@ -1,13 +1,13 @@
 """Memory of the embedded run (issue 17 section 5): its peak per stage and per process role against half this
 machine's memory, before and after the memory levers. Writes bench/results/embedded_memory.md, every figure
-computed here from the runs' own records (state.json: psr_ray.memory's per-stage peaks and role split, the
+computed here from the runs' own records (state.json: psr_ray.runtime.memory's per-stage peaks and role split, the
 trainer's `memory/*` metrics).
 
     .venv/bin/python bench/embedded_memory.py                     # both arms, then the report
     .venv/bin/python bench/embedded_memory.py --arm after         # one arm (a finished arm is kept)
     .venv/bin/python bench/embedded_memory.py --arm report        # the table from the arms recorded
 
-Each arm runs the product's loop (`psr_ray.loop.run`, as `psr-ray run` does) on the embedded preset at reduced
+Each arm runs the product's loop (`psr_ray.pipeline.loop.run`, as `psr-ray run` does) on the embedded preset at reduced
 size (REDUCED: 8 prompts, 1 iteration, 32 eval problems; the cached init is reused) on its own local Ray:
   before   the preset with the levers off (BEFORE: no gradient checkpointing, DeepSpeed's GPU-sized ZeRO-3
            buffers, a judge engine of its own, 1 GiB of KV cache per engine, glibc's dynamic mmap threshold)
@@ -38,15 +38,16 @@ SEARCH_TRAIN = "iter 1/1 search+train"
 
 def load_cfg(args: argparse.Namespace, *extra: str) -> Any:
     from psr_ray import config as C
+    from psr_ray.pipeline import preflight
 
-    return C.validate(C.load(args.config or [str(C.DEFAULT_CONFIG)], [*REDUCED, *args.overrides, *extra]))
+    return preflight.validate(C.load(args.config or [str(C.DEFAULT_CONFIG)], [*REDUCED, *args.overrides, *extra]))
 
 
 def run_arm(args: argparse.Namespace, arm: str) -> dict[str, Any]:
     """The loop on a fresh local Ray; the arm's record is its state.json plus the wall time."""
     import ray
 
-    from psr_ray.loop import run
+    from psr_ray.pipeline.loop import run
 
     out = Path(args.work) / arm
     cfg = load_cfg(args, f"run.output_dir={out}", *(BEFORE if arm == "before" else ()))
@@ -65,10 +66,10 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict[str, Any]:
 
 def watch(pid: int, seconds: float) -> dict[str, Any]:
     """The `before` arm from a run another process is making (e.g. `make run` or a bench with main's preset):
-    psr_ray.memory's peak and role split of that process tree, sampled each second for `seconds`."""
+    psr_ray.runtime.memory's peak and role split of that process tree, sampled each second for `seconds`."""
     import psutil
 
-    from psr_ray.memory import PeakMemory
+    from psr_ray.runtime.memory import PeakMemory
 
     command = " ".join(psutil.Process(pid).cmdline())
     start = time.perf_counter()
@@ -84,7 +85,7 @@ def watch(pid: int, seconds: float) -> dict[str, Any]:
 def _vocab(cfg: Any) -> int:
     from transformers import AutoConfig
 
-    from psr_ray.models import resolve_model_path
+    from psr_ray.runtime.models import resolve_model_path
 
     return int(AutoConfig.from_pretrained(resolve_model_path(cfg.model.path, cfg.run.cache_dir)).vocab_size)
 
@@ -95,13 +96,13 @@ def report(arms: dict[str, dict[str, Any]], machine_gib: float) -> str:
     lines = [f"# Memory of the embedded run: {', '.join(present)}", "",
              f"Written by `bench/embedded_memory.py` on {platform.machine()}, {os.cpu_count()} cores, "
              f"{machine_gib:.1f} GiB of memory (half: {half:.2f} GiB, the goal). PSS of the run's process tree on "
-             f"this node (`psr_ray/memory.py`), sampled each second; the loop at reduced size: {', '.join(REDUCED)}.",
+             f"this node (`psr_ray/runtime/memory.py`), sampled each second; the loop at reduced size: {', '.join(REDUCED)}.",
              f"`before` = the preset with {', '.join(BEFORE)}; `after` = the preset. Each arm ran in its own "
              "process tree and local Ray, one after the other (not at once): "
              + "; ".join(f"{a} took {arms[a]['wall_s']:.0f} s" for a in present) + ".", ""]  # fmt: skip
     if "watched" in arms.get("before", {}):
         lines[-1:-1] = [f"**The `before` column is not that arm and not the same configuration as `after`**: it is "
-                        f"another process's run, watched with the same attribution (psr_ray.memory) while it ran: "
+                        f"another process's run, watched with the same attribution (psr_ray.runtime.memory) while it ran: "
                         f"`{arms['before']['watched']}`. What ran is that command's configuration and stages (e.g. "
                         f"bench/fidelity.py's `oracle` stage runs the loop with `judge.mode=oracle`: no judge engine), "
                         f"not the preset with the `before` overrides above; compare the columns with that in mind."]  # fmt: skip
@@ -123,7 +124,7 @@ def report(arms: dict[str, dict[str, Any]], machine_gib: float) -> str:
 
 
 def _roles_table(arms: dict[str, dict[str, Any]], present: list[str], half: float) -> list[str]:
-    """The split by role at each arm's highest peak (psr_ray.memory: the roles add up to the peak)."""
+    """The split by role at each arm's highest peak (psr_ray.runtime.memory: the roles add up to the peak)."""
     split = {}
     for a in present:
         peaks = arms[a]["state"].get("peak_memory_gib", {})
@@ -185,7 +186,7 @@ def _trainer_table(arms: dict[str, dict[str, Any]], present: list[str]) -> list[
 
 
 def main() -> None:
-    from psr_ray.memory import machine_gib
+    from psr_ray.runtime.memory import machine_gib
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=str(HERE.parent / "runs" / "embedded_memory"), help="arm outputs (kept)")

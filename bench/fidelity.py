@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from psr_ray.memory import PeakMemory
+from psr_ray.runtime.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
 STAGES = ("init", "self", "oracle", "random", "mc", "report")
@@ -37,9 +37,10 @@ STAGES = ("init", "self", "oracle", "random", "mc", "report")
 
 def load_cfg(args: argparse.Namespace, *extra: str) -> Any:
     from psr_ray import config as C
+    from psr_ray.pipeline import preflight
 
     overrides = [*args.overrides, "run.wandb_mode=disabled", *extra]
-    return C.validate(C.load(args.config or [str(C.DEFAULT_CONFIG)], overrides))
+    return preflight.validate(C.load(args.config or [str(C.DEFAULT_CONFIG)], overrides))
 
 
 def kill_engines() -> None:
@@ -66,8 +67,8 @@ def recorded(work: Path, stage: str) -> dict[str, Any] | None:
 
 
 def stage_init(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from psr_ray.cluster import init_ray
-    from psr_ray.init_data.first import init_dir, initialize_first
+    from psr_ray.pipeline.init_cache import init_dir, initialize_first
+    from psr_ray.runtime.cluster import init_ray
 
     cfg = load_cfg(args)
     init_ray(cfg)
@@ -80,8 +81,8 @@ def stage_init(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def stage_loop(args: argparse.Namespace, work: Path, arm: str) -> dict[str, Any]:
     """The product's loop (`psr-ray run`) from M1 with the configured judge (`self`) or the oracle."""
-    from psr_ray.cluster import init_ray
-    from psr_ray.loop import run
+    from psr_ray.pipeline.loop import run
+    from psr_ray.runtime.cluster import init_ray
 
     extra = [f"run.output_dir={work / arm}", f"run.num_iterations={args.iterations if arm == 'self' else 1}"]
     if arm == "oracle":
@@ -105,7 +106,7 @@ def stage_loop(args: argparse.Namespace, work: Path, arm: str) -> dict[str, Any]
 def stage_self_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The self arm taken from a `psr-ray run` output folder made with this bench's config (only where the
     run writes, its name and wandb may differ), instead of running the same loop again."""
-    from psr_ray.run_dir import check_resume, stored_config
+    from psr_ray.pipeline.run_dir import check_resume, stored_config
 
     folder = Path(args.self_run).expanduser().resolve()
     if not (folder / "state.json").is_file():
@@ -129,7 +130,7 @@ def stage_self_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def _share_m1_eval(work: Path, arm: str, cfg: Any) -> None:
     """M1 is the same model in both arms (the same cached init): an arm starting after the other one takes
     its M1 evaluation (iteration 0) instead of evaluating the same model on the same problems again."""
-    from psr_ray.run_state import RunState
+    from psr_ray.pipeline.run_state import RunState
 
     for other in ("self", "oracle"):
         state = Path((recorded(work, other) or {}).get("output_dir", work / other)) / "state.json"
@@ -166,14 +167,14 @@ def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import ray.data
     from transformers import AutoTokenizer
 
-    from psr_ray.cluster import init_ray
     from psr_ray.data.pairs_io import read_pairs
     from psr_ray.data.problems import load_problems
     from psr_ray.data.schema import STEP_PAIR_SCHEMA
+    from psr_ray.evaluation.judging import pairs_precision
     from psr_ray.init_data.build import read_pairs as read_judge_pairs
-    from psr_ray.init_data.first import init_dir
-    from psr_ray.init_data.run import read_result, score_model, temporary_engines
-    from psr_ray.measure import pairs_precision
+    from psr_ray.pipeline.init_cache import init_dir
+    from psr_ray.pipeline.init_stage import read_result, score_model, temporary_engines
+    from psr_ray.runtime.cluster import init_ray
     from psr_ray.trainer.group import train_dpo
 
     cfg = load_cfg(args, f"run.output_dir={work / 'random'}")
@@ -199,7 +200,7 @@ def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _eft_mode(cfg: Any) -> Any:
-    from psr_ray.init_data.run import eft_mode
+    from psr_ray.pipeline.init_stage import eft_mode
 
     return eft_mode(cfg)
 
@@ -208,13 +209,13 @@ def stage_mc(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Monte-Carlo values (M1's rollouts) of stored candidates against their exact labels."""
     from transformers import AutoTokenizer
 
-    from psr_ray.cluster import init_ray
     from psr_ray.data.pairs_io import read_pairs
     from psr_ray.data.problems import load_problems
-    from psr_ray.init_data.first import init_dir
-    from psr_ray.init_data.run import read_result, temporary_engines
     from psr_ray.oracle.judge import label_steps, previous_steps
     from psr_ray.oracle.rollouts import StepToValue, hard_label, rollout_values
+    from psr_ray.pipeline.init_cache import init_dir
+    from psr_ray.pipeline.init_stage import read_result, temporary_engines
+    from psr_ray.runtime.cluster import init_ray
 
     cfg = load_cfg(args)
     init_ray(cfg)

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psr_ray.report import compare, format_run_table, pct, plot_models
-from psr_ray.stats import format_p, mcnemar
+from psr_ray.core.stats import format_p, mcnemar
+from psr_ray.evaluation.tables import compare, format_run_table, pct, plot_models
 
 
 def _load(work: Path, stage: str) -> dict[str, Any] | None:

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "judge_accuracy.md"))
     args = parser.parse_args()
 
-    from psr_ray.models import resolve_model_path
+    from psr_ray.runtime.models import resolve_model_path
 
     model_path = resolve_model_path(args.model, args.cache_dir)
     pairs = build_corrupted_pairs([row for _, _, row in read_jsonl(args.data)[0]], args.num_pairs, args.seed)

@@ -83,11 +83,11 @@ def wrong_result(step: str, rng: random.Random) -> str | None:
 
 def train_pairs(num_pairs: int, seed: int, exclude_ids: set[str], exclude_questions: set[str]) -> list[Any]:
     """`num_pairs` wrong-result pairs from train-split problems that are not held out, one per problem."""
+    from psr_ray.core.steps import join_steps
     from psr_ray.init_data.build import load_worked_problems
     from psr_ray.init_data.candidates import OraclePair
     from psr_ray.init_data.labelled import LabelledPair
     from psr_ray.oracle.exact import reference_values, why_wrong
-    from psr_ray.steps import join_steps
 
     rng = random.Random(seed)
     pairs = []

@@ -108,11 +108,12 @@ def main() -> int:
     from psr_ray.data.problems import load_problems
     from psr_ray.engines.actor import EngineActor, engine_settings
     from psr_ray.engines.pool import EnginePool
-    from psr_ray.models import resolve_model_path
+    from psr_ray.pipeline import preflight
+    from psr_ray.runtime.models import resolve_model_path
 
     overrides = [f"rollout.num_candidates={args.num_candidates}", "judge.mode=direct", "judge.both_orders=true",
                  f"judge.plan={args.record_plan}", *args.overrides]  # fmt: skip
-    cfg = C.validate(C.load([args.config], overrides))
+    cfg = preflight.validate(C.load([args.config], overrides))
     if args.report_from:
         with open(args.report_from, "rb") as f:
             problems, sets, record_stats, record_s, live = pickle.load(f)
@@ -152,11 +153,11 @@ def write(args, lines: list[str]) -> int:
 def report(args, cfg, problems, sets, record_stats, record_s, live) -> list[str]:
     """The results table, every cell computed from the recorded sets and the live runs."""
     from psr_ray import config as C
+    from psr_ray.core.stats import wilson
     from psr_ray.oracle.judge import label_steps
     from psr_ray.oracle.precision import random_pick_precision
     from psr_ray.search.plans import max_calls
     from psr_ray.search.scoring import Decision
-    from psr_ray.stats import wilson
 
     n, margin = cfg.rollout.num_candidates, cfg.search.min_score_margin
     matrices = live[C.JudgePlan.ROUND_ROBIN][2]

@@ -104,15 +104,16 @@ def main() -> int:
     import ray
     from transformers import AutoTokenizer
 
-    import psr_ray.search.generate as search_generate
+    import psr_ray.pipeline.search_stage as search_generate
     from psr_ray import config as C
+    from psr_ray.core.prompts import render_judge_prompt, render_solution_prompt
     from psr_ray.data.problems import load_problems
     from psr_ray.engines.actor import EngineActor, engine_settings
     from psr_ray.engines.pool import EnginePool
-    from psr_ray.models import resolve_model_path
-    from psr_ray.prompts import render_judge_prompt, render_solution_prompt
+    from psr_ray.pipeline import preflight
+    from psr_ray.runtime.models import resolve_model_path
 
-    cfg = C.validate(C.load([args.config], args.overrides))
+    cfg = preflight.validate(C.load([args.config], args.overrides))
     model_dir = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
     problems = load_problems(cfg.data.source, split=cfg.data.split, limit=args.num_problems,
                              seed=cfg.data.shuffle_seed).problems  # fmt: skip

@@ -41,9 +41,9 @@ GOAL = 0.8
 def pair_rows(num_pairs: int, seed: int) -> list[dict[str, Any]]:
     """Step pairs of arithmetic training problems: a random step chosen, that step with one number moved
     rejected, the steps before it as the prefix."""
+    from psr_ray.core.steps import split_steps
     from psr_ray.data.arith import split_rows
     from psr_ray.init_data.labelled import build_corrupted_pairs
-    from psr_ray.steps import split_steps
 
     # build_corrupted_pairs reads GSM8K-shaped answers: the steps as lines, then `#### answer`.
     rows = [{"question": r["question"], "answer": "\n".join(r["steps"]) + f"\n#### {r['answer']}"}
@@ -175,7 +175,7 @@ def summarize(fits: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
 
 
 def machine() -> str:
-    from psr_ray.memory import machine_gib
+    from psr_ray.runtime.memory import machine_gib
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor() or "unknown CPU")  # fmt: skip
@@ -247,20 +247,21 @@ def main() -> None:
     args = parser.parse_args()
 
     from psr_ray import config as C
-    from psr_ray.cluster import init_ray
-    from psr_ray.models import resolve_model_path
+    from psr_ray.pipeline import preflight
+    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.runtime.models import resolve_model_path
 
     rows = pair_rows(args.pairs, args.seed)
     fits: dict[str, list[dict[str, Any]]] = {"trainer": [], "plain": []}
     order: list[tuple[str, int, float]] = []
     with tempfile.TemporaryDirectory(prefix="psr_trainer_cpu_") as tmp:
-        cfg = C.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", "run.wandb_mode=disabled"]))
+        cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", "run.wandb_mode=disabled"]))
         model = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
         if args.tiny:
             from psr_ray.testing import build_tiny_model
 
             model = build_tiny_model(f"{tmp}/tiny_model")
-            cfg = C.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", "run.wandb_mode=disabled",
+            cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", "run.wandb_mode=disabled",
                                                          f"model.path={model}"]))  # fmt: skip
         write_pairs(tmp, rows)
         init_ray(cfg)

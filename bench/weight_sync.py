@@ -50,7 +50,7 @@ def engine_class():
     class BenchEngine(EngineActor):
         def local_reload_seconds(self, folder: str) -> float:
             """One whole reload of tensors already in this process (the floor under any transport)."""
-            from psr_ray.models import load_safetensors_dir
+            from psr_ray.runtime.models import load_safetensors_dir
 
             named = list(load_safetensors_dir(folder).items())
             start = time.perf_counter()
@@ -75,7 +75,7 @@ def main() -> int:
 
     from psr_ray import config as C
     from psr_ray.engines.actor import engine_settings
-    from psr_ray.models import load_safetensors_dir, resolve_model_path
+    from psr_ray.runtime.models import load_safetensors_dir, resolve_model_path
     from psr_ray.testing import build_tiny_model
     from psr_ray.weight_sync.base import state_dict_bytes
     from psr_ray.weight_sync.export import ExportSender

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from psr_ray.cli import main
+from psr_ray.app.cli import main
 
 
 def entrypoint(argv: list[str] | None = None) -> int:

@@ -46,6 +46,6 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> str:
-    from psr_ray.models import resolve_model_path
+    from psr_ray.runtime.models import resolve_model_path
 
     return resolve_model_path("embedded:smollm2-135m-instruct", os.path.expanduser("~/.cache/psr_ray"))

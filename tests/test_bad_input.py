@@ -1,7 +1,7 @@
 """Every bad input named in issue 15 (and its relatives) ends in one exact line on stderr naming the field or
 file, exit status 1, no traceback, and nothing lost: the real CLI in a fresh process, as a user runs it.
 
-The cases live in psr_ray/testing/bad_input.py (bench/fault_injection.py tabulates them); the ones that need
+The cases live in tests/scenarios/bad_input.py (bench/fault_injection.py tabulates them); the ones that need
 a special machine state (a full or read-only disk, a held lock, a used output folder, a running `ray start`
 head) are set up here."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from psr_ray.testing import bad_input as bi
+from tests.scenarios import bad_input as bi
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_a_read_only_output_disk(tiny_model_dir, work):
 
 
 def test_a_second_driver_on_a_folder_in_use(tiny_model_dir, work):
-    from psr_ray.run_dir import LOCK_FILE, RunDirLock
+    from psr_ray.pipeline.run_dir import LOCK_FILE, RunDirLock
 
     out = work / "in_use"
     lock = RunDirLock(out)  # this process is "the first driver"
@@ -182,7 +182,7 @@ def test_a_running_ray_start_head_is_left_alone_and_named(tiny_model_dir, tmp_pa
             time.sleep(0.5)
         address = address_file.read_text().strip()
         probe = (
-            "import json, os, ray\nfrom psr_ray.cluster import init_ray, required_cpus\n"
+            "import json, os, ray\nfrom psr_ray.runtime.cluster import init_ray, required_cpus\n"
             "from psr_ray.testing import tiny_cfg\n"
             f"cfg = tiny_cfg({tiny_model_dir!r}, {str(tmp_path)!r}, *{{}})\n"
             "print(json.dumps({'sized': max(os.cpu_count() or 1, required_cpus(cfg))}))\n"

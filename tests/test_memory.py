@@ -1,4 +1,4 @@
-"""Role attribution of the run's memory (psr_ray.memory): pure rules, then a real process tree."""
+"""Role attribution of the run's memory (psr_ray.runtime.memory): pure rules, then a real process tree."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from psr_ray.memory import ENGINE_NAME_ENV, OBJECT_STORE, PeakMemory, process_role, split_by_role
+from psr_ray.runtime.memory import ENGINE_NAME_ENV, OBJECT_STORE, PeakMemory, process_role, split_by_role
 
 
 def test_process_roles_from_ray_titles_and_command_lines():

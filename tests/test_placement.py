@@ -12,6 +12,7 @@ import pytest
 from psr_ray import config as C
 from psr_ray.config.storage import filesystem_of, storage_errors
 from psr_ray.engines.pool import node_group_request
+from psr_ray.pipeline import preflight
 from psr_ray.trainer.group import scaling_kwargs
 
 
@@ -73,14 +74,15 @@ def test_the_job_refuses_an_output_dir_on_node_local_disk(tmp_path, monkeypatch)
 def test_node_resources_must_be_custom_and_resume_never_or_auto():
     cfg = C.load([], ["trainer.node_resource=GPU", "run.resume=always"])
     with pytest.raises(ValueError) as err:
-        C.validate(cfg, gpu_available=False, check_paths=False)
+        preflight.validate(cfg, gpu_available=False, check_paths=False)
     assert "trainer.node_resource='GPU' must name a custom resource" in str(err.value)
     assert "run.resume must be never or auto, got 'always'" in str(err.value)
 
 
 def test_resume_auto_continues_the_run_in_output_dir(tmp_path, monkeypatch):
-    from psr_ray import commands, loop
-    from psr_ray.run_state import RunState
+    from psr_ray.app import commands
+    from psr_ray.pipeline import loop
+    from psr_ray.pipeline.run_state import RunState
 
     seen = []
     monkeypatch.setattr(loop, "run", lambda cfg, resume_dir: seen.append(resume_dir))

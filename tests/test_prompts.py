@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from psr_ray import prompts
-from psr_ray.prompts import Verdict
+from psr_ray.core import prompts
+from psr_ray.core.prompts import Verdict
 
 
 class TemplateTokenizer:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from psr_ray import config as C
-from psr_ray import kill_windows
-from psr_ray.run_dir import RESUMABLE, RunDirLock, check_search_pairs, resume_config
+from psr_ray.pipeline.run_dir import RESUMABLE, RunDirLock, check_search_pairs, resume_config
+from psr_ray.runtime import kill_windows
 
-HOLD_LOCK = "import sys, time\nfrom psr_ray.run_dir import RunDirLock\nRunDirLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(600)\n"
+HOLD_LOCK = "import sys, time\nfrom psr_ray.pipeline.run_dir import RunDirLock\nRunDirLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(600)\n"
 
 
 def test_the_lock_excludes_another_process_and_dies_with_it(tmp_path):
@@ -83,7 +83,7 @@ def test_an_iteration_without_pairs_fails_with_the_reason():
 
 
 def test_write_atomic_leaves_the_new_file_whole_and_no_temp(tmp_path):
-    from psr_ray.durable import fsync_tree, write_atomic
+    from psr_ray.runtime.durable import fsync_tree, write_atomic
 
     write_atomic(tmp_path / "a.json", '{"v": 1}')
     write_atomic(tmp_path / "a.json", lambda tmp: tmp.write_text('{"v": 2}'))
@@ -106,7 +106,7 @@ def test_kill_windows_are_inert_unless_armed(tmp_path, monkeypatch):
 
 def test_an_armed_window_blocks_its_process_until_killed(tmp_path):
     (tmp_path / kill_windows.ARMED).write_text("state.write@2\n")
-    code = ("from psr_ray import kill_windows\nfor i in range(3):\n    kill_windows.reached('state.write')\n"
+    code = ("from psr_ray.runtime import kill_windows\nfor i in range(3):\n    kill_windows.reached('state.write')\n"
             "    print(i, flush=True)\n")  # fmt: skip
     env = {**os.environ, kill_windows.ENV: str(tmp_path)}
     child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)

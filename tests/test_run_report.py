@@ -7,12 +7,12 @@ import json
 
 import pytest
 
+from psr_ray.core.steps import join_steps
 from psr_ray.data.problems import load_problems
-from psr_ray.measure import pairs_precision
-from psr_ray.report import compare, format_run_table, write_run_report
-from psr_ray.run_report import models_from_state
-from psr_ray.run_state import RunState
-from psr_ray.steps import join_steps
+from psr_ray.evaluation.judging import pairs_precision
+from psr_ray.evaluation.run_results import models_from_state
+from psr_ray.evaluation.tables import compare, format_run_table, write_run_report
+from psr_ray.pipeline.run_state import RunState
 
 
 def test_pair_precision_of_stored_pairs_by_the_oracle():
@@ -80,8 +80,8 @@ def test_plot_accepts_intervals_that_miss_their_point_by_a_rounding_error(tmp_pa
 def test_peak_memory_is_sampled_per_stage_and_reported():
     import time
 
-    from psr_ray.memory import PeakMemory, machine_gib
-    from psr_ray.run_report import memory_line
+    from psr_ray.evaluation.run_results import memory_line
+    from psr_ray.runtime.memory import PeakMemory, machine_gib
 
     with PeakMemory(interval_s=0.05) as memory:
         block = bytearray(256 * 2**20)  # zero-filled: its pages are resident
@@ -106,8 +106,8 @@ def test_peak_memory_is_sampled_per_stage_and_reported():
 
 
 def test_results_carry_the_memory_split_by_role_and_the_trainer_budget(tmp_path):
-    from psr_ray.run_report import trainer_memory_lines
-    from psr_ray.run_state import RunState
+    from psr_ray.evaluation.run_results import trainer_memory_lines
+    from psr_ray.pipeline.run_state import RunState
 
     state = RunState(tmp_path)
     state.record_peak("iter 1/1 search+train", 3.0, {"trainer worker 1": 2.0, "driver": 1.0})
@@ -122,8 +122,8 @@ def test_results_carry_the_memory_split_by_role_and_the_trainer_budget(tmp_path)
 
 
 def test_iteration_table_shows_the_fit_and_the_sync_of_each_iteration(tmp_path):
-    from psr_ray.run_report import ITERATION_HEADER, iteration_table
-    from psr_ray.run_state import RunState
+    from psr_ray.evaluation.run_results import ITERATION_HEADER, iteration_table
+    from psr_ray.pipeline.run_state import RunState
 
     state = RunState(tmp_path)
     assert iteration_table(state) == ""

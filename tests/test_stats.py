@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from psr_ray.stats import binom_cdf, clopper_pearson, format_ci, format_p, mcnemar, wilson
+from psr_ray.core.stats import binom_cdf, clopper_pearson, format_ci, format_p, mcnemar, wilson
 
 
 def test_wilson_hand_values():

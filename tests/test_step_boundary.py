@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from psr_ray.core.prompts import render_chat, render_solution_prompt, render_solver_prompt, solver_messages
+from psr_ray.core.steps import join_steps, step_header
 from psr_ray.data.problems import Problem
 from psr_ray.init_data.build import ift_rows
-from psr_ray.prompts import render_chat, render_solution_prompt, render_solver_prompt, solver_messages
-from psr_ray.steps import join_steps, step_header
 from psr_ray.trainer.batches import encode_pair
 
 QUESTION = "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. How many?"

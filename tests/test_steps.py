@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from psr_ray import steps
+from psr_ray.core import steps
 
 
 def test_header_and_join():

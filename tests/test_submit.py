@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from psr_ray import submit
+from psr_ray.runtime import submit
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -163,7 +163,7 @@ def test_secrets_travel_from_the_shell_never_from_the_repo():
 
 
 def test_submit_leaves_cluster_paths_and_gpus_to_the_job():
-    from psr_ray.cli import build_parser, load_config
+    from psr_ray.app.cli import build_parser, load_config
 
     here = ["--config", str(ROOT / "jobs/configs/qwen2.5-math-7b.yaml"), "run.ray_address=null",
             "model.path=/models/only/on/the/cluster", "data.source=/data/only/on/the/cluster.jsonl"]  # fmt: skip
@@ -232,7 +232,7 @@ def test_submit_tiny_run_pinned_to_node_groups_with_live_metrics(ray_head, tiny_
         assert max(seen("ray_psr_generated_tokens_total", role=role)) > 0
         assert max(seen("ray_vllm_generation_tokens_total", role=role, engine_name=f"psr-{role}-0")) > 0
     # Every vLLM series the Grafana dashboard plots is one the engines export (counters that stayed 0 aside).
-    from psr_ray.grafana import ENGINE_PANELS
+    from psr_ray.runtime.grafana import ENGINE_PANELS
 
     plotted = {s.removesuffix("_bucket") for _, expr, _ in ENGINE_PANELS for s in re.findall(r"ray_vllm_\w+", expr)}
     exported = {n.removesuffix("_bucket") for n in names}

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
+from psr_ray.core.verify import extract_answer, is_equivalent
 from psr_ray.data.problems import load_benchmark
-from psr_ray.verify import extract_answer, is_equivalent
 
 
 @pytest.mark.parametrize(

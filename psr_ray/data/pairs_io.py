@@ -33,9 +33,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from psr_ray import kill_windows
 from psr_ray.data.schema import STEP_PAIR_SCHEMA, StepPair, check_table, to_table
-from psr_ray.durable import write_atomic
+from psr_ray.runtime import kill_windows
+from psr_ray.runtime.durable import write_atomic
 
 MANIFEST = "manifest.json"
 _PART = re.compile(r"^part-(\d+)\.parquet$")

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psr_ray.core.steps import extract_boxed
 from psr_ray.data import arith
-from psr_ray.steps import extract_boxed
 
 # Field names tried in order (case-insensitive); the first present and non-empty one is used.
 QUESTION_FIELDS = ("question", "problem", "prompt", "input")

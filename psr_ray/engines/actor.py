@@ -20,8 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from psr_ray import prompts, steps
 from psr_ray.config import EnginePoolConfig, JudgeMode, WeightSyncBackend
+from psr_ray.core import prompts, steps
 from psr_ray.engines.api import Candidates, Generation, JudgeRequest, Judgment, ProposeRequest
 from psr_ray.weight_sync.receivers import WeightReceiver
 
@@ -55,7 +55,7 @@ class EngineSettings:
 
 def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
     """Settings of a `role` engine from a `PSRConfig`; `model_path` is the resolved local folder."""
-    from psr_ray.models import engine_dtype
+    from psr_ray.runtime.models import engine_dtype
     from psr_ray.weight_sync import backend_for
 
     if role not in ROLES:

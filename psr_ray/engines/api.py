@@ -18,6 +18,7 @@ is under way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -57,3 +58,18 @@ class Generation:
     text: str
     num_tokens: int
     policy_version: int
+
+
+def split_batches(num_prompts: int, *, num_engines: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) batches of at most `batch_size`, at least one per engine when there are enough prompts,
+    sizes within one of each other so the engines finish together."""
+    if num_prompts == 0:
+        return []
+    count = min(num_prompts, max(num_engines, math.ceil(num_prompts / batch_size)))
+    base, extra = divmod(num_prompts, count)
+    bounds, start = [], 0
+    for i in range(count):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds

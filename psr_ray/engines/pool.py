@@ -114,8 +114,8 @@ def start_engine_pool(
         names = [engine_name("rollout", i) for i in range(cfg.rollout.num_engines)]
         return EnginePool(role, [ray.get_actor(n) for n in names], max_restarts=cfg.rollout.max_restarts, names=names)
     from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
-    from psr_ray.memory import ENGINE_NAME_ENV
-    from psr_ray.ray_waits import get_all
+    from psr_ray.runtime.memory import ENGINE_NAME_ENV
+    from psr_ray.runtime.waits import get_all
 
     settings = engine_settings(cfg, role, model_path)
     section: EnginePoolConfig = getattr(cfg, role)
@@ -129,7 +129,7 @@ def start_engine_pool(
             "lifetime": lifetime,
             "max_restarts": section.max_restarts,
             "max_task_retries": 0,
-            # The name in its environment lets psr_ray.memory attribute the process's memory to this engine.
+            # The name in its environment lets psr_ray.runtime.memory attribute the process's memory to this engine.
             "runtime_env": {"env_vars": engine_env(settings) | {ENGINE_NAME_ENV: name}},
         }
         if settings.tensor_parallel_size > 1:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from psr_ray.config import JudgeMode
+from psr_ray.core.prompts import DIRECT_VERDICT_PREFIX, render_judge_prompt, render_solution_prompt
+from psr_ray.core.steps import join_steps, step_header
 from psr_ray.data.problems import Problem, read_source
 from psr_ray.init_data.candidates import OraclePair
 from psr_ray.init_data.labelled import judge_requests
 from psr_ray.init_data.segment import worked_solution
-from psr_ray.prompts import DIRECT_VERDICT_PREFIX, render_judge_prompt, render_solution_prompt
-from psr_ray.steps import join_steps, step_header
 
 
 @dataclass(frozen=True)

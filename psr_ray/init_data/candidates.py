@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from psr_ray.core.steps import join_steps
 from psr_ray.data.problems import Problem
 from psr_ray.engines.api import ProposeRequest
 from psr_ray.init_data.labelled import LabelledPair
 from psr_ray.oracle.exact import has_exact_check, why_wrong
 from psr_ray.oracle.judge import label_steps
-from psr_ray.steps import join_steps
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def propose_at(engines: Sequence[Any], sites: Sequence[StepSite], sampling: Samp
     `(sampling.seed + i) * 1000` (replayable whatever the split)."""
     import ray
 
-    from psr_ray.eval import split_batches
+    from psr_ray.engines.api import split_batches
 
     requests = [ProposeRequest(s.problem.question, s.prefix, s.index + 1) for s in sites]
     refs = []

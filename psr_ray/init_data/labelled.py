@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from psr_ray.core.stats import wilson
+from psr_ray.core.steps import join_steps, split_steps
 from psr_ray.engines.api import JudgeRequest, Judgment
-from psr_ray.stats import wilson
-from psr_ray.steps import join_steps, split_steps
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 # A plain integer: not part of a decimal or a comma-grouped number, so changing it keeps the text well-formed.
@@ -136,7 +136,7 @@ def measure_judge(engines: Sequence[Any], pairs: Sequence[LabelledPair], *, mode
     """Judge accuracy of the model the engine actors serve on `pairs`, both orders, greedy verdicts."""
     import ray
 
-    from psr_ray.eval import split_batches
+    from psr_ray.engines.api import split_batches
 
     requests, labels = judge_requests(pairs)
     # Both orders of a pair stay in one batch (they share their prompt's prefix in the engine's cache).

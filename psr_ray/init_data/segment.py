@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from psr_ray.core.steps import extract_boxed
 from psr_ray.data.problems import gsm8k_final_answer, question_of
 from psr_ray.init_data.labelled import solution_steps
-from psr_ray.steps import extract_boxed
 
 # Math spans whose sentence ends ("x = 2. Then") must not split a step: `$$..$$`, `$..$`, `\[..\]`, `\(..\)`.
 _MATH_SPAN = re.compile(r"\$\$.*?\$\$|\$.*?\$|\\\[.*?\\\]|\\\(.*?\\\)", re.DOTALL)

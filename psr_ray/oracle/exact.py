@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from psr_ray.core.steps import extract_boxed
 from psr_ray.data.arith import is_arith_name
 from psr_ray.data.problems import Problem
-from psr_ray.steps import extract_boxed
 
 _NUMBER = r"\$?(-?\d+(?:\.\d+)?)"
 _EQUATION = re.compile(rf"{_NUMBER}\s*([+\-xX×*/÷])\s*{_NUMBER}\s*=\s*{_NUMBER}")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from psr_ray.core.steps import split_steps
 from psr_ray.data.problems import Problem
 from psr_ray.engines.api import JudgeRequest, Judgment
 from psr_ray.oracle.exact import check_next_step, has_exact_check
-from psr_ray.steps import split_steps
 
 ORACLE_TEXT = "oracle: {a} vs {b}"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from psr_ray.stats import wilson
+from psr_ray.core.stats import wilson
 
 
 def random_pick_precision(candidates: Sequence[str], labels: Sequence[bool]) -> float:

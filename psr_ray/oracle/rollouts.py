@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from psr_ray.core.prompts import render_solver_prompt
+from psr_ray.core.steps import extract_boxed, is_final_step, join_steps
+from psr_ray.core.verify import is_equivalent
 from psr_ray.data.problems import Problem
-from psr_ray.prompts import render_solver_prompt
-from psr_ray.steps import extract_boxed, is_final_step, join_steps
-from psr_ray.verify import is_equivalent
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def rollout_values(
             values[i] = float(is_equivalent(extract_boxed(item.step), item.problem.answer))
         else:
             todo.append(i)
-    from psr_ray.eval import split_batches
+    from psr_ray.engines.api import split_batches
 
     prompts = [completion_prompt(tokenizer, items[i]) for i in todo]
     bounds = split_batches(len(todo), num_engines=len(engines), batch_size=batch_size)

@@ -38,13 +38,13 @@ import dataclasses
 import enum
 
 from psr_ray.config import JudgeMode, JudgePlan
+from psr_ray.core.steps import is_final_step, join_steps
+from psr_ray.core.verify import extract_answer, is_equivalent
 from psr_ray.data.problems import Problem
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest
 from psr_ray.search.plans import KnockoutRun, RoundRobinRun, start_plan
 from psr_ray.search.scoring import Decision
-from psr_ray.steps import is_final_step, join_steps
-from psr_ray.verify import extract_answer, is_equivalent
 
 
 class Phase(enum.Enum):

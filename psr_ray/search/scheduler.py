@@ -37,11 +37,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from psr_ray import metrics
 from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
+from psr_ray.runtime import metrics
 from psr_ray.search.plans import first_round_calls
 from psr_ray.search.problem import Outcome, Phase, ProblemSearch
 from psr_ray.search.stats import SearchStats

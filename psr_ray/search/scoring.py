@@ -11,8 +11,8 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from psr_ray.core.prompts import Verdict
 from psr_ray.engines.api import Judgment
-from psr_ray.prompts import Verdict
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Counters of a search pass and the summary `generate_pairs` returns.
 
 `SearchStats.count(field, n)` is the one way to count: it adds to the field and to the Ray metric of the
-same meaning (`psr_ray.metrics`), so the dashboard and the summary cannot disagree.
+same meaning (`psr_ray.runtime.metrics`), so the dashboard and the summary cannot disagree.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from psr_ray import metrics
+from psr_ray.runtime import metrics
 
 # Stats fields whose Ray metric has another name; a field not here and not in metrics.INSTRUMENTS has none.
 _METRIC_OF = {

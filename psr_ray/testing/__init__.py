@@ -19,8 +19,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _corpus() -> list[str]:
+    from psr_ray.core.prompts import JUDGE_INSTRUCTION, SOLVER_INSTRUCTION
     from psr_ray.data.problems import read_source
-    from psr_ray.prompts import JUDGE_INSTRUCTION, SOLVER_INSTRUCTION
 
     lines = [SOLVER_INSTRUCTION, JUDGE_INSTRUCTION, "Step 1: Step 2: Step 3: \\boxed{42} [[A]] [[B]] Verdict:"]
     for _, _, row in read_source("embedded:gsm8k", "train").rows[:2000]:
@@ -103,9 +103,10 @@ TINY_OVERRIDES = (
 def tiny_cfg(model_dir: str, output_dir: str | Path, *extra: str) -> Any:
     """The validated tiny-run config for `model_dir` writing to `output_dir`; `extra` overrides win."""
     from psr_ray import config as C
+    from psr_ray.pipeline import preflight
 
     overrides = [f"model.path={model_dir}", *TINY_OVERRIDES, f"run.output_dir={output_dir}", *extra]
-    return C.validate(C.load([], overrides))
+    return preflight.validate(C.load([], overrides))
 
 
 def make_pair(problem_id: str = "p0", step_index: int = 1, iteration: int = 0, **fields: Any) -> Any:

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from psr_ray.prompts import render_solver_prompt
-from psr_ray.steps import step_continuation
+from psr_ray.core.prompts import render_solver_prompt
+from psr_ray.core.steps import step_continuation
 
 DPO_COLUMNS = ("question", "prefix", "step_index", "chosen", "rejected")
 SFT_COLUMNS = ("prompt_text", "target_text")

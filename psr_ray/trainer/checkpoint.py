@@ -23,8 +23,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from psr_ray import kill_windows
-from psr_ray.durable import fsync_tree, write_atomic
+from psr_ray.runtime import kill_windows
+from psr_ray.runtime.durable import fsync_tree, write_atomic
 
 DS_DIR = "deepspeed"
 DS_TAG = "final"

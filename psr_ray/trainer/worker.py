@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from psr_ray import kill_windows
-from psr_ray.memory import read_pss
+from psr_ray.runtime import kill_windows
+from psr_ray.runtime.memory import read_pss
 from psr_ray.trainer.batches import PADDING_ROWS, collate_pairs, collate_sft, rows_of
 from psr_ray.trainer.loss import scored_positions, sequence_logps, step_dpo_loss
 
@@ -257,7 +257,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    from psr_ray import metrics
+    from psr_ray.runtime import metrics
     from psr_ray.trainer import checkpoint as ckpt
     from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
     from psr_ray.trainer.heldout import heldout_metrics

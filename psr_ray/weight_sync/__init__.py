@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from psr_ray.config import WeightSyncBackend
+from psr_ray.config.topology import backend_for, resolve_backend
 from psr_ray.weight_sync.base import SyncError, SyncReport, WeightSender, engine_versions
 from psr_ray.weight_sync.probe import ProbeSpec
-from psr_ray.weight_sync.topology import backend_for, resolve_backend
 
 __all__ = [
     "ProbeSpec",

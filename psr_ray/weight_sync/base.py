@@ -79,7 +79,7 @@ def state_dict_bytes(state_dict: dict[str, Any]) -> int:
 def engine_versions(engines: list[Any], *, timeout_s: float, names: list[str] | None = None) -> list[int]:
     """The policy version each engine reports serving; a TimeoutError names (`names`, else `engine #i`) those
     that do not answer within `timeout_s`."""
-    from psr_ray.ray_waits import get_all
+    from psr_ray.runtime.waits import get_all
 
     labels = names if names is not None else [f"engine #{i}" for i in range(len(engines))]
     return get_all([e.policy_version.remote() for e in engines], labels=labels, timeout_s=timeout_s,

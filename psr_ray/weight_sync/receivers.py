@@ -261,7 +261,7 @@ class WeightReceiver:
 
     def _load_folder(self, hf_dir: str) -> int:
         if self._in_process:
-            from psr_ray.models import load_safetensors_dir
+            from psr_ray.runtime.models import load_safetensors_dir
 
             return self._rpc("load_bucket", list(load_safetensors_dir(hf_dir).items()))
         return self._rpc("load_bucket_from_path", hf_dir)

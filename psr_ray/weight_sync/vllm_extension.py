@@ -61,7 +61,7 @@ class WeightSyncExtension:
     def load_bucket_from_path(self, hf_dir: str) -> int:
         """`load_bucket` from the `*.safetensors` files of a folder (multiprocess engines: RPC would turn
         tensors into lists)."""
-        from psr_ray.models import load_safetensors_dir
+        from psr_ray.runtime.models import load_safetensors_dir
 
         return self.load_bucket(list(load_safetensors_dir(hf_dir).items()))
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from psr_ray import prompts, steps
 from psr_ray.config import ModelConfig, PSRConfig
+from psr_ray.core import prompts, steps
 from psr_ray.engines.api import JudgeRequest, ProposeRequest
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"

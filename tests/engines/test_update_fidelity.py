@@ -85,7 +85,7 @@ def engine(request, ray_cluster, tiny_model_dir, tmp_path_factory):
 
 
 def test_every_update_path_serves_exactly_the_given_model(ray_cluster, engine):
-    from psr_ray.models import load_safetensors_dir
+    from psr_ray.runtime.models import load_safetensors_dir
 
     actor, tokenizer, model_dir, (a, b, c) = engine
     base = hf_top5(model_dir, tokenizer)

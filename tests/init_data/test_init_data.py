@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from psr_ray.config import JudgeMode
+from psr_ray.core.prompts import Verdict, parse_verdict
+from psr_ray.core.steps import extract_boxed, join_steps, split_steps, step_header
 from psr_ray.data.problems import load_problems
 from psr_ray.init_data.build import (
     eft_rows,
@@ -25,8 +27,6 @@ from psr_ray.init_data.build import (
 from psr_ray.init_data.candidates import OraclePair, Sampling, best_and_worst, oracle_pairs
 from psr_ray.init_data.labelled import LabelledPair
 from psr_ray.init_data.segment import gsm8k_steps, math_steps, worked_solution
-from psr_ray.prompts import Verdict, parse_verdict
-from psr_ray.steps import extract_boxed, join_steps, split_steps, step_header
 from psr_ray.testing.arith_engine import ArithEngine, off_by_one
 
 GSM8K_TRAIN = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -170,8 +170,8 @@ def one_right_of_three(request, right: str) -> tuple[str, ...]:
 def test_oracle_pairs_from_own_candidates(ray_cluster):
     import sys
 
+    from psr_ray.core.steps import split_steps
     from psr_ray.oracle.exact import check_next_step
-    from psr_ray.steps import split_steps
 
     problems = load_worked_problems("embedded:arith", seed=0)[:10]
     ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -196,8 +196,8 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
     from transformers import AutoModelForCausalLM
 
     from psr_ray import config as C
-    from psr_ray.init_data import initialize
-    from psr_ray.init_data.run import read_result
+    from psr_ray.pipeline import preflight
+    from psr_ray.pipeline.init_stage import initialize, read_result
 
     def kill_engines():
         for name in ray_cluster.util.list_named_actors():
@@ -205,7 +205,7 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
                 ray_cluster.kill(ray_cluster.get_actor(name))
 
     kill_engines()
-    cfg = C.validate(C.load([], [
+    cfg = preflight.validate(C.load([], [
         f"model.path={tiny_model_dir}", "model.max_model_len=1024", "data.source=embedded:arith",
         "judge.num_cpus_per_engine=0.5", "judge.max_explanation_tokens=8", "eval.max_tokens=16",
         "eval.benchmarks=[arith]", "eval.limit=3", "rollout.max_step_tokens=8",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from psr_ray.core.steps import join_steps
 from psr_ray.data.arith import split_rows
 from psr_ray.data.problems import Problem, load_benchmark, load_problems
 from psr_ray.engines.api import JudgeRequest
 from psr_ray.oracle.exact import check_next_step, check_steps, has_exact_check, recompute, reference_values, why_wrong
 from psr_ray.oracle.judge import label_steps, oracle_judgments
 from psr_ray.oracle.precision import pair_precision, random_pick_precision
-from psr_ray.steps import join_steps
 
 # Level 3: 4 x 6 = 24 marbles; + 5 = 29; 29 x 3 = 87 dollars.
 PROBLEM = Problem(

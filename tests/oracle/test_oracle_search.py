@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from psr_ray.config import JudgeConfig, PSRConfig, RolloutConfig, SearchConfig, validate
+from psr_ray.config import JudgeConfig, PSRConfig, RolloutConfig, SearchConfig
 from psr_ray.data.problems import load_problems
 from psr_ray.engines.pool import EnginePool
 from psr_ray.oracle.judge import label_steps
+from psr_ray.pipeline.preflight import validate
 from psr_ray.search.scheduler import SearchScheduler
 from psr_ray.testing.arith_engine import ArithEngine, off_by_one
 

@@ -165,7 +165,7 @@ def test_each_plan_runs_end_to_end_with_real_tiny_engines(ray_cluster, tiny_mode
     from psr_ray.config import ModelConfig
     from psr_ray.data.pairs_io import read_pairs
     from psr_ray.engines.pool import start_engine_pool
-    from psr_ray.search.generate import generate_pairs
+    from psr_ray.pipeline.search_stage import generate_pairs
 
     n = 4
     base = dataclasses.replace(

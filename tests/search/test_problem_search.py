@@ -127,7 +127,7 @@ def test_search_reaches_final_answer_and_emits_one_pair_per_step():
 
 
 def test_answer_correct_uses_verify_when_a_reference_is_known():
-    pytest.importorskip("psr_ray.verify")
+    pytest.importorskip("psr_ray.core.verify")
 
     def propose(req):
         return ("1 x", r"3 so \boxed{4}", "2 y")

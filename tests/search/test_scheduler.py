@@ -15,7 +15,7 @@ from psr_ray.data.problems import Problem
 from psr_ray.data.schema import check_table
 from psr_ray.engines.api import Candidates, Judgment
 from psr_ray.engines.pool import EnginePool
-from psr_ray.search.generate import generate_pairs
+from psr_ray.pipeline.search_stage import generate_pairs
 from psr_ray.search.problem import Outcome
 from psr_ray.search.scheduler import SearchScheduler
 

@@ -10,6 +10,7 @@ from psr_ray import config as C
 from psr_ray.config import JudgeMode
 from psr_ray.data.problems import Problem
 from psr_ray.engines.api import Candidates, JudgeRequest, Judgment
+from psr_ray.pipeline import preflight
 from psr_ray.search.problem import Outcome, Phase, ProblemSearch
 from psr_ray.search.stats import margin_summary
 
@@ -93,4 +94,4 @@ def test_margin_summary_quartiles():
 def test_min_score_margin_is_configured_and_validated():
     assert C.PSRConfig().search.min_score_margin == 1.0
     with pytest.raises(ValueError, match=r"search\.min_score_margin"):
-        C.validate(C.load([], ["search.min_score_margin=0"]), gpu_available=False, check_paths=False)
+        preflight.validate(C.load([], ["search.min_score_margin=0"]), gpu_available=False, check_paths=False)

@@ -8,6 +8,7 @@ import pytest
 
 from psr_ray import config as C
 from psr_ray.config import LRSchedule
+from psr_ray.pipeline import preflight
 from psr_ray.trainer.schedule import lr_multiplier
 
 
@@ -48,8 +49,8 @@ def test_cosine_needs_its_length():
         lr_multiplier(3, schedule=LRSchedule.COSINE, warmup_steps=0, decay_steps=0)
     assert C.PSRConfig().trainer.lr_schedule is LRSchedule.CONSTANT
     with pytest.raises(ValueError, match=r"trainer\.lr_decay_steps"):
-        C.validate(C.load([], ["trainer.lr_schedule=cosine"]), gpu_available=False, check_paths=False)
-    cfg = C.validate(C.load([], ["trainer.lr_schedule=cosine", "trainer.lr_decay_steps=20"]), gpu_available=False,
+        preflight.validate(C.load([], ["trainer.lr_schedule=cosine"]), gpu_available=False, check_paths=False)
+    cfg = preflight.validate(C.load([], ["trainer.lr_schedule=cosine", "trainer.lr_decay_steps=20"]), gpu_available=False,
                      check_paths=False)  # fmt: skip
     assert cfg.trainer.lr_schedule is LRSchedule.COSINE
     with pytest.raises(ValueError, match=r"trainer\.lr_schedule"):

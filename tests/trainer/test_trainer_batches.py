@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psr_ray.prompts import render_solver_prompt
+from psr_ray.core.prompts import render_solver_prompt
 from psr_ray.trainer.batches import Encoded, collate_pairs, collate_sft, encode_pair, pad_batch
 
 ROW = {

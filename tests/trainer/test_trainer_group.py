@@ -272,7 +272,7 @@ def test_train_dpo_end_to_end(dpo_result, tiny_model_dir, ray_cluster):
 def test_train_sft_resumes_from_latest_checkpoint(dpo_result, tiny_model_dir, ray_cluster):
     from transformers import AutoTokenizer
 
-    from psr_ray.prompts import render_solution_prompt
+    from psr_ray.core.prompts import render_solution_prompt
     from psr_ray.trainer import checkpoint as ckpt
     from psr_ray.trainer.group import train_dpo, train_sft
 

@@ -100,7 +100,7 @@ def gpu_calls(monkeypatch):
 
 @pytest.fixture(scope="module")
 def weights(tiny_model_dir):
-    from psr_ray.models import load_safetensors_dir
+    from psr_ray.runtime.models import load_safetensors_dir
 
     state = load_safetensors_dir(tiny_model_dir)
     probe = ProbeSpec((5, 17, 40, 3), tiny_model_dir, num_top=4)

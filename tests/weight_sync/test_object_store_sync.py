@@ -22,7 +22,7 @@ def setup(ray_cluster, tiny_model_dir):
 
     from psr_ray import config as C
     from psr_ray.engines.actor import EngineActor, engine_settings
-    from psr_ray.models import load_safetensors_dir
+    from psr_ray.runtime.models import load_safetensors_dir
 
     cfg = C.load([], [f"model.path={tiny_model_dir}", "model.max_model_len=512"])
     engines = [
@@ -173,8 +173,8 @@ def export_of(state_dict: dict, model_dir: str, folder) -> str:
 
 
 def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster, setup, tmp_path):
+    from psr_ray.pipeline.sync_stage import sync_stage
     from psr_ray.weight_sync.base import SyncError, SyncReport
-    from psr_ray.weight_sync.stage import sync_stage
 
     engines, base, probe, model_dir = setup
     version = ray_cluster.get(engines[0].policy_version.remote())

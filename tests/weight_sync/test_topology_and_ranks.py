@@ -10,6 +10,7 @@ import pytest
 
 from psr_ray import config as C
 from psr_ray.config import WeightSyncBackend as B
+from psr_ray.pipeline import preflight
 from psr_ray.weight_sync import backend_for, make_sender, resolve_backend
 from psr_ray.weight_sync.cuda_ipc import CudaIpcSender, local_device_for
 from psr_ray.weight_sync.nccl import NcclSender, engine_init_infos, rank_offsets
@@ -61,7 +62,7 @@ def test_backend_for_configs_and_validation_names_the_field():
                              ([*shared, "weight_sync.backend=nccl"], "weight_sync.backend=nccl"),
                              (["weight_sync.timeout_s=0"], "weight_sync.timeout_s")):  # fmt: skip
         with pytest.raises(ValueError, match=field):
-            C.validate(C.load([], overrides), gpu_available=True, check_paths=False)
+            preflight.validate(C.load([], overrides), gpu_available=True, check_paths=False)
 
 
 def vllm_ranks(init_info: dict, tensor_parallel_size: int) -> list[int]:
@@ -123,7 +124,8 @@ def test_every_engine_method_a_sender_calls_exists():
     import re
 
     from psr_ray.engines.actor import EngineActor
-    from psr_ray.weight_sync import base, cuda_ipc, export, nccl, object_store, stage
+    from psr_ray.pipeline import sync_stage as stage
+    from psr_ray.weight_sync import base, cuda_ipc, export, nccl, object_store
     from psr_ray.weight_sync.vllm_extension import WeightSyncExtension
 
     called = set()

@@ -83,7 +83,7 @@ def search(cfg, rollout, judge, problems, out: str | Path, *, fault: str | None 
     import ray
 
     from psr_ray.data.pairs_io import pairs_dir, read_manifest, read_pairs
-    from psr_ray.search.generate import generate_pairs
+    from psr_ray.pipeline.search_stage import generate_pairs
 
     target = {"rollout": rollout.actors[0], "judge": judge.actors[0]}.get(fault)
     killed_pid = pid_of(target) if target is not None else None

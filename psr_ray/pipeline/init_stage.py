@@ -78,8 +78,8 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
     import ray.data
     from transformers import AutoTokenizer
 
-    from psr_ray.cluster import init_ray
-    from psr_ray.models import resolve_model_path
+    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.runtime.models import resolve_model_path
     from psr_ray.trainer.group import train_sft
 
     clock = time.perf_counter()
@@ -155,7 +155,7 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
 
 def format_init(result: InitResult) -> str:
     """The init's figures: the EFT:IFT ratio, yields, SFT loss, stage times and the models' scores."""
-    from psr_ray.report import RUN_HEADER, format_run_table
+    from psr_ray.evaluation.tables import RUN_HEADER, format_run_table
 
     models = [{"model": name, "trained_on": "" if name == "M0" else "init SFT (IFT + EFT)", "rows": s["benchmarks"],
                "judge": s["judge"], "seconds": {"eval": s.get("eval_s")}} for name, s in result.scores.items()]  # fmt: skip
@@ -205,8 +205,8 @@ def scores_of(cfg: PSRConfig, out: Path, name: str, model_path: str, version: in
 
 def score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[Any], mode: JudgeMode) -> dict[str, Any]:
     """Judge accuracy on held-out pairs (both orders) and greedy accuracy on `eval.benchmarks`."""
-    from psr_ray.eval import evaluate
-    from psr_ray.measure import judge_accuracy
+    from psr_ray.evaluation.benchmarks import evaluate
+    from psr_ray.evaluation.judging import judge_accuracy
 
     timeout_s = cfg.run.engine_call_timeout_s
     judge = judge_accuracy(engines, pairs, mode=mode.value, max_tokens=cfg.judge.max_explanation_tokens,
@@ -263,7 +263,7 @@ def temporary_engines(cfg: PSRConfig, role: str, model_path: str, policy_version
 @contextlib.contextmanager
 def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     """An init phase: timed into `seconds`, shown as one console stage (`init: sft ... 03:12`)."""
-    from psr_ray import console
+    from psr_ray.runtime import console
 
     start = time.perf_counter()
     try:

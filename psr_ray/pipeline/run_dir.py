@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig, from_dict, load, validate
-from psr_ray.run_state import RunState
+from psr_ray.config import PSRConfig, from_dict, load
+from psr_ray.pipeline.preflight import validate
+from psr_ray.pipeline.run_state import RunState
 
 LOCK_FILE = ".psr-ray.lock"
 

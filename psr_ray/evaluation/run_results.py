@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from psr_ray.report import write_run_report
+from psr_ray.evaluation.tables import write_run_report
 
 JUDGE_LABELS = {"direct": "self-judged (direct)", "explain": "self-judged (explain)",
                 "oracle": "ORACLE-judged (ablation)"}  # fmt: skip
@@ -56,7 +56,7 @@ ITERATION_HEADER = ("| iteration | pairs | pair margin min/q1/median/q3/max | op
 def iteration_table(state: Any) -> str:
     """Per iteration: its pairs, the fit (steps, pairs trained, held-out KL of M_{k+1} to M_k and reward
     accuracy on the init's held-out pairs) and the weight sync (transport, engines, MB, s, GB/s)."""
-    from psr_ray.weight_sync.stage import sync_columns
+    from psr_ray.pipeline.sync_stage import sync_columns
 
     lines = []
     for key in sorted(state.data["iterations"], key=int):
@@ -81,9 +81,9 @@ def _fmt(fmt: str, value: float | None) -> str | None:
 
 
 def memory_line(peaks: dict[str, float], roles: dict[str, dict[str, float]] | None = None) -> str:
-    """The peak memory per stage (psr_ray.memory: PSS of this node's run processes) against the machine's, its
+    """The peak memory per stage (psr_ray.runtime.memory: PSS of this node's run processes) against the machine's, its
     half (the goal), and the split by process role at the highest peak."""
-    from psr_ray.memory import machine_gib
+    from psr_ray.runtime.memory import machine_gib
 
     if not peaks:
         return ""

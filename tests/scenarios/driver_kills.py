@@ -1,5 +1,5 @@
 """Real kills of a real `psr-ray run` (a subprocess on a shared Ray cluster) inside named windows
-(`psr_ray.kill_windows`), resumed with `psr-ray run --resume`, and compared with an undisturbed run.
+(`psr_ray.runtime.kill_windows`), resumed with `psr-ray run --resume`, and compared with an undisturbed run.
 
 A launch arms up to two windows: a trainer worker is SIGKILLed when it reaches its window (Ray Train restarts
 the worker group), the driver when it reaches its own; without a driver window the launch runs to the end.
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from psr_ray import kill_windows
 from psr_ray.config import REPO_ROOT
+from psr_ray.runtime import kill_windows
 
 # The tiny driver run: one iteration of 4 problems, a Parquet part per finished problem (so parts are
 # committed mid-search), a short eval. 4 problems x 3 steps = 12 pairs.
@@ -116,7 +116,7 @@ def _env(kill_dir: Path) -> dict[str, str]:
 
 
 def _argv(tiny: TinyRun, out: Path, resume: bool, overrides: tuple[str, ...]) -> list[str]:
-    cli = [sys.executable, "-m", "psr_ray.cli", "run"]
+    cli = [sys.executable, "-m", "psr_ray.app.cli", "run"]
     if resume:
         return [*cli, "--resume", str(out), *overrides]
     return [*cli, "--config", str(tiny.config), f"run.output_dir={out}", *overrides]

@@ -2,7 +2,7 @@
 
 Instruments are created lazily on first use in whichever process uses them (driver, engine or trainer worker)
 and are exported by Ray's metrics agent as `ray_psr_<name>` (counters: `ray_psr_<name>_total`) to Prometheus
-/ Grafana; psr_ray/grafana.py builds the dashboard of them and of vLLM's engine metrics. Without Ray they do
+/ Grafana; psr_ray/runtime/grafana.py builds the dashboard of them and of vLLM's engine metrics. Without Ray they do
 nothing.
 """
 
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# name -> (kind, description, tag keys). One place for all of them: psr_ray/grafana.py plots every one.
+# name -> (kind, description, tag keys). One place for all of them: psr_ray/runtime/grafana.py plots every one.
 INSTRUMENTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "problems_started": ("counter", "Problems whose step search started", ()),
     "problems_finished": ("counter", "Problems whose search ended with a final answer or the step cap", ()),
@@ -45,7 +45,7 @@ _made: dict[str, Any] = {}
 
 def _instrument(name: str) -> Any | None:
     if name not in INSTRUMENTS:
-        raise KeyError(f"unknown metric {name!r}; declare it in psr_ray.metrics.INSTRUMENTS")
+        raise KeyError(f"unknown metric {name!r}; declare it in psr_ray.runtime.metrics.INSTRUMENTS")
     if name in _made:
         return _made[name]
     try:

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from psr_ray.config import JudgeMode
-from psr_ray.steps import step_header
+from psr_ray.core.steps import step_header
 
 SOLVER_INSTRUCTION = (
     "Solve the following math problem step by step. Write each step on its own line, starting with "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from psr_ray.config import PSRConfig
-from psr_ray.init_data.run import InitResult, eft_mode, initialize, read_result, scores_of
+from psr_ray.pipeline.init_stage import InitResult, eft_mode, initialize, read_result, scores_of
 
 
 def _digest(value: Any) -> str:
@@ -27,7 +27,7 @@ def _digest(value: Any) -> str:
 
 def format_digest() -> str:
     """The step and prompt formats SFT teaches: M1 trained on other prompts is another model."""
-    from psr_ray import prompts, steps
+    from psr_ray.core import prompts, steps
 
     parts = [prompts.SOLVER_INSTRUCTION, prompts.JUDGE_INSTRUCTION, prompts.DIRECT_VERDICT_PREFIX,
              prompts.EXPLAIN_VERDICT_PREFIX, steps.join_steps(["a", "b"]), steps.step_header(3)]  # fmt: skip
@@ -84,7 +84,7 @@ def _m0_scores(cfg: PSRConfig, result: InitResult) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from psr_ray.init_data.build import read_pairs
-    from psr_ray.models import resolve_model_path
+    from psr_ray.runtime.models import resolve_model_path
 
     model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)

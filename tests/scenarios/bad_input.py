@@ -2,7 +2,7 @@
 the cases tests/test_bad_input.py asserts line by line and bench/fault_injection.py tabulates.
 
 `cases(work, model_dir)` writes each case's files under `work` and returns the cases; `run_case` runs one as
-`python -m psr_ray.cli ...` in a fresh process (the real CLI, as a user runs it).
+`python -m psr_ray.app.cli ...` in a fresh process (the real CLI, as a user runs it).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class CaseResult:
 def run_case(case: BadInput, *, timeout: float = 180.0) -> CaseResult:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
            **case.env}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "psr_ray.cli", *case.argv], cwd=REPO_ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "psr_ray.app.cli", *case.argv], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
     text = done.stdout if case.returncode == 0 else done.stderr
     lines = [line for line in text.splitlines() if line.strip()]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import psr_ray.config.sources as sources
+import psr_ray.data.checks as checks
 from psr_ray.config.sections import PSRConfig
 from psr_ray.config.storage import storage_errors
+from psr_ray.config.topology import backend_for
 
 
 def has_gpu() -> bool:
@@ -98,7 +99,6 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
 
     need(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb must be >= 1")
     need(cfg.weight_sync.timeout_s > 0, f"weight_sync.timeout_s must be > 0, got {cfg.weight_sync.timeout_s}")
-    from psr_ray.weight_sync.topology import backend_for
 
     try:
         backend_for(cfg)
@@ -113,8 +113,8 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(cfg.eval.max_tokens >= 1, "eval.max_tokens must be >= 1")
     need(cfg.eval.max_tokens <= context, f"eval.max_tokens ({cfg.eval.max_tokens}) must be at most "
          f"model.max_model_len ({context})")
-    errors.extend(sources.benchmark_errors(cfg.eval.benchmarks))
-    errors.extend(sources.split_errors(cfg.data.source, cfg.data.split))
+    errors.extend(checks.benchmark_errors(cfg.eval.benchmarks))
+    errors.extend(checks.split_errors(cfg.data.source, cfg.data.split))
 
     i = cfg.init
     need(i.num_ift_examples >= 1, f"init.num_ift_examples must be >= 1, got {i.num_ift_examples}")
@@ -138,7 +138,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(0 <= run.malloc_mmap_threshold_mib <= 32, f"run.malloc_mmap_threshold_mib must be in [0, 32] (0: glibc's "
          f"own), got {run.malloc_mmap_threshold_mib}")
     if run.ray_address is not None:
-        errors.extend(sources.ray_address_errors(run.ray_address))
+        errors.extend(checks.ray_address_errors(run.ray_address))
 
     wants_gpu = [
         f"{name}" for name, value in (
@@ -160,10 +160,10 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     if check_paths:
         # Packages a source needs are checked only for a local run: a cluster's image may have them.
         local = run.ray_address is None
-        errors.extend(sources.model_errors(cfg.model.path, context, check_packages=local))
-        errors.extend(sources.data_errors(cfg.data.source, check_packages=local))
+        errors.extend(checks.model_errors(cfg.model.path, context, check_packages=local))
+        errors.extend(checks.data_errors(cfg.data.source, check_packages=local))
         if local:
-            errors.extend(sources.benchmark_package_errors(cfg.eval.benchmarks))
+            errors.extend(checks.benchmark_package_errors(cfg.eval.benchmarks))
 
     errors += storage_errors(cfg, check_paths=check_paths)  # multi-node runs: shared output_dir, node groups
     if errors:

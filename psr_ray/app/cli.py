@@ -17,6 +17,7 @@ import traceback
 
 from psr_ray import config as config_lib
 from psr_ray.config import DEFAULT_CONFIG
+from psr_ray.pipeline import preflight
 
 EPILOG = """\
 examples:
@@ -97,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace, *, check_paths: bool = True) -> config_lib.PSRConfig:
     if getattr(args, "resume", None) and args.command == "run":
-        from psr_ray.run_dir import resume_config
+        from psr_ray.pipeline.run_dir import resume_config
 
         return resume_config(args.resume, args.overrides, args.config)
     paths = args.config or [str(DEFAULT_CONFIG)]
     cfg = config_lib.load(paths, args.overrides)
     if args.command == "submit":  # paths and GPUs are the cluster's: the job validates them there
-        return config_lib.validate(cfg, check_paths=False, gpu_available=True)
-    return config_lib.validate(cfg, check_paths=check_paths)
+        return preflight.validate(cfg, check_paths=False, gpu_available=True)
+    return preflight.validate(cfg, check_paths=check_paths)
 
 
 def _yaml_arguments_as_configs(args: argparse.Namespace) -> None:
@@ -147,7 +148,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "print-config":
         _print_yaml(cfg)
         return 0
-    from psr_ray import commands, console  # the commands that start Ray and engines
+    from psr_ray.app import commands
+    from psr_ray.runtime import console  # the commands that start Ray and engines
 
     console.configure(verbose=getattr(args, "verbose", False))
 

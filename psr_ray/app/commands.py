@@ -7,12 +7,13 @@ import dataclasses
 import os
 from pathlib import Path
 
-from psr_ray.config import DEFAULT_CONFIG, PSRConfig, validate
+from psr_ray.config import DEFAULT_CONFIG, PSRConfig
+from psr_ray.pipeline.preflight import validate
 
 
 def run(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    from psr_ray.loop import run as run_loop
-    from psr_ray.run_state import RunState
+    from psr_ray.pipeline.loop import run as run_loop
+    from psr_ray.pipeline.run_state import RunState
 
     resume_dir = args.resume
     if resume_dir is None and cfg.run.resume == "auto" and RunState(os.path.expanduser(cfg.run.output_dir)).exists:
@@ -23,13 +24,13 @@ def run(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """One search pass with the configured model over `--num-problems` problems."""
-    from psr_ray.cluster import init_ray
     from psr_ray.data.pairs_io import MANIFEST, pairs_dir
     from psr_ray.data.problems import load_problems
     from psr_ray.engines.pool import start_engine_pool
-    from psr_ray.models import resolve_model_path
-    from psr_ray.run_dir import RunDirLock, check_writable
-    from psr_ray.search.generate import generate_pairs
+    from psr_ray.pipeline.run_dir import RunDirLock, check_writable
+    from psr_ray.pipeline.search_stage import generate_pairs
+    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.runtime.models import resolve_model_path
 
     if args.num_problems < 1:
         raise ValueError(f"--num-problems must be >= 1, got {args.num_problems}")
@@ -59,9 +60,9 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """Step-DPO of model.path (also the frozen reference) on a Parquet folder of pairs."""
-    from psr_ray.cluster import init_ray
-    from psr_ray.models import resolve_model_path
-    from psr_ray.run_dir import RunDirLock, check_writable
+    from psr_ray.pipeline.run_dir import RunDirLock, check_writable
+    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.runtime.models import resolve_model_path
     from psr_ray.trainer.group import read_pairs_dataset, train_dpo
 
     output_dir = args.output or f"{cfg.run.output_dir}/train"
@@ -89,8 +90,8 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 
 def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
-    from psr_ray.cluster import init_ray
-    from psr_ray.eval import eval_command
+    from psr_ray.evaluation.benchmarks import eval_command
+    from psr_ray.runtime.cluster import init_ray
 
     benchmarks = args.benchmarks.split(",") if args.benchmarks else list(cfg.eval.benchmarks)
     limit = cfg.eval.limit if args.limit is None else args.limit
@@ -106,8 +107,7 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
 def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """IFT data and EFT pairs (M0's own candidates, labelled by the step oracle), SFT of model.path into M1,
     judge accuracy on held-out pairs and benchmark accuracy of M0 and M1."""
-    from psr_ray.init_data import initialize
-    from psr_ray.init_data.run import format_init
+    from psr_ray.pipeline.init_stage import format_init, initialize
 
     result = initialize(cfg, output_dir=args.output or f"{cfg.run.output_dir}/init")
     print(format_init(result))
@@ -116,6 +116,6 @@ def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 
 def submit(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    from psr_ray.submit import submit as submit_job
+    from psr_ray.runtime.submit import submit as submit_job
 
     return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait)

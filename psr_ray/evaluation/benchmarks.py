@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from psr_ray.core.prompts import render_solution_prompt
+from psr_ray.core.stats import wilson
+from psr_ray.core.steps import extract_boxed, split_steps, step_header
+from psr_ray.core.verify import extract_answer, is_equivalent
 from psr_ray.data.problems import Problem, load_benchmark
-from psr_ray.prompts import render_solution_prompt
-from psr_ray.stats import wilson
-from psr_ray.steps import extract_boxed, split_steps, step_header
-from psr_ray.verify import extract_answer, is_equivalent
+from psr_ray.engines.api import split_batches
 
 
 @dataclass(frozen=True)
@@ -144,21 +144,6 @@ def _share(part: float, whole: float) -> float:
     return part / whole if whole else 0.0
 
 
-def split_batches(num_prompts: int, *, num_engines: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, end) batches of at most `batch_size`, at least one per engine when there are enough prompts,
-    sizes within one of each other so the engines finish together."""
-    if num_prompts == 0:
-        return []
-    count = min(num_prompts, max(num_engines, math.ceil(num_prompts / batch_size)))
-    base, extra = divmod(num_prompts, count)
-    bounds, start = [], 0
-    for i in range(count):
-        end = start + base + (1 if i < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
 class StaleAnswerError(RuntimeError):
     """An engine answered at another policy version than the one being evaluated."""
 
@@ -179,7 +164,7 @@ def generate_all(
     With `policy_version`, every answer must carry it (`StaleAnswerError` otherwise: an engine restarted
     after the weight sync serves other weights and must not be scored as the new model). With `timeout_s`,
     an engine that does not answer in time is a TimeoutError naming it."""
-    from psr_ray.ray_waits import get_all
+    from psr_ray.runtime.waits import get_all
 
     if not engines:
         raise ValueError("evaluation needs at least one engine actor")
@@ -252,8 +237,8 @@ def eval_command(
     from transformers import AutoTokenizer
 
     from psr_ray.engines.pool import start_engine_pool
-    from psr_ray.models import resolve_model_path
-    from psr_ray.report import format_table, write_report, write_solutions
+    from psr_ray.evaluation.tables import format_table, write_report, write_solutions
+    from psr_ray.runtime.models import resolve_model_path
 
     model_path = resolve_model_path(model, cfg.run.cache_dir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))

@@ -11,7 +11,7 @@ import logging
 import math
 import re
 
-from psr_ray.steps import extract_boxed
+from psr_ray.core.steps import extract_boxed
 
 # Longer answers are compared as strings only: no timeout guards sympy (see the module docstring).
 MAX_SYMBOLIC_CHARS = 400

@@ -29,7 +29,7 @@ def sync_stage(
     summary for state.json and the results table."""
     import ray
 
-    from psr_ray.models import load_safetensors_dir
+    from psr_ray.runtime.models import load_safetensors_dir
     from psr_ray.weight_sync.export import ExportSender
 
     push = SyncReport.from_dict(pushed) if pushed else None

@@ -33,7 +33,7 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
     (see the module doc). Inside a submitted job Ray is already reachable and its runtime_env is left alone."""
     import ray
 
-    from psr_ray import console
+    from psr_ray.runtime import console
 
     if ray.is_initialized():
         return ray

@@ -1,7 +1,7 @@
 """The PSR driver loop, top to bottom.
 
 With `init.run_first` the configured model is M0 and the run first initializes it into M1 (IFT + EFT SFT,
-cached: psr_ray.init_data.first); otherwise the configured model is M1 (policy version 1). Iteration k = 1..K:
+cached: psr_ray.pipeline.init_cache); otherwise the configured model is M1 (policy version 1). Iteration k = 1..K:
 
   1. search   M_k proposes candidate steps and judges them pairwise; pairs stream to Parquet
   2. train    step-DPO of M_{k+1} against the frozen reference M_k, consuming that stream as it grows
@@ -9,7 +9,7 @@ cached: psr_ray.init_data.first); otherwise the configured model is M1 (policy v
   4. eval     greedy accuracy of M_{k+1} on the benchmarks (M1 is evaluated first, as iteration 0), its
               judge accuracy on held-out oracle-labelled pairs, and the pair precision of iteration k's pairs
 
-Every finished stage is recorded in `<output_dir>/state.json` (psr_ray.run_state), so `psr-ray run --resume`
+Every finished stage is recorded in `<output_dir>/state.json` (psr_ray.pipeline.run_state), so `psr-ray run --resume`
 continues a killed run from its last finished stage. Results go to `<output_dir>/results.{json,md}`,
 `accuracy.png` and wandb.
 """
@@ -25,11 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psr_ray import kill_windows
 from psr_ray.config import PSRConfig
 from psr_ray.engines.pool import EnginePool
-from psr_ray.run_dir import RunDirLock, check_resume, check_search_pairs, check_writable, stored_config
-from psr_ray.run_state import RunState
+from psr_ray.pipeline.run_dir import RunDirLock, check_resume, check_search_pairs, check_writable, stored_config
+from psr_ray.pipeline.run_state import RunState
+from psr_ray.runtime import kill_windows
 
 FIRST_POLICY_VERSION = 1
 
@@ -67,8 +67,8 @@ class Driver:
 def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     """Runs (or resumes) all iterations. The returned `Driver` holds the results rows and the engine handles:
     the engines live as long as it does (they are the driver's actors, not detached)."""
-    from psr_ray import console, metrics
-    from psr_ray.memory import PeakMemory
+    from psr_ray.runtime import console, metrics
+    from psr_ray.runtime.memory import PeakMemory
 
     memory = PeakMemory().start()  # this node's run processes; each stage's peak goes to state.json and results
     try:
@@ -85,7 +85,7 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
             work()
         psr.state.record_peak(title, *memory.take_with_roles())
 
-    try:  # one display per stage (psr_ray.console), one summary line per iteration
+    try:  # one display per stage (psr_ray.runtime.console), one summary line per iteration
         metrics.set_gauge("iteration", 0)
         stage("starting model: eval", functools.partial(_evaluate, psr, iteration=0))
         print(console.iteration_summary(0, total, _stages(psr, 0), []), flush=True)
@@ -124,12 +124,12 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
 def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool) -> Driver:
     from transformers import AutoTokenizer
 
-    from psr_ray.cluster import init_ray
     from psr_ray.data.problems import load_problems
     from psr_ray.engines.pool import start_engine_pool
-    from psr_ray.init_data.first import init_for_run
-    from psr_ray.metrics import WandbLogger
-    from psr_ray.models import resolve_model_path
+    from psr_ray.pipeline.init_cache import init_for_run
+    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.runtime.metrics import WandbLogger
+    from psr_ray.runtime.models import resolve_model_path
 
     state = RunState(out)
     if resuming:
@@ -201,8 +201,8 @@ def _search_and_train(psr: Driver, k: int) -> None:
     """Search with M_k while the trainer consumes the pairs as they stream in, then train M_{k+1}."""
     from psr_ray.data.pairs_io import stream_pairs_dataset
     from psr_ray.init_data.labelled import dpo_rows
-    from psr_ray.metrics import timed_weight_sync
-    from psr_ray.search.generate import generate_pairs, raise_search_cause
+    from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause
+    from psr_ray.runtime.metrics import timed_weight_sync
     from psr_ray.trainer.group import train_dpo
     from psr_ray.weight_sync import backend_for, make_sender
     from psr_ray.weight_sync.probe import make_probe
@@ -292,8 +292,8 @@ def _search_and_train(psr: Driver, k: int) -> None:
 
 def _sync(psr: Driver, k: int) -> None:
     """The trainer pushed M_{k+1} at the end of training (its report is in the train stage): check it, reload
-    any engine that does not serve it from the export (verified), record the figures (weight_sync/stage.py)."""
-    from psr_ray import metrics
+    any engine that does not serve it from the export (verified), record the figures (pipeline/sync_stage.py)."""
+    from psr_ray.runtime import metrics
 
     if psr.state.done(k, "sync"):
         return
@@ -308,18 +308,18 @@ def _sync(psr: Driver, k: int) -> None:
 
 def serve_policy(psr: Driver, *, pushed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every engine serving `psr.policy_version`, verified: an engine that does not (the trainer's `pushed`
-    failed, Ray restarted it) is reloaded from `psr.policy_dir` with the probe checked (weight_sync/stage.py)."""
+    failed, Ray restarted it) is reloaded from `psr.policy_dir` with the probe checked (pipeline/sync_stage.py)."""
+    from psr_ray.pipeline.sync_stage import sync_stage
     from psr_ray.weight_sync.probe import make_probe
-    from psr_ray.weight_sync.stage import sync_stage
 
     return sync_stage(psr.engines, pushed=pushed, policy_dir=psr.policy_dir, policy_version=psr.policy_version,
                       probe=make_probe(psr.tokenizer, psr.policy_dir), timeout_s=psr.cfg.weight_sync.timeout_s)  # fmt: skip
 
 
 def _evaluate(psr: Driver, *, iteration: int) -> None:
-    from psr_ray.eval import evaluate
-    from psr_ray.init_data.run import eft_mode
-    from psr_ray.measure import iteration_pair_precision, judge_accuracy
+    from psr_ray.evaluation.benchmarks import evaluate
+    from psr_ray.evaluation.judging import iteration_pair_precision, judge_accuracy
+    from psr_ray.pipeline.init_stage import eft_mode
     done = psr.state.stage(iteration, "eval")
     if done is None:
         cfg = psr.cfg
@@ -353,7 +353,7 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
 
 
 def _write_results(psr: Driver) -> None:
-    from psr_ray.run_report import write_results
+    from psr_ray.evaluation.run_results import write_results
 
     paths = write_results(psr.state, psr.out, judge_mode=str(psr.cfg.judge.mode), m0=psr.m0,
                           init_seconds=None if psr.init is None else psr.init.seconds)  # fmt: skip
@@ -362,8 +362,8 @@ def _write_results(psr: Driver) -> None:
 
 def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, Any]:
     """An eval row with the iteration's search and training figures beside it (the results table)."""
-    from psr_ray.run_report import margins_cell
-    from psr_ray.weight_sync.stage import sync_columns
+    from psr_ray.evaluation.run_results import margins_cell
+    from psr_ray.pipeline.sync_stage import sync_columns
 
     search = psr.state.stage(iteration, "search") or {}
     train = psr.state.stage(iteration, "train") or {}

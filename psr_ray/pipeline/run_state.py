@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from psr_ray import kill_windows
-from psr_ray.durable import fsync_dir, fsync_file
+from psr_ray.runtime import kill_windows
+from psr_ray.runtime.durable import fsync_dir, fsync_file
 
 STAGES = ("search", "train", "sync", "eval")
 
@@ -53,7 +53,7 @@ class RunState:
         self._write()
 
     def record_peak(self, stage: str, gib: float, roles: dict[str, float] | None = None) -> None:
-        """The peak memory (GiB, `psr_ray.memory`) of a console stage, e.g. `iter 1/2 search+train`, and its
+        """The peak memory (GiB, `psr_ray.runtime.memory`) of a console stage, e.g. `iter 1/2 search+train`, and its
         split by process role at that peak. Kept with the next write (a record, or `flush()`): no extra commit
         point of its own."""
         self.data.setdefault("peak_memory_gib", {})[stage] = round(gib, 3)

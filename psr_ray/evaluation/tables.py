@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from psr_ray.stats import mcnemar
+from psr_ray.core.stats import mcnemar
 
 COLUMNS = (
     ("iteration", "iteration", "{}"),
@@ -34,7 +34,7 @@ COLUMNS = (
     ("margins", "pair margin min/q1/median/q3/max", "{}"),
     ("unparseable_rate", "unparseable %", "pct"),
     ("search_train_s", "search+train s", "{:.0f}"),
-    # The weight sync that put this iteration's model into the engines (weight_sync/stage.py).
+    # The weight sync that put this iteration's model into the engines (pipeline/sync_stage.py).
     ("sync_transport", "sync", "{}"),
     ("sync_engines", "engines", "{}"),
     ("sync_mb", "sync MB", "{:.0f}"),
@@ -134,7 +134,7 @@ def format_run_table(models: list[dict[str, Any]]) -> str:
 
 
 def _p(p: float) -> str:
-    from psr_ray.stats import format_p
+    from psr_ray.core.stats import format_p
 
     return format_p(p)
 

@@ -1,6 +1,6 @@
-"""The Grafana dashboard of a run: every psr_ray instrument (psr_ray.metrics) and vLLM's engine metrics.
+"""The Grafana dashboard of a run: every psr_ray instrument (psr_ray.runtime.metrics) and vLLM's engine metrics.
 
-cluster/grafana_dashboard.json is `python -m psr_ray.grafana > cluster/grafana_dashboard.json`; a test keeps
+cluster/grafana_dashboard.json is `python -m psr_ray.runtime.grafana > cluster/grafana_dashboard.json`; a test keeps
 the two equal, and the live test checks that the vLLM series plotted here are the ones engines export.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from psr_ray.metrics import INSTRUMENTS
+from psr_ray.runtime.metrics import INSTRUMENTS
 
 # vLLM's metrics as Ray exports them from an engine (psr_ray.engines.stat_logger): (title, PromQL, unit).
 # Every series carries the tags `role` and `engine_name`.

@@ -85,7 +85,7 @@ def generate_pairs(
 
 def raise_search_cause(k: int, search: concurrent.futures.Future, *, policy_version: int) -> None:
     """After a trainer error: the search's own failure, or its zero pairs, is the cause to report."""
-    from psr_ray.run_dir import check_search_pairs
+    from psr_ray.pipeline.run_dir import check_search_pairs
 
     error = search.exception()  # returns soon: the search stops at its next turn
     if error is None:

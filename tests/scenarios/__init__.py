@@ -1,0 +1,1 @@
+"""Fault, driver-kill and bad-input scenarios shared by tests/ and bench/ (not packaged)."""
