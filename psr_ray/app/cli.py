@@ -17,17 +17,18 @@ import traceback
 
 from psr_ray import config as config_lib
 from psr_ray.config import DEFAULT_CONFIG
+from psr_ray.data.problems import BENCHMARKS
 from psr_ray.pipeline import preflight
 
 EPILOG = """\
 examples:
-  psr-ray run                                     # the embedded default: SmolLM2-135M, GSM8K, local Ray on CPU
+  psr-ray run                                     # the embedded default: SmolLM2-135M, embedded:arith, local Ray on CPU
   psr-ray run --config jobs/configs/qwen2.5-math-7b.yaml run.ray_address=auto
   psr-ray run --resume runs/embedded              # continue a killed run from its last finished stage
   psr-ray validate --config my.yaml rollout.num_candidates=4
   psr-ray print-config --config jobs/configs/qwen2.5-math-7b.yaml
   psr-ray generate --num-problems 8               # one search pass: writes step pairs as Parquet
-  psr-ray train --pairs runs/embedded/pairs/iter_0
+  psr-ray train --pairs runs/embedded/pairs/iter_1
   psr-ray eval --model embedded:smollm2-135m-instruct --benchmarks gsm8k --limit 50
   psr-ray init                                    # IFT/EFT data + SFT: M0 -> M1, judge accuracy before/after
   psr-ray submit --address http://127.0.0.1:8265 --config psr_ray/configs/embedded_cpu.yaml
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from (or return) a checkpoint in --output")
     p = command("eval", "Greedy evaluation on math benchmarks; prints accuracy, step statistics and throughput.")
     p.add_argument("--model", help="HF id, folder or embedded:smollm2-135m-instruct (default: model.path)")
-    p.add_argument("--benchmarks", help="comma-separated: gsm8k, math500, math, gaokao2023en, minerva_math, svamp")
+    p.add_argument("--benchmarks", help=f"comma-separated names ({', '.join(BENCHMARKS)}) or .jsonl paths "
+                   "(default: eval.benchmarks)")
     p.add_argument("--limit", type=int, help="problems per benchmark (0 = all)")
     p = command("init", "Initialization: build IFT/EFT data and fine-tune M0 into M1 (SFT).")
     p.add_argument("--output", metavar="DIR", help="output folder (default: run.output_dir/init)")
