@@ -242,6 +242,10 @@ class RunConfig:
     # judge batch, an eval batch, a weight load). A hung engine then fails the run naming the actor.
     engine_start_timeout_s: float = 1800.0
     engine_call_timeout_s: float = 1800.0
+    # How long one engine may stay unreachable (dead, or restarting with no node to go to) before the run
+    # fails naming it. Timed per engine from its first lost call, not per call: calls to a restarting
+    # engine fail at once and are re-sent, so a per-call clock would never run out.
+    engine_unavailable_timeout_s: float = 600.0
     # `auto`: when output_dir already holds a run (state.json), continue it from its last finished stage
     # (a resubmitted cluster job picks up where the last one stopped); `never`: such a folder is an error.
     resume: str = "never"

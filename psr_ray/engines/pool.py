@@ -3,7 +3,9 @@
 `start_engine_pool(cfg, "rollout", model_path)` starts (or finds) the named actors `psr-rollout-<i>` sized by
 `cfg.rollout` and returns an `EnginePool`. The pool tracks, per engine, the calls in flight, consecutive
 failures and a back-off deadline, so the search scheduler asks it which engine may take the next call and
-tells it how each call ended; nothing else writes that state.
+tells it how each call ended; nothing else writes that state. An engine that stays unreachable longer than
+its bound (`run.engine_unavailable_timeout_s`, timed from its first lost call until a call succeeds) fails
+the run naming it: a node lost with no replacement leaves its engines RESTARTING with nowhere to go.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ MAX_CALLS_PER_ENGINE = 2
 class EnginePool:
     """Engine actor handles of one role with their in-flight calls, failures and back-off."""
 
-    def __init__(self, role: str, actors: list[Any], *, max_restarts: int, names: list[str] | None = None):
+    def __init__(
+        self,
+        role: str,
+        actors: list[Any],
+        *,
+        max_restarts: int,
+        names: list[str] | None = None,
+        unavailable_timeout_s: float = math.inf,
+    ):
         if not actors:
             raise ValueError(f"no {role} engines given; start them with start_engine_pool(cfg, {role!r}, model_path)")
         self.role = role
@@ -31,6 +41,8 @@ class EnginePool:
         self._failures = [0] * len(actors)
         self._not_before = [0.0] * len(actors)
         self._max_failures = max_restarts + 1
+        self._unavailable_since: list[float | None] = [None] * len(actors)  # first lost call of an outage
+        self._unavailable_timeout_s = unavailable_timeout_s
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -58,18 +70,32 @@ class EnginePool:
     def succeeded(self, i: int) -> None:
         self.in_flight[i] -= 1
         self._failures[i] = 0
+        self._unavailable_since[i] = None
 
-    def failed(self, i: int, *, restarting: bool = False) -> None:
+    def failed(self, i: int, *, restarting: bool = False, reason: str = "") -> bool:
         """A call lost to a dead engine. `restarting` (ActorUnavailableError): Ray is already restarting it,
-        which takes as long as an engine start; that is waited out, not counted as another death."""
+        which takes as long as an engine start; that is waited out, not counted as another death, up to
+        the unavailability bound. Returns True for the first lost call of an outage (worth a log line)."""
         self.in_flight[i] -= 1
+        now = time.monotonic()
+        first = self._unavailable_since[i] is None
+        since = self._unavailable_since[i] = now if first else self._unavailable_since[i]
+        assert since is not None
+        if now - since > self._unavailable_timeout_s:
+            raise RuntimeError(
+                f"{self.role} engine {self.names[i]} has been unavailable for {now - since:.0f} s "
+                f"(run.engine_unavailable_timeout_s={self._unavailable_timeout_s:g}; last error: {reason or 'none'}): "
+                "its node is gone and Ray has nowhere to restart it, or it keeps dying; check that the cluster "
+                "still has a node with the resources it asks for"
+            )
         if restarting:
-            self._not_before[i] = time.monotonic() + 1.0
-            return
+            self._not_before[i] = now + 1.0
+            return first
         self._failures[i] += 1
         self._not_before[i] = time.monotonic() + 0.5 * self._failures[i]  # let Ray restart it
         if all(f >= self._max_failures for f in self._failures):
             raise RuntimeError(f"every {self.role} engine died {self._max_failures} times in a row; see their logs")
+        return first
 
     def hold(self, i: int) -> bool:
         """Sends no calls to engine i until `release(i)` (it is reloading weights); False if already held."""
@@ -112,7 +138,8 @@ def start_engine_pool(
 
     if role == "judge" and cfg.judge.num_engines == 0:  # the judge runs on the rollout engines (started first)
         names = [engine_name("rollout", i) for i in range(cfg.rollout.num_engines)]
-        return EnginePool(role, [ray.get_actor(n) for n in names], max_restarts=cfg.rollout.max_restarts, names=names)
+        return EnginePool(role, [ray.get_actor(n) for n in names], max_restarts=cfg.rollout.max_restarts, names=names,
+                          unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s)  # fmt: skip
     from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
     from psr_ray.runtime.memory import ENGINE_NAME_ENV
     from psr_ray.runtime.waits import get_all
@@ -166,4 +193,5 @@ def start_engine_pool(
                 f"actor {info['name']!r} already exists in this Ray namespace with model {info['model']!r}, "
                 f"not {model_path!r}; kill it (ray.kill) or use another namespace"
             )
-    return EnginePool(role, actors, max_restarts=section.max_restarts)
+    return EnginePool(role, actors, max_restarts=section.max_restarts,
+                      unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s)

@@ -135,6 +135,8 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(bool(run.output_dir), "run.output_dir must not be empty")
     need(run.engine_start_timeout_s > 0, f"run.engine_start_timeout_s must be > 0, got {run.engine_start_timeout_s}")
     need(run.engine_call_timeout_s > 0, f"run.engine_call_timeout_s must be > 0, got {run.engine_call_timeout_s}")
+    need(run.engine_unavailable_timeout_s > 0,
+         f"run.engine_unavailable_timeout_s must be > 0, got {run.engine_unavailable_timeout_s}")  # fmt: skip
     need(0 <= run.malloc_mmap_threshold_mib <= 32, f"run.malloc_mmap_threshold_mib must be in [0, 32] (0: glibc's "
          f"own), got {run.malloc_mmap_threshold_mib}")
     if run.ray_address is not None:

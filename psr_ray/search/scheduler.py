@@ -254,9 +254,11 @@ class SearchScheduler:
         try:
             results = ray.get(ref)
         except ray.exceptions.RayActorError as err:  # ActorDiedError, ActorUnavailableError
-            log.warning("%s engine %d failed (%s); re-queueing %d problems", call.pool.role, call.engine,
-                        type(err).__name__, len(call.keys))  # fmt: skip
-            call.pool.failed(call.engine, restarting=isinstance(err, ray.exceptions.ActorUnavailableError))
+            first = call.pool.failed(call.engine, restarting=isinstance(err, ray.exceptions.ActorUnavailableError),
+                                     reason=_first_line(err))
+            # One warning per outage; the re-sends to an engine Ray is restarting go to the debug log.
+            (log.warning if first else log.debug)("%s engine %d failed (%s); re-queueing %d problems",
+                                                  call.pool.role, call.engine, type(err).__name__, len(call.keys))  # fmt: skip
             self._requeue(call)
             return ()
         call.pool.succeeded(call.engine)
@@ -331,3 +333,8 @@ class SearchScheduler:
         else:
             self.stats.count("problems_max_steps")
         on_finished(FinishedProblem(search.problem.problem_id, search.outcome, pairs, search.num_rollbacks))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

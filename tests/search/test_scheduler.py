@@ -244,3 +244,49 @@ def test_a_judge_with_no_engines_of_its_own_runs_on_the_rollout_engines(ray_clus
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+class NoRoomEngine(FakeEngine):
+    """A FakeEngine whose restart never completes: the stand-in for an engine whose node is gone and that no
+    other node can host (Ray keeps it RESTARTING; every call to it fails at once)."""
+
+    def __init__(self, delay: float = 0.05):
+        import ray
+
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            time.sleep(3600)
+        super().__init__(delay)
+
+
+def test_an_engine_that_never_comes_back_fails_the_search_within_its_bound(ray_cluster):
+    import sys
+
+    from ray import cloudpickle
+
+    ray = ray_cluster
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = make_cfg()
+    bound = 4.0
+    gone = ray.remote(NoRoomEngine).options(num_cpus=0, max_restarts=3, max_task_retries=0).remote(0.2)
+    ray.get(gone.pid.remote())
+    rollout = EnginePool("rollout", [gone], max_restarts=3, names=["psr-rollout-0"], unavailable_timeout_s=bound)
+    judge = fake_pool(ray, "judge", 1)
+    scheduler = SearchScheduler(cfg, iteration=0, policy_version=1, rollout=rollout, judge=judge)
+    finished: list = []
+    killed_at: list[float] = []
+
+    def on_tick():
+        if finished and not killed_at:
+            ray.kill(gone, no_restart=False)
+            killed_at.append(time.monotonic())
+
+    try:
+        with pytest.raises(RuntimeError, match=r"rollout engine psr-rollout-0 has been unavailable for \d+ s "
+                           r"\(run.engine_unavailable_timeout_s=4"):  # fmt: skip
+            scheduler.run(problems(30), finished.append, on_tick)
+        assert killed_at and time.monotonic() - killed_at[0] < bound + 30  # bounded, not 149 retries forever
+        assert scheduler.stats.requeued_requests > 0
+    finally:
+        ray.kill(gone, no_restart=True)
+        for actor in judge.actors:
+            ray.kill(actor)
