@@ -246,6 +246,10 @@ class RunConfig:
     # fails naming it. Timed per engine from its first lost call, not per call: calls to a restarting
     # engine fail at once and are re-sent, so a per-call clock would never run out.
     engine_unavailable_timeout_s: float = 600.0
+    # The cluster's autoscaler adds nodes (cluster/ files enable it): a run the current nodes cannot place
+    # asks it for them and waits (run.engine_start_timeout_s). false: such a run fails at once, naming what
+    # it lacks (pipeline/capacity.py).
+    autoscaling: bool = False
     # `auto`: when output_dir already holds a run (state.json), continue it from its last finished stage
     # (a resubmitted cluster job picks up where the last one stopped); `never`: such a folder is an error.
     resume: str = "never"

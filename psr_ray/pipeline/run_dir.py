@@ -30,7 +30,7 @@ LOCK_FILE = ".psr-ray.lock"
 # per request).
 RESUMABLE = frozenset({
     "run.num_iterations", "run.ray_address", "run.wandb_mode", "run.wandb_project", "run.name", "run.cache_dir",
-    "run.engine_start_timeout_s", "run.engine_call_timeout_s", "run.engine_unavailable_timeout_s", "run.malloc_mmap_threshold_mib",
+    "run.engine_start_timeout_s", "run.engine_call_timeout_s", "run.engine_unavailable_timeout_s", "run.autoscaling", "run.malloc_mmap_threshold_mib",
     "rollout.num_engines", "rollout.num_cpus_per_engine", "rollout.cpu_kv_cache_gib", "rollout.max_restarts",
     "rollout.gpu_memory_utilization", "judge.num_engines", "judge.num_cpus_per_engine", "judge.cpu_kv_cache_gib",
     "judge.max_restarts", "judge.gpu_memory_utilization", "search.max_problems_in_flight", "search.flush_pairs",

@@ -1,0 +1,134 @@
+"""Can the cluster place this run? What the run asks of Ray, checked against the cluster's nodes right after
+Ray starts and before any engine, init phase or trainer (issue 26: an engine no node could host used to wait
+`run.engine_start_timeout_s`, 30 minutes, and then blame a hang).
+
+A run's steady state holds every engine and every trainer worker at once (the search and the training
+overlap), so each of them is a *demand*: one Ray bundle of CPUs, GPUs and the node group's custom resource
+that must land whole on one node. `placement_errors` packs the demands onto the nodes' totals (first fit,
+largest first), names any demand no node can hold and the resource the cluster lacks. Pure: the nodes come
+from `ray.nodes()` (`cluster_nodes`). With `run.autoscaling` the cluster may add nodes, so a shortfall is a
+warning and a request to the autoscaler rather than an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Ray's own bookkeeping resources: never asked for by a run, never worth naming.
+_IGNORED = ("memory", "object_store_memory", "node:", "accelerator_type:")
+
+
+@dataclass(frozen=True)
+class Demand:
+    what: str  # e.g. "rollout engine 0", "trainer worker 1"
+    resources: dict[str, float]
+
+
+def run_demands(cfg: Any) -> list[Demand]:
+    """Every bundle the run holds at once: engines (one per tensor-parallel shard) and trainer workers."""
+    from psr_ray.engines.pool import node_group_request
+    from psr_ray.trainer.group import scaling_kwargs
+
+    demands = []
+    roles = ("rollout", "judge") if cfg.judge.num_engines > 0 else ("rollout",)
+    for role in roles:
+        section = getattr(cfg, role)
+        for i in range(section.num_engines):
+            if section.tensor_parallel_size > 1:  # vLLM's workers take one {GPU: 1, CPU: 1} bundle per shard
+                shard = {"GPU": 1.0, "CPU": 1.0} | node_group_request(section, shard=True)
+                demands += [Demand(f"{role} engine {i} shard {s}", shard) for s in range(section.tensor_parallel_size)]
+            else:
+                ask = {"CPU": section.num_cpus_per_engine, "GPU": section.num_gpus_per_engine}
+                demands.append(Demand(f"{role} engine {i}", ask | node_group_request(section)))
+    scaling = scaling_kwargs(cfg.trainer)
+    worker = dict(scaling["resources_per_worker"])
+    if scaling["use_gpu"]:
+        worker.setdefault("GPU", 1.0)  # Ray Train's default for use_gpu without an explicit GPU share
+    demands += [Demand(f"trainer worker {i}", worker) for i in range(scaling["num_workers"])]
+    return [Demand(d.what, {k: v for k, v in d.resources.items() if v > 0}) for d in demands]
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of every live node of the connected Ray cluster."""
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def placement_errors(demands: list[Demand], nodes: list[dict[str, float]]) -> list[str]:
+    """What keeps `demands` off `nodes` (empty when they all fit together), one phrase per problem."""
+    free = [{k: v for k, v in node.items() if not k.startswith(_IGNORED)} for node in nodes]
+    errors = []
+    unplaced = []
+    for demand in sorted(demands, key=lambda d: -sum(d.resources.values())):
+        if not any(_fits(demand.resources, node) for node in free):
+            unplaced.append(demand)
+            continue
+        node = next(n for n in free if _fits(demand.resources, n))
+        for k, v in demand.resources.items():
+            node[k] -= v
+    if not unplaced:
+        return errors
+    totals = _sum(nodes)
+    asked = _sum([d.resources for d in demands])
+    for resource in sorted(asked):
+        if asked[resource] > totals.get(resource, 0.0) + 1e-9:
+            errors.append(f"the run asks for {_num(asked[resource])} {resource} in all, the cluster has "
+                          f"{_num(totals.get(resource, 0.0))}")  # fmt: skip
+    lone = [d for d in unplaced if not any(_fits(d.resources, n) for n in nodes)]
+    for d in lone:
+        errors.append(f"no node can hold {d.what} ({_bundle(d.resources)})")
+    if not errors:  # each fits somewhere alone, not all together
+        names = ", ".join(d.what for d in unplaced[:4]) + (" ..." if len(unplaced) > 4 else "")
+        errors.append(f"{names} do not fit beside the rest on the cluster's nodes")
+    return errors
+
+
+def describe(nodes: list[dict[str, float]]) -> str:
+    """`3 nodes: 16 CPU, 8 GPU, 4 psr_engine, ...` (what `psr-ray submit` shows before it submits)."""
+    totals = {k: v for k, v in _sum(nodes).items() if not k.startswith(_IGNORED)}
+    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}: " + ", ".join(
+        f"{_num(v)} {k}" for k, v in sorted(totals.items(), key=lambda kv: (kv[0] not in ("CPU", "GPU"), kv[0]))
+    )
+
+
+def check_capacity(cfg: Any, nodes: list[dict[str, float]] | None = None) -> list[str]:
+    """Raises a ValueError naming what is missing when the run cannot be placed on the cluster; with
+    `run.autoscaling` asks the autoscaler for it instead and returns the warnings."""
+    nodes = cluster_nodes() if nodes is None else nodes
+    demands = run_demands(cfg)
+    errors = placement_errors(demands, nodes)
+    if not errors:
+        return []
+    where = describe(nodes)
+    if cfg.run.autoscaling:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[d.resources for d in demands])
+        return [f"the cluster ({where}) cannot place this run yet: {'; '.join(errors)}; asked its autoscaler for "
+                f"the nodes (run.autoscaling), waiting up to run.engine_start_timeout_s="
+                f"{cfg.run.engine_start_timeout_s:g} s"]  # fmt: skip
+    raise ValueError(f"this run cannot be placed on the cluster ({where}): {'; '.join(errors)}; add nodes with "
+                     "those resources, lower the run's asks (num_engines, num_*_per_engine, trainer.num_workers), "
+                     "or set run.autoscaling=true if an autoscaler adds nodes")  # fmt: skip
+
+
+def _fits(ask: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in ask.items())
+
+
+def _sum(bundles: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for k, v in bundle.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _bundle(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {_num(v)}" for k, v in sorted(resources.items()))
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"

@@ -1,0 +1,75 @@
+"""Whether the cluster can place a run, checked before any engine starts (issue 26 §3). Pure: the nodes are
+given as Ray reports them (`ray.nodes()[i]["Resources"]`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from psr_ray.config import DEFAULT_CONFIG, REPO_ROOT, load
+from psr_ray.pipeline.capacity import Demand, check_capacity, describe, placement_errors, run_demands
+
+RECIPE = REPO_ROOT / "jobs" / "configs" / "qwen2.5-math-7b.yaml"
+HEAD = {"CPU": 0.0, "memory": 3e10, "node:__internal_head__": 1.0}
+
+
+def gpu_node(resource: str, gpus: int = 8) -> dict[str, float]:
+    return {"CPU": 96.0, "GPU": float(gpus), resource: float(gpus), "memory": 1e12, "node:10.0.0.2": 1.0}
+
+
+def test_the_recipe_asks_for_its_engines_and_trainer_workers():
+    demands = run_demands(load([str(RECIPE)], []))
+    engines = [d for d in demands if "engine" in d.what]
+    workers = [d for d in demands if "trainer" in d.what]
+    assert len(engines) == 6 and len(workers) == 8
+    assert engines[0].resources == {"CPU": 8.0, "GPU": 1.0, "psr_engine": 1.0}
+    assert workers[0].resources == {"CPU": 8.0, "GPU": 1.0, "psr_trainer": 1.0}
+
+
+def test_the_recipe_fits_its_engine_and_trainer_nodes():
+    cfg = load([str(RECIPE)], [])
+    assert placement_errors(run_demands(cfg), [HEAD, gpu_node("psr_engine"), gpu_node("psr_trainer")]) == []
+
+
+def test_a_cluster_without_the_engine_node_group_is_refused_naming_what_it_lacks():
+    cfg = load([str(RECIPE)], ["run.autoscaling=false"])
+    nodes = [HEAD, gpu_node("psr_trainer")]
+    with pytest.raises(ValueError) as err:
+        check_capacity(cfg, nodes)
+    text = str(err.value)
+    assert "\n" not in text
+    assert "the run asks for 6 psr_engine in all, the cluster has 0" in text
+    assert "no node can hold rollout engine 0 (CPU: 8, GPU: 1, psr_engine: 1)" in text
+    assert "2 nodes: 96 CPU, 8 GPU, 8 psr_trainer" in text
+
+
+def test_demands_that_fit_alone_but_not_together_are_named():
+    nodes = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
+    demands = [Demand("a", {"GPU": 1.0}), Demand("b", {"GPU": 1.0}), Demand("c", {"GPU": 0.5, "CPU": 1.0})]
+    assert placement_errors(demands, nodes) == ["the run asks for 2.5 GPU in all, the cluster has 2"]
+    # Fractional shares pack: two 0.4 engines and a 0.2 worker share one GPU.
+    shared = [Demand("e0", {"GPU": 0.4}), Demand("e1", {"GPU": 0.4}), Demand("w", {"GPU": 0.2})]
+    assert placement_errors(shared, [{"CPU": 2.0, "GPU": 1.0}]) == []
+
+
+def test_with_an_autoscaler_a_shortfall_is_a_warning_not_an_error(monkeypatch):
+    import ray.autoscaler.sdk as sdk
+
+    asked: list = []
+    monkeypatch.setattr(sdk, "request_resources", lambda bundles: asked.append(bundles))
+    cfg = load([str(RECIPE)], [])  # the recipe sets run.autoscaling: true
+    assert cfg.run.autoscaling
+    (warning,) = check_capacity(cfg, [HEAD])
+    assert "asked its autoscaler for the nodes (run.autoscaling)" in warning
+    assert len(asked[0]) == 14  # every engine and trainer worker bundle
+
+
+def test_the_embedded_preset_fits_the_local_ray_of_this_machine():
+    cfg = load([str(DEFAULT_CONFIG)], [])
+    local = {"CPU": 4.0, "memory": 1.6e10, "object_store_memory": 7e9, "node:__internal_head__": 1.0}
+    assert check_capacity(cfg, [local]) == []
+    bigger = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, num_workers=8))
+    with pytest.raises(ValueError, match="the run asks for 9 CPU in all, the cluster has 4"):
+        check_capacity(bigger, [local])
+    assert describe([local]) == "1 node: 4 CPU"
