@@ -296,12 +296,13 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[tuple[int, str]
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8").strip())
+                # utf-8-sig: a byte-order mark (Notepad writes one) must not spoil the first line.
+                row = json.loads(raw.decode("utf-8-sig").strip())
             except UnicodeDecodeError as err:
                 skipped.append((line, f"invalid UTF-8: byte offset {err.start}"))
                 continue
             except json.JSONDecodeError as err:
-                skipped.append((line, f"invalid JSON: {err.msg} at column {err.colno}"))
+                skipped.append((line, f"invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}"))
                 continue
             except RecursionError:
                 skipped.append((line, "invalid JSON: nested too deeply"))
