@@ -141,6 +141,7 @@ def test_validate_reports_every_error_at_once():
 def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 4096}')
     (tmp_path / "model.safetensors").write_text("x")
+    (tmp_path / "tokenizer.json").write_text("{}")
     for path in (str(tmp_path), "Qwen/Qwen2.5-Math-7B-Instruct"):
         preflight.validate(C.load([], [f"model.path={path}"]), gpu_available=False)
     with pytest.raises(ValueError, match="model.path .* is a file"):

@@ -45,6 +45,7 @@ def write_run(folder: Path, *overrides: str) -> C.PSRConfig:
     model.mkdir(parents=True)
     (model / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 4096}')
     (model / "model.safetensors").write_text("x")
+    (model / "tokenizer.json").write_text("{}")
     cfg = C.load([], [f"model.path={model}", f"run.output_dir={folder}", *overrides])
     (folder / "state.json").write_text(json.dumps({"config": cfg.to_dict(), "iterations": {}}))
     return cfg

@@ -132,6 +132,13 @@ def _read_yaml(path: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must be a mapping of sections (model:, data:, rollout:, ...), "
                          f"got a {type(raw).__name__}")  # fmt: skip
+    sections = [f.name for f in dataclasses.fields(PSRConfig)]
+    if raw and not any(str(key) in sections for key in raw):
+        # Another tool's YAML (a Ray cluster launcher's, say): said before its ${...} would be resolved.
+        keys = [str(key) for key in raw]
+        shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        raise ValueError(f"config file {path} is not a psr_ray config: its top-level keys ({shown}) are not "
+                         f"sections ({', '.join(sections)})")  # fmt: skip
     for section, value in raw.items():
         default = getattr(PSRConfig(), str(section), None)
         if dataclasses.is_dataclass(default) and not isinstance(value, dict):

@@ -121,6 +121,8 @@ def read_source(source: str, split: str = "train") -> SourceRows:
         return SourceRows(rows, skipped, source.removeprefix("hf:").split(":")[0].replace("/", "_"), split)
     if source.endswith(".jsonl"):
         path = Path(os.path.expanduser(source))
+        if path.is_dir():
+            raise ValueError(f"problem file {source!r} is a folder, not a .jsonl file")
         if not path.is_file():
             raise ValueError(f"problem file {source!r} does not exist; pass an existing .jsonl file")
         rows, skipped = read_jsonl(path)
