@@ -47,7 +47,7 @@ _NAMES = [
     "eval --benchmarks with spaces after the commas", "data.source that is a folder", "benchmark path that is a folder",
     "empty .jsonl benchmark", "output_dir that is a file", "a Ray cluster launcher YAML as --config",
     "relative model path of no folder, offline", "model path deeper than org/name", "model folder without a tokenizer",
-    "generate with no usable problem",
+    "generate with no usable problem", "a --config file that replaces the preset (said, not refused)",
 ]  # fmt: skip
 
 

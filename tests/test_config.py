@@ -148,6 +148,52 @@ def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
         preflight.validate(C.load([], [f"model.path={tmp_path / 'model.safetensors'}"]), gpu_available=False)
 
 
+def test_a_model_id_the_hub_lacks_is_refused_and_an_unreachable_hub_is_not(tmp_path, monkeypatch):
+    """`checkpoints/missing` with no `checkpoints/` folder has the shape of a hub id: the hub's definite "no such
+    repository" refuses it in validate; an unreachable hub gives no answer and leaves it to the engines."""
+    import httpx
+    from huggingface_hub import HfApi, errors
+
+    def not_found(self, repo_id, **kwargs):
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        raise errors.RepositoryNotFoundError(f"404 {repo_id}", response=response)
+
+    def unreachable(self, repo_id, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load([], ["model.path=checkpoints/missing"])
+    monkeypatch.setattr(HfApi, "model_info", not_found)
+    with pytest.raises(ValueError, match=rf"model.path 'checkpoints/missing' is no local folder \({tmp_path}/checkpoints/"
+                       r"missing does not exist\) nor a model on the HF hub \(no repository checkpoints/missing there"):
+        preflight.validate(cfg, gpu_available=False)
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    preflight.validate(cfg, gpu_available=False)
+
+
+def test_a_hub_benchmark_needs_datasets_before_start(monkeypatch):
+    from psr_ray.data import checks
+
+    monkeypatch.setattr(checks, "_package_missing", lambda name: name == "datasets")
+    with pytest.raises(ValueError, match=r"eval.benchmarks olympiadbench: not shipped offline, loaded from the HF hub "
+                       r"with the datasets package, which is not installed: pip install datasets"):
+        preflight.validate(C.load([], ["eval.benchmarks=[gsm8k,olympiadbench]"]), gpu_available=False)
+
+
+def test_section_sources_name_the_file_of_each_section(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("model:\n  max_model_len: 2048\nrollout:\n  num_candidates: 3\n")
+    b.write_text("rollout:\n  top_p: 0.9\n")
+    preset = str(C.DEFAULT_CONFIG)
+    assert C.section_sources([preset, str(a), str(b)], ["trainer.beta=0.2"], preset=preset) == (
+        f"config sections: model from {preset} + {a}; data, judge, search, trainer, weight_sync, eval, init, run from "
+        f"{preset}; rollout from {preset} + {a} + {b}; overridden: trainer.beta")
+    assert C.section_sources([], [], preset=preset) == (
+        "config sections: model, data, rollout, judge, search, trainer, weight_sync, eval, init, run from the built-in "
+        f"defaults (paper-sized) (the preset {preset} is not used: list it first, --config {preset} --config FILE, to "
+        "layer on it)")
+
+
 def test_init_section_overrides():
     cfg = preflight.validate(C.load([], ["init.num_ift_examples=64", "init.eft_ift_ratio=0.2"]), gpu_available=False)
     assert (cfg.init.num_ift_examples, cfg.init.eft_ift_ratio, cfg.init.num_heldout_pairs) == (64, 0.2, 150)

@@ -240,4 +240,9 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
                                                      "--output", f"{w}/out_generate"),
                  f"psr-ray generate: data.source '{w}/nested.jsonl' yielded no usable problems",
                  stdout_has="0 problems, 1 skipped (1 invalid JSON)"),
+        BadInput("a --config file that replaces the preset (said, not refused)", ("validate", "--config", f"{w}/ok.yaml"),
+                 f"config OK ({w}/ok.yaml)", returncode=0,
+                 stdout_has="config sections: model, data, judge, search, trainer, weight_sync, eval, init, run from "
+                 f"the built-in defaults (paper-sized); rollout from {w}/ok.yaml (the preset {DEFAULT_CONFIG} is not "
+                 f"used: list it first, --config {DEFAULT_CONFIG} --config FILE, to layer on it)\n"),
     ]  # fmt: skip
