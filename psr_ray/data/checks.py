@@ -87,7 +87,7 @@ def _hub_errors(model_id: str, where: str) -> list[str]:
     if constants.HF_HUB_OFFLINE:
         return [f"{missing} nor an HF model in the offline cache (HF_HUB_OFFLINE is set)"]
     try:
-        HfApi().model_info(model_id, timeout=10)
+        HfApi().model_info(model_id, timeout=5)
     except errors.GatedRepoError:
         return []  # it exists; access is the token's business
     except errors.RepositoryNotFoundError:
