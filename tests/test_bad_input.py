@@ -44,6 +44,10 @@ _NAMES = [
     "--resume with --config", "--resume with an override that changes results", "generate --num-problems 0",
     "eval --limit -1", "eval --benchmarks with an unknown name", "train --pairs of a missing folder",
     "Ray address where nothing answers", "submit address where nothing answers", "submit address that is no URL",
+    "eval --benchmarks with spaces after the commas", "data.source that is a folder", "benchmark path that is a folder",
+    "empty .jsonl benchmark", "output_dir that is a file", "a Ray cluster launcher YAML as --config",
+    "relative model path of no folder, offline", "model path deeper than org/name", "model folder without a tokenizer",
+    "generate with no usable problem", "a --config file that replaces the preset (said, not refused)",
 ]  # fmt: skip
 
 
@@ -76,6 +80,13 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(all_cases, 
     corrected = [a for a in case.argv if not a.startswith("data.source=")] + ["run.ray_address=127.0.0.1:1"]
     check(bi.BadInput("corrected", tuple(corrected), "psr-ray run: run.ray_address 127.0.0.1:1: nothing answers at "
                       "127.0.0.1:1 (Connection refused); is the Ray head running and reachable from here?"))  # fmt: skip
+
+
+def test_generate_with_no_usable_problem_writes_no_pairs(all_cases, work):
+    """It fails before any pair or manifest: the corrected rerun into the same folder is not refused as
+    "already holds step pairs"."""
+    check(all_cases["generate with no usable problem"])
+    assert not (work / "out_generate" / "pairs").exists()
 
 
 # ---- machine states ---------------------------------------------------------------------------------------

@@ -141,10 +141,57 @@ def test_validate_reports_every_error_at_once():
 def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 4096}')
     (tmp_path / "model.safetensors").write_text("x")
+    (tmp_path / "tokenizer.json").write_text("{}")
     for path in (str(tmp_path), "Qwen/Qwen2.5-Math-7B-Instruct"):
         preflight.validate(C.load([], [f"model.path={path}"]), gpu_available=False)
     with pytest.raises(ValueError, match="model.path .* is a file"):
         preflight.validate(C.load([], [f"model.path={tmp_path / 'model.safetensors'}"]), gpu_available=False)
+
+
+def test_a_model_id_the_hub_lacks_is_refused_and_an_unreachable_hub_is_not(tmp_path, monkeypatch):
+    """`checkpoints/missing` with no `checkpoints/` folder has the shape of a hub id: the hub's definite "no such
+    repository" refuses it in validate; an unreachable hub gives no answer and leaves it to the engines."""
+    import httpx
+    from huggingface_hub import HfApi, errors
+
+    def not_found(self, repo_id, **kwargs):
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        raise errors.RepositoryNotFoundError(f"404 {repo_id}", response=response)
+
+    def unreachable(self, repo_id, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load([], ["model.path=checkpoints/missing"])
+    monkeypatch.setattr(HfApi, "model_info", not_found)
+    with pytest.raises(ValueError, match=rf"model.path 'checkpoints/missing' is no local folder \({tmp_path}/checkpoints/"
+                       r"missing does not exist\) nor a model on the HF hub \(no repository checkpoints/missing there"):
+        preflight.validate(cfg, gpu_available=False)
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    preflight.validate(cfg, gpu_available=False)
+
+
+def test_a_hub_benchmark_needs_datasets_before_start(monkeypatch):
+    from psr_ray.data import checks
+
+    monkeypatch.setattr(checks, "_package_missing", lambda name: name == "datasets")
+    with pytest.raises(ValueError, match=r"eval.benchmarks olympiadbench: not shipped offline, loaded from the HF hub "
+                       r"with the datasets package, which is not installed: pip install datasets"):
+        preflight.validate(C.load([], ["eval.benchmarks=[gsm8k,olympiadbench]"]), gpu_available=False)
+
+
+def test_section_sources_name_the_file_of_each_section(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("model:\n  max_model_len: 2048\nrollout:\n  num_candidates: 3\n")
+    b.write_text("rollout:\n  top_p: 0.9\n")
+    preset = str(C.DEFAULT_CONFIG)
+    assert C.section_sources([preset, str(a), str(b)], ["trainer.beta=0.2"], preset=preset) == (
+        f"config sections: model from {preset} + {a}; data, judge, search, trainer, weight_sync, eval, init, run from "
+        f"{preset}; rollout from {preset} + {a} + {b}; overridden: trainer.beta")
+    assert C.section_sources([], [], preset=preset) == (
+        "config sections: model, data, rollout, judge, search, trainer, weight_sync, eval, init, run from the built-in "
+        f"defaults (paper-sized) (the preset {preset} is not used: list it first, --config {preset} --config FILE, to "
+        "layer on it)")
 
 
 def test_init_section_overrides():

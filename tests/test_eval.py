@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import pytest
 
 from psr_ray.data.problems import Problem
 from psr_ray.engines.api import split_batches
 from psr_ray.evaluation.benchmarks import problems_digest, score_solution, summarize
-from psr_ray.evaluation.tables import format_table, write_report
+from psr_ray.evaluation.tables import format_table, write_report, write_solutions
 
 JANET = Problem("gsm8k-test-0", "Janet's ducks ...", "18", "gsm8k")
 
@@ -55,6 +56,15 @@ def test_score_solution():
         False,
     )
     assert (empty.predicted, empty.correct, empty.num_steps, empty.formatted) == (None, False, 0, False)
+
+
+def test_solutions_file_holds_the_question_and_gold_answer(tmp_path):
+    """solutions.jsonl is read on its own: each line says what was asked and what was right."""
+    result = types.SimpleNamespace(benchmarks=[summarize("gsm8k", _scores()[:1])])
+    line = json.loads(write_solutions(result, str(tmp_path)).read_text())
+    assert {key: line[key] for key in ("benchmark", "problem_id", "question", "answer", "predicted", "correct")} == {
+        "benchmark": "gsm8k", "problem_id": "gsm8k-test-0", "question": "Janet's ducks ...", "answer": "18",
+        "predicted": "18", "correct": True}  # fmt: skip
 
 
 def test_summarize():

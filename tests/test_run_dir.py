@@ -3,6 +3,7 @@ rule, durable writes, and the kill windows' arming (in a real child process that
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from psr_ray import config as C
-from psr_ray.pipeline.run_dir import RESUMABLE, RunDirLock, check_search_pairs, resume_config
+from psr_ray.pipeline.run_dir import (
+    RESUMABLE,
+    RunDirLock,
+    check_resume,
+    check_search_pairs,
+    check_writable,
+    resume_config,
+)
 from psr_ray.runtime import kill_windows
 
 HOLD_LOCK = "import sys, time\nfrom psr_ray.pipeline.run_dir import RunDirLock\nRunDirLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(600)\n"
@@ -37,6 +45,7 @@ def write_run(folder: Path, *overrides: str) -> C.PSRConfig:
     model.mkdir(parents=True)
     (model / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 4096}')
     (model / "model.safetensors").write_text("x")
+    (model / "tokenizer.json").write_text("{}")
     cfg = C.load([], [f"model.path={model}", f"run.output_dir={folder}", *overrides])
     (folder / "state.json").write_text(json.dumps({"config": cfg.to_dict(), "iterations": {}}))
     return cfg
@@ -54,6 +63,24 @@ def test_resume_applies_resumable_overrides_and_refuses_the_rest(tmp_path):
     with pytest.raises(ValueError, match=r"invalid config: run.num_iterations must be >= 1"):
         resume_config(str(tmp_path), ["run.num_iterations=0"])
     assert all(key.split(".")[0] in ("run", "rollout", "judge", "search", "trainer") for key in RESUMABLE)
+
+
+def test_a_job_resubmitted_with_run_resume_auto_continues_a_run_started_without_it(tmp_path):
+    """`run.resume=auto` says how the job starts, not what it computes: the run started without it goes on."""
+    stored = write_run(tmp_path)
+    resumed = C.load([], [f"model.path={stored.model.path}", f"run.output_dir={tmp_path}", "run.resume=auto"])
+    check_resume(stored, resumed, str(tmp_path))  # no ValueError
+    assert resume_config(str(tmp_path), ["run.resume=auto"]).run.resume == "auto"
+
+
+def test_the_write_probe_is_removed_when_the_disk_is_full(tmp_path, monkeypatch):
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(ValueError, match=rf"^run.output_dir {tmp_path}: cannot write there \(No space left on device\)$"):
+        check_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no .psr-ray-write-test-<pid> left behind
 
 
 def test_resume_validates_the_stored_config_as_it_is_now(tmp_path):

@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    if args.command in ("validate", "run") and not getattr(args, "resume", None):
+        # A --config file replaces the preset: say where each section came from.
+        paths = args.config or [str(DEFAULT_CONFIG)]
+        print(config_lib.section_sources(paths, args.overrides, preset=str(DEFAULT_CONFIG)))
     if args.command == "validate":
         print(f"config OK ({', '.join(args.config or [str(DEFAULT_CONFIG)])})")
         return 0

@@ -44,6 +44,8 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
                            seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars)
     if loaded.skipped:
         print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
+    if not loaded.problems:  # before any pair or manifest: the corrected rerun is not refused
+        raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
     model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
     init_ray(cfg)
     summary = generate_pairs(
@@ -93,7 +95,9 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
     from psr_ray.evaluation.benchmarks import eval_command
     from psr_ray.runtime.cluster import init_ray
 
-    benchmarks = args.benchmarks.split(",") if args.benchmarks else list(cfg.eval.benchmarks)
+    # `gsm8k, math500` as typed in a shell: names without their spaces.
+    names = [name.strip() for name in (args.benchmarks or "").split(",") if name.strip()]
+    benchmarks = names or list(cfg.eval.benchmarks)
     limit = cfg.eval.limit if args.limit is None else args.limit
     if limit < 0:
         raise ValueError(f"--limit must be >= 0 (0 means all), got {limit}")

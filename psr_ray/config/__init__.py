@@ -2,7 +2,7 @@
 and dotted overrides (`loading.load`); which weight-sync transport a layout gets (`topology`). A leaf: the
 checks of paths, data and benchmarks before Ray starts are `psr_ray.pipeline.preflight.validate`."""
 
-from psr_ray.config.loading import from_dict, load
+from psr_ray.config.loading import from_dict, load, section_sources
 from psr_ray.config.sections import (
     DEFAULT_CONFIG,
     EMBEDDED_DATA,
@@ -32,5 +32,5 @@ __all__ = [
     "EvalConfig", "InitConfig", "JudgeConfig", "JudgeMode", "JudgePlan", "LRSchedule", "ModelConfig", "PSRConfig",
     "RolloutConfig",
     "RunConfig", "SearchConfig", "TrainerConfig", "WeightSyncBackend", "WeightSyncConfig", "from_dict",
-    "load", "to_plain",
+    "load", "section_sources", "to_plain",
 ]  # fmt: skip

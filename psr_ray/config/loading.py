@@ -105,6 +105,27 @@ def load(
     return from_dict({str(k): v for k, v in raw.items()})
 
 
+def section_sources(paths: list[str] | tuple[str, ...], overrides: list[str] | tuple[str, ...] = (),
+                    *, preset: str | None = None) -> str:  # fmt: skip
+    """One line saying where each section of `load(paths, overrides)` came from: the files that set it, or the
+    built-in (paper-sized) defaults; then the overridden keys. A `--config` file replaces the `preset` rather
+    than layering on it, which this line makes visible (`validate` and `run` print it)."""
+    sections = [f.name for f in dataclasses.fields(PSRConfig)]
+    origins: dict[str, list[str]] = {name: [] for name in sections}
+    for path in paths:
+        for key in _read_yaml(path):
+            origins[str(key)].append(str(path))
+    groups: dict[str, list[str]] = {}
+    for name in sections:
+        groups.setdefault(" + ".join(origins[name]) or "the built-in defaults (paper-sized)", []).append(name)
+    line = "config sections: " + "; ".join(f"{', '.join(names)} from {where}" for where, names in groups.items())
+    given = {Path(path).expanduser().resolve() for path in paths}
+    if preset is not None and Path(preset).resolve() not in given and not all(origins.values()):
+        line += f" (the preset {preset} is not used: list it first, --config {preset} --config FILE, to layer on it)"
+    keys = [item.partition("=")[0] for item in overrides]
+    return line + (f"; overridden: {', '.join(keys)}" if keys else "")
+
+
 def _read_yaml(path: str) -> Any:
     """One config file as an OmegaConf mapping; a file that is missing, unreadable, not YAML or not a mapping
     of sections is a ValueError naming it (with the line, for YAML errors)."""
@@ -132,6 +153,13 @@ def _read_yaml(path: str) -> Any:
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must be a mapping of sections (model:, data:, rollout:, ...), "
                          f"got a {type(raw).__name__}")  # fmt: skip
+    sections = [f.name for f in dataclasses.fields(PSRConfig)]
+    if raw and not any(str(key) in sections for key in raw):
+        # Another tool's YAML (a Ray cluster launcher's, say): said before its ${...} would be resolved.
+        keys = [str(key) for key in raw]
+        shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+        raise ValueError(f"config file {path} is not a psr_ray config: its top-level keys ({shown}) are not "
+                         f"sections ({', '.join(sections)})")  # fmt: skip
     for section, value in raw.items():
         default = getattr(PSRConfig(), str(section), None)
         if dataclasses.is_dataclass(default) and not isinstance(value, dict):

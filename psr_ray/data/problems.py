@@ -121,6 +121,8 @@ def read_source(source: str, split: str = "train") -> SourceRows:
         return SourceRows(rows, skipped, source.removeprefix("hf:").split(":")[0].replace("/", "_"), split)
     if source.endswith(".jsonl"):
         path = Path(os.path.expanduser(source))
+        if path.is_dir():
+            raise ValueError(f"problem file {source!r} is a folder, not a .jsonl file")
         if not path.is_file():
             raise ValueError(f"problem file {source!r} does not exist; pass an existing .jsonl file")
         rows, skipped = read_jsonl(path)
@@ -296,12 +298,13 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[tuple[int, str]
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8").strip())
+                # utf-8-sig: a byte-order mark (Notepad writes one) must not spoil the first line.
+                row = json.loads(raw.decode("utf-8-sig").strip())
             except UnicodeDecodeError as err:
                 skipped.append((line, f"invalid UTF-8: byte offset {err.start}"))
                 continue
             except json.JSONDecodeError as err:
-                skipped.append((line, f"invalid JSON: {err.msg} at column {err.colno}"))
+                skipped.append((line, f"invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}"))
                 continue
             except RecursionError:
                 skipped.append((line, "invalid JSON: nested too deeply"))

@@ -26,6 +26,8 @@ from psr_ray.engines.api import split_batches
 @dataclass(frozen=True)
 class SolutionScore:
     problem_id: str
+    question: str  # the problem and its gold answer, so solutions.jsonl can be audited on its own
+    answer: str | None
     text: str  # the whole solution, forced `Step 1: ` header included
     predicted: str | None  # verify.extract_answer: boxed, else "the answer is", else the last number
     correct: bool
@@ -110,6 +112,8 @@ def score_solution(problem: Problem, generated: str, num_tokens: int) -> Solutio
     predicted = extract_answer(text)
     return SolutionScore(
         problem_id=problem.problem_id,
+        question=problem.question,
+        answer=problem.answer,
         text=text,
         predicted=predicted,
         correct=is_equivalent(predicted, problem.answer),

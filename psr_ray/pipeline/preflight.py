@@ -164,6 +164,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         local = run.ray_address is None
         errors.extend(checks.model_errors(cfg.model.path, context, check_packages=local))
         errors.extend(checks.data_errors(cfg.data.source, check_packages=local))
+        errors.extend(checks.output_dir_errors(run.output_dir))
         if local:
             errors.extend(checks.benchmark_package_errors(cfg.eval.benchmarks))
 

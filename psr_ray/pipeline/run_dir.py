@@ -10,6 +10,7 @@ hosts are kept apart only where the filesystem supports it (NFSv4 and Lustre do)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -27,10 +28,11 @@ LOCK_FILE = ".psr-ray.lock"
 
 # What `psr-ray run --resume DIR key=value` may change: where and how fast the run goes, never what its
 # finished stages computed (the pairs do not depend on batching or on which engine answers: seeds are
-# per request).
+# per request). run.resume is how the job was started, not what it computes.
 RESUMABLE = frozenset({
-    "run.num_iterations", "run.ray_address", "run.wandb_mode", "run.wandb_project", "run.name", "run.cache_dir",
-    "run.engine_start_timeout_s", "run.engine_call_timeout_s", "run.engine_unavailable_timeout_s", "run.autoscaling", "run.malloc_mmap_threshold_mib",
+    "run.num_iterations", "run.ray_address", "run.resume", "run.wandb_mode", "run.wandb_project", "run.name",
+    "run.cache_dir", "run.engine_start_timeout_s", "run.engine_call_timeout_s", "run.engine_unavailable_timeout_s",
+    "run.autoscaling", "run.malloc_mmap_threshold_mib",
     "rollout.num_engines", "rollout.num_cpus_per_engine", "rollout.cpu_kv_cache_gib", "rollout.max_restarts",
     "rollout.gpu_memory_utilization", "judge.num_engines", "judge.num_cpus_per_engine", "judge.cpu_kv_cache_gib",
     "judge.max_restarts", "judge.gpu_memory_utilization", "search.max_problems_in_flight", "search.flush_pairs",
@@ -85,6 +87,8 @@ def check_writable(folder: str | os.PathLike, field: str = "run.output_dir") -> 
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as err:
+        with contextlib.suppress(OSError):  # a full disk must not keep the probe
+            probe.unlink()
         raise ValueError(f"{field} {folder}: cannot write there ({err.strerror})") from None
 
 

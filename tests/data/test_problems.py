@@ -54,6 +54,17 @@ def test_malformed_jsonl_is_reported_by_line(tmp_path):
     assert bench.skipped[-1] == (10, "no answer: none of answer, final_answer, target, gt, solution gives a final answer")
 
 
+def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path):
+    """Notepad saves UTF-8 with a BOM: the first problem stays."""
+    source = _write_lines(tmp_path / "notepad.jsonl", [b"\xef\xbb\xbf" + json.dumps({"question": "1+1?", "answer": 2}).encode()])
+    assert load_problems(source, seed=None).problems == [Problem("notepad-train-0", "1+1?", "2", "notepad")]
+
+
+def test_an_unterminated_string_names_its_column_once(tmp_path):
+    source = _write_lines(tmp_path / "cut.jsonl", [b'{"question": "cut off'])
+    assert load_problems(source).skipped == [(1, "invalid JSON: Unterminated string starting at column 14")]
+
+
 def test_answer_fields(tmp_path):
     source = _write_lines(
         tmp_path / "test.jsonl",

@@ -66,12 +66,19 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
         "nested.jsonl": "[" * 100_000 + "]" * 100_000 + "\n",
         "a_file": "not a folder\n",
         "state/state.json": "{not json",
+        "cluster.yaml": "cluster_name: psr\nmax_workers: 2\nprovider:\n  type: aws\n  region: ${AWS_REGION}\n"
+                        "available_node_types: {}\nhead_node_type: head\nsetup_commands: []\nhead_setup_commands: []\n",
+        "empty.jsonl": "",
+        "no_tokenizer/config.json": Path(model_dir, "config.json").read_text(),
+        "no_tokenizer/model.safetensors": "x",
+        "no_tokenizer/tokenizer_config.json": "{}",
     }
     for name, text in files.items():
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).write_text(text)
     (work / "empty_model").mkdir(exist_ok=True)
     (work / "relative").mkdir(exist_ok=True)
+    (work / "folder.jsonl").mkdir(exist_ok=True)
     stored = work / "stored_run"
     stored.mkdir(exist_ok=True)
 
@@ -177,7 +184,7 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
                  "judge.num_engines, rollout.cpu_kv_cache_gib, rollout.gpu_memory_utilization, rollout.max_restarts, "
                  "rollout.num_cpus_per_engine, rollout.num_engines, run.cache_dir, run.engine_call_timeout_s, "
                  "run.engine_start_timeout_s, run.malloc_mmap_threshold_mib, run.name, run.num_iterations, "
-                 "run.ray_address, run.wandb_mode, run.wandb_project, search.flush_pairs, search.max_problems_in_flight, trainer.gradient_checkpointing, "
+                 "run.ray_address, run.resume, run.wandb_mode, run.wandb_project, search.flush_pairs, search.max_problems_in_flight, trainer.gradient_checkpointing, "
                  "trainer.max_failures, trainer.num_cpus_per_worker, trainer.zero3_buffer_numel"),
         BadInput("generate --num-problems 0", ("generate", *tiny, "--num-problems", "0"),
                  "psr-ray generate: --num-problems must be >= 1, got 0"),
@@ -198,4 +205,44 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
         BadInput("submit address that is no URL", ("submit", "--address", "nonsense"),
                  "psr-ray submit: cannot reach a Ray dashboard at http://nonsense: no host named 'nonsense' "
                  "resolves"),
+        # issue 27: each caught by `validate` (or before the output folder is used), before Ray
+        BadInput("eval --benchmarks with spaces after the commas", ("eval", *tiny, "--benchmarks", "nope, gsm8k"),
+                 f"psr-ray eval: invalid config: eval.benchmarks: unknown benchmark 'nope'; use one of "
+                 f"{', '.join(BENCHMARKS)} or a .jsonl path"),
+        BadInput("data.source that is a folder", ("validate", f"data.source={w}/folder.jsonl"),
+                 f"psr-ray validate: invalid config: data.source '{w}/folder.jsonl' is a folder, not a .jsonl file"),
+        BadInput("benchmark path that is a folder", ("validate", f"eval.benchmarks=[{w}/folder.jsonl]"),
+                 f"psr-ray validate: invalid config: eval.benchmarks: the test file '{w}/folder.jsonl' is a folder, "
+                 "not a .jsonl file"),
+        BadInput("empty .jsonl benchmark", ("validate", f"eval.benchmarks=[{w}/empty.jsonl]"),
+                 f"psr-ray validate: invalid config: eval.benchmarks: the test file '{w}/empty.jsonl' holds no usable "
+                 "problem (0 problems, 0 skipped)"),
+        BadInput("output_dir that is a file", ("validate", f"run.output_dir={w}/a_file"),
+                 f"psr-ray validate: invalid config: run.output_dir '{w}/a_file' is a file, not a folder; give a "
+                 "folder for the run's files"),
+        BadInput("a Ray cluster launcher YAML as --config", ("validate", "--config", f"{w}/cluster.yaml"),
+                 f"psr-ray validate: config file {w}/cluster.yaml is not a psr_ray config: its top-level keys "
+                 "(cluster_name, max_workers, provider, available_node_types, head_node_type, setup_commands, ...) "
+                 "are not sections (model, data, rollout, judge, search, trainer, weight_sync, eval, init, run)",
+                 env={"AWS_REGION": "us-west-2"}),
+        BadInput("relative model path of no folder, offline", ("validate", "model.path=checkpoints/missing"),
+                 f"psr-ray validate: invalid config: model.path 'checkpoints/missing' is no local folder "
+                 f"({REPO_ROOT}/checkpoints/missing does not exist) nor an HF model in the offline cache "
+                 "(HF_HUB_OFFLINE is set)", env={"HF_HUB_OFFLINE": "1"}),
+        BadInput("model path deeper than org/name", ("validate", "model.path=nowhere/ckpt/missing"),
+                 "psr-ray validate: invalid config: model.path 'nowhere/ckpt/missing' does not exist (a local "
+                 f"path: {REPO_ROOT}/nowhere/ckpt/missing)"),
+        BadInput("model folder without a tokenizer", ("validate", f"model.path={w}/no_tokenizer"),
+                 f"psr-ray validate: invalid config: model.path '{w}/no_tokenizer' has no tokenizer (tokenizer.json, "
+                 f"tokenizer.model, *.tiktoken, vocab.json, vocab.txt, spiece.model: none in {w}/no_tokenizer); copy "
+                 "the base model's tokenizer files there"),
+        BadInput("generate with no usable problem", ("generate", *tiny, f"data.source={w}/nested.jsonl",
+                                                     "--output", f"{w}/out_generate"),
+                 f"psr-ray generate: data.source '{w}/nested.jsonl' yielded no usable problems",
+                 stdout_has="0 problems, 1 skipped (1 invalid JSON)"),
+        BadInput("a --config file that replaces the preset (said, not refused)", ("validate", "--config", f"{w}/ok.yaml"),
+                 f"config OK ({w}/ok.yaml)", returncode=0,
+                 stdout_has="config sections: model, data, judge, search, trainer, weight_sync, eval, init, run from "
+                 f"the built-in defaults (paper-sized); rollout from {w}/ok.yaml (the preset {DEFAULT_CONFIG} is not "
+                 f"used: list it first, --config {DEFAULT_CONFIG} --config FILE, to layer on it)\n"),
     ]  # fmt: skip
