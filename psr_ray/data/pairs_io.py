@@ -58,6 +58,14 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_atomic(directory / MANIFEST, json.dumps(manifest))
 
 
+def _part_number(directory: Path, name: str) -> int:
+    """The number of a part the manifest lists; a name not of that form is a damaged manifest."""
+    match = _PART.match(name)
+    if match is None:
+        raise ValueError(f"{directory / MANIFEST} lists {name!r}, which is not a part (part-<number>.parquet)")
+    return int(match.group(1))
+
+
 class PairWriter:
     """Appends finished problems' pairs to Parquet parts under `pairs_dir(output_dir, iteration)`.
 
@@ -77,7 +85,7 @@ class PairWriter:
         for path in self.directory.iterdir():  # leftovers of a crash: unlisted parts and temp files
             if (_PART.match(path.name) and path.name not in listed) or path.name.endswith(".tmp"):
                 path.unlink()
-        numbers = [int(_PART.match(name).group(1)) for name in listed]
+        numbers = [_part_number(self.directory, name) for name in listed]
         self._next_part = max(numbers, default=-1) + 1
         self.done_problems: set[str] = set(self._manifest["done_problems"])
         self._pairs: list[StepPair] = []

@@ -118,7 +118,7 @@ class EngineActor(WeightReceiver):
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=settings.weight_transfer_backend)
         self.llm = LLM(
             model=settings.model_path,
-            dtype=settings.dtype,
+            dtype=settings.dtype,  # type: ignore[arg-type]  # a name preflight allows; vLLM types it a Literal
             max_model_len=settings.max_model_len,
             tensor_parallel_size=settings.tensor_parallel_size,
             distributed_executor_backend="uni" if self._in_process else "ray",

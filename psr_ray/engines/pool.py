@@ -147,7 +147,7 @@ def start_engine_pool(
     settings = engine_settings(cfg, role, model_path)
     section: EnginePoolConfig = getattr(cfg, role)
     remote_cls = ray.remote(EngineActor)
-    actors = []
+    actors: list[Any] = []  # Ray's stubs type the handles' methods without `.remote`
     for index in range(section.num_engines):
         name = engine_name(role, index)
         options: dict[str, Any] = {

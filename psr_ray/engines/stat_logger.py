@@ -12,17 +12,17 @@ from __future__ import annotations
 from typing import Any
 
 
-def engine_tagged(wrapper_cls: type, tags: dict[str, str]) -> type:
+def engine_tagged(wrapper_cls: Any, tags: dict[str, str]) -> type:
     """A subclass of one of vLLM's Ray metric wrappers whose series also carry `tags`."""
 
-    class Tagged(wrapper_cls):  # type: ignore[misc, valid-type]
+    class Tagged(wrapper_cls):
         @staticmethod
         def _get_tag_keys(labelnames: list[str] | None) -> tuple[str, ...]:
             return wrapper_cls._get_tag_keys(labelnames) + tuple(tags)
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            self._tags = {**self._tags, **tags}
+            self._tags: dict[str, str] = {**self._tags, **tags}
 
         def _build_tags(self, *labels: Any, **labelskwargs: Any) -> dict[str, str]:
             # vLLM passes label values by position; the keys are its own, before ReplicaId and ours.

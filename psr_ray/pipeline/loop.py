@@ -48,7 +48,7 @@ class Driver:
     policy_dir: str
     policy_version: int
     logger: Any
-    lock: RunDirLock | None = None
+    lock: RunDirLock
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     init: Any = None  # the InitResult when the run initialized first
     m0: dict[str, Any] | None = None  # M0's scores then (benchmark rows, judge accuracy)

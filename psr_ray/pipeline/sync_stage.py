@@ -41,6 +41,7 @@ def sync_stage(
     if stale:
         sender = ExportSender(stale, folder=policy_dir, probe=probe, restore_dir=None, timeout_s=timeout_s)
         reload = sender.send(load_safetensors_dir(policy_dir), policy_version=policy_version)
+        assert reload is not None  # given the weights, a sender returns its report
         if not reload.ok:
             before = f"the trainer's push failed: {push.error}; then " if push and not push.ok else ""
             raise SyncError(f"weight sync to policy {policy_version} failed: {before}reloading "

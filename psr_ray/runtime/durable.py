@@ -45,7 +45,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], N
     fsync_dir(path.parent)
 
 
-def fsync_tree(root: str | os.PathLike) -> int:
+def fsync_tree(root: str | os.PathLike[str]) -> int:
     """Fsyncs every file and directory under `root` (deepest first, `root` last); returns the file count.
     Used before a marker that vouches for files some other process wrote."""
     count = 0

@@ -59,7 +59,7 @@ def _panel(index: int, title: str, description: str, targets: list[tuple[str, st
 
 def grafana_dashboard() -> dict[str, Any]:
     """The dashboard: psr_ray's instruments, seconds per weight sync, then vLLM's engine panels."""
-    panels = []
+    panels: list[dict[str, Any]] = []
     for name, (kind, description, tag_keys) in INSTRUMENTS.items():
         legend = " ".join(f"{{{{{key}}}}}" for key in tag_keys) or name
         title = f"{name} ({'per second' if kind == 'counter' else 'latest'})"

@@ -40,6 +40,7 @@ from typing import Any
 from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.data.schema import StepPair
+from psr_ray.engines.api import JudgeRequest
 from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
 from psr_ray.runtime import metrics
 from psr_ray.search.plans import first_round_calls
@@ -100,7 +101,7 @@ class SearchScheduler:
         self._num_proposals: dict[str, int] = {}  # accepted proposals per problem: the seed's attempt number
         self._queue: deque[Problem] = deque()
         self._active: dict[str, ProblemSearch] = {}
-        self._want = {CallKind.PROPOSE: deque(), CallKind.JUDGE: deque()}
+        self._want: dict[CallKind, deque[str]] = {CallKind.PROPOSE: deque(), CallKind.JUDGE: deque()}
         self._calls: dict[Any, InFlightCall] = {}
 
     def valid(self, problem: Problem) -> bool:
@@ -209,18 +210,19 @@ class SearchScheduler:
             self._send(ref, InFlightCall(self.rollout, engine, CallKind.PROPOSE, tuple(keys)))
             self.stats.batch("propose", len(requests))
         while want_judge and (engine := self.judge.pick()) is not None:
-            keys, requests = [], []
+            keys = []
+            judging: list[JudgeRequest] = []
             while want_judge and (
-                not keys or len(requests) + len(self._active[want_judge[0]].judge_requests()) <= self.max_judge_batch
+                not keys or len(judging) + len(self._active[want_judge[0]].judge_requests()) <= self.max_judge_batch
             ):
                 key = want_judge.popleft()
                 keys.append(key)
-                requests += self._active[key].judge_requests()
+                judging += self._active[key].judge_requests()
             ref = self.judge.actors[engine].judge.remote(
-                requests, mode=j.mode, temperature=j.temperature, max_tokens=j.max_explanation_tokens
+                judging, mode=j.mode, temperature=j.temperature, max_tokens=j.max_explanation_tokens
             )
             self._send(ref, InFlightCall(self.judge, engine, CallKind.JUDGE, tuple(keys)))
-            self.stats.batch("judge", len(requests))
+            self.stats.batch("judge", len(judging))
 
     def _judge_by_oracle(self, on_finished: Callable[[FinishedProblem], None]) -> None:
         """Every waiting judge round, decided by the step oracle (judge.mode=oracle) in the driver."""
@@ -321,6 +323,7 @@ class SearchScheduler:
             self.stats.count("judge_tokens", sum(x.num_tokens for x in judgments))
 
     def _finish(self, search: ProblemSearch, on_finished: Callable[[FinishedProblem], None]) -> None:
+        assert search.outcome is not None  # set together with Phase.DONE, the only phase routed here
         pairs = search.finished_pairs()
         self.stats.count("rollbacks", search.num_rollbacks)
         self.stats.count("steps_without_pair", search.num_steps_without_pair)

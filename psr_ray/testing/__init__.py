@@ -64,7 +64,7 @@ def build_tiny_model(out_dir: str, *, vocab_size: int = 1024, seed: int = 0) -> 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        torch_dtype="float32",
+        dtype="float32",  # `torch_dtype` is its deprecated alias (transformers >= 4.56)
     )
     model = LlamaForCausalLM(config)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from psr_ray.core.steps import step_continuation
 DPO_COLUMNS = ("question", "prefix", "step_index", "chosen", "rejected")
 SFT_COLUMNS = ("prompt_text", "target_text")
 # What a zero-weight micro-step computes on (a rank with no row left while others train): tiny, any tokenizer.
-PADDING_ROWS = {
+PADDING_ROWS: dict[str, dict[str, Any]] = {
     "dpo": {"question": "0", "prefix": "", "step_index": 1, "chosen": "0", "rejected": "1"},
     "sft": {"prompt_text": "0", "target_text": "1"},
 }

@@ -30,7 +30,7 @@ def prepare_deepspeed(use_gpu: bool) -> None:
     """
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
@@ -131,7 +131,7 @@ def training_mode(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):  # HF attention: a rate, not a module
-            module.attention_dropout = 0.0
+            module.attention_dropout = 0.0  # type: ignore[assignment]  # torch types it Tensor | Module
     return model
 
 

@@ -216,6 +216,7 @@ def train_epochs(
                 policy.step()  # an optimizer step only at the boundary set above
                 sums = sums if real else torch.zeros_like(sums)
                 window = sums if window is None else window + sums
+            assert window is not None  # num_micro >= 1: the loop above ran
             truncated += sum(m.num_truncated for m in local)
             dist.all_reduce(window)
             total_truncated = torch.tensor([truncated], device=device)
@@ -317,12 +318,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state_dict = gather_full_state_dict(policy)
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
         ckpt.save_deepspeed(policy, tmp)
-        sync_report = None
+        sync_report: Any = None  # whatever `on_weights` returns: a SyncReport on rank 0
         if loop_config.get("on_weights") is not None:
             # Every rank calls it (the weight-sync protocol); only rank 0 has the weights, the others get None.
             # Rank 0's SyncReport goes into the checkpoint's metadata, and from there into the TrainResult.
             sync_report = loop_config["on_weights"](state_dict)
         if rank == 0:
+            assert state_dict is not None  # rank 0 holds the gathered weights
             ckpt.export_hf(state_dict, policy.module.config, tokenizer, f"{tmp}/{ckpt.HF_DIR}")
             ckpt.write_metadata(
                 tmp,

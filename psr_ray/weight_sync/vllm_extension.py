@@ -43,6 +43,11 @@ def tied_embedding_groups(model: Any) -> list[list[tuple[str, Any]]]:
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; `self` is the worker (`self.model_runner` holds the model)."""
 
+    # The worker's own attributes, declared for the type checker (annotations only: vLLM's conflict check
+    # sees no class attribute).
+    model_runner: Any
+    vllm_config: Any
+
     def begin_update(self) -> None:
         """Starts one in-place update: every layer goes on the meta device until its weights arrive."""
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

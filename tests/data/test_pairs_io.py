@@ -56,6 +56,13 @@ def test_resume_drops_uncommitted_parts_and_continues_numbering(tmp_path):
     assert read_pairs(str(tmp_path), 0).column("pair_id").to_pylist() == ["0/a/1", "0/b/1"]
 
 
+def test_resume_rejects_a_manifest_listing_a_name_that_is_not_a_part(tmp_path):
+    directory = PairWriter(str(tmp_path), 0).directory
+    (directory / "manifest.json").write_text('{"parts": ["notes.txt"], "done_problems": [], "complete": false}')
+    with pytest.raises(ValueError, match=r"manifest.json lists 'notes.txt', which is not a part"):
+        PairWriter(str(tmp_path), 0)
+
+
 @pytest.mark.ray
 def test_stream_yields_rows_before_the_writer_closes(ray_cluster, tmp_path):
     """The consumer must see rows of the first parts while the producer still holds the rest back."""
