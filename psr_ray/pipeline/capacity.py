@@ -59,7 +59,7 @@ def cluster_nodes() -> list[dict[str, float]]:
 def placement_errors(demands: list[Demand], nodes: list[dict[str, float]]) -> list[str]:
     """What keeps `demands` off `nodes` (empty when they all fit together), one phrase per problem."""
     free = [{k: v for k, v in node.items() if not k.startswith(_IGNORED)} for node in nodes]
-    errors = []
+    errors: list[str] = []
     unplaced = []
     for demand in sorted(demands, key=lambda d: -sum(d.resources.values())):
         if not any(_fits(demand.resources, node) for node in free):
