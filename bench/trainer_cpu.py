@@ -70,8 +70,9 @@ def write_pairs(run_dir: str, rows: list[dict[str, Any]]) -> None:
 
 
 class _WorkerThreads:
-    """Returned by the on_weights hook (the one call that runs on every worker): rank 0's report lands in
-    the checkpoint's metadata, which is how the bench learns what each worker's torch ran with."""
+    """Returned by `WorkerThreadsSender.send` (the weight push is the one call that runs on every worker):
+    rank 0's report lands in the checkpoint's metadata, which is how the bench learns what each worker's torch
+    ran with."""
 
     def __init__(self, value: dict[str, Any]):
         self.value = value
@@ -80,12 +81,18 @@ class _WorkerThreads:
         return self.value
 
 
-def report_worker_threads(state_dict: Any) -> _WorkerThreads:
-    import torch
+class WorkerThreadsSender:
+    """A weight sender that sends nothing and reports the worker's torch threads instead."""
 
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    return _WorkerThreads({"torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-                           "affinity": len(os.sched_getaffinity(0)), **env})  # fmt: skip
+    backend = "none"
+
+    def send(self, state_dict: Any, *, policy_version: int) -> _WorkerThreads:
+        import torch
+
+        env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        return _WorkerThreads({"torch_threads": torch.get_num_threads(),
+                               "interop_threads": torch.get_num_interop_threads(),
+                               "affinity": len(os.sched_getaffinity(0)), **env})  # fmt: skip
 
 
 def trainer_fit(cfg: Any, model: str, run_dir: str, out_dir: str) -> dict[str, Any]:
@@ -98,7 +105,7 @@ def trainer_fit(cfg: Any, model: str, run_dir: str, out_dir: str) -> dict[str, A
     dataset = stream_pairs_dataset(run_dir, 1)
     called = time.time()
     result = train_dpo(cfg, policy_path=model, reference_path=model, dataset=dataset, output_dir=out_dir,
-                       policy_version=2, on_weights=report_worker_threads)  # fmt: skip
+                       policy_version=2, weight_sender=WorkerThreadsSender())  # fmt: skip
     returned = time.time()
     timing = fit_timing(result.metrics, called_at=called, returned_at=returned)
     info = ckpt.read_version(result.checkpoint_dir)

@@ -2,8 +2,9 @@
 
 `EngineActor` is a plain class; `engines.pool` makes it a named Ray actor. It speaks the contract of
 `psr_ray.engines.api`: `propose` candidate steps, `judge` pairs of steps, greedy `generate`, and update its
-weights in place without a restart (the methods of `weight_sync.receivers.WeightReceiver`, mixed in: one
-call runs at a time, so an update drains the calls before it, and its gate refuses generation until the
+weights in place without a restart (mixed in: the transaction every transport shares,
+`weight_sync.receivers.WeightReceiver`, and each transport's receiving end from its module beside its sender;
+one call runs at a time, so an update drains the calls before it, and its gate refuses generation until the
 update commits or rolls back). Prompts and parsing come from the pure modules `prompts` and `steps`; this
 file only batches them through the engine.
 
@@ -23,6 +24,10 @@ from typing import Any
 from psr_ray.config import EnginePoolConfig, JudgeMode, WeightSyncBackend
 from psr_ray.core import prompts, steps
 from psr_ray.engines.api import Candidates, Generation, JudgeRequest, Judgment, ProposeRequest
+from psr_ray.weight_sync.cuda_ipc import CudaIpcReceiver
+from psr_ray.weight_sync.export import ExportReceiver
+from psr_ray.weight_sync.nccl import NcclReceiver
+from psr_ray.weight_sync.object_store import ObjectStoreReceiver
 from psr_ray.weight_sync.receivers import WeightReceiver
 
 EXTENSION_CLS = "psr_ray.weight_sync.vllm_extension.WeightSyncExtension"
@@ -87,8 +92,9 @@ def engine_env(settings: EngineSettings) -> dict[str, str]:
     return env
 
 
-class EngineActor(WeightReceiver):
-    """One vLLM engine serving one role. Methods follow `psr_ray.engines.api`."""
+class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportReceiver, WeightReceiver):
+    """One vLLM engine serving one role. Methods follow `psr_ray.engines.api`; weight updates come in through
+    the transports' receivers (weight_sync/object_store.py, cuda_ipc.py, nccl.py, export.py)."""
 
     def __init__(self, settings: EngineSettings, *, name: str, policy_version: int = 0):
         os.environ.update(engine_env(settings))  # before the first vLLM import in this process

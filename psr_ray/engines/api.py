@@ -11,8 +11,8 @@ Engine actors (psr_ray/engines/actor.py) expose, as Ray actor methods:
   update_weights(named_tensors, *, policy_version) -> int               (in place, no restart)
   update_weights_from_path(hf_dir, *, policy_version) -> int
   probe(token_ids, num_top) -> dict                                     (log-probs: a sync's check)
-and the weight-sync transaction (check_update, begin_update, load_bucket, end_update, commit_update,
-rollback_update; psr_ray/weight_sync/receivers.py). Generation raises EngineUpdatingError while an update
+and the weight-sync transaction (check_update, begin_update, end_update, commit_update, rollback_update:
+psr_ray/weight_sync/receivers.py; each transport's loads, e.g. load_bucket, in its module). Generation raises EngineUpdatingError while an update
 is under way.
 """
 

@@ -5,7 +5,9 @@ cached: psr_ray.pipeline.init_cache); otherwise the configured model is M1 (poli
 
   1. search   M_k proposes candidate steps and judges them pairwise; pairs stream to Parquet
   2. train    step-DPO of M_{k+1} against the frozen reference M_k, consuming that stream as it grows
-  3. sync     the trainer's rank 0 pushes M_{k+1} into every rollout and judge engine in place
+  3. sync     the trainer's rank 0 pushes M_{k+1} into every rollout and judge engine in place at the end of
+              training (weight_sync.push, through the sender built here); the sync stage checks that every
+              engine serves it, reloading any that does not from the export
   4. eval     greedy accuracy of M_{k+1} on the benchmarks (M1 is evaluated first, as iteration 0), its
               judge accuracy on held-out oracle-labelled pairs, and the pair precision of iteration k's pairs
 
@@ -199,12 +201,11 @@ def problems_for_iteration(cfg: PSRConfig, problems: list[Any], k: int) -> list[
 
 def _search_and_train(psr: Driver, k: int) -> None:
     """Search with M_k while the trainer consumes the pairs as they stream in, then train M_{k+1}."""
+    from psr_ray import weight_sync
     from psr_ray.data.pairs_io import stream_pairs_dataset
     from psr_ray.init_data.labelled import dpo_rows
     from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause
-    from psr_ray.runtime.metrics import timed_weight_sync
     from psr_ray.trainer.group import train_dpo
-    from psr_ray.weight_sync import backend_for, make_sender
     from psr_ray.weight_sync.probe import make_probe
 
     if psr.state.done(k, "train"):
@@ -213,18 +214,10 @@ def _search_and_train(psr: Driver, k: int) -> None:
         check_search_pairs(k, psr.state.stage(k, "search") or {}, policy_version=psr.policy_version)
     cfg, next_version = psr.cfg, psr.policy_version + 1
     problems = problems_for_iteration(cfg, psr.problems, k)
-    # The engines serve psr.policy_dir's weights: a failed sync restores them from there.
-    sender = make_sender(backend_for(cfg), psr.engines, probe=make_probe(psr.tokenizer, psr.policy_dir),
-                         restore_dir=psr.policy_dir, bucket_mb=cfg.weight_sync.bucket_mb,
-                         timeout_s=cfg.weight_sync.timeout_s)  # fmt: skip
-    timed_send = timed_weight_sync(sender.send, backend=str(sender.backend))
-
-    def on_weights(state_dict: dict[str, Any] | None) -> Any:  # runs in the trainer's workers
-        report = timed_send(state_dict, policy_version=next_version)
-        if state_dict is not None:
-            kill_windows.reached("sync.after_push")
-        return report
-
+    # The trainer pushes M_{k+1} through it after training (weight_sync.push, on every rank); the engines serve
+    # psr.policy_dir's weights: a failed sync restores them from there. The sync stage then checks the push.
+    sender = weight_sync.sender_for(cfg, psr.engines, probe=make_probe(psr.tokenizer, psr.policy_dir),
+                                    restore_dir=psr.policy_dir)  # fmt: skip
     start = time.perf_counter()
     stop_search = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
@@ -241,7 +234,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
 
             if search is not None:
                 search.result()
-            ray.get([e.sleep.remote() for e in psr.engines])  # the push wakes them (receivers.begin_update)
+            ray.get([e.sleep.remote() for e in psr.engines])  # the push wakes them (WeightReceiver.begin_update)
         dataset = stream_pairs_dataset(str(psr.out), k)
         try:
             result = train_dpo(
@@ -251,7 +244,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 dataset=dataset,
                 output_dir=str(psr.out / "checkpoints" / f"iter_{k}"),
                 policy_version=next_version,
-                on_weights=on_weights,
+                weight_sender=sender,
                 heldout=dpo_rows(psr.heldout_pairs) or None,  # KL and reward margin of M_{k+1} vs M_k
             )
         except BaseException:

@@ -1,7 +1,8 @@
 """The loop's sync stage: the trainer's push is checked, completed where needed, and summarized.
 
-The trainer's rank 0 pushes the new weights into every engine at the end of training (the sender in
-`on_weights`) and its `SyncReport` comes back in the training result. This stage then makes sure every
+The trainer's rank 0 pushes the new weights into every engine at the end of training (`weight_sync.push`
+with the sender the loop built by `weight_sync.sender_for`) and its `SyncReport` comes back in the training
+result. This stage then makes sure every
 engine serves the new policy, verified: an engine that does not (a resumed run whose push happened before
 the driver died, an engine Ray restarted after the push, a push that failed and rolled back) is reloaded
 from the checkpoint's HF export through the same transaction and probe (export.py). If that fails too, the

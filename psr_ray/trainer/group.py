@@ -15,16 +15,18 @@ so on a multi-node cluster it must be a shared filesystem.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psr_ray.config import PSRConfig
 from psr_ray.data.schema import STEP_PAIR_SCHEMA, check_table
 from psr_ray.trainer import checkpoint as ckpt
 from psr_ray.trainer.batches import DPO_COLUMNS, SFT_COLUMNS
 from psr_ray.trainer.worker import DATASET_NAME, train_loop_per_worker
+
+if TYPE_CHECKING:
+    from psr_ray.weight_sync import WeightSender
 
 
 @dataclass
@@ -48,21 +50,21 @@ def train_dpo(
     dataset: Any,
     output_dir: str,
     policy_version: int,
-    on_weights: Callable[[dict[str, Any] | None], None] | None = None,
+    weight_sender: WeightSender | None = None,
     heldout: str | list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Step-DPO of `policy_path` against the frozen `reference_path` on `dataset` (rows of STEP_PAIR_SCHEMA,
     at least the columns question, prefix, step_index, chosen, rejected), `cfg.trainer.num_epochs` epochs;
     the dataset may still be growing (a streamed iteration): every row it ever yields is trained once per epoch.
 
-    `on_weights(state_dict)` runs on every rank inside the group after training (the weight-sync hook,
-    `WeightSender.send`): rank 0 gets the full {HF name: CPU tensor} weights, the other ranks None; rank 0's
-    returned report is `TrainResult.weight_sync`. `heldout`: step pairs never trained on (a Parquet file or
+    `weight_sender` (a picklable `weight_sync.WeightSender`) is pushed by every rank inside the group after
+    training (`weight_sync.push`: rank 0 gives the full {HF name: CPU tensor} weights, the other ranks None);
+    rank 0's report is `TrainResult.weight_sync`. `heldout`: step pairs never trained on (a Parquet file or
     folder, or row dicts with the columns above); after training the new policy is measured on them against
     the reference (`trainer/heldout.py`)."""
     _require_columns(dataset, DPO_COLUMNS, "train_dpo")
     heldout_rows = read_heldout_pairs(heldout) if heldout is not None else None
-    return _fit(cfg, "dpo", policy_path, reference_path, dataset, output_dir, policy_version, on_weights,
+    return _fit(cfg, "dpo", policy_path, reference_path, dataset, output_dir, policy_version, weight_sender,
                 learning_rate=cfg.trainer.learning_rate, num_epochs=cfg.trainer.num_epochs, heldout_rows=heldout_rows)
 
 
@@ -73,14 +75,15 @@ def train_sft(
     dataset: Any,
     output_dir: str,
     policy_version: int = 1,
-    on_weights: Callable[[dict[str, Any] | None], None] | None = None,
+    weight_sender: WeightSender | None = None,
 ) -> TrainResult:
     """Cross-entropy on target tokens of rows (prompt_text, target_text), `cfg.trainer.sft_num_epochs` epochs
-    at `cfg.trainer.sft_learning_rate` (the initialization stage: IFT and EFT data together)."""
+    at `cfg.trainer.sft_learning_rate` (the initialization stage: IFT and EFT data together); `weight_sender`
+    as in `train_dpo`."""
     _require_columns(dataset, SFT_COLUMNS, "train_sft")
     # Small blocks, so the unequal split (data_split.py) gives every worker a share of a one-block table.
     dataset = dataset.repartition(target_num_rows_per_block=cfg.trainer.micro_batch_size)
-    return _fit(cfg, "sft", model_path, None, dataset, output_dir, policy_version, on_weights,
+    return _fit(cfg, "sft", model_path, None, dataset, output_dir, policy_version, weight_sender,
                 learning_rate=cfg.trainer.sft_learning_rate, num_epochs=cfg.trainer.sft_num_epochs)
 
 
@@ -159,7 +162,7 @@ def _fit(
     dataset: Any,
     output_dir: str,
     policy_version: int,
-    on_weights: Callable[[dict[str, Any] | None], None] | None,
+    weight_sender: WeightSender | None,
     *,
     learning_rate: float,
     num_epochs: int,
@@ -190,7 +193,7 @@ def _fit(
         "num_epochs": num_epochs,
         "seed": cfg.run.seed,
         "heldout_rows": heldout_rows,
-        "on_weights": on_weights,
+        "weight_sender": weight_sender,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -258,6 +258,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
+    from psr_ray import weight_sync
     from psr_ray.runtime import metrics
     from psr_ray.trainer import checkpoint as ckpt
     from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
@@ -318,11 +319,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state_dict = gather_full_state_dict(policy)
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
         ckpt.save_deepspeed(policy, tmp)
-        sync_report: Any = None  # whatever `on_weights` returns: a SyncReport on rank 0
-        if loop_config.get("on_weights") is not None:
-            # Every rank calls it (the weight-sync protocol); only rank 0 has the weights, the others get None.
+        sync_report: Any = None  # rank 0's SyncReport
+        if loop_config.get("weight_sender") is not None:
+            # Every rank pushes (the weight-sync protocol); only rank 0 has the weights, the others give None.
             # Rank 0's SyncReport goes into the checkpoint's metadata, and from there into the TrainResult.
-            sync_report = loop_config["on_weights"](state_dict)
+            sync_report = weight_sync.push(loop_config["weight_sender"], state_dict,
+                                           policy_version=loop_config["policy_version"])  # fmt: skip
         if rank == 0:
             assert state_dict is not None  # rank 0 holds the gathered weights
             ckpt.export_hf(state_dict, policy.module.config, tokenizer, f"{tmp}/{ckpt.HF_DIR}")

@@ -1,13 +1,20 @@
 """The weight-sync protocol: how a trained policy gets into every running rollout and judge engine.
 
-A sender runs in the trainer's processes after an iteration's last optimizer step. Every rank calls
-`send(...)` (gathering ZeRO-3 shards is a collective); rank 0 passes the full HF-named state dict, the other
-ranks None. The sender holds the engines' Ray actor handles, which pickle, so it travels into the Ray Train
-workers as it is. One module per transport, both ends in it (`psr_ray.weight_sync.make_sender` picks it):
+A sender runs in the trainer's processes after an iteration's last optimizer step. The loop builds it
+(`weight_sync.sender_for`) and passes it to the trainer (`train_dpo(weight_sender=...)`); every rank then calls
+`weight_sync.push(sender, ...)`, which runs `send(...)` timed (gathering ZeRO-3 shards is a collective); rank 0
+passes the full HF-named state dict, the other ranks None. The sender holds the engines' Ray actor handles,
+which pickle, so it travels into the Ray Train workers as it is. One module per transport, both ends in it:
+its sender (a `Sender` subclass) and its receiver (a `receivers.WeightReceiver` subclass that the engine actor
+mixes in); `psr_ray.weight_sync.make_sender` picks the sender:
 
 - object_store.py: zero-copy buckets in the Ray object store, one put for every engine (CPU; anywhere).
 - cuda_ipc.py: CUDA IPC handles to buckets on the GPU the engines share with the trainer (colocated; GPU).
 - nccl.py: vLLM's weight-transfer engine over one NCCL group with every engine worker (GPUs apart; GPU).
+- export.py: the checkpoint's HF export folder, read by every engine (the loop's sync stage, from the driver).
+
+receivers.py holds the engine's side every transport shares (the transaction below, its gate and rollback),
+vllm_extension.py what runs inside vLLM's workers.
 
 Every sync is one transaction over all engines (`Sender.send`):
   1. every engine checks the plan (names, shapes, dtypes) and begins: no generation from then on (gate.py)

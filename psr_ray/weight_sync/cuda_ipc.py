@@ -4,7 +4,8 @@ code: 492 MB in 0.03 s vs 2.7 s through the object store).
 
 The sender moves one bucket of weights at a time onto its GPU, shares it (`share_bucket`: IPC handles
 from `torch.multiprocessing.reductions.reduce_tensor`, keyed by the GPU's UUID), and every engine loads it
-into the update begun for all buckets (`WeightSyncExtension.load_bucket_from_ipc`): one reload spans every
+into the update begun for all buckets (`CudaIpcReceiver.load_bucket_from_ipc` on the engine actor, which has
+its workers open them: `WeightSyncExtension.load_bucket_from_ipc` -> `open_bucket`): one reload spans every
 bucket, so a fused layer is never materialized half-loaded. An engine opens the handles on its own device
 whose UUID is the sender's (`local_device_for`), never by the sender's device index, which names another
 GPU in a process with another CUDA_VISIBLE_DEVICES; an engine without that GPU is an error naming it.
@@ -16,7 +17,9 @@ from typing import Any
 
 from psr_ray.config import WeightSyncBackend
 from psr_ray.weight_sync.base import Sender, call_engines
+from psr_ray.weight_sync.gate import UpdateState
 from psr_ray.weight_sync.plan import TensorMeta, dtype_name, plan_buckets
+from psr_ray.weight_sync.receivers import WeightReceiver
 
 _DEVICE_ARG = 6  # torch.multiprocessing.reductions.rebuild_cuda_tensor's `storage_device` argument
 
@@ -77,6 +80,16 @@ class CudaIpcSender(Sender):
             # buffered until its last part arrives); ipc_collect frees what no engine holds any more.
             del on_gpu
             _collect()
+
+
+class CudaIpcReceiver(WeightReceiver):
+    """The engine's end (mixed into `EngineActor`); its workers open the handles (vllm_extension.py)."""
+
+    def load_bucket_from_ipc(self, shared: dict[str, Any]) -> int:
+        """One bucket shared by CUDA IPC (`share_bucket`). GPU only."""
+        self._gate.require(UpdateState.LOADING, "load weights")
+        self._check_bucket([tuple(meta) for meta in shared["metas"]])
+        return self._guarded(lambda: self._rpc("load_bucket_from_ipc", shared))
 
 
 # ---- the GPU calls (module functions, so that CPU tests can stand in for them) ------------------------

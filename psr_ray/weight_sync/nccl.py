@@ -13,6 +13,9 @@ A failed broadcast leaves engine workers blocked inside NCCL, where no call reac
 it) and the report says so; the broadcast's own error is what the report leads with, never a clean-up error.
 The GPU calls (`_open_group`, `_broadcast`, `_close_group`) are module functions so that CPU tests can stand
 in for them; everything around them runs in those tests.
+
+Both ends: `NcclSender` (the trainer's rank 0) and `NcclReceiver` (the engine actor: `transfer_*`, and the
+update's reload started and finished through vLLM's weight-transfer engine instead of our worker extension).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from typing import Any
 
 from psr_ray.config import WeightSyncBackend
 from psr_ray.weight_sync.base import Sender, SyncError, call_engines, wait_engines
+from psr_ray.weight_sync.gate import UpdateState
 from psr_ray.weight_sync.plan import TensorMeta
-from psr_ray.weight_sync.receivers import VIA_NCCL
+from psr_ray.weight_sync.receivers import WeightReceiver
 
 log = logging.getLogger(__name__)
+
+VIA_NCCL = "nccl"  # `begin_update(via=...)`: vLLM's weight-transfer engine (WeightTransferConfig(backend="nccl"))
 
 
 def rank_offsets(workers_per_engine: list[int]) -> list[int]:
@@ -101,6 +107,39 @@ class NcclSender(Sender):
             return ". " + "; ".join([*notes, f"rolling back failed: {err}"]) + "."
         done = "the others rolled back" if stuck else "every engine rolled back"
         return ". " + "; ".join([*notes, f"{done} to the weights they served before"]) + "."
+
+
+class NcclReceiver(WeightReceiver):
+    """The engine's end (mixed into `EngineActor`). GPU only."""
+
+    def transfer_world_size(self) -> int:
+        """NCCL ranks this engine contributes to a weight-transfer group (one per tensor-parallel worker)."""
+        return self.settings.tensor_parallel_size
+
+    def transfer_init(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def transfer_receive(self, update_info: dict[str, Any]) -> None:
+        self._gate.require(UpdateState.LOADING, "receive weights")
+        metas = zip(update_info["names"], update_info["shapes"], update_info["dtype_names"], strict=True)
+        self._check_bucket([(n, tuple(s), d) for n, s, d in metas])
+        self._guarded(lambda: self.llm.update_weights({"update_info": update_info}))
+
+    def transfer_shutdown(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def _start_reload(self) -> None:
+        if self._via == VIA_NCCL:
+            self.llm.start_weight_update()
+        else:
+            super()._start_reload()
+
+    def _finish_reload(self) -> None:
+        if self._via == VIA_NCCL:
+            self.llm.finish_weight_update()
+            self._rpc("refresh_tied_heads")  # vLLM's reload re-processes only the layers that received weights
+        else:
+            super()._finish_reload()
 
 
 # ---- the GPU calls ----------------------------------------------------------------------------------

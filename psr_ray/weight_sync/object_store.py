@@ -5,6 +5,8 @@ trainer's CPU tensors, which Ray writes to shared memory in one copy and hands t
 as read-only arrays over that same memory (pickle protocol 5, no deserialization copy); the engine wraps
 them as tensors without copying and vLLM copies them once into its own layers. A bucket is put while the
 engines still load the previous one, so at most two buckets are in the object store at a time.
+
+Both ends: `ObjectStoreSender` (the trainer's rank 0) and `ObjectStoreReceiver.load_bucket` (the engine actor).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any
 
 from psr_ray.config import WeightSyncBackend
 from psr_ray.weight_sync.base import Sender, wait_engines
+from psr_ray.weight_sync.gate import UpdateState
 from psr_ray.weight_sync.plan import TensorMeta, dtype_name, plan_buckets
+from psr_ray.weight_sync.receivers import WeightReceiver
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,16 @@ class ObjectStoreSender(Sender):
             loading = [e.load_bucket.remote(ref) for e in self.engines]
             del ref  # the engines' calls hold it; freed once they return
         wait_engines(loading, "loading a bucket", timeout_s=self.timeout_s)
+
+
+class ObjectStoreReceiver(WeightReceiver):
+    """The engine's end (mixed into `EngineActor`)."""
+
+    def load_bucket(self, bucket: Any) -> int:
+        """One bucket of the update: a `PackedBucket` (object store), a dict or `(name, tensor)` pairs."""
+        self._gate.require(UpdateState.LOADING, "load weights")
+        if isinstance(bucket, PackedBucket):
+            named = unpack_bucket(bucket)
+        else:
+            named = list(bucket.items() if isinstance(bucket, dict) else bucket)
+        return self._load_named(named)

@@ -1,14 +1,16 @@
-"""The engine's end of every weight-sync transport, mixed into `EngineActor` (which provides `self.llm`,
-`self.settings`, `self.name` and `self._in_process`).
+"""The engine's end of weight sync that every transport shares, mixed into `EngineActor` (which provides
+`self.llm`, `self.settings`, `self.name` and `self._in_process`). Each transport's own receiving methods sit in
+its module beside its sender (`ObjectStoreReceiver.load_bucket` in object_store.py, `CudaIpcReceiver.
+load_bucket_from_ipc` in cuda_ipc.py, `NcclReceiver.transfer_*` in nccl.py, `ExportReceiver.load_folder` in
+export.py), each a subclass of `WeightReceiver` that `EngineActor` mixes in beside it.
 
-One update is a transaction (base.py drives it for a sync): `check_update(plan)` -> `begin_update` ->
-`load_bucket`* (object store, or `load_bucket_from_ipc`, or `transfer_receive` for NCCL) -> `end_update`
-(answers the probe) -> `commit_update` or `rollback_update`. The gate (gate.py) refuses generation from
-`begin_update` until commit or rollback. If the update fails after the engine's layers were touched, the
-engine itself rolls back before it reports the error: the weights it served before come back from
-`restore_dir` (the old policy's HF folder; by default the folder it last loaded whole) and it keeps its old
-policy version. `update_weights` / `update_weights_from_path` are whole updates in one call (tests, engine
-restarts, the export fallback).
+One update is a transaction (base.py drives it for a sync): `check_update(plan)` -> `begin_update` -> the
+transport's loads -> `end_update` (answers the probe) -> `commit_update` or `rollback_update`. The gate
+(gate.py) refuses generation from `begin_update` until commit or rollback. If the update fails after the
+engine's layers were touched, the engine itself rolls back before it reports the error: the weights it served
+before come back from `restore_dir` (the old policy's HF folder; by default the folder it last loaded whole)
+and it keeps its old policy version. `update_weights` (here) and `update_weights_from_path` (export.py) are
+whole updates in one call (tests, engine restarts).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from psr_ray.weight_sync.plan import (
     tied_aliases,
 )
 
-VIA_EXTENSION = "extension"  # our worker extension: object store, CUDA IPC, in-memory, folders
-VIA_NCCL = "nccl"  # vLLM's weight-transfer engine (built with WeightTransferConfig(backend="nccl"))
+# How an update's weights enter the engine: our worker extension (object store, CUDA IPC, in-memory, folders),
+# or a transport's own way (nccl.py: vLLM's weight-transfer engine), which overrides `_start_reload` and
+# `_finish_reload`.
+VIA_EXTENSION = "extension"
 
 
 class WeightReceiver:
@@ -80,43 +84,15 @@ class WeightReceiver:
         self._plan = [(n, tuple(s), d) for n, s, d in plan]
         self._restore_dir = restore_dir or self._weights_dir
         self._via = via
-        self._guarded(self.llm.start_weight_update if via == VIA_NCCL else lambda: self._rpc("begin_update"))
+        self._guarded(self._start_reload)
         return self.name
-
-    def load_bucket(self, bucket: Any) -> int:
-        """One bucket of the update: a `PackedBucket` (object store), a dict or `(name, tensor)` pairs."""
-        from psr_ray.weight_sync.object_store import PackedBucket, unpack_bucket
-
-        self._gate.require(UpdateState.LOADING, "load weights")
-        if isinstance(bucket, PackedBucket):
-            named = unpack_bucket(bucket)
-        else:
-            named = list(bucket.items() if isinstance(bucket, dict) else bucket)
-        self._check_bucket([(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in named])
-        return self._guarded(lambda: self._load(named))
-
-    def load_folder(self, hf_dir: str) -> int:
-        """The `*.safetensors` files of an HF folder as the update's one bucket (read by the workers)."""
-        self._gate.require(UpdateState.LOADING, "load weights")
-        self._check_bucket([(n, shape, dtype) for n, (shape, dtype) in checkpoint_spec(hf_dir).items()])
-        return self._guarded(lambda: self._load_folder(hf_dir))
-
-    def load_bucket_from_ipc(self, shared: dict[str, Any]) -> int:
-        """One bucket shared by CUDA IPC (cuda_ipc.share_bucket). GPU only."""
-        self._gate.require(UpdateState.LOADING, "load weights")
-        self._check_bucket([tuple(meta) for meta in shared["metas"]])
-        return self._guarded(lambda: self._rpc("load_bucket_from_ipc", shared))
 
     def end_update(self, probe_token_ids: list[int] | None = None, num_top: int = 8) -> dict[str, Any] | None:
         """Finishes loading; returns the engine's answer to the probe (None without one). Still gated."""
         self._gate.require(UpdateState.LOADING, "finish an update")
 
         def finish() -> None:
-            if self._via == VIA_NCCL:
-                self.llm.finish_weight_update()
-                self._rpc("refresh_tied_heads")
-            else:
-                self._rpc("end_update")
+            self._finish_reload()
             # Cached prefix KV was computed by the old weights; reusing it would mix two policies.
             self.llm.reset_prefix_cache()
 
@@ -179,20 +155,9 @@ class WeightReceiver:
         serves them as `policy_version`; returns how many tensors were loaded."""
         items = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
         self.begin_update(tensor_plan(dict(items)), policy_version=policy_version, restore_dir=restore_dir)
-        count = self.load_bucket(items)
+        count = self._load_named(items)
         self.end_update()
         self.commit_update()
-        return count
-
-    def update_weights_from_path(self, hf_dir: str, *, policy_version: int) -> int:
-        """Loads the `*.safetensors` files of an HF folder in place (readable by the engine's workers)."""
-        plan = [(n, shape, dtype) for n, (shape, dtype) in checkpoint_spec(hf_dir).items()]
-        if not plan:
-            raise ValueError(f"engine {self.name}: no *.safetensors files in {hf_dir!r}")
-        self.begin_update(plan, policy_version=policy_version)
-        count = self.load_folder(hf_dir)
-        self.end_update()
-        self.commit_update(weights_dir=hf_dir)
         return count
 
     def probe(self, token_ids: list[int], num_top: int = 8) -> dict[str, Any]:
@@ -202,25 +167,20 @@ class WeightReceiver:
             self._gate.check_serving()
         return self._probe(token_ids, num_top)
 
-    # ---- NCCL (vLLM's weight-transfer engine; GPU only) -------------------------------------------------
-
-    def transfer_world_size(self) -> int:
-        """NCCL ranks this engine contributes to a weight-transfer group (one per tensor-parallel worker)."""
-        return self.settings.tensor_parallel_size
-
-    def transfer_init(self, init_info: dict[str, Any]) -> None:
-        self.llm.init_weight_transfer_engine({"init_info": init_info})
-
-    def transfer_receive(self, update_info: dict[str, Any]) -> None:
-        self._gate.require(UpdateState.LOADING, "receive weights")
-        metas = zip(update_info["names"], update_info["shapes"], update_info["dtype_names"], strict=True)
-        self._check_bucket([(n, tuple(s), d) for n, s, d in metas])
-        self._guarded(lambda: self.llm.update_weights({"update_info": update_info}))
-
-    def transfer_shutdown(self) -> None:
-        self.llm.shutdown_weight_transfer_engine()
-
     # ---- internals ---------------------------------------------------------------------------------
+
+    def _start_reload(self) -> None:
+        """Starts the engine's one reload for the update begun (layers on meta until their weights arrive)."""
+        self._rpc("begin_update")
+
+    def _finish_reload(self) -> None:
+        """Ends that reload: layers that received nothing get their old tensors back."""
+        self._rpc("end_update")
+
+    def _load_named(self, named: list[tuple[str, Any]]) -> int:
+        """`(name, tensor)` pairs into the update begun, checked against its plan first; returns their count."""
+        self._check_bucket([(n, tuple(t.shape), dtype_name(t.dtype)) for n, t in named])
+        return self._guarded(lambda: self._load(named))
 
     def _rpc(self, method: str, *args: Any) -> Any:
         (result, *_) = self.llm.collective_rpc(method, args=args)

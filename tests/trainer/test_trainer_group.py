@@ -203,14 +203,17 @@ def dpo_result(ray_cluster, tiny_model_dir, tmp_path_factory):
     # An odd count over 2 workers: Ray Train's default split drops a row, stopping at the shortest shard drops
     # more, and 7 pairs at global batch 4 end in a partial accumulation window.
     dataset = read_pairs_dataset(str(write_pairs(root / "pairs", pair_rows(7))))
-    marker = root / "on_weights.txt"
+    marker = root / "pushed.txt"
 
-    def on_weights(state_dict):  # runs on every rank inside the group; only rank 0 has the weights
-        if state_dict is None:
-            (root / "on_weights_none.txt").write_text("rank without weights")
-        else:
-            marker.write_text(str(sum(t.numel() for t in state_dict.values())))
-            torch.save(state_dict, root / "gathered.pt")  # what the weight sync would send
+    class GatheredWeights:  # a weight sender that keeps what it is given (defined here: Ray ships it by value)
+        backend = "test"
+
+        def send(self, state_dict, *, policy_version):  # every rank pushes; only rank 0 has the weights
+            if state_dict is None:
+                (root / "pushed_none.txt").write_text("rank without weights")
+            else:
+                marker.write_text(f"{policy_version} {sum(t.numel() for t in state_dict.values())}")
+                torch.save(state_dict, root / "gathered.pt")  # what the weight sync would send
 
     # Held-out pairs of the same kind, never trained on (a Parquet file, as the oracle writes them).
     heldout = [dict(row, question=row["question"].replace("Sam", "Ana")) for row in pair_rows(12)[7:]]
@@ -219,7 +222,7 @@ def dpo_result(ray_cluster, tiny_model_dir, tmp_path_factory):
     levers = dataclasses.replace(TRAINER, gradient_checkpointing=True, zero3_buffer_numel=20_000)
     result = train_dpo(
         PSRConfig(trainer=levers), policy_path=tiny_model_dir, reference_path=tiny_model_dir, dataset=dataset,
-        output_dir=str(root / "trainer"), policy_version=1, on_weights=on_weights,
+        output_dir=str(root / "trainer"), policy_version=1, weight_sender=GatheredWeights(),
         heldout=str(root / "heldout.parquet"),
     )  # fmt: skip
     return result, root
@@ -261,8 +264,8 @@ def test_train_dpo_end_to_end(dpo_result, tiny_model_dir, ray_cluster):
     assert (checkpoint / ckpt.CONFIG_FILE).is_file() and (checkpoint / ckpt.DS_DIR / ckpt.DS_TAG).is_dir()
     exported = AutoModelForCausalLM.from_pretrained(result.hf_dir, dtype=torch.float32)
     state_dict = torch.load(root / "gathered.pt")
-    assert int((root / "on_weights.txt").read_text()) == sum(t.numel() for t in state_dict.values())
-    assert (root / "on_weights_none.txt").is_file()
+    assert (root / "pushed.txt").read_text() == f"1 {sum(t.numel() for t in state_dict.values())}"
+    assert (root / "pushed_none.txt").is_file()
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, state_dict[name]), name
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -11,7 +11,7 @@ import pytest
 from psr_ray import config as C
 from psr_ray.config import WeightSyncBackend as B
 from psr_ray.pipeline import preflight
-from psr_ray.weight_sync import backend_for, make_sender, resolve_backend
+from psr_ray.weight_sync import backend_for, make_sender, push, resolve_backend, sender_for
 from psr_ray.weight_sync.cuda_ipc import CudaIpcSender, local_device_for
 from psr_ray.weight_sync.nccl import NcclSender, engine_init_infos, rank_offsets
 from psr_ray.weight_sync.probe import ProbeSpec
@@ -119,6 +119,25 @@ def test_make_sender_picks_the_transport_module():
         assert make_sender(backend, ["e"], **kwargs).send(None, policy_version=2) is None
 
 
+def test_sender_for_takes_the_configs_transport_bucket_and_timeout():
+    cfg = C.PSRConfig(weight_sync=C.WeightSyncConfig(bucket_mb=3, timeout_s=7.0))
+    sender = sender_for(cfg, ["e"], probe=PROBE, restore_dir="/old")
+    assert sender.backend == backend_for(cfg) == B.OBJECT_STORE  # a CPU config
+    assert (sender.bucket_bytes, sender.timeout_s, sender.restore_dir) == (3 * 2**20, 7.0, "/old")
+
+
+def test_push_sends_on_every_rank_and_only_the_weights_holder_reaches_the_kill_window(monkeypatch):
+    from psr_ray.runtime import kill_windows
+
+    reached, sent = [], []
+    monkeypatch.setattr(kill_windows, "reached", reached.append)
+    sender = SimpleNamespace(backend="object_store",
+                             send=lambda state_dict, *, policy_version: sent.append(policy_version) or "report")  # fmt: skip
+    assert push(sender, None, policy_version=3) == "report" and reached == []  # a rank without the weights
+    assert push(sender, {"w": None}, policy_version=3) == "report" and reached == ["sync.after_push"]
+    assert sent == [3, 3]
+
+
 def test_every_engine_method_a_sender_calls_exists():
     import inspect
     import re
@@ -140,7 +159,9 @@ def test_every_engine_method_a_sender_calls_exists():
         assert callable(getattr(EngineActor, method, None)), method
     from psr_ray.weight_sync import receivers
 
-    rpcs = set(re.findall(r"_rpc\(\"(\w+)\"", inspect.getsource(receivers)))
+    rpcs = set()  # what the engine's end asks of its workers: the shared transaction and each transport's loads
+    for module in (receivers, cuda_ipc, export, nccl, object_store):
+        rpcs |= set(re.findall(r"_rpc\(\"(\w+)\"", inspect.getsource(module)))
     assert {"begin_update", "load_bucket", "load_bucket_from_path", "load_bucket_from_ipc", "end_update",
             "abort_update", "refresh_tied_heads"} <= rpcs  # fmt: skip
     for method in rpcs:
