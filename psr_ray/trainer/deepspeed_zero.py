@@ -63,8 +63,8 @@ def ds_config(
     }
     if tcfg.zero3_buffer_numel and tcfg.zero_stage == 3:
         numel = tcfg.zero3_buffer_numel
-        # No prefetch: a parameter prefetched for a module that never ran (the held-out forward after the fit)
-        # stays in flight, and the final gather fails on it ("Cannot partition a param in flight").
+        # No prefetch, as since ddfcb35 (a parameter left in flight then failed the final gather; the gather now
+        # releases those itself, so prefetch could return here where measured worth its memory).
         config["zero_optimization"] |= {"reduce_bucket_size": numel, "stage3_prefetch_bucket_size": 0,
                                         "stage3_max_live_parameters": numel, "stage3_max_reuse_distance": numel}  # fmt: skip
     if with_optimizer:
@@ -157,6 +157,10 @@ def gather_full_state_dict(engine: Any, *, bucket_numel: int = 256 * 2**20) -> d
     import deepspeed
     import torch.distributed as dist
 
+    # A forward without its backward (the held-out metrics) ends with the backward's first parameters still
+    # being prefetched; GatheredParameters skips a parameter in flight, then cannot partition it. Wait for and
+    # release every gathered one first (a no-op below ZeRO-3).
+    engine.empty_partition_cache()
     rank = dist.get_rank() if dist.is_initialized() else 0
     params = list(engine.module.named_parameters())
     out: dict[str, torch.Tensor] = {}
