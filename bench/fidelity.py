@@ -68,13 +68,14 @@ def recorded(work: Path, stage: str) -> dict[str, Any] | None:
 
 def stage_init(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from psr_ray.pipeline.init_cache import init_dir, initialize_first
-    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.pipeline.session import RunSession
 
     cfg = load_cfg(args)
-    init_ray(cfg)
+    session = RunSession(cfg)
+    session.start_ray()
     start = time.perf_counter()
     with PeakMemory() as memory:
-        result, m0 = initialize_first(cfg)
+        result, m0 = initialize_first(session)
     return {"init_dir": str(init_dir(cfg)), "result": dataclasses.asdict(result), "m0": m0,
             "seconds": time.perf_counter() - start, "peak_gib": memory.peak_gib}  # fmt: skip
 
@@ -173,12 +174,13 @@ def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from psr_ray.evaluation.judging import pairs_precision
     from psr_ray.init_data.build import read_pairs as read_judge_pairs
     from psr_ray.pipeline.init_cache import init_dir
-    from psr_ray.pipeline.init_stage import read_result, score_model, temporary_engines
-    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.pipeline.init_stage import read_result, score_model
+    from psr_ray.pipeline.session import RunSession
     from psr_ray.trainer.group import train_dpo
 
     cfg = load_cfg(args, f"run.output_dir={work / 'random'}")
-    init_ray(cfg)
+    session = RunSession(cfg)
+    session.start_ray()
     m1 = read_result(init_dir(cfg))
     oracle_rows = read_pairs(str(work / "oracle"), 1).to_pylist()
     rows = random_preferences(oracle_rows, cfg.run.seed)
@@ -191,7 +193,7 @@ def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         train_s = time.perf_counter() - start
         tokenizer = AutoTokenizer.from_pretrained(m1.hf_dir)
         pairs = [p.pair for p in read_judge_pairs(m1.data_files["heldout_pairs"])]
-        with temporary_engines(cfg, "rollout", trained.hf_dir, 2) as engines:
+        with session.temporary_engines("rollout", trained.hf_dir, 2) as engines:
             scores = score_model(cfg, engines, tokenizer, pairs, _eft_mode(cfg))
     precision = pairs_precision(rows, problems)
     return {"hf_dir": trained.hf_dir, "num_pairs": len(rows), "scores": scores, "train_s": train_s,
@@ -214,11 +216,12 @@ def stage_mc(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from psr_ray.oracle.judge import label_steps, previous_steps
     from psr_ray.oracle.rollouts import StepToValue, hard_label, rollout_values
     from psr_ray.pipeline.init_cache import init_dir
-    from psr_ray.pipeline.init_stage import read_result, temporary_engines
-    from psr_ray.runtime.cluster import init_ray
+    from psr_ray.pipeline.init_stage import read_result
+    from psr_ray.pipeline.session import RunSession
 
     cfg = load_cfg(args)
-    init_ray(cfg)
+    session = RunSession(cfg)
+    session.start_ray()
     m1 = read_result(init_dir(cfg))
     problems = {p.problem_id: p for p in load_problems(cfg.data.source, split=cfg.data.split, seed=None).problems}
     items, exact = [], []
@@ -232,7 +235,7 @@ def stage_mc(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     chosen = sorted(rng.sample(range(len(items)), min(args.mc_items, len(items))))
     items, exact = [items[i] for i in chosen], [exact[i] for i in chosen]
     start = time.perf_counter()
-    with temporary_engines(cfg, "rollout", m1.hf_dir, 1) as engines:
+    with session.temporary_engines("rollout", m1.hf_dir, 1) as engines:
         values = rollout_values(engines, AutoTokenizer.from_pretrained(m1.hf_dir), items,
                                 num_rollouts=args.mc_rollouts, max_tokens=cfg.eval.max_tokens)  # fmt: skip
     mc = [hard_label(v) for v in values]

@@ -28,6 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The engines measured, whatever the overrides: one rollout and one judge engine of one CPU each, none restarted.
+ENGINES = ("rollout.num_engines=1", "judge.num_engines=1", "rollout.num_cpus_per_engine=1",
+           "judge.num_cpus_per_engine=1", "rollout.max_restarts=0", "judge.max_restarts=0")  # fmt: skip
+
 
 def record_sets(cfg, problems, rollout, judge, num_sets: int):
     """Runs the real search; returns (problem, prefix, steps) of the candidate sets it proposed, in order."""
@@ -105,37 +109,25 @@ def main() -> int:
     import ray
 
     from psr_ray import config as C
-    from psr_ray.data.problems import load_problems
-    from psr_ray.engines.actor import EngineActor, engine_settings
-    from psr_ray.engines.pool import EnginePool
     from psr_ray.pipeline import preflight
-    from psr_ray.runtime.models import resolve_model_path
+    from psr_ray.pipeline.session import RunSession
 
     overrides = [f"rollout.num_candidates={args.num_candidates}", "judge.mode=direct", "judge.both_orders=true",
-                 f"judge.plan={args.record_plan}", *args.overrides]  # fmt: skip
+                 f"judge.plan={args.record_plan}", *args.overrides, *ENGINES]  # fmt: skip
     cfg = preflight.validate(C.load([args.config], overrides))
     if args.report_from:
         with open(args.report_from, "rb") as f:
             problems, sets, record_stats, record_s, live = pickle.load(f)
         return write(args, report(args, cfg, problems, sets, record_stats, record_s, live))
-    model_dir = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
-    problems = load_problems(cfg.data.source, split=cfg.data.split, limit=args.num_problems,
-                             seed=cfg.data.shuffle_seed).problems  # fmt: skip
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    engines = {
-        role: ray.remote(EngineActor).options(num_cpus=1, name=f"bench-plans-{role}").remote(
-            engine_settings(cfg, role, model_dir), name=f"bench-plans-{role}")
-        for role in ("rollout", "judge")
-    }  # fmt: skip
-    ray.get([e.ready.remote() for e in engines.values()])
-    sets, record_stats, record_s = record_sets(
-        cfg, problems, EnginePool("rollout", [engines["rollout"]], max_restarts=0),
-        EnginePool("judge", [engines["judge"]], max_restarts=0), args.num_sets,
-    )  # fmt: skip
+    session = RunSession(cfg)  # the product's start-up, no run folder: the bench writes only its table
+    problems = session.load_problems(limit=args.num_problems)
+    session.start_ray()
+    rollout, judge = session.start_pool("rollout"), session.start_pool("judge")
+    sets, record_stats, record_s = record_sets(cfg, problems, rollout, judge, args.num_sets)
     print(f"recorded {len(sets)} candidate sets in {record_s:.0f} s", file=sys.stderr, flush=True)
     live = {}
     for plan in (C.JudgePlan.KNOCKOUT, C.JudgePlan.ROUND_ROBIN):  # knockout first: round robin gets no warm cache
-        live[plan] = live_run(ray, engines["judge"], plan, sets, both_orders=True)
+        live[plan] = live_run(ray, judge.actors[0], plan, sets, both_orders=True)
         print(f"{plan.value}: {live[plan][1]:.0f} s", file=sys.stderr, flush=True)
     ray.shutdown()
     # The measurements, kept so that a table can be re-written without re-measuring (--report-from).

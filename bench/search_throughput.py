@@ -26,7 +26,6 @@ Writes bench/results/search_throughput.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -36,6 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TOKEN_KEYS = ("prompt_tokens", "prefix_cache_hits", "prefix_cache_queries", "generation_tokens")
+# The engines measured, whatever the overrides: one rollout and one judge engine of one CPU each, none restarted.
+ENGINES = ("rollout.num_engines=1", "judge.num_engines=1", "rollout.num_cpus_per_engine=1",
+           "judge.num_cpus_per_engine=1", "rollout.max_restarts=0", "judge.max_restarts=0")  # fmt: skip
 
 
 def tracking_scheduler():
@@ -101,30 +103,19 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    import ray
-    from transformers import AutoTokenizer
-
     import psr_ray.pipeline.search_stage as search_generate
     from psr_ray import config as C
     from psr_ray.core.prompts import render_judge_prompt, render_solution_prompt
-    from psr_ray.data.problems import load_problems
-    from psr_ray.engines.actor import EngineActor, engine_settings
-    from psr_ray.engines.pool import EnginePool
     from psr_ray.pipeline import preflight
-    from psr_ray.runtime.models import resolve_model_path
+    from psr_ray.pipeline.session import RunSession
 
-    cfg = preflight.validate(C.load([args.config], args.overrides))
-    model_dir = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
-    problems = load_problems(cfg.data.source, split=cfg.data.split, limit=args.num_problems,
-                             seed=cfg.data.shuffle_seed).problems  # fmt: skip
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    engines = {
-        role: ray.remote(EngineActor).options(num_cpus=1, name=f"bench-{role}").remote(
-            dataclasses.replace(engine_settings(cfg, role, model_dir), log_stats=True), name=f"bench-{role}")
-        for role in ("rollout", "judge")
-    }  # fmt: skip
-    actors = list(engines.values())
-    ray.get([e.ready.remote() for e in actors])
+    cfg = preflight.validate(C.load([args.config], [*args.overrides, *ENGINES]))
+    session = RunSession(cfg)  # the product's start-up, no run folder: the bench writes only its table
+    problems = session.load_problems(limit=args.num_problems)
+    ray = session.start_ray()
+    # The engines keep vLLM's counters (EngineSettings.log_stats, on by default), which the phases read.
+    rollout, judge = session.start_pool("rollout"), session.start_pool("judge")
+    actors = rollout.actors + judge.actors
 
     # 1. The search, its scheduler wrapped to stamp each pair's life.
     tracking = tracking_scheduler()
@@ -133,14 +124,12 @@ def main() -> int:
     c0 = engine_counts(ray, actors)
     search_start = time.monotonic()
     summary = search_generate.generate_pairs(
-        cfg, problems, iteration=1, policy_version=0,
-        rollout=EnginePool("rollout", [engines["rollout"]], max_restarts=0),
-        judge=EnginePool("judge", [engines["judge"]], max_restarts=0), output_dir=str(out_dir),
-    )  # fmt: skip
+        cfg, problems, iteration=1, policy_version=0, rollout=rollout, judge=judge, output_dir=str(out_dir)
+    )
     search = phase(c0, engine_counts(ray, actors), summary.seconds)
 
     # 2. Raw decode: the proposal shape (num_candidates samples per prompt), about the search's generated tokens.
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = session.tokenizer
     n = cfg.rollout.num_candidates
     halves = [problems[: len(problems) // 2], problems[len(problems) // 2 :]]
     max_tokens = max(8, int(search["generated"]) // (n * len(problems)))

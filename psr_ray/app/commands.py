@@ -1,4 +1,5 @@
-"""The `psr-ray` commands that start Ray, engines or trainers. Each wires library functions together."""
+"""The `psr-ray` commands that start Ray, engines or trainers: each wires library functions together on one
+`RunSession` (pipeline/session.py: the run folder's lock, problems, model, Ray, engine pools)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,8 @@ def run(cfg: PSRConfig, args: argparse.Namespace) -> int:
 def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """One search pass with the configured model over `--num-problems` problems."""
     from psr_ray.data.pairs_io import MANIFEST, pairs_dir
-    from psr_ray.data.problems import load_problems
-    from psr_ray.engines.pool import start_engine_pool
-    from psr_ray.pipeline.run_dir import RunDirLock, check_writable
     from psr_ray.pipeline.search_stage import generate_pairs
-    from psr_ray.runtime.cluster import init_ray
-    from psr_ray.runtime.models import resolve_model_path
+    from psr_ray.pipeline.session import RunSession
 
     if args.num_problems < 1:
         raise ValueError(f"--num-problems must be >= 1, got {args.num_problems}")
@@ -38,50 +35,43 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     if (pairs_dir(output_dir, 1) / MANIFEST).is_file() and not args.resume:
         raise ValueError(f"{output_dir} already holds step pairs of an earlier pass ({pairs_dir(output_dir, 1)}); "
                          "pass another --output, or --resume to finish that pass")  # fmt: skip
-    lock = RunDirLock(output_dir, command="generate")  # held until this process ends
-    check_writable(output_dir, "--output")
-    loaded = load_problems(cfg.data.source, split=cfg.data.split, limit=args.num_problems,
-                           seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars)
-    if loaded.skipped:
-        print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
-    if not loaded.problems:  # before any pair or manifest: the corrected rerun is not refused
-        raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
-    model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
-    init_ray(cfg)
+    session = RunSession.locked(cfg, output_dir, command="generate")  # held until this process ends
+    session.check_writable("--output")
+    problems = session.load_problems(limit=args.num_problems)
+    model_path = session.model_path
+    session.start_ray()
     summary = generate_pairs(
-        cfg, loaded.problems, iteration=1, policy_version=1,
-        rollout=start_engine_pool(cfg, "rollout", model_path, policy_version=1),
-        judge=start_engine_pool(cfg, "judge", model_path, policy_version=1),
+        cfg, problems, iteration=1, policy_version=1,
+        rollout=session.start_pool("rollout", model_path, policy_version=1),
+        judge=session.start_pool("judge", model_path, policy_version=1),
         output_dir=output_dir,
     )
     for key, value in summary.to_dict().items():
         print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
-    lock.release()
+    session.release()
     return 0
 
 
 def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """Step-DPO of model.path (also the frozen reference) on a Parquet folder of pairs."""
-    from psr_ray.pipeline.run_dir import RunDirLock, check_writable
-    from psr_ray.runtime.cluster import init_ray
-    from psr_ray.runtime.models import resolve_model_path
+    from psr_ray.pipeline.session import RunSession
     from psr_ray.trainer.group import read_pairs_dataset, train_dpo
 
     output_dir = args.output or f"{cfg.run.output_dir}/train"
     if Path(output_dir).is_dir() and any(Path(output_dir).iterdir()) and not args.resume:
         raise ValueError(f"{output_dir} is not empty (an earlier `psr-ray train`?); pass another --output, "
                          "or --resume to continue from its checkpoint")  # fmt: skip
-    lock = RunDirLock(output_dir, command="train")
-    check_writable(output_dir, "--output")
-    model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
+    session = RunSession.locked(cfg, output_dir, command="train")
+    session.check_writable("--output")
+    model_path = session.model_path
     dataset_dir = args.pairs
     if not Path(dataset_dir).is_dir():
         raise ValueError(f"--pairs {dataset_dir}: no such folder")
-    init_ray(cfg)
+    session.start_ray()
     dataset = read_pairs_dataset(dataset_dir)
     result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
                        output_dir=output_dir, policy_version=2)
-    lock.release()
+    session.release()
     final = result.metrics[-1] if result.metrics else {}
     source = "the checkpoint already in --output (--resume)" if result.resumed else "this run"
     print(f"trained {result.num_optimizer_steps} optimizer steps on {result.num_trained_rows} pairs (all epochs; "
@@ -93,7 +83,6 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the command's name
     from psr_ray.evaluation.benchmarks import eval_command
-    from psr_ray.runtime.cluster import init_ray
 
     # `gsm8k, math500` as typed in a shell: names without their spaces.
     names = [name.strip() for name in (args.benchmarks or "").split(",") if name.strip()]
@@ -103,7 +92,6 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
         raise ValueError(f"--limit must be >= 0 (0 means all), got {limit}")
     cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model or cfg.model.path),
                                        eval=dataclasses.replace(cfg.eval, benchmarks=tuple(benchmarks))))
-    init_ray(cfg)
     eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")
     return 0
 
@@ -112,8 +100,9 @@ def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
     """IFT data and EFT pairs (M0's own candidates, labelled by the step oracle), SFT of model.path into M1,
     judge accuracy on held-out pairs and benchmark accuracy of M0 and M1."""
     from psr_ray.pipeline.init_stage import format_init, initialize
+    from psr_ray.pipeline.session import RunSession
 
-    result = initialize(cfg, output_dir=args.output or f"{cfg.run.output_dir}/init")
+    result = initialize(RunSession(cfg), output_dir=args.output or f"{cfg.run.output_dir}/init")
     print(format_init(result))
     print(f"M1 (HF export): {result.hf_dir}")
     return 0

@@ -4,7 +4,8 @@ lenient rule (boxed, else "the answer is", else the last number) stands beside i
 Each accuracy carries a 95% Wilson interval, and each row keeps its per-problem results so two models on the
 same problems can be compared with an exact McNemar test (`report.py`). Also step statistics (the paper's
 Table 4) and step-format compliance. Scoring is pure; `evaluate` sends prompts to engine actors
-(psr_ray/engines/api.py `generate`), and `eval_command` is `psr-ray eval`: it starts the engines itself.
+(psr_ray/engines/api.py `generate`), and `eval_command` is `psr-ray eval`: it starts Ray and the engines
+itself (pipeline/session.py).
 """
 
 from __future__ import annotations
@@ -237,21 +238,16 @@ def eval_command(
     """`psr-ray eval --model PATH_OR_ID --benchmarks gsm8k,math500 --limit N`: starts Ray here unless it is
     running (or `run.ray_address` names a cluster), creates `rollout.num_engines` engine actors, evaluates,
     prints the table and the throughput, and writes the report to `output_dir` when given."""
-    import ray
-    from transformers import AutoTokenizer
-
-    from psr_ray.engines.pool import start_engine_pool
     from psr_ray.evaluation.tables import format_table, write_report, write_solutions
-    from psr_ray.runtime.models import resolve_model_path
+    from psr_ray.pipeline.session import RunSession
 
-    model_path = resolve_model_path(model, cfg.run.cache_dir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    if not ray.is_initialized():
-        ray.init(address=cfg.run.ray_address, include_dashboard=False)
+    session = RunSession(cfg)
+    ray = session.start_ray()
+    tokenizer = session.tokenizer
     # Named engines already running (a driver's, a test session's) are reused and left running.
     running = set(ray.util.list_named_actors())
-    engines = start_engine_pool(cfg, "rollout", model_path).actors
+    engines = session.start_pool("rollout").actors
     try:
         result = evaluate(engines, tokenizer, benchmarks, limit=limit or None, max_tokens=cfg.eval.max_tokens,
                           timeout_s=cfg.run.engine_call_timeout_s)

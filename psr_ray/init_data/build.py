@@ -153,6 +153,9 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from psr_ray.runtime.durable import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    table = pa.Table.from_pylist(rows)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))  # durable before the marker that vouches for it
     return path

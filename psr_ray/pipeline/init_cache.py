@@ -5,7 +5,7 @@ held-out pairs (model, data, init and SFT settings, seed, the EFT judge mode, th
 `init.json` there and is reused as is; an interrupted one is redone, reusing its finished SFT checkpoint.
 One process builds it at a time (a file lock); another waiting on the same key then reuses it.
 
-M0's scores for the run's table are cached beside it per evaluation setting (`run.scores_of`), so changing
+M0's scores for the run's table are cached beside it per evaluation setting (`init_stage.scores_of`), so changing
 `eval.*` re-evaluates M0 but never re-trains M1.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 from psr_ray.config import PSRConfig
 from psr_ray.pipeline.init_stage import InitResult, eft_mode, initialize, read_result, scores_of
+from psr_ray.pipeline.session import RunSession
 
 
 def _digest(value: Any) -> str:
@@ -55,38 +56,33 @@ def init_dir(cfg: PSRConfig) -> Path:
     return Path(cfg.run.cache_dir).expanduser() / "init" / init_key(cfg)
 
 
-def initialize_first(cfg: PSRConfig) -> tuple[InitResult, dict[str, Any]]:
+def initialize_first(session: RunSession) -> tuple[InitResult, dict[str, Any]]:
     """M1 (built now, or found in the cache) and M0's scores for the run's evaluation settings."""
-    folder = init_dir(cfg)
+    folder = init_dir(session.cfg)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = read_result(folder)
         if result is None:
             print(f"[init] building M1 (init.run_first) in {folder}", flush=True)
-            result = initialize(cfg, output_dir=str(folder), evaluate=("M0",))
+            result = initialize(session, output_dir=str(folder), evaluate=("M0",))
         else:
             print(f"[init] reusing M1 from {folder} (built before with the same settings)", flush=True)
-        m0 = _m0_scores(cfg, result)
+        m0 = _m0_scores(session, result)
     return result, m0
 
 
-def init_for_run(cfg: PSRConfig) -> tuple[InitResult, dict[str, Any], list[Any]]:
+def init_for_run(session: RunSession) -> tuple[InitResult, dict[str, Any], list[Any]]:
     """For `psr-ray run` with init.run_first: M1, M0's scores, and the held-out judge pairs (LabelledPair)."""
     from psr_ray.init_data.build import read_pairs
 
-    init, m0 = initialize_first(cfg)
+    init, m0 = initialize_first(session)
     return init, m0, [p.pair for p in read_pairs(init.data_files["heldout_pairs"])]
 
 
-def _m0_scores(cfg: PSRConfig, result: InitResult) -> dict[str, Any]:
+def _m0_scores(session: RunSession, result: InitResult) -> dict[str, Any]:
     """M0's scores for the run's evaluation settings (computed once per setting, then read back)."""
-    from transformers import AutoTokenizer
-
     from psr_ray.init_data.build import read_pairs
-    from psr_ray.runtime.models import resolve_model_path
 
-    model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     pairs = [p.pair for p in read_pairs(result.data_files["heldout_pairs"])]
-    return scores_of(cfg, Path(result.output_dir), "M0", model_path, 0, pairs, tokenizer)
+    return scores_of(session, Path(result.output_dir), "M0", session.model_path, 0, pairs)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from psr_ray.init_data.build import (
     write_parquet,
 )
 from psr_ray.init_data.candidates import OraclePair, Sampling, oracle_pairs
+from psr_ray.pipeline.session import RunSession
 
 RESULT_FILE = "init.json"
 
@@ -71,22 +71,19 @@ def eft_mode(cfg: PSRConfig) -> JudgeMode:
     return JudgeMode.EXPLAIN if cfg.judge.mode == JudgeMode.EXPLAIN else JudgeMode.DIRECT
 
 
-def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = ("M0", "M1")) -> InitResult:
-    """Phases A-C of the module docstring into `output_dir` (an SFT checkpoint already there is reused);
-    writes `init.json` last. `evaluate` names the models scored in phase C."""
+def initialize(session: RunSession, *, output_dir: str, evaluate: tuple[str, ...] = ("M0", "M1")) -> InitResult:
+    """Phases A-C of the module docstring into `output_dir` (an SFT checkpoint already there is reused), on
+    the session's model and Ray; writes `init.json` last. `evaluate` names the models scored in phase C."""
     import pyarrow as pa
     import ray.data
-    from transformers import AutoTokenizer
 
-    from psr_ray.runtime.cluster import init_ray
-    from psr_ray.runtime.models import resolve_model_path
     from psr_ray.trainer.group import train_sft
 
     clock = time.perf_counter()
     out = Path(output_dir).expanduser().resolve()
-    icfg = cfg.init
-    model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    cfg, icfg = session.cfg, session.cfg.init
+    model_path = session.model_path
+    tokenizer = session.tokenizer
     problems = load_worked_problems(
         cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars
     )
@@ -95,19 +92,19 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
     sampling = Sampling(num_candidates=icfg.num_candidates, temperature=icfg.temperature, top_p=cfg.rollout.top_p,
                         max_tokens=cfg.rollout.max_step_tokens, num_rollouts=icfg.num_rollouts, seed=cfg.run.seed)  # fmt: skip
     ift = ift_rows(tokenizer, split.ift)
-    init_ray(cfg)
+    session.start_ray()
     seconds: dict[str, float] = {}
 
     def propose(model: str, version: int, problems: list[Any], num_pairs: int, seed: int) -> Callable[[], Any]:
         def build() -> tuple[list[OraclePair], dict[str, int]]:
-            with temporary_engines(cfg, "rollout", model, version) as engines:
+            with session.temporary_engines("rollout", model, version) as engines:
                 return oracle_pairs(engines, tokenizer, problems, num_pairs=num_pairs,
                                     sampling=Sampling(**{**asdict(sampling), "seed": seed}))  # fmt: skip
 
         return build
 
     with _timed(seconds, "eft_candidates"):
-        eft_pairs, eft_counts = _pairs_phase(out / "eft_pairs.parquet", propose(
+        eft_pairs, eft_counts = _pairs_phase(session, out / "eft_pairs.parquet", propose(
             model_path, 0, split.eft, num_eft_pairs(len(ift), icfg.eft_ift_ratio), sampling.seed))  # fmt: skip
     eft = eft_rows(tokenizer, eft_pairs, mode=mode)
     files = {"ift_train": write_parquet(ift, out / "ift_train.parquet"),
@@ -125,14 +122,14 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
 
     with _timed(seconds, "heldout_pairs"):
         files["heldout_pairs"] = out / "heldout_pairs.parquet"
-        heldout, heldout_counts = _pairs_phase(files["heldout_pairs"], propose(
+        heldout, heldout_counts = _pairs_phase(session, files["heldout_pairs"], propose(
             trained.hf_dir, 1, split.heldout, icfg.num_heldout_pairs, sampling.seed + 1))  # fmt: skip
     print(f"[init] held-out judge pairs: {len(heldout)} from M1's candidates; sites {heldout_counts}", flush=True)
     scores = {}
     for name, path, version in (("M0", model_path, 0), ("M1", trained.hf_dir, 1)):
         if name in evaluate:
             with _timed(seconds, f"score_{name.lower()}"):
-                scores[name] = scores_of(cfg, out, name, path, version, [p.pair for p in heldout], tokenizer)
+                scores[name] = scores_of(session, out, name, path, version, [p.pair for p in heldout])
     seconds["total"] = time.perf_counter() - clock
     result = InitResult(
         output_dir=str(out), hf_dir=trained.hf_dir, judge_mode=mode.value, eft_ift_ratio=icfg.eft_ift_ratio,
@@ -149,7 +146,7 @@ def initialize(cfg: PSRConfig, *, output_dir: str, evaluate: tuple[str, ...] = (
               f"candidates were all right or all wrong on the rest of the {len(split.heldout)} held-out problems; "
               "raise init.num_heldout_problems", flush=True)  # fmt: skip
     (out / "results.md").write_text(format_init(result) + "\n")
-    _write_atomic(out / RESULT_FILE, json.dumps(asdict(result), indent=2, default=str) + "\n")
+    session.commit(out / RESULT_FILE, json.dumps(asdict(result), indent=2, default=str) + "\n")  # the cache's marker
     return result
 
 
@@ -191,15 +188,17 @@ def eval_key(cfg: PSRConfig) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def scores_of(cfg: PSRConfig, out: Path, name: str, model_path: str, version: int, pairs: list[Any],
-              tokenizer: Any) -> dict[str, Any]:  # fmt: skip
-    """`score_model` of `model_path` on engines started for it, kept in `out` per evaluation setting."""
+def scores_of(session: RunSession, out: Path, name: str, model_path: str, version: int,
+              pairs: list[Any]) -> dict[str, Any]:  # fmt: skip
+    """`score_model` of `model_path` on engines started for it (with the session's tokenizer), kept in `out`
+    per evaluation setting."""
+    cfg = session.cfg
     path = out / f"scores_{name}_{eval_key(cfg)}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    with temporary_engines(cfg, "rollout", model_path, version) as engines:
-        scores = score_model(cfg, engines, tokenizer, pairs, eft_mode(cfg))
-    _write_atomic(path, json.dumps(scores, indent=2) + "\n")
+    with session.temporary_engines("rollout", model_path, version) as engines:
+        scores = score_model(cfg, engines, session.tokenizer, pairs, eft_mode(cfg))
+    session.commit(path, json.dumps(scores, indent=2) + "\n")
     return scores
 
 
@@ -216,48 +215,17 @@ def score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[
     return {"judge": judge, "benchmarks": result.rows(0), "eval_s": result.elapsed_s}
 
 
-def _pairs_phase(path: Path, build: Callable[[], tuple[list[OraclePair], dict[str, int]]]) -> tuple[list[OraclePair], dict[str, int]]:
+def _pairs_phase(
+    session: RunSession, path: Path, build: Callable[[], tuple[list[OraclePair], dict[str, int]]]
+) -> tuple[list[OraclePair], dict[str, int]]:
     """One phase's oracle pairs, built once: a finished phase's file and counts are read back."""
     counts_path = path.with_suffix(".counts.json")
     if path.is_file() and counts_path.is_file():
         return read_pairs(path), json.loads(counts_path.read_text())
     pairs, counts = build()
     write_parquet(pair_rows(pairs), path)
-    _write_atomic(counts_path, json.dumps(counts) + "\n")  # last: marks the phase done
+    session.commit(counts_path, json.dumps(counts) + "\n")  # last: marks the phase done
     return pairs, counts
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def temporary_engines(cfg: PSRConfig, role: str, model_path: str, policy_version: int) -> Iterator[list[Any]]:
-    """Engines on `model_path` for one phase, killed after it (their names are then free again). As many as
-    the run has engines of both roles: no trainer runs meanwhile, and each engine uses its own CPUs."""
-    import dataclasses
-
-    import ray
-
-    from psr_ray.engines.pool import start_engine_pool
-
-    count = cfg.rollout.num_engines + cfg.judge.num_engines
-    cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(getattr(cfg, role), num_engines=count)})
-    names = [f"psr-{role}-{i}" for i in range(count)]
-    busy = sorted(set(names) & set(ray.util.list_named_actors()))
-    if busy:  # a running PSR run's engines serve another model: neither borrow nor stop them
-        raise ValueError(f"engines {busy} are already running in this Ray namespace; stop that run first")
-    engines = start_engine_pool(cfg, role, model_path, policy_version=policy_version).actors
-    try:
-        yield engines
-    finally:
-        for engine in engines:
-            ray.kill(engine)
-        deadline = time.monotonic() + 60
-        while set(names) & set(ray.util.list_named_actors()) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 @contextlib.contextmanager

@@ -29,8 +29,9 @@ from typing import Any
 
 from psr_ray.config import PSRConfig
 from psr_ray.engines.pool import EnginePool
-from psr_ray.pipeline.run_dir import RunDirLock, check_resume, check_search_pairs, check_writable, stored_config
+from psr_ray.pipeline.run_dir import check_resume, check_search_pairs, stored_config
 from psr_ray.pipeline.run_state import RunState
+from psr_ray.pipeline.session import RunSession
 from psr_ray.runtime import kill_windows
 
 FIRST_POLICY_VERSION = 1
@@ -43,6 +44,7 @@ class Driver:
     cfg: PSRConfig
     out: Path
     state: RunState
+    session: RunSession  # holds the run folder's lock
     rollout: EnginePool
     judge: EnginePool
     tokenizer: Any
@@ -50,7 +52,6 @@ class Driver:
     policy_dir: str
     policy_version: int
     logger: Any
-    lock: RunDirLock
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     init: Any = None  # the InitResult when the run initialized first
     m0: dict[str, Any] | None = None  # M0's scores then (benchmark rows, judge accuracy)
@@ -103,7 +104,7 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     finally:
         memory.stop()
         psr.logger.finish()
-        psr.lock.release()
+        psr.session.release()
     print(f"\nResults ({psr.out / 'results.md'}):\n")
     print((psr.out / "results.md").read_text())
     return psr
@@ -115,34 +116,26 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
     out = Path(resume_dir or cfg.run.output_dir).expanduser()
     if resume_dir is not None:
         check_resume(stored_config(resume_dir), cfg, resume_dir)
-    lock = RunDirLock(out)  # a second driver on this folder fails here
+    session = RunSession.locked(cfg, out)  # a second driver on this folder fails here
     try:
-        return _start_locked(cfg, out, lock, resuming=resume_dir is not None)
+        return _start_locked(session, out, resuming=resume_dir is not None)
     except BaseException:
-        lock.release()
+        session.release()
         raise
 
 
-def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool) -> Driver:
-    from transformers import AutoTokenizer
-
-    from psr_ray.data.problems import load_problems
-    from psr_ray.engines.pool import start_engine_pool
+def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     from psr_ray.pipeline.init_cache import init_for_run
-    from psr_ray.runtime.cluster import init_ray
     from psr_ray.runtime.metrics import WandbLogger
-    from psr_ray.runtime.models import resolve_model_path
 
-    state = RunState(out)
+    cfg, state = session.cfg, RunState(out)
     if resuming:
         print(f"[psr_ray] resuming {out}: {state.finished_summary()}")
     elif state.exists:
         raise ValueError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
                          "or choose another run.output_dir")
-    check_writable(out)
-
-    base_model = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
-    policy_version, policy_dir = FIRST_POLICY_VERSION, base_model
+    session.check_writable()
+    policy_version, policy_dir = FIRST_POLICY_VERSION, session.model_path
     for k in range(1, cfg.run.num_iterations + 1):
         train = state.stage(k, "train")
         if train is not None:
@@ -151,21 +144,13 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
         from psr_ray.trainer.checkpoint import check_checkpoint
 
         check_checkpoint(Path(policy_dir).parent)
-
-    loaded = load_problems(cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed,
-                           max_chars=cfg.data.max_problem_chars)  # before Ray: bad data fails fast
-    if loaded.skipped:
-        print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
-        for line, reason in loaded.skipped[:10]:
-            print(f"[psr_ray]   skipped line {line}: {reason}")
-    if not loaded.problems:
-        raise ValueError(f"data.source {cfg.data.source!r} yielded no usable problems")
-    init_ray(cfg)
-    init, m0, heldout_pairs = init_for_run(cfg) if cfg.init.run_first else (None, None, [])
+    all_problems = session.load_problems()  # before Ray: bad data fails fast
+    session.start_ray()
+    init, m0, heldout_pairs = init_for_run(session) if cfg.init.run_first else (None, None, [])
     if init is not None and policy_version == FIRST_POLICY_VERSION:
         policy_dir = init.hf_dir  # PSR starts from M1
     heldout = set(init.heldout_problem_ids) if init is not None else set()
-    problems = [p for p in loaded.problems if p.problem_id not in heldout]  # judge pairs' problems: never searched
+    problems = [p for p in all_problems if p.problem_id not in heldout]  # judge pairs' problems: never searched
     if not problems:
         raise ValueError(f"data.source {cfg.data.source!r} has no problems left after the init's held-out ones")
     logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
@@ -175,14 +160,14 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
         cfg=cfg,
         out=out,
         state=state,
-        rollout=start_engine_pool(cfg, "rollout", policy_dir, policy_version=policy_version),
-        judge=start_engine_pool(cfg, "judge", policy_dir, policy_version=policy_version),
-        tokenizer=AutoTokenizer.from_pretrained(base_model, trust_remote_code=cfg.model.trust_remote_code),
+        session=session,
+        rollout=session.start_pool("rollout", policy_dir, policy_version=policy_version),
+        judge=session.start_pool("judge", policy_dir, policy_version=policy_version),
+        tokenizer=session.tokenizer,  # the configured model's (every policy shares it)
         problems=problems,
         policy_dir=policy_dir,
         policy_version=policy_version,
         logger=logger,
-        lock=lock,
         init=init,
         m0=m0,
         heldout_pairs=heldout_pairs,

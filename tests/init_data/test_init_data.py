@@ -198,6 +198,7 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
     from psr_ray import config as C
     from psr_ray.pipeline import preflight
     from psr_ray.pipeline.init_stage import initialize, read_result
+    from psr_ray.pipeline.session import RunSession
 
     def kill_engines():
         for name in ray_cluster.util.list_named_actors():
@@ -215,7 +216,7 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
         "run.wandb_mode=disabled",
     ]), gpu_available=False)  # fmt: skip
     try:
-        result = initialize(cfg, output_dir=str(tmp_path / "init"))
+        result = initialize(RunSession(cfg), output_dir=str(tmp_path / "init"))
     finally:
         kill_engines()
     for name in ("ift_train", "eft_train", "heldout_pairs"):
