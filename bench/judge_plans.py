@@ -121,7 +121,7 @@ def main() -> int:
         return write(args, report(args, cfg, problems, sets, record_stats, record_s, live))
     session = RunSession(cfg)  # the product's start-up, no run folder: the bench writes only its table
     problems = session.load_problems(limit=args.num_problems)
-    session.start_ray()
+    session.start_ray(trainer=False)
     rollout, judge = session.start_pool("rollout"), session.start_pool("judge")
     sets, record_stats, record_s = record_sets(cfg, problems, rollout, judge, args.num_sets)
     print(f"recorded {len(sets)} candidate sets in {record_s:.0f} s", file=sys.stderr, flush=True)

@@ -112,7 +112,7 @@ def main() -> int:
     cfg = preflight.validate(C.load([args.config], [*args.overrides, *ENGINES]))
     session = RunSession(cfg)  # the product's start-up, no run folder: the bench writes only its table
     problems = session.load_problems(limit=args.num_problems)
-    ray = session.start_ray()
+    ray = session.start_ray(trainer=False)
     # The engines keep vLLM's counters (EngineSettings.log_stats, on by default), which the phases read.
     rollout, judge = session.start_pool("rollout"), session.start_pool("judge")
     actors = rollout.actors + judge.actors

@@ -73,3 +73,25 @@ def test_the_embedded_preset_fits_the_local_ray_of_this_machine():
     with pytest.raises(ValueError, match="the run asks for 9 CPU in all, the cluster has 4"):
         check_capacity(bigger, [local])
     assert describe([local]) == "1 node: 4 CPU"
+
+
+def test_a_command_asks_only_for_what_it_starts():
+    cfg = load([str(RECIPE)], [])
+    assert all("trainer" in d.what for d in run_demands(cfg, engines=False))
+    assert all("engine" in d.what for d in run_demands(cfg, trainer=False))
+    # eval on a cluster of engine nodes only: placeable; the whole run is not.
+    nodes = [HEAD, gpu_node("psr_engine")]
+    assert placement_errors(run_demands(cfg, trainer=False), nodes) == []
+    assert placement_errors(run_demands(cfg), nodes) != []
+
+
+@pytest.mark.ray
+def test_an_unplaceable_run_fails_against_the_real_clusters_nodes_before_any_engine(ray_cluster):
+    ray = ray_cluster
+    cfg = load([str(DEFAULT_CONFIG)], ["rollout.node_resource=psr_engine", "run.autoscaling=false"])
+    before = set(ray.util.list_named_actors())
+    with pytest.raises(ValueError, match=r"the run asks for 1 psr_engine in all, the cluster has 0; no node can hold "
+                       r"rollout engine 0 \(CPU: 1, psr_engine: 1\)"):  # fmt: skip
+        check_capacity(cfg)  # the nodes as ray.nodes() reports them
+    assert set(ray.util.list_named_actors()) == before
+    assert check_capacity(load([str(DEFAULT_CONFIG)], [])) == []

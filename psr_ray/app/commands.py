@@ -39,7 +39,7 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     session.check_writable("--output")
     problems = session.load_problems(limit=args.num_problems)
     model_path = session.model_path
-    session.start_ray()
+    session.start_ray(trainer=False)
     summary = generate_pairs(
         cfg, problems, iteration=1, policy_version=1,
         rollout=session.start_pool("rollout", model_path, policy_version=1),
@@ -67,7 +67,7 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
     dataset_dir = args.pairs
     if not Path(dataset_dir).is_dir():
         raise ValueError(f"--pairs {dataset_dir}: no such folder")
-    session.start_ray()
+    session.start_ray(engines=False)
     dataset = read_pairs_dataset(dataset_dir)
     result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
                        output_dir=output_dir, policy_version=2)

@@ -243,7 +243,7 @@ def eval_command(
 
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model))
     session = RunSession(cfg)
-    ray = session.start_ray()
+    ray = session.start_ray(trainer=False)
     tokenizer = session.tokenizer
     # Named engines already running (a driver's, a test session's) are reused and left running.
     running = set(ray.util.list_named_actors())

@@ -25,13 +25,14 @@ class Demand:
     resources: dict[str, float]
 
 
-def run_demands(cfg: Any) -> list[Demand]:
-    """Every bundle the run holds at once: engines (one per tensor-parallel shard) and trainer workers."""
+def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list[Demand]:
+    """Every bundle the run holds at once: engines (one per tensor-parallel shard) and trainer workers (a
+    command that starts only one of them asks only for those)."""
     from psr_ray.engines.pool import node_group_request
     from psr_ray.trainer.group import scaling_kwargs
 
     demands = []
-    roles = ("rollout", "judge") if cfg.judge.num_engines > 0 else ("rollout",)
+    roles = (("rollout", "judge") if cfg.judge.num_engines > 0 else ("rollout",)) if engines else ()
     for role in roles:
         section = getattr(cfg, role)
         for i in range(section.num_engines):
@@ -41,11 +42,12 @@ def run_demands(cfg: Any) -> list[Demand]:
             else:
                 ask = {"CPU": section.num_cpus_per_engine, "GPU": section.num_gpus_per_engine}
                 demands.append(Demand(f"{role} engine {i}", ask | node_group_request(section)))
-    scaling = scaling_kwargs(cfg.trainer)
-    worker = dict(scaling["resources_per_worker"])
-    if scaling["use_gpu"]:
-        worker.setdefault("GPU", 1.0)  # Ray Train's default for use_gpu without an explicit GPU share
-    demands += [Demand(f"trainer worker {i}", worker) for i in range(scaling["num_workers"])]
+    if trainer:
+        scaling = scaling_kwargs(cfg.trainer)
+        worker = dict(scaling["resources_per_worker"])
+        if scaling["use_gpu"]:
+            worker.setdefault("GPU", 1.0)  # Ray Train's default for use_gpu without an explicit GPU share
+        demands += [Demand(f"trainer worker {i}", worker) for i in range(scaling["num_workers"])]
     return [Demand(d.what, {k: v for k, v in d.resources.items() if v > 0}) for d in demands]
 
 
@@ -93,11 +95,13 @@ def describe(nodes: list[dict[str, float]]) -> str:
     )
 
 
-def check_capacity(cfg: Any, nodes: list[dict[str, float]] | None = None) -> list[str]:
+def check_capacity(
+    cfg: Any, nodes: list[dict[str, float]] | None = None, *, engines: bool = True, trainer: bool = True
+) -> list[str]:
     """Raises a ValueError naming what is missing when the run cannot be placed on the cluster; with
     `run.autoscaling` asks the autoscaler for it instead and returns the warnings."""
     nodes = cluster_nodes() if nodes is None else nodes
-    demands = run_demands(cfg)
+    demands = run_demands(cfg, engines=engines, trainer=trainer)
     errors = placement_errors(demands, nodes)
     if not errors:
         return []

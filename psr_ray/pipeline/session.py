@@ -74,11 +74,17 @@ class RunSession:
 
         return AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
 
-    def start_ray(self) -> Any:
-        """Joins `run.ray_address` or starts a local Ray sized for the run (runtime/cluster.py); returns `ray`."""
+    def start_ray(self, *, engines: bool = True, trainer: bool = True) -> Any:
+        """Joins `run.ray_address` or starts a local Ray sized for the run (runtime/cluster.py), then checks
+        that the cluster can place what this command starts (its engines, its trainer workers) before any of
+        it starts (pipeline/capacity.py); returns `ray`."""
+        from psr_ray.pipeline.capacity import check_capacity
         from psr_ray.runtime.cluster import init_ray
 
-        return init_ray(self.cfg)
+        ray = init_ray(self.cfg)
+        for warning in check_capacity(self.cfg, engines=engines, trainer=trainer):
+            print(f"[psr_ray] WARNING {warning}", flush=True)
+        return ray
 
     def start_pool(self, role: str, model_path: str | None = None, *, policy_version: int = 0,
                    num_engines: int | None = None) -> EnginePool:  # fmt: skip
