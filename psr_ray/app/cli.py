@@ -1,9 +1,11 @@
 """`psr-ray`: a thin command line over the library. No training logic lives here.
 
 Every command takes `--config FILE` (repeatable, merged in order; a bare `x.yaml` argument counts as one) and
-dotted `key=value` overrides, and validates the result before Ray starts. A user mistake (a ValueError or an
-OS error: a bad config, file, folder or address) ends in one line on stderr naming it and exit status 1,
-never a traceback; any other failure prints one line and saves its traceback to a file it names.
+dotted `key=value` overrides, and validates the result before Ray starts. A user mistake (a `UserError`,
+raised by the validation and input layers, or an OS error here on the driver: a bad config, file, folder or
+address) ends in one line on stderr naming it and exit status 1, never a traceback; any other failure, a
+`ValueError` raised inside an engine or worker included, prints one line and saves its traceback to a file
+it names.
 """
 
 from __future__ import annotations
@@ -129,17 +131,42 @@ def main(argv: list[str] | None = None) -> int:
     _yaml_arguments_as_configs(args)
     try:
         return _dispatch(args)
-    except (ValueError, OSError) as err:  # a user mistake: bad config, data, folder, address; no traceback
-        print(f"psr-ray {args.command}: {_one_line(err)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"psr-ray {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # a failure of the run itself: one line here, the traceback in a file
-        path = _save_traceback(args.command)
-        print(f"psr-ray {args.command} failed: {type(err).__name__}: {_one_line(err)} (traceback: {path})",
-              file=sys.stderr)  # fmt: skip
+    except Exception as err:
+        return report_error(args.command, err)
+
+
+def report_error(command: str, err: Exception) -> int:
+    """Prints what went wrong on stderr and returns the exit status (1). A user mistake (`is_user_error`) is
+    one line naming it; anything else is an internal error: one line, its traceback saved to a file it names.
+    Call it inside the `except` block that caught `err` (the traceback file is the one being handled)."""
+    if is_user_error(err):
+        print(f"psr-ray {command}: {_one_line(err)}", file=sys.stderr)
         return 1
+    path = _save_traceback(command)
+    shown = _remote_cause(err) or err  # a worker's error: its own message, not Ray's whole remote traceback
+    print(f"psr-ray {command} failed: {type(err).__name__}: {_one_line(shown)} (traceback: {path})", file=sys.stderr)
+    return 1
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A `UserError` (the validation and input layers raise it) or an OS error raised here on the driver (a
+    user's file or folder). An error that comes back from a Ray task or actor is internal whatever its type:
+    `ray.get` re-raises a worker's `ValueError` as a `RayTaskError` that is also a `ValueError`."""
+    if _remote_cause(err) is not None:
+        return False
+    return isinstance(err, (config_lib.UserError, OSError))
+
+
+def _remote_cause(err: BaseException) -> BaseException | None:
+    """The exception a Ray worker raised, when `err` is the `RayTaskError` that `ray.get` raised for it."""
+    exceptions = sys.modules.get("ray.exceptions")  # Ray is loaded wherever a RayTaskError can exist
+    if exceptions is None or not isinstance(err, exceptions.RayTaskError):
+        return None
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from psr_ray.config import DEFAULT_CONFIG, PSRConfig
+from psr_ray.config import DEFAULT_CONFIG, PSRConfig, UserError
 from psr_ray.pipeline.preflight import validate
 
 
@@ -30,11 +30,11 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     from psr_ray.pipeline.session import RunSession
 
     if args.num_problems < 1:
-        raise ValueError(f"--num-problems must be >= 1, got {args.num_problems}")
+        raise UserError(f"--num-problems must be >= 1, got {args.num_problems}")
     output_dir = args.output or cfg.run.output_dir
     if (pairs_dir(output_dir, 1) / MANIFEST).is_file() and not args.resume:
-        raise ValueError(f"{output_dir} already holds step pairs of an earlier pass ({pairs_dir(output_dir, 1)}); "
-                         "pass another --output, or --resume to finish that pass")  # fmt: skip
+        raise UserError(f"{output_dir} already holds step pairs of an earlier pass ({pairs_dir(output_dir, 1)}); "
+                        "pass another --output, or --resume to finish that pass")  # fmt: skip
     session = RunSession.locked(cfg, output_dir, command="generate")  # held until this process ends
     session.check_writable("--output")
     problems = session.load_problems(limit=args.num_problems)
@@ -59,14 +59,14 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
     output_dir = args.output or f"{cfg.run.output_dir}/train"
     if Path(output_dir).is_dir() and any(Path(output_dir).iterdir()) and not args.resume:
-        raise ValueError(f"{output_dir} is not empty (an earlier `psr-ray train`?); pass another --output, "
-                         "or --resume to continue from its checkpoint")  # fmt: skip
+        raise UserError(f"{output_dir} is not empty (an earlier `psr-ray train`?); pass another --output, "
+                        "or --resume to continue from its checkpoint")  # fmt: skip
     session = RunSession.locked(cfg, output_dir, command="train")
     session.check_writable("--output")
     model_path = session.model_path
     dataset_dir = args.pairs
     if not Path(dataset_dir).is_dir():
-        raise ValueError(f"--pairs {dataset_dir}: no such folder")
+        raise UserError(f"--pairs {dataset_dir}: no such folder")
     session.start_ray(engines=False)
     dataset = read_pairs_dataset(dataset_dir)
     result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
@@ -89,7 +89,7 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
     benchmarks = names or list(cfg.eval.benchmarks)
     limit = cfg.eval.limit if args.limit is None else args.limit
     if limit < 0:
-        raise ValueError(f"--limit must be >= 0 (0 means all), got {limit}")
+        raise UserError(f"--limit must be >= 0 (0 means all), got {limit}")
     cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model or cfg.model.path),
                                        eval=dataclasses.replace(cfg.eval, benchmarks=tuple(benchmarks))))
     eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")

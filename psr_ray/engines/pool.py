@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from psr_ray.config import EnginePoolConfig
+from psr_ray.config.errors import UserError
 
 # Calls one engine holds at once: one running, one queued behind it, so the engine never idles between calls.
 MAX_CALLS_PER_ENGINE = 2
@@ -189,7 +190,7 @@ def start_engine_pool(
         raise RuntimeError(f"a {role} engine failed to start with {model_path}: {cause[-1] if cause else err}") from err
     for info in infos:
         if info["model"] != model_path:
-            raise ValueError(
+            raise UserError(
                 f"actor {info['name']!r} already exists in this Ray namespace with model {info['model']!r}, "
                 f"not {model_path!r}; kill it (ray.kill) or use another namespace"
             )

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from psr_ray.config.errors import UserError
 from psr_ray.core.prompts import render_solution_prompt
 from psr_ray.core.stats import wilson
 from psr_ray.core.steps import extract_boxed, split_steps, step_header
@@ -206,7 +207,7 @@ def evaluate(
     """Greedy solutions to the first `limit` problems (None/0: all) of each benchmark, scored; every answer
     checked to come from `policy_version` when given (see `generate_all`)."""
     if not benchmarks:
-        raise ValueError("name at least one benchmark, e.g. --benchmarks gsm8k,math500")
+        raise UserError("name at least one benchmark, e.g. --benchmarks gsm8k,math500")
     loaded = {name: load_benchmark(name, limit=limit) for name in benchmarks}
     for name, result in loaded.items():
         if result.skipped:  # the console says what was dropped and why; an empty benchmark already raised

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from psr_ray.config import JudgeMode
+from psr_ray.config.errors import UserError
 from psr_ray.core.prompts import DIRECT_VERDICT_PREFIX, render_judge_prompt, render_solution_prompt
 from psr_ray.core.steps import join_steps, step_header
 from psr_ray.data.problems import Problem, read_source
@@ -54,9 +55,9 @@ def load_worked_problems(
 def split_problems(problems: list[Problem], *, num_heldout: int, num_ift: int) -> InitSplit:
     """Held-out problems first, then `num_ift` IFT problems, then the rest for EFT (all with worked steps)."""
     if num_ift < 1:
-        raise ValueError(f"init.num_ift_examples must be >= 1, got {num_ift}")
+        raise UserError(f"init.num_ift_examples must be >= 1, got {num_ift}")
     if len(problems) < num_heldout + num_ift + 1:
-        raise ValueError(
+        raise UserError(
             f"the source has {len(problems)} problems with worked solutions, fewer than {num_heldout + num_ift + 1} "
             f"(held out + IFT + at least one for EFT); lower init.num_ift_examples or init.num_heldout_problems"
         )

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from psr_ray.config.errors import UserError
+
 # Ray's own bookkeeping resources: never asked for by a run, never worth naming.
 _IGNORED = ("memory", "object_store_memory", "node:", "accelerator_type:")
 
@@ -113,9 +115,9 @@ def check_capacity(
         return [f"the cluster ({where}) cannot place this run yet: {'; '.join(errors)}; asked its autoscaler for "
                 f"the nodes (run.autoscaling), waiting up to run.engine_start_timeout_s="
                 f"{cfg.run.engine_start_timeout_s:g} s"]  # fmt: skip
-    raise ValueError(f"this run cannot be placed on the cluster ({where}): {'; '.join(errors)}; add nodes with "
-                     "those resources, lower the run's asks (num_engines, num_*_per_engine, trainer.num_workers), "
-                     "or set run.autoscaling=true if an autoscaler adds nodes")  # fmt: skip
+    raise UserError(f"this run cannot be placed on the cluster ({where}): {'; '.join(errors)}; add nodes with "
+                    "those resources, lower the run's asks (num_engines, num_*_per_engine, trainer.num_workers), "
+                    "or set run.autoscaling=true if an autoscaler adds nodes")  # fmt: skip
 
 
 def _fits(ask: dict[str, float], node: dict[str, float]) -> bool:

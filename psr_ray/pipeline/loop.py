@@ -27,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig
+from psr_ray.config import PSRConfig, UserError
 from psr_ray.engines.pool import EnginePool
 from psr_ray.pipeline.run_dir import check_resume, check_search_pairs, stored_config
-from psr_ray.pipeline.run_state import RunState
+from psr_ray.pipeline.run_state import RunState, check_trained_pairs
 from psr_ray.pipeline.session import RunSession
 from psr_ray.runtime import kill_windows
 
@@ -132,8 +132,8 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     if resuming:
         print(f"[psr_ray] resuming {out}: {state.finished_summary()}")
     elif state.exists:
-        raise ValueError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
-                         "or choose another run.output_dir")
+        raise UserError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
+                        "or choose another run.output_dir")
     session.check_writable()
     policy_version, policy_dir = FIRST_POLICY_VERSION, session.model_path
     for k in range(1, cfg.run.num_iterations + 1):
@@ -152,7 +152,7 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     heldout = set(init.heldout_problem_ids) if init is not None else set()
     problems = [p for p in all_problems if p.problem_id not in heldout]  # judge pairs' problems: never searched
     if not problems:
-        raise ValueError(f"data.source {cfg.data.source!r} has no problems left after the init's held-out ones")
+        raise UserError(f"data.source {cfg.data.source!r} has no problems left after the init's held-out ones")
     logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
                          config=cfg.to_dict(), dir=str(out))
     # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
@@ -255,16 +255,19 @@ def _search_and_train(psr: Driver, k: int) -> None:
         "final": result.metrics[-1] if result.metrics else {},
         "weight_sync": result.weight_sync,  # the trainer's push into the engines (SyncReport.to_dict)
     }
-    expected = search_summary.get("pairs_total", 0) * cfg.trainer.num_epochs
-    if result.num_trained_rows != expected:  # an invariant of the trainer: say so loudly, keep the trained model
-        print(f"[psr_ray] WARNING iteration {k}: trained {result.num_trained_rows} pairs, expected {expected}")
-    psr.state.record(k, "train", train_summary)
     for step, metrics in enumerate(result.metrics):
         psr.logger.log({**metrics, "iteration": k, "train/step_in_iteration": step})
     if result.heldout:
         psr.logger.log({**result.heldout, "iteration": k})
     psr.logger.log({f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
                    | {"iteration": k})
+    try:  # exactly once: a mismatch fails the run, its figures recorded, the trained model left on disk
+        check_trained_pairs(k, trained=result.num_trained_rows, committed=search_summary.get("pairs_total", 0),
+                            epochs=cfg.trainer.num_epochs, model_dir=result.hf_dir)  # fmt: skip
+    except RuntimeError as err:
+        psr.state.record_failure(k, "train", train_summary, error=str(err))
+        raise
+    psr.state.record(k, "train", train_summary)
     psr.policy_dir, psr.policy_version = result.hf_dir, result.policy_version
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psr_ray.data.checks as checks
+from psr_ray.config.errors import UserError
 from psr_ray.config.sections import PSRConfig
 from psr_ray.config.storage import storage_errors
 from psr_ray.config.topology import backend_for
@@ -18,7 +19,7 @@ def has_gpu() -> bool:
 
 
 def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: bool = True) -> PSRConfig:
-    """Rejects every user mistake with a ValueError naming the field and the fix. Returns `cfg`."""
+    """Rejects every user mistake with a UserError naming the field and the fix. Returns `cfg`."""
     errors: list[str] = []
 
     def need(ok: bool, message: str) -> None:
@@ -171,5 +172,5 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     errors += storage_errors(cfg, check_paths=check_paths)  # multi-node runs: shared output_dir, node groups
     if errors:
         # One line, so the CLI prints exactly one line whatever went wrong.
-        raise ValueError("invalid config: " + "; ".join(errors))
+        raise UserError("invalid config: " + "; ".join(errors))
     return cfg

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig, from_dict, load
+from psr_ray.config import PSRConfig, UserError, from_dict, load
 from psr_ray.pipeline.preflight import validate
 from psr_ray.pipeline.run_state import RunState
 
@@ -49,14 +49,14 @@ class RunDirLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._fd: int | None = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise ValueError(f"output folder {self.folder}: cannot create it or its lock ({err.strerror})") from None
+            raise UserError(f"output folder {self.folder}: cannot create it or its lock ({err.strerror})") from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
             os.close(self._fd)
             self._fd = None
-            raise ValueError(
+            raise UserError(
                 f"{self.folder} is in use by another psr-ray process ({holder}); two drivers on one folder would "
                 "race on its pairs and state.json: wait for it to end or stop it, or use another output folder"
             ) from None
@@ -67,7 +67,7 @@ class RunDirLock:
             os.pwrite(self._fd, json.dumps(info).encode(), 0)
         except OSError as err:  # a full disk
             self.release()
-            raise ValueError(f"output folder {self.folder}: cannot write there ({err.strerror})") from None
+            raise UserError(f"output folder {self.folder}: cannot write there ({err.strerror})") from None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -89,7 +89,7 @@ def check_writable(folder: str | os.PathLike, field: str = "run.output_dir") -> 
     except OSError as err:
         with contextlib.suppress(OSError):  # a full disk must not keep the probe
             probe.unlink()
-        raise ValueError(f"{field} {folder}: cannot write there ({err.strerror})") from None
+        raise UserError(f"{field} {folder}: cannot write there ({err.strerror})") from None
 
 
 def resume_config(resume_dir: str, overrides: list[str] | tuple[str, ...] = (),
@@ -97,7 +97,7 @@ def resume_config(resume_dir: str, overrides: list[str] | tuple[str, ...] = (),
     """The config `psr-ray run --resume DIR` continues with: the one stored in DIR/state.json, validated as
     it is now, with the `overrides` applied when they only touch RESUMABLE settings."""
     if config_paths:
-        raise ValueError(
+        raise UserError(
             f"--resume {resume_dir} continues with the config stored in its state.json; drop --config "
             "(single key=value overrides of settings such as run.num_iterations or run.ray_address are allowed)"
         )
@@ -105,24 +105,24 @@ def resume_config(resume_dir: str, overrides: list[str] | tuple[str, ...] = (),
     try:
         cfg = load([], overrides, base=stored.to_dict())
     except ValueError as err:
-        raise ValueError(f"--resume {resume_dir}: {err}") from None
+        raise UserError(f"--resume {resume_dir}: {err}") from None
     check_resume(stored, cfg, resume_dir)
     return validate(cfg)
 
 
 def stored_config(resume_dir: str) -> PSRConfig:
-    """The config a run in `resume_dir` started with (a ValueError naming the file if there is none)."""
+    """The config a run in `resume_dir` started with (a UserError naming the file if there is none)."""
     state = RunState(Path(resume_dir).expanduser())
     if not state.exists:
-        raise ValueError(f"--resume {resume_dir}: no state.json there (is it a run folder? a run that failed "
-                         "to start leaves none); start a new run with `psr-ray run`")  # fmt: skip
+        raise UserError(f"--resume {resume_dir}: no state.json there (is it a run folder? a run that failed "
+                        "to start leaves none); start a new run with `psr-ray run`")  # fmt: skip
     raw = state.data.get("config")
     if not isinstance(raw, dict):
-        raise ValueError(f"{state.path} holds no config; move it away to start this run over")
+        raise UserError(f"{state.path} holds no config; move it away to start this run over")
     try:
         return from_dict(raw)
     except ValueError as err:
-        raise ValueError(f"{state.path}: its stored config is not valid for this psr_ray ({err})") from None
+        raise UserError(f"{state.path}: its stored config is not valid for this psr_ray ({err})") from None
 
 
 def check_resume(stored: PSRConfig, cfg: PSRConfig, resume_dir: str) -> None:
@@ -130,7 +130,7 @@ def check_resume(stored: PSRConfig, cfg: PSRConfig, resume_dir: str) -> None:
     changed = sorted(key for key in _flat(cfg) if _flat(cfg)[key] != _flat(stored).get(key))
     bad = [key for key in changed if key not in RESUMABLE]
     if bad:
-        raise ValueError(
+        raise UserError(
             f"--resume {resume_dir}: {', '.join(bad)} cannot change in a resumed run (it would change what the run's "
             f"finished stages computed); start a new run, or change only: {', '.join(sorted(RESUMABLE))}"
         )
@@ -152,7 +152,7 @@ def check_search_pairs(iteration: int, summary: dict[str, Any], *, policy_versio
         f"{summary.get('rollbacks', 0)} rollbacks (all candidates tied), {summary.get('problems_skipped', 0)} "
         f"skipped, {summary.get('unparseable_rate', 0.0):.0%} of {summary.get('judge_calls', 0)} verdicts unparseable"
     )
-    raise ValueError(
+    raise UserError(
         f"iteration {iteration} produced no step pairs: {why}; nothing to train on, so the policy stays at "
         f"version {policy_version}. Start a new run with settings that let the judge decide (e.g. judge.mode=direct "
         "or more search.max_rollbacks)"

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from psr_ray.config.errors import UserError
 from psr_ray.runtime import kill_windows
 from psr_ray.runtime.durable import fsync_dir, fsync_file
 
@@ -30,10 +31,10 @@ class RunState:
             try:
                 self.data = json.loads(self.path.read_text())
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-                raise ValueError(f"{self.path} is corrupt ({err}); move it away to start this run over") from None
+                raise UserError(f"{self.path} is corrupt ({err}); move it away to start this run over") from None
             if not (isinstance(self.data, dict) and isinstance(self.data.get("iterations"), dict)):
-                raise ValueError(f"{self.path} is not a psr_ray run state (no 'iterations' mapping); "
-                                 "move it away to start this run over")
+                raise UserError(f"{self.path} is not a psr_ray run state (no 'iterations' mapping); "
+                                "move it away to start this run over")
 
     @property
     def exists(self) -> bool:
@@ -50,6 +51,15 @@ class RunState:
     def record(self, iteration: int, stage: str, summary: dict[str, Any]) -> None:
         assert stage in STAGES, stage
         self.data["iterations"].setdefault(str(iteration), {})[stage] = summary
+        self._write()
+
+    def record_failure(self, iteration: int, stage: str, summary: dict[str, Any], *, error: str) -> None:
+        """A stage that produced outputs and then failed a check (e.g. a fit that did not train every committed
+        pair exactly once per epoch): its summary and the error, kept under the iteration's `failed` for the
+        post-mortem. The stage stays not done, so nothing builds on it."""
+        assert stage in STAGES, stage
+        failed = self.data["iterations"].setdefault(str(iteration), {}).setdefault("failed", {})
+        failed[stage] = {**summary, "error": error}
         self._write()
 
     def record_peak(self, stage: str, gib: float, roles: dict[str, float] | None = None) -> None:
@@ -80,3 +90,18 @@ class RunState:
         kill_windows.reached("state.write")
         os.replace(tmp, self.path)
         fsync_dir(self.output_dir)
+
+
+def check_trained_pairs(iteration: int, *, trained: int, committed: int, epochs: int, model_dir: str = "") -> None:
+    """The exactly-once promise: the trainer read every pair the search committed once per epoch, so
+    `trained == committed x epochs`. A fit that trained more (a pair read twice) or fewer (a pair lost) fails
+    the run here with a RuntimeError, an internal error, before its model is served or built on."""
+    expected = committed * epochs
+    if trained == expected:
+        return
+    kept = f"; the trained model stays in {model_dir} for inspection" if model_dir else ""
+    raise RuntimeError(
+        f"iteration {iteration}: the trainer trained {trained} pairs, expected {expected} (the {committed} pairs "
+        f"the search committed x {epochs} epochs): a pair was {'read twice' if trained > expected else 'lost'}, "
+        f"which breaks the exactly-once promise, so the run stops here{kept}"
+    )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from psr_ray.config import PSRConfig
+from psr_ray.config import PSRConfig, UserError
 from psr_ray.engines.pool import EnginePool, engine_name, start_engine_pool
 from psr_ray.pipeline.run_dir import RunDirLock, check_writable
 
@@ -57,7 +57,7 @@ class RunSession:
             for line, reason in loaded.skipped[:10]:
                 print(f"[psr_ray]   skipped line {line}: {reason}")
         if not loaded.problems:
-            raise ValueError(f"data.source {data.source!r} yielded no usable problems")
+            raise UserError(f"data.source {data.source!r} yielded no usable problems")
         return loaded.problems
 
     @functools.cached_property
@@ -106,7 +106,7 @@ class RunSession:
         names = [engine_name(role, i) for i in range(count)]
         busy = sorted(set(names) & set(ray.util.list_named_actors()))
         if busy:  # a running PSR run's engines serve another model: neither borrow nor stop them
-            raise ValueError(f"engines {busy} are already running in this Ray namespace; stop that run first")
+            raise UserError(f"engines {busy} are already running in this Ray namespace; stop that run first")
         engines = self.start_pool(role, model_path, policy_version=policy_version, num_engines=count).actors
         try:
             yield engines

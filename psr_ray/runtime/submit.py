@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from psr_ray.config import REPO_ROOT
+from psr_ray.config.errors import UserError
 
 RUNTIME_ENV = REPO_ROOT / "jobs" / "runtime_env.yaml"
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
@@ -38,7 +39,7 @@ def job_entrypoint(config_paths: list[str], overrides: list[str]) -> str:
         try:
             path = str(resolved.relative_to(REPO_ROOT))
         except ValueError:
-            raise ValueError(f"--config {path} must live inside {REPO_ROOT} to travel with the job's working_dir") from None
+            raise UserError(f"--config {path} must live inside {REPO_ROOT} to travel with the job's working_dir") from None
         parts += ["--config", path]
     return shlex.join(parts + list(overrides))
 
@@ -61,10 +62,10 @@ def resolve_address(address: str | None, *, environ: Mapping[str, str] = os.envi
     """The dashboard URL to submit to: `address`, else $RAY_ADDRESS; `host:port` gets http://."""
     address = address or environ.get("RAY_ADDRESS") or ""
     if not address:
-        raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+        raise UserError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     if address.startswith("ray://") or address == "auto":
-        raise ValueError(f"address {address!r} is not the dashboard's; submit to http://HEAD:8265 "
-                         "(`ray dashboard cluster/aws.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265`)")
+        raise UserError(f"address {address!r} is not the dashboard's; submit to http://HEAD:8265 "
+                        "(`ray dashboard cluster/aws.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265`)")
     return address if "://" in address else f"http://{address}"
 
 
@@ -77,7 +78,7 @@ def find_token(*, environ: Mapping[str, str] = os.environ) -> tuple[str | None, 
         try:
             return Path(path).expanduser().read_text().strip(), f"RAY_AUTH_TOKEN_PATH={path}"
         except OSError as err:
-            raise ValueError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err.strerror}); fix it or unset it") from None
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err.strerror}); fix it or unset it") from None
     default = Path(environ.get("HOME") or "~").expanduser() / ".ray" / "auth_token"
     if default.is_file():
         return default.read_text().strip() or None, str(default)
@@ -111,15 +112,15 @@ def _check_resolves(address: str) -> None:
 
     host = urlsplit(address).hostname
     if not host:
-        raise ValueError(f"address {address!r} names no host; submit to http://HEAD:8265")
+        raise UserError(f"address {address!r} names no host; submit to http://HEAD:8265")
     try:
         socket.getaddrinfo(host, None)
     except OSError:
-        raise ValueError(f"cannot reach a Ray dashboard at {address}: no host named {host!r} resolves") from None
+        raise UserError(f"cannot reach a Ray dashboard at {address}: no host named {host!r} resolves") from None
 
 
 def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> tuple[Any, str]:
-    """A JobSubmissionClient for the cluster, with its token; auth failures become one-line ValueErrors."""
+    """A JobSubmissionClient for the cluster, with its token; auth failures become one-line UserErrors."""
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address, environ=environ)
@@ -132,11 +133,11 @@ def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> 
     except Exception as err:
         text = str(err)
         if token is None and ("Unauthorized" in text or "no authentication token" in text.lower()):
-            raise ValueError(f"the cluster at {address} requires a Ray auth token and none was found: {TOKEN_HELP}") from None
+            raise UserError(f"the cluster at {address} requires a Ray auth token and none was found: {TOKEN_HELP}") from None
         if token is not None and ("Forbidden" in text or "Invalid authentication token" in text):
-            raise ValueError(f"the cluster at {address} rejected the Ray auth token from {source}; {TOKEN_HELP}") from None
+            raise UserError(f"the cluster at {address} rejected the Ray auth token from {source}; {TOKEN_HELP}") from None
         if isinstance(err, ConnectionError) or "Failed to connect" in text:
-            raise ValueError(f"cannot reach a Ray dashboard at {address}: {text.splitlines()[0] if text else err}") from None
+            raise UserError(f"cannot reach a Ray dashboard at {address}: {text.splitlines()[0] if text else err}") from None
         raise
     if token is None:
         print(f"[psr_ray] warning: {address} accepted a job without an auth token: whoever reaches it can run code "

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from psr_ray.config.errors import UserError
 from psr_ray.runtime import kill_windows
 from psr_ray.runtime.durable import fsync_tree, write_atomic
 
@@ -128,7 +129,7 @@ def read_metrics(checkpoint_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def check_checkpoint(checkpoint_dir: str | Path) -> Path:
-    """Raises a ValueError naming what is wrong unless `checkpoint_dir` is a complete, readable checkpoint:
+    """Raises a UserError naming what is wrong unless `checkpoint_dir` is a complete, readable checkpoint:
     a marker, every file it lists present with its recorded size, and contents that `verify_contents`
     accepts (DeepSpeed shards of every rank, the HF config and safetensors headers, the run config).
     Returns the path."""
@@ -149,7 +150,7 @@ def check_checkpoint(checkpoint_dir: str | Path) -> Path:
             problems.append(f"{name} has {path.stat().st_size} bytes, the marker recorded {size}")
     problems += verify_contents(root, info)
     if problems:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {root} is corrupt: {'; '.join(problems)}. Move it away (the previous iteration's "
             "checkpoint is then used) or restore it from a backup"
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from psr_ray.config import PSRConfig
+from psr_ray.config.errors import UserError
 from psr_ray.data.schema import STEP_PAIR_SCHEMA, check_table
 from psr_ray.trainer import checkpoint as ckpt
 from psr_ray.trainer.batches import DPO_COLUMNS, SFT_COLUMNS
@@ -95,14 +96,14 @@ def read_pairs_dataset(directory: str) -> Any:
     path = Path(directory)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else []
     if not files:
-        raise ValueError(
+        raise UserError(
             f"{directory!r} is not a directory of .parquet step-pair files (psr_ray writes them per iteration)"
         )
     for file in files:
         try:
             schema = pq.read_schema(file)
         except Exception as err:  # pyarrow raises several types for a damaged footer
-            raise ValueError(f"{file} is not a readable Parquet file ({err}); delete or regenerate it") from None
+            raise UserError(f"{file} is not a readable Parquet file ({err}); delete or regenerate it") from None
         check_table(schema.empty_table())
     return ray.data.read_parquet([str(f) for f in files], schema=STEP_PAIR_SCHEMA)
 
@@ -117,16 +118,16 @@ def read_heldout_pairs(source: str | list[dict[str, Any]]) -> list[dict[str, Any
     path = Path(source).expanduser()
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path] if path.is_file() else []
     if not files:
-        raise ValueError(f"held-out pairs {str(source)!r}: no such Parquet file or folder of .parquet files")
+        raise UserError(f"held-out pairs {str(source)!r}: no such Parquet file or folder of .parquet files")
     rows: list[dict[str, Any]] = []
     for file in files:
         try:
             table = pq.read_table(file)
         except Exception as err:  # pyarrow raises several types for a damaged file
-            raise ValueError(f"held-out pairs {file} is not a readable Parquet file ({err})") from None
+            raise UserError(f"held-out pairs {file} is not a readable Parquet file ({err})") from None
         missing = [c for c in DPO_COLUMNS if c not in table.column_names]
         if missing:
-            raise ValueError(f"held-out pairs {file} lack columns {missing}; they need {list(DPO_COLUMNS)}")
+            raise UserError(f"held-out pairs {file} lack columns {missing}; they need {list(DPO_COLUMNS)}")
         rows += _heldout_rows(table.select(list(DPO_COLUMNS)).to_pylist(), str(file))
     return rows
 
@@ -135,7 +136,7 @@ def _heldout_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any
     for i, row in enumerate(rows):
         missing = [c for c in DPO_COLUMNS if row.get(c) is None]
         if missing:
-            raise ValueError(f"held-out pairs {source}: row {i} has no {missing}; they need {list(DPO_COLUMNS)}")
+            raise UserError(f"held-out pairs {source}: row {i} has no {missing}; they need {list(DPO_COLUMNS)}")
     return [{c: row[c] for c in DPO_COLUMNS} for row in rows]
 
 

@@ -152,3 +152,31 @@ def test_update_weights_changes_outputs_and_restores_exactly(ray_cluster, worker
     from_path = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
     assert [g.text for g in from_path] == [g.text for g in before]
     assert ray_cluster.get(rollout.ready.remote())["policy_version"] == 4
+
+
+def test_a_value_error_inside_an_engine_is_reported_as_an_internal_error(ray_cluster, workers, capsys):
+    """`ray.get` re-raises the engine's ValueError as a RayTaskError that is also a ValueError: the CLI reports
+    it as an internal error (its own message, the remote traceback saved to a file), not as a user's mistake."""
+    from pathlib import Path
+
+    from psr_ray.app.cli import is_user_error, report_error
+
+    rollout, _ = workers
+    two_seeds = dict(num_candidates=2, temperature=1.0, top_p=0.95, max_tokens=8, seed=[1, 2])  # for one request
+    try:
+        ray_cluster.get(rollout.propose.remote([ProposeRequest(QUESTION, "", 1)], **two_seeds))
+    except ValueError as err:  # as the CLI catches it
+        assert type(err).__name__ == "RayTaskError(ValueError)" and not is_user_error(err)
+        assert report_error("run", err) == 1
+    else:
+        pytest.fail("the engine accepted two seeds for one request")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "psr-ray run failed: RayTaskError(ValueError): got 2 seeds for 1 propose requests (traceback: "
+    )
+    saved = Path(lines[0].rsplit("(traceback: ", 1)[1].rstrip(")"))
+    try:
+        text = saved.read_text()
+        assert "Traceback" in text and "psr_ray/engines/actor.py" in text and "in propose" in text
+    finally:
+        saved.unlink()
