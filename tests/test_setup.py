@@ -28,6 +28,7 @@ def make_torch(venv: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # a fresh venv, then pip against an index that refuses (two 5 s timeouts)
 def test_torch_step_fails_with_one_line_giving_the_pip_command(tmp_path):
     venv = fresh_venv(tmp_path)
     # A machine where pip finds no CPU wheel and PyTorch's index is out of reach: no config files, no
