@@ -182,8 +182,9 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
                  "what the run's finished stages computed); start a new run, or change only: "
                  "judge.cpu_kv_cache_gib, judge.gpu_memory_utilization, judge.max_restarts, judge.num_cpus_per_engine, "
                  "judge.num_engines, rollout.cpu_kv_cache_gib, rollout.gpu_memory_utilization, rollout.max_restarts, "
-                 "rollout.num_cpus_per_engine, rollout.num_engines, run.cache_dir, run.engine_call_timeout_s, "
-                 "run.engine_start_timeout_s, run.malloc_mmap_threshold_mib, run.name, run.num_iterations, "
+                 "rollout.num_cpus_per_engine, rollout.num_engines, run.autoscaling, run.cache_dir, "
+                 "run.engine_call_timeout_s, run.engine_start_timeout_s, run.engine_unavailable_timeout_s, "
+                 "run.malloc_mmap_threshold_mib, run.name, run.num_iterations, "
                  "run.ray_address, run.resume, run.wandb_mode, run.wandb_project, search.flush_pairs, search.max_problems_in_flight, trainer.gradient_checkpointing, "
                  "trainer.max_failures, trainer.num_cpus_per_worker, trainer.zero3_buffer_numel"),
         BadInput("generate --num-problems 0", ("generate", *tiny, "--num-problems", "0"),
