@@ -41,7 +41,10 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     model_path = session.model_path
     session.start_ray(trainer=False)
     summary = generate_pairs(
-        cfg, problems, iteration=1, policy_version=1,
+        cfg,
+        problems,
+        iteration=1,
+        policy_version=1,
         rollout=session.start_pool("rollout", model_path, policy_version=1),
         judge=session.start_pool("judge", model_path, policy_version=1),
         output_dir=output_dir,
@@ -69,13 +72,16 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
         raise UserError(f"--pairs {dataset_dir}: no such folder")
     session.start_ray(engines=False)
     dataset = read_pairs_dataset(dataset_dir)
-    result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
-                       output_dir=output_dir, policy_version=2)
+    result = train_dpo(
+        cfg, policy_path=model_path, reference_path=model_path, dataset=dataset, output_dir=output_dir, policy_version=2
+    )
     session.release()
     final = result.metrics[-1] if result.metrics else {}
     source = "the checkpoint already in --output (--resume)" if result.resumed else "this run"
-    print(f"trained {result.num_optimizer_steps} optimizer steps on {result.num_trained_rows} pairs (all epochs; "
-          f"{source}); HF export: {result.hf_dir}")
+    print(
+        f"trained {result.num_optimizer_steps} optimizer steps on {result.num_trained_rows} pairs (all epochs; "
+        f"{source}); HF export: {result.hf_dir}"
+    )
     for key, value in final.items():
         print(f"  {key:24s} {value:.4f}")
     return 0
@@ -90,8 +96,13 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
     limit = cfg.eval.limit if args.limit is None else args.limit
     if limit < 0:
         raise UserError(f"--limit must be >= 0 (0 means all), got {limit}")
-    cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model or cfg.model.path),
-                                       eval=dataclasses.replace(cfg.eval, benchmarks=tuple(benchmarks))))
+    cfg = validate(
+        dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, path=args.model or cfg.model.path),
+            eval=dataclasses.replace(cfg.eval, benchmarks=tuple(benchmarks)),
+        )
+    )
     eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")
     return 0
 

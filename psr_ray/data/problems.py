@@ -147,8 +147,9 @@ def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
         spec, split = HUB_BENCHMARKS[name]
         fix = f"pass its test set as a .jsonl path in eval.benchmarks, or load hf:{spec} where the hub is reachable"
         if importlib.util.find_spec("datasets") is None:
-            raise UserError(f"benchmark {name} is not shipped offline and `datasets` is not installed: {fix} "
-                            "(pip install datasets)")
+            raise UserError(
+                f"benchmark {name} is not shipped offline and `datasets` is not installed: {fix} (pip install datasets)"
+            )
         try:
             result = load_problems(f"hf:{spec}", split=split, seed=None, require_answer=True)
         except Exception as err:  # no network, a moved dataset: one line naming the fix
@@ -165,8 +166,10 @@ def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
     else:
         raise UserError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
     if not result.problems:
-        raise UserError(f"benchmark {name} yielded no problems: {result.summary()}"
-                        + (f"; first: line {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""))
+        raise UserError(
+            f"benchmark {name} yielded no problems: {result.summary()}"
+            + (f"; first: line {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else "")
+        )
     return LoadResult(result.problems[:limit] if limit else result.problems, result.skipped)
 
 
@@ -255,7 +258,9 @@ def _given(fields: dict[str, Any]) -> str:
     table = fields.get("table")
     if isinstance(table, str) and table.strip():
         title = fields.get("table_title")
-        parts.append(f"Table{': ' + title.strip() if isinstance(title, str) and title.strip() else ''}\n{table.strip()}")
+        parts.append(
+            f"Table{': ' + title.strip() if isinstance(title, str) and title.strip() else ''}\n{table.strip()}"
+        )
     choices = fields.get("choices")
     if isinstance(choices, list) and choices and len(choices) <= len(_LETTERS):
         parts.append("Choices: " + " ".join(f"({_LETTERS[i]}) {c}" for i, c in enumerate(choices)))

@@ -132,8 +132,9 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     if resuming:
         print(f"[psr_ray] resuming {out}: {state.finished_summary()}")
     elif state.exists:
-        raise UserError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
-                        "or choose another run.output_dir")
+        raise UserError(
+            f"{out} already holds a run; continue it with `psr-ray run --resume {out}` or choose another run.output_dir"
+        )
     session.check_writable()
     policy_version, policy_dir = FIRST_POLICY_VERSION, session.model_path
     for k in range(1, cfg.run.num_iterations + 1):
@@ -153,8 +154,9 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     problems = [p for p in all_problems if p.problem_id not in heldout]  # judge pairs' problems: never searched
     if not problems:
         raise UserError(f"data.source {cfg.data.source!r} has no problems left after the init's held-out ones")
-    logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
-                         config=cfg.to_dict(), dir=str(out))
+    logger = WandbLogger(
+        mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name, config=cfg.to_dict(), dir=str(out)
+    )
     # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
     psr = Driver(
         cfg=cfg,
@@ -209,8 +211,14 @@ def _search_and_train(psr: Driver, k: int) -> None:
         search = None
         if not psr.state.done(k, "search"):
             search = pool.submit(
-                generate_pairs, cfg, problems, iteration=k, policy_version=psr.policy_version,
-                rollout=psr.rollout, judge=psr.judge, output_dir=str(psr.out),
+                generate_pairs,
+                cfg,
+                problems,
+                iteration=k,
+                policy_version=psr.policy_version,
+                rollout=psr.rollout,
+                judge=psr.judge,
+                output_dir=str(psr.out),
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
                 stop=stop_search,
             )
@@ -259,8 +267,10 @@ def _search_and_train(psr: Driver, k: int) -> None:
         psr.logger.log({**metrics, "iteration": k, "train/step_in_iteration": step})
     if result.heldout:
         psr.logger.log({**result.heldout, "iteration": k})
-    psr.logger.log({f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
-                   | {"iteration": k})
+    psr.logger.log(
+        {f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
+        | {"iteration": k}
+    )
     try:  # exactly once: a mismatch fails the run, its figures recorded, the trained model left on disk
         check_trained_pairs(k, trained=result.num_trained_rows, committed=search_summary.get("pairs_total", 0),
                             epochs=cfg.trainer.num_epochs, model_dir=result.hf_dir)  # fmt: skip
@@ -301,6 +311,7 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
     from psr_ray.evaluation.benchmarks import evaluate
     from psr_ray.evaluation.judging import iteration_pair_precision, judge_accuracy
     from psr_ray.pipeline.init_stage import eft_mode
+
     done = psr.state.stage(iteration, "eval")
     if done is None:
         cfg = psr.cfg
@@ -328,8 +339,11 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
         if precision is not None:
             psr.logger.log({"search/pair_precision": precision["precision"],
                             "search/random_pick_precision": precision["random_pick"], "iteration": iteration})  # fmt: skip
-    psr.rows = [row for k in sorted(psr.state.data["iterations"], key=int)
-                for row in (psr.state.stage(int(k), "eval") or {}).get("rows", [])]
+    psr.rows = [
+        row
+        for k in sorted(psr.state.data["iterations"], key=int)
+        for row in (psr.state.stage(int(k), "eval") or {}).get("rows", [])
+    ]
     _write_results(psr)
 
 
@@ -369,5 +383,7 @@ def _check_engine_versions(psr: Driver) -> list[int]:
 
     versions = engine_versions(psr.engines, names=psr.engine_names, timeout_s=psr.cfg.run.engine_call_timeout_s)
     if any(v != psr.policy_version for v in versions):
-        raise RuntimeError(f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}")
+        raise RuntimeError(
+            f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}"
+        )
     return versions

@@ -33,8 +33,10 @@ class RunState:
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
                 raise UserError(f"{self.path} is corrupt ({err}); move it away to start this run over") from None
             if not (isinstance(self.data, dict) and isinstance(self.data.get("iterations"), dict)):
-                raise UserError(f"{self.path} is not a psr_ray run state (no 'iterations' mapping); "
-                                "move it away to start this run over")
+                raise UserError(
+                    f"{self.path} is not a psr_ray run state (no 'iterations' mapping); "
+                    "move it away to start this run over"
+                )
 
     @property
     def exists(self) -> bool:
