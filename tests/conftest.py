@@ -45,7 +45,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False)
+        # address="local": a new cluster for the suite, never one a `ray start` or another session left here.
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
 
