@@ -1,6 +1,6 @@
 """Test-only: vLLM's NCCL weight-transfer protocol on CPU, with gloo in place of NCCL's communicator.
 
-Engine side: `GlooNcclEngine` is vLLM's own `NCCLWeightTransferEngine`, registered under `BACKEND`. Every line of
+Engine side: `engine_class()` is vLLM's own `NCCLWeightTransferEngine`, registered under `BACKEND`. Every line of
 its protocol is vLLM's: the worker's rank (`worker_init_process_group`: dp index, TP rank, `rank_offset`), the
 rendezvous (vLLM's `StatelessProcessGroup`, a TCPStore served by rank 0, the trainer), the packed bucketed
 receive (`packed_nccl_broadcast_consumer`) and the worker's weight-update state machine around it. Only the
@@ -23,7 +23,6 @@ from typing import Any
 from unittest import mock
 
 import torch
-from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
 from psr_ray.engines.actor import EngineActor
 from psr_ray.weight_sync import nccl
@@ -85,24 +84,29 @@ def on_cpu() -> Iterator[None]:
         yield
 
 
-class GlooNcclEngine(NCCLWeightTransferEngine):
-    """vLLM's NCCL weight-transfer engine; its communicator and streams on CPU (`on_cpu`)."""
+def engine_class() -> type:
+    """vLLM's NCCL weight-transfer engine with its communicator and streams on CPU (`on_cpu`). Built on demand:
+    collecting the tests must not import vLLM."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
 
-    def init_transfer_engine(self, init_info: Any) -> None:
-        with on_cpu():
-            super().init_transfer_engine(init_info)
+    class GlooNcclEngine(NCCLWeightTransferEngine):
+        def init_transfer_engine(self, init_info: Any) -> None:
+            with on_cpu():
+                super().init_transfer_engine(init_info)
 
-    def receive_weights(self, update_info: Any) -> None:
-        with on_cpu():
-            super().receive_weights(update_info)
+        def receive_weights(self, update_info: Any) -> None:
+            with on_cpu():
+                super().receive_weights(update_info)
+
+    return GlooNcclEngine
 
 
 def register() -> None:
-    """Registers `GlooNcclEngine` as `BACKEND` in this process's vLLM (again: a no-op)."""
+    """Registers `engine_class()` as `BACKEND` in this process's vLLM (again: a no-op)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
     try:
-        WeightTransferEngineFactory.register_engine(BACKEND, GlooNcclEngine)
+        WeightTransferEngineFactory.register_engine(BACKEND, engine_class())
     except ValueError:  # already registered
         pass
 
