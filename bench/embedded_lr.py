@@ -109,7 +109,9 @@ def main() -> None:
         base = resolve_model_path(base_cfg.model.path, base_cfg.run.cache_dir)
         init_ray(base_cfg)
         for lr in [float(x) for x in args.lrs.split(",")]:
-            cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", f"trainer.learning_rate={lr}"]))
+            cfg = preflight.validate(
+                C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", f"trainer.learning_rate={lr}"])
+            )
             started = time.perf_counter()
             result = train_dpo(
                 cfg, policy_path=base, reference_path=base, dataset=ray.data.from_items(train),

@@ -53,8 +53,12 @@ def engine_rows(work: Path, model_dir: str) -> list[tuple]:
         d = fi.compare(base, run)
         version = ray.get((rollout if fault == "rollout" else judge).actors[0].policy_version.remote())
         on_final = version == fi.SERVED_VERSION  # part of "recovered", as in the driver rows (dk.recovered)
-        ok = run.restarted_pid != run.killed_pid and on_final and all(
-            d[k] == 0 for k in ("problems_lost", "pairs_lost", "pairs_extra", "pairs_duplicated", "pairs_changed")
+        ok = (
+            run.restarted_pid != run.killed_pid
+            and on_final
+            and all(
+                d[k] == 0 for k in ("problems_lost", "pairs_lost", "pairs_extra", "pairs_duplicated", "pairs_changed")
+            )
         )
         rows.append((f"{fault} engine killed mid-search ({how})", "after the first finished problem", yes(ok),
                      d["problems_lost"], d["pairs_lost"], d["pairs_extra"], d["pairs_duplicated"], d["pairs_changed"],
@@ -122,7 +126,9 @@ def data_rows(work: Path, tiny: dk.TinyRun, undisturbed: dk.Launch) -> list[tupl
 
     rows = []
     loaded = load_problems(str(tiny.data), max_chars=4000)
-    reported = [line for line, reason in dk.BAD_LINE_REASONS.items() if f"skipped line {line}: {reason}" in undisturbed.log]
+    reported = [
+        line for line, reason in dk.BAD_LINE_REASONS.items() if f"skipped line {line}: {reason}" in undisturbed.log
+    ]
     ok = len(loaded.problems) == len(dk.GOOD_QUESTIONS) and len(reported) == len(dk.BAD_LINE_REASONS)
     rows.append(("bad JSONL lines (bad JSON, missing field, non-UTF-8, empty, too long, nested 100k deep)", yes(ok),
                  f"{len(loaded.problems)}/{len(dk.GOOD_QUESTIONS)} good lines loaded, {len(reported)}/"

@@ -136,7 +136,9 @@ def _times(stages: dict[str, dict[str, Any]]) -> list[str]:
                      "the init's build time (not its cached reuse) plus the loop's |")  # fmt: skip
     mc = stages.get("mc")
     if mc:
-        lines.append(f"| Monte-Carlo oracle check | {mc['wall_s']:.0f} | | {mc['num_items']} steps x {mc['num_rollouts']} rollouts |")
+        lines.append(
+            f"| Monte-Carlo oracle check | {mc['wall_s']:.0f} | | {mc['num_items']} steps x {mc['num_rollouts']} rollouts |"
+        )
     return lines
 
 

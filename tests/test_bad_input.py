@@ -204,8 +204,10 @@ def test_a_running_ray_start_head_is_left_alone_and_named(tiny_model_dir, tmp_pa
                                   text=True, timeout=300)  # fmt: skip
         assert separate.returncode == 0, separate.stderr[-3000:]
         sized = json.loads(separate.stdout.strip().splitlines()[0])["sized"]
-        assert (f"[psr_ray] a Ray cluster started with `ray start` runs here ({address}); this run starts its own "
-                f"local Ray with {sized} CPUs. To run on that cluster instead, pass run.ray_address=auto") in separate.stdout
+        assert (
+            f"[psr_ray] a Ray cluster started with `ray start` runs here ({address}); this run starts its own "
+            f"local Ray with {sized} CPUs. To run on that cluster instead, pass run.ray_address=auto"
+        ) in separate.stdout
         started = json.loads(separate.stdout.strip().splitlines()[-1])
         assert started["gcs"] != address and started["cpus"] == sized  # its own cluster, sized for the run
         joined = subprocess.run([sys.executable, "-c", probe.replace("{}", "('run.ray_address=auto',)")], env=env,

@@ -49,7 +49,9 @@ def test_shipped_configs_exist():
 
 
 def test_overrides_apply_and_coerce(tmp_path):
-    cfg = C.load([], ["rollout.num_candidates=4", "trainer.beta=1", "run.prompts_per_iteration=[5,6]", "eval.benchmarks=gsm8k"])
+    cfg = C.load(
+        [], ["rollout.num_candidates=4", "trainer.beta=1", "run.prompts_per_iteration=[5,6]", "eval.benchmarks=gsm8k"]
+    )
     assert cfg.rollout.num_candidates == 4
     assert cfg.trainer.beta == 1.0 and isinstance(cfg.trainer.beta, float)
     assert cfg.run.prompts_per_iteration == (5, 6)
@@ -164,8 +166,11 @@ def test_a_model_id_the_hub_lacks_is_refused_and_an_unreachable_hub_is_not(tmp_p
     monkeypatch.chdir(tmp_path)
     cfg = C.load([], ["model.path=checkpoints/missing"])
     monkeypatch.setattr(HfApi, "model_info", not_found)
-    with pytest.raises(ValueError, match=rf"model.path 'checkpoints/missing' is no local folder \({tmp_path}/checkpoints/"
-                       r"missing does not exist\) nor a model on the HF hub \(no repository checkpoints/missing there"):
+    with pytest.raises(
+        ValueError,
+        match=rf"model.path 'checkpoints/missing' is no local folder \({tmp_path}/checkpoints/"
+        r"missing does not exist\) nor a model on the HF hub \(no repository checkpoints/missing there",
+    ):
         preflight.validate(cfg, gpu_available=False)
     monkeypatch.setattr(HfApi, "model_info", unreachable)
     preflight.validate(cfg, gpu_available=False)
@@ -175,8 +180,11 @@ def test_a_hub_benchmark_needs_datasets_before_start(monkeypatch):
     from psr_ray.data import checks
 
     monkeypatch.setattr(checks, "_package_missing", lambda name: name == "datasets")
-    with pytest.raises(ValueError, match=r"eval.benchmarks olympiadbench: not shipped offline, loaded from the HF hub "
-                       r"with the datasets package, which is not installed: pip install datasets"):
+    with pytest.raises(
+        ValueError,
+        match=r"eval.benchmarks olympiadbench: not shipped offline, loaded from the HF hub "
+        r"with the datasets package, which is not installed: pip install datasets",
+    ):
         preflight.validate(C.load([], ["eval.benchmarks=[gsm8k,olympiadbench]"]), gpu_available=False)
 
 
@@ -187,11 +195,13 @@ def test_section_sources_name_the_file_of_each_section(tmp_path):
     preset = str(C.DEFAULT_CONFIG)
     assert C.section_sources([preset, str(a), str(b)], ["trainer.beta=0.2"], preset=preset) == (
         f"config sections: model from {preset} + {a}; data, judge, search, trainer, weight_sync, eval, init, run from "
-        f"{preset}; rollout from {preset} + {a} + {b}; overridden: trainer.beta")
+        f"{preset}; rollout from {preset} + {a} + {b}; overridden: trainer.beta"
+    )
     assert C.section_sources([], [], preset=preset) == (
         "config sections: model, data, rollout, judge, search, trainer, weight_sync, eval, init, run from the built-in "
         f"defaults (paper-sized) (the preset {preset} is not used: list it first, --config {preset} --config FILE, to "
-        "layer on it)")
+        "layer on it)"
+    )
 
 
 def test_init_section_overrides():

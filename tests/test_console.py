@@ -30,7 +30,9 @@ def test_iteration_summary_names_what_the_iteration_did():
         "== iteration 1/2: 12 pairs, 3 rollbacks, 25.0% unparseable; 6 steps, loss 0.6931; policy v2; "
         "gsm8k 12.5% (+2.5); svamp 50.0%"
     )
-    assert console.iteration_summary(0, 2, {"eval": stages["eval"]}, []) == "== starting model: gsm8k 12.5%; svamp 50.0%"
+    assert (
+        console.iteration_summary(0, 2, {"eval": stages["eval"]}, []) == "== starting model: gsm8k 12.5%; svamp 50.0%"
+    )
 
 
 def test_a_stage_off_a_terminal_is_one_line():

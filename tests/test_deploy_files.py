@@ -55,7 +55,7 @@ def readme_section(title: str) -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index(f"## {title}")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def test_every_yaml_parses():
@@ -192,7 +192,9 @@ def test_grafana_dashboard_is_generated_and_plots_every_instrument():
     from psr_ray.runtime.metrics import INSTRUMENTS
 
     committed = json.loads((ROOT / "cluster" / "grafana_dashboard.json").read_text())
-    assert committed == grafana_dashboard(), "regenerate: python -m psr_ray.runtime.grafana > cluster/grafana_dashboard.json"
+    assert committed == grafana_dashboard(), (
+        "regenerate: python -m psr_ray.runtime.grafana > cluster/grafana_dashboard.json"
+    )
     exprs = " ".join(t["expr"] for p in committed["panels"] for t in p["targets"])
     for name in INSTRUMENTS:
         assert f"ray_psr_{name}" in exprs

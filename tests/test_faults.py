@@ -303,7 +303,10 @@ def test_a_trainer_error_stops_the_search_at_once(tiny_run, undisturbed, tmp_pat
     done = dk.launch(tiny, out, work / "kill")
     assert done.returncode == 1 and len(done.error_lines) == 1
     (line,) = done.error_lines
-    assert line.startswith(f"psr-ray run: checkpoint {out}/checkpoints/iter_1/planted is corrupt: ") and "unreadable" in line
+    assert (
+        line.startswith(f"psr-ray run: checkpoint {out}/checkpoints/iter_1/planted is corrupt: ")
+        and "unreadable" in line
+    )
     manifest = read_manifest(pairs_dir(str(out), 1))
     assert "SearchStopped" in manifest["error"] and len(manifest["done_problems"]) < 4
 

@@ -38,7 +38,9 @@ def write_stages(work: Path) -> None:
               "eval": {"rows": [eval_row("1100")], "judge": judge(0.75, 8), "pair_precision": precision, "seconds": 30}},
     }  # fmt: skip
     (work / "stage_init.json").write_text(json.dumps(init))
-    (work / "stage_self.json").write_text(json.dumps({"state": {"iterations": iterations}, "wall_s": 300, "peak_gib": 11.0}))
+    (work / "stage_self.json").write_text(
+        json.dumps({"state": {"iterations": iterations}, "wall_s": 300, "peak_gib": 11.0})
+    )
 
 
 def test_report_tables_come_from_the_stage_records(tmp_path):
@@ -66,4 +68,7 @@ def test_report_tables_come_from_the_stage_records(tmp_path):
         "| M0 | direct | 8 | 62.5 [30.0, 90.0] | 50.0 [20.0, 80.0] | 37.5 |",
         "| M2 | direct | 8 | 75.0 [30.0, 90.0] | 50.0 [20.0, 80.0] | 37.5 |",
     ]
-    assert "- M2 vs M1: 50.0% vs 25.0% = +25.0 points on 4 problems; 1 problems only M2 solves, 0 only M1;" in "\n".join(lines)
+    assert (
+        "- M2 vs M1: 50.0% vs 25.0% = +25.0 points on 4 problems; 1 problems only M2 solves, 0 only M1;"
+        in "\n".join(lines)
+    )

@@ -52,8 +52,10 @@ def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_r
     cfg, out, _ = finished_run
     state = json.loads((out / "state.json").read_text())
     hf_dir = state["iterations"]["2"]["train"]["hf_dir"]
-    fresh = ray_cluster.remote(EngineActor).options(num_cpus=0).remote(
-        engine_settings(cfg, "rollout", hf_dir), name="fresh-probe", policy_version=3
+    fresh = (
+        ray_cluster.remote(EngineActor)
+        .options(num_cpus=0)
+        .remote(engine_settings(cfg, "rollout", hf_dir), name="fresh-probe", policy_version=3)
     )
     try:
         expected = [g.text for g in ray_cluster.get(fresh.generate.remote(PROBE, max_tokens=12))]
@@ -63,8 +65,10 @@ def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_r
         got = ray_cluster.get(ray_cluster.get_actor(name).generate.remote(PROBE, max_tokens=12))
         assert [g.text for g in got] == expected, name
     # The policy really changed: the base model says something else.
-    base = ray_cluster.remote(EngineActor).options(num_cpus=0).remote(
-        engine_settings(cfg, "rollout", cfg.model.path), name="base-probe"
+    base = (
+        ray_cluster.remote(EngineActor)
+        .options(num_cpus=0)
+        .remote(engine_settings(cfg, "rollout", cfg.model.path), name="base-probe")
     )
     try:
         before = [g.text for g in ray_cluster.get(base.generate.remote(PROBE, max_tokens=12))]
@@ -127,7 +131,10 @@ def test_outputs_per_iteration(finished_run):
     table = (out / "results.md").read_text()
     # The results table: the models with boxed and lenient accuracy and intervals, McNemar against the
     # previous model, the training pairs of each trained model (no judge pairs without an init).
-    assert "| M1 | the configured model | gsm8k | 3 |" in table and "| M3 | M2's self-judged (direct) pairs | gsm8k | 3 |" in table
+    assert (
+        "| M1 | the configured model | gsm8k | 3 |" in table
+        and "| M3 | M2's self-judged (direct) pairs | gsm8k | 3 |" in table
+    )
     assert "(vs M2: " in table
     assert "| sync | engines | sync MB | sync s | sync GB/s |" in table
     assert [r.get("sync_transport") for r in rows] == [None, "object_store", "object_store"]

@@ -43,6 +43,8 @@ def test_cli_help_explains_every_command():
 def test_print_config_is_resolved_yaml():
     out = subprocess.run(
         [sys.executable, "-m", "psr_ray.app.cli", "print-config", "rollout.num_candidates=3"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "num_candidates: 3" in out and "judge:" in out

@@ -20,8 +20,10 @@ def mounts(tmp_path) -> str:
     """A /proc/mounts of this machine's root plus an NFS mount (EFS) and a local disk under tmp_path."""
     for name in ("shared", "local"):
         (tmp_path / name).mkdir()
-    return (f"overlay / overlay rw,relatime 0 0\n/dev/nvme0n1p1 {tmp_path}/local ext4 rw 0 0\n"
-            f"fs-0123.efs.us-west-2.amazonaws.com:/ {tmp_path}/shared nfs4 rw,vers=4.1 0 0\n")
+    return (
+        f"overlay / overlay rw,relatime 0 0\n/dev/nvme0n1p1 {tmp_path}/local ext4 rw 0 0\n"
+        f"fs-0123.efs.us-west-2.amazonaws.com:/ {tmp_path}/shared nfs4 rw,vers=4.1 0 0\n"
+    )
 
 
 def test_engines_ask_for_one_node_group_unit_per_gpu():
@@ -55,7 +57,9 @@ def _multi_node(*overrides: str) -> C.PSRConfig:
 def test_a_multi_node_run_needs_an_absolute_output_dir_unless_opted_out():
     (error,) = storage_errors(_multi_node("run.output_dir=runs/x"), check_paths=False)
     assert error.startswith("run.output_dir='runs/x' is relative") and "run.require_shared_storage=false" in error
-    assert storage_errors(_multi_node("run.output_dir=runs/x", "run.require_shared_storage=false"), check_paths=True) == []
+    assert (
+        storage_errors(_multi_node("run.output_dir=runs/x", "run.require_shared_storage=false"), check_paths=True) == []
+    )
     assert storage_errors(C.load([], ["run.output_dir=runs/x"]), check_paths=True) == []  # one machine: fine
 
 

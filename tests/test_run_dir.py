@@ -32,7 +32,9 @@ def test_the_lock_excludes_another_process_and_dies_with_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ValueError, match=rf"^{tmp_path} is in use by another psr-ray process \(.*\"pid\": {holder.pid}"):
+        with pytest.raises(
+            ValueError, match=rf"^{tmp_path} is in use by another psr-ray process \(.*\"pid\": {holder.pid}"
+        ):
             RunDirLock(tmp_path)
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -78,7 +80,9 @@ def test_the_write_probe_is_removed_when_the_disk_is_full(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(ValueError, match=rf"^run.output_dir {tmp_path}: cannot write there \(No space left on device\)$"):
+    with pytest.raises(
+        ValueError, match=rf"^run.output_dir {tmp_path}: cannot write there \(No space left on device\)$"
+    ):
         check_writable(tmp_path)
     assert list(tmp_path.iterdir()) == []  # no .psr-ray-write-test-<pid> left behind
 
@@ -92,7 +96,9 @@ def test_resume_validates_the_stored_config_as_it_is_now(tmp_path):
         resume_config(str(tmp_path))
     state["config"]["trainer"]["no_such_field"] = 1
     (tmp_path / "state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"state.json: its stored config is not valid for this psr_ray \(unknown config key"):
+    with pytest.raises(
+        ValueError, match=r"state.json: its stored config is not valid for this psr_ray \(unknown config key"
+    ):
         resume_config(str(tmp_path))
 
 

@@ -62,8 +62,10 @@ def test_models_from_state_and_the_table(tmp_path):
     other = dict(models[2], model="M2 random", baseline="M1", rows=[dict(_row("1111111000", 1), problems_digest="e")])
     assert ("M2 random", "arith") not in compare(models + [other])
     table = format_run_table(models)
-    assert "| M2 | M1's ORACLE-judged (ablation) pairs | arith | 10 | 70.0 [0.0, 100.0] | 70.0 [0.0, 100.0] | " \
-           "0.062 (vs M1: 5+/0-) | 50.0 [40.0, 60.0] (n=300) | 40 | 75.0 [60.0, 86.0] (n=40) | 30.0 |" in table
+    assert (
+        "| M2 | M1's ORACLE-judged (ablation) pairs | arith | 10 | 70.0 [0.0, 100.0] | 70.0 [0.0, 100.0] | "
+        "0.062 (vs M1: 5+/0-) | 50.0 [40.0, 60.0] (n=300) | 40 | 75.0 [60.0, 86.0] (n=40) | 30.0 |" in table
+    )
     paths = write_run_report(models, str(tmp_path / "report"), title="t")
     assert json.loads(paths["json"].read_text())[0]["model"] == "M0"
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
@@ -97,12 +99,15 @@ def test_peak_memory_is_sampled_per_stage_and_reported():
     assert memory.peak_gib == max(first, middle, second, last)  # the overall is the largest stage peak
     line = memory_line({"start": 1.0, "iter 1/2 search+train": 3.0})
     total = machine_gib()
-    assert line.startswith(f"Peak memory (PSS of this node's run processes, GiB): 3.0 in `iter 1/2 search+train`, "
-                           f"{100 * 3.0 / total:.0f}% of this machine's {total:.1f} GiB ({3.0 / (total / 2):.2f} x half of it).")
+    assert line.startswith(
+        f"Peak memory (PSS of this node's run processes, GiB): 3.0 in `iter 1/2 search+train`, "
+        f"{100 * 3.0 / total:.0f}% of this machine's {total:.1f} GiB ({3.0 / (total / 2):.2f} x half of it)."
+    )
     assert line.endswith("Per stage: start 1.0, iter 1/2 search+train 3.0.") and memory_line({}) == ""
     roles = {"iter 1/2 search+train": {"trainer worker 1": 2.0, "driver": 1.0}, "start": {"driver": 1.0}}
     assert memory_line({"start": 1.0, "iter 1/2 search+train": 3.0}, roles).endswith(
-        "Per stage: start 1.0, iter 1/2 search+train 3.0. At that peak: trainer worker 1 2.00, driver 1.00.")
+        "Per stage: start 1.0, iter 1/2 search+train 3.0. At that peak: trainer worker 1 2.00, driver 1.00."
+    )
 
 
 def test_results_carry_the_memory_split_by_role_and_the_trainer_budget(tmp_path):
@@ -118,7 +123,8 @@ def test_results_carry_the_memory_split_by_role_and_the_trainer_budget(tmp_path)
     assert stored["peak_memory_roles_gib"] == {"iter 1/1 search+train": {"trainer worker 1": 2.0, "driver": 1.0}}
     assert trainer_memory_lines(RunState(tmp_path)) == (
         "Trainer memory, iteration 1 (GiB): worker0 peak RSS 1.00 (PSS 0.90 at the end); accounted per worker 0.75 "
-        "= runtime 0.50 + params 0.25.")
+        "= runtime 0.50 + params 0.25."
+    )
 
 
 def test_iteration_table_shows_the_fit_and_the_sync_of_each_iteration(tmp_path):

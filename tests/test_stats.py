@@ -19,9 +19,9 @@ def test_wilson_hand_values():
 
 def test_clopper_pearson_hand_values():
     # 0/10: upper solves (1 - p)^10 = 0.025, p = 1 - 0.025^(1/10).
-    assert clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1), abs=1e-9)
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025**0.1), abs=1e-9)
     # 10/10 mirrors it.
-    assert clopper_pearson(10, 10) == pytest.approx((0.025 ** 0.1, 1.0), abs=1e-9)
+    assert clopper_pearson(10, 10) == pytest.approx((0.025**0.1, 1.0), abs=1e-9)
     lo, hi = clopper_pearson(5, 10)
     assert 1 - binom_cdf(4, 10, lo) == pytest.approx(0.025, abs=1e-9)
     assert binom_cdf(5, 10, hi) == pytest.approx(0.025, abs=1e-9)

@@ -45,7 +45,10 @@ def test_extract_boxed(text, expected):
 
 
 def test_clean_step_cuts_after_answer_and_at_stray_marker():
-    assert steps.clean_step(" 2+2=4, so the answer is \\boxed{4}. Then more\nnoise") == "2+2=4, so the answer is \\boxed{4}. Then more"
+    assert (
+        steps.clean_step(" 2+2=4, so the answer is \\boxed{4}. Then more\nnoise")
+        == "2+2=4, so the answer is \\boxed{4}. Then more"
+    )
     assert steps.clean_step("x = 3\nStep 4: y") == "x = 3"
     assert steps.clean_step("  plain step \n") == "plain step"
 

@@ -35,8 +35,12 @@ TINY_RUN = ("model.max_model_len=1024", "init.run_first=false", "data.source=emb
             "trainer.max_seq_len=256", "eval.limit=2", "eval.max_tokens=8", "run.num_iterations=1",
             "run.prompts_per_iteration=[2]", "run.wandb_mode=disabled")  # fmt: skip
 # judge.num_engines=1: the embedded preset judges on the rollout engine; this test pins a judge engine of its own.
-PINNED = ("rollout.node_resource=psr_engine", "judge.num_engines=1", "judge.node_resource=psr_engine",
-          "trainer.node_resource=psr_trainer")
+PINNED = (
+    "rollout.node_resource=psr_engine",
+    "judge.num_engines=1",
+    "judge.node_resource=psr_engine",
+    "trainer.node_resource=psr_trainer",
+)
 
 
 def free_port() -> int:
@@ -73,8 +77,9 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="psrh", dir="/tmp")
     # Every port of its own: the test session's Ray already holds the default agent ports (52365, ...), and a
     # head whose job agent cannot bind answers every submission with "No available agent".
-    ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "agent", "agent_grpc", "runtime_env",
-                                            "client")}
+    ports = {
+        name: free_port() for name in ("gcs", "dashboard", "metrics", "agent", "agent_grpc", "runtime_env", "client")
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
     # Ray 2.60's token auth, as a secured cluster runs it: the head, the submitter and the job share a token.
@@ -83,17 +88,28 @@ def ray_head():
     env["RAY_metrics_report_interval_ms"] = "2000"  # a live view every 2 s (10 s by default)
     head = subprocess.Popen(
         [
-            str(BIN / "ray"), "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-            f"--metrics-export-port={ports['metrics']}", "--num-cpus=6",
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={ports['gcs']}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports['dashboard']}",
+            f"--metrics-export-port={ports['metrics']}",
+            "--num-cpus=6",
             # The node groups of cluster/, on one node: engines and trainer workers must ask for them.
             '--resources={"psr_engine": 4, "psr_trainer": 2}',
-            f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-            f"--runtime-env-agent-port={ports['runtime_env']}", f"--ray-client-server-port={ports['client']}",
+            f"--dashboard-agent-listen-port={ports['agent']}",
+            f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+            f"--runtime-env-agent-port={ports['runtime_env']}",
+            f"--ray-client-server-port={ports['client']}",
             f"--temp-dir={temp_dir}",
         ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_for(f"http://127.0.0.1:{ports['dashboard']}/api/version", timeout=120)
@@ -122,6 +138,7 @@ def psr_ray_submit(*args: str, env: dict[str, str], timeout: float = 900) -> sub
 
 
 # ---- the client's rules, without a cluster ---------------------------------------------------------------
+
 
 def test_address_comes_from_the_flag_or_ray_address():
     assert submit.resolve_address("http://h:8265", environ={}) == "http://h:8265"
@@ -174,6 +191,7 @@ def test_submit_leaves_cluster_paths_and_gpus_to_the_job():
 
 
 # ---- a real head with token auth ------------------------------------------------------------------------
+
 
 @pytest.mark.ray
 def test_without_a_token_submit_stops_with_one_line(ray_head, tmp_path):
@@ -236,7 +254,9 @@ def test_submit_tiny_run_pinned_to_node_groups_with_live_metrics(ray_head, tiny_
 
     plotted = {s.removesuffix("_bucket") for _, expr, _ in ENGINE_PANELS for s in re.findall(r"ray_vllm_\w+", expr)}
     exported = {n.removesuffix("_bucket") for n in names}
-    assert plotted - exported <= {"ray_vllm_num_preemptions_total", "ray_vllm_prefix_cache_hits_total"}, sorted(exported)
+    assert plotted - exported <= {"ray_vllm_num_preemptions_total", "ray_vllm_prefix_cache_hits_total"}, sorted(
+        exported
+    )
 
     # The engines and trainer workers asked for their node groups' resources.
     every = actors(ports, env["RAY_AUTH_TOKEN"])

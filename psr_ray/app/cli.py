@@ -62,19 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_config_args(p)
         if name in ("run", "generate", "train", "eval", "init"):
-            p.add_argument("--verbose", action="store_true", help="print what Ray's workers log (vLLM engines, "
-                           "trainer reports, Ray Data) here too; by default it stays in the log files named at start")
+            p.add_argument(
+                "--verbose",
+                action="store_true",
+                help="print what Ray's workers log (vLLM engines, "
+                "trainer reports, Ray Data) here too; by default it stays in the log files named at start",
+            )
         return p
 
     command("validate", "Check a config (types, ranges, paths, GPUs) without starting anything; exit 1 on error.")
     command("print-config", "Print the fully resolved config as YAML.")
     p = command("run", "Run PSR iterations end to end: search -> judge -> step-DPO -> weight sync -> eval.")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last finished stage, with "
-                   "its stored config (overrides of run.num_iterations, run.ray_address, timeouts, resources only)")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last finished stage, with "
+        "its stored config (overrides of run.num_iterations, run.ray_address, timeouts, resources only)",
+    )
     p = command("generate", "One search pass with the current model: write step pairs (Parquet) and a summary.")
     p.add_argument("--num-problems", type=int, default=8, help="problems to search (default 8)")
     p.add_argument("--output", metavar="DIR", help="output folder (default: run.output_dir)")
@@ -85,15 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from (or return) a checkpoint in --output")
     p = command("eval", "Greedy evaluation on math benchmarks; prints accuracy, step statistics and throughput.")
     p.add_argument("--model", help="HF id, folder or embedded:smollm2-135m-instruct (default: model.path)")
-    p.add_argument("--benchmarks", help=f"comma-separated names ({', '.join(BENCHMARKS)}) or .jsonl paths "
-                   "(default: eval.benchmarks)")
+    p.add_argument(
+        "--benchmarks",
+        help=f"comma-separated names ({', '.join(BENCHMARKS)}) or .jsonl paths (default: eval.benchmarks)",
+    )
     p.add_argument("--limit", type=int, help="problems per benchmark (0 = all)")
     p = command("init", "Initialization: build IFT/EFT data and fine-tune M0 into M1 (SFT).")
     p.add_argument("--output", metavar="DIR", help="output folder (default: run.output_dir/init)")
-    p = command("submit", "Submit `python -m psr_ray` (the run) to a Ray cluster as a job and stream its logs. "
-                "The job validates cluster-side paths and GPUs on the cluster.")
-    p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS); "
-                   "the auth token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+    p = command(
+        "submit",
+        "Submit `python -m psr_ray` (the run) to a Ray cluster as a job and stream its logs. "
+        "The job validates cluster-side paths and GPUs on the cluster.",
+    )
+    p.add_argument(
+        "--address",
+        help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS); "
+        "the auth token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+    )
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     return parser
 

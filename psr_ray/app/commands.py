@@ -40,8 +40,13 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
                          "pass another --output, or --resume to finish that pass")  # fmt: skip
     lock = RunDirLock(output_dir, command="generate")  # held until this process ends
     check_writable(output_dir, "--output")
-    loaded = load_problems(cfg.data.source, split=cfg.data.split, limit=args.num_problems,
-                           seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars)
+    loaded = load_problems(
+        cfg.data.source,
+        split=cfg.data.split,
+        limit=args.num_problems,
+        seed=cfg.data.shuffle_seed,
+        max_chars=cfg.data.max_problem_chars,
+    )
     if loaded.skipped:
         print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
     if not loaded.problems:  # before any pair or manifest: the corrected rerun is not refused
@@ -49,7 +54,10 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     model_path = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
     init_ray(cfg)
     summary = generate_pairs(
-        cfg, loaded.problems, iteration=1, policy_version=1,
+        cfg,
+        loaded.problems,
+        iteration=1,
+        policy_version=1,
         rollout=start_engine_pool(cfg, "rollout", model_path, policy_version=1),
         judge=start_engine_pool(cfg, "judge", model_path, policy_version=1),
         output_dir=output_dir,
@@ -79,13 +87,16 @@ def train(cfg: PSRConfig, args: argparse.Namespace) -> int:
         raise ValueError(f"--pairs {dataset_dir}: no such folder")
     init_ray(cfg)
     dataset = read_pairs_dataset(dataset_dir)
-    result = train_dpo(cfg, policy_path=model_path, reference_path=model_path, dataset=dataset,
-                       output_dir=output_dir, policy_version=2)
+    result = train_dpo(
+        cfg, policy_path=model_path, reference_path=model_path, dataset=dataset, output_dir=output_dir, policy_version=2
+    )
     lock.release()
     final = result.metrics[-1] if result.metrics else {}
     source = "the checkpoint already in --output (--resume)" if result.resumed else "this run"
-    print(f"trained {result.num_optimizer_steps} optimizer steps on {result.num_trained_rows} pairs (all epochs; "
-          f"{source}); HF export: {result.hf_dir}")
+    print(
+        f"trained {result.num_optimizer_steps} optimizer steps on {result.num_trained_rows} pairs (all epochs; "
+        f"{source}); HF export: {result.hf_dir}"
+    )
     for key, value in final.items():
         print(f"  {key:24s} {value:.4f}")
     return 0
@@ -101,8 +112,13 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
     limit = cfg.eval.limit if args.limit is None else args.limit
     if limit < 0:
         raise ValueError(f"--limit must be >= 0 (0 means all), got {limit}")
-    cfg = validate(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model or cfg.model.path),
-                                       eval=dataclasses.replace(cfg.eval, benchmarks=tuple(benchmarks))))
+    cfg = validate(
+        dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, path=args.model or cfg.model.path),
+            eval=dataclasses.replace(cfg.eval, benchmarks=tuple(benchmarks)),
+        )
+    )
     init_ray(cfg)
     eval_command(cfg, cfg.model.path, benchmarks, limit, output_dir=f"{cfg.run.output_dir}/eval")
     return 0

@@ -64,24 +64,30 @@ def storage_errors(cfg: Any, *, check_paths: bool, mounts_text: str | None = Non
                         ("judge.node_resource", cfg.judge.node_resource),
                         ("trainer.node_resource", cfg.trainer.node_resource)):  # fmt: skip
         if name in RESERVED_RESOURCES or name != name.strip():
-            errors.append(f"{field}={name!r} must name a custom resource of a node group (e.g. psr_engine), "
-                          f"not one of Ray's own ({', '.join(sorted(RESERVED_RESOURCES))})")
+            errors.append(
+                f"{field}={name!r} must name a custom resource of a node group (e.g. psr_engine), "
+                f"not one of Ray's own ({', '.join(sorted(RESERVED_RESOURCES))})"
+            )
     if cfg.run.resume not in ("never", "auto"):
         errors.append(f"run.resume must be never or auto, got {cfg.run.resume!r}")
     if not spans_nodes(cfg) or not cfg.run.output_dir or not cfg.run.require_shared_storage:
         return errors
     output_dir = os.path.expanduser(cfg.run.output_dir)
     if not os.path.isabs(output_dir):
-        errors.append(f"run.output_dir={cfg.run.output_dir!r} is relative, but this run spans nodes (run.ray_address "
-                      "or a node_resource is set): a job's working folder is temporary and per node; use an "
-                      "absolute path on shared storage, e.g. /mnt/cluster_storage/psr/<run> (a single-node "
-                      "cluster: set run.require_shared_storage=false)")
+        errors.append(
+            f"run.output_dir={cfg.run.output_dir!r} is relative, but this run spans nodes (run.ray_address "
+            "or a node_resource is set): a job's working folder is temporary and per node; use an "
+            "absolute path on shared storage, e.g. /mnt/cluster_storage/psr/<run> (a single-node "
+            "cluster: set run.require_shared_storage=false)"
+        )
     elif check_paths and in_ray_job():
         mount_point, fstype = filesystem_of(output_dir, mounts_text)
         if fstype not in SHARED_FILESYSTEMS:
-            errors.append(f"run.output_dir={cfg.run.output_dir!r} is on a {fstype} filesystem local to this node "
-                          f"(mounted at {mount_point or '?'}), but this run spans nodes: checkpoints, the HF export "
-                          "engines reload and state.json must be readable from every node; mount shared storage "
-                          "there (cluster/ files mount it at /mnt/cluster_storage) or, for a single-node cluster, "
-                          "set run.require_shared_storage=false")
+            errors.append(
+                f"run.output_dir={cfg.run.output_dir!r} is on a {fstype} filesystem local to this node "
+                f"(mounted at {mount_point or '?'}), but this run spans nodes: checkpoints, the HF export "
+                "engines reload and state.json must be readable from every node; mount shared storage "
+                "there (cluster/ files mount it at /mnt/cluster_storage) or, for a single-node cluster, "
+                "set run.require_shared_storage=false"
+            )
     return errors

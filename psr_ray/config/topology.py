@@ -30,8 +30,10 @@ def resolve_backend(
             return WeightSyncBackend.CUDA_IPC
         return WeightSyncBackend.NCCL if nccl_ok else WeightSyncBackend.OBJECT_STORE
     if backend is WeightSyncBackend.NCCL and not nccl_ok:
-        raise ValueError("weight_sync.backend=nccl needs a GPU trainer and engines with whole GPUs of their own "
-                         "(NCCL refuses two ranks on one GPU); use cuda_ipc with weight_sync.colocate, or object_store")
+        raise ValueError(
+            "weight_sync.backend=nccl needs a GPU trainer and engines with whole GPUs of their own "
+            "(NCCL refuses two ranks on one GPU); use cuda_ipc with weight_sync.colocate, or object_store"
+        )
     if backend is WeightSyncBackend.CUDA_IPC and not colocate:
         raise ValueError("weight_sync.backend=cuda_ipc needs the engines on the trainer's GPU: set "
                          "weight_sync.colocate=true, or use nccl / object_store")  # fmt: skip

@@ -21,8 +21,8 @@ JUDGE_INSTRUCTION = (
     "Please act as an impartial judge and evaluate two candidate next steps for the partial solution of "
     "the math problem below. Choose the step that is more correct and more useful for reaching the right "
     "final answer. Do not let the order, length or style of the steps influence you. First give a short "
-    "explanation, then output your final verdict strictly in this format: \"[[A]]\" if step A is better, "
-    "\"[[B]]\" if step B is better.\n\n"
+    'explanation, then output your final verdict strictly in this format: "[[A]]" if step A is better, '
+    '"[[B]]" if step B is better.\n\n'
     "[Problem]\n{question}\n\n"
     "[Previous steps]\n{previous}\n\n"
     "[Step A]\n{step_a}\n\n"

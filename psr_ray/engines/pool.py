@@ -177,8 +177,11 @@ def start_engine_pool(
                 ),
             )
         else:
-            options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine,
-                           resources=node_group_request(section))
+            options.update(
+                num_cpus=section.num_cpus_per_engine,
+                num_gpus=section.num_gpus_per_engine,
+                resources=node_group_request(section),
+            )
         actors.append(remote_cls.options(**options).remote(settings, name=name, policy_version=policy_version))
     names = [engine_name(role, i) for i in range(len(actors))]
     try:
@@ -193,5 +196,6 @@ def start_engine_pool(
                 f"actor {info['name']!r} already exists in this Ray namespace with model {info['model']!r}, "
                 f"not {model_path!r}; kill it (ray.kill) or use another namespace"
             )
-    return EnginePool(role, actors, max_restarts=section.max_restarts,
-                      unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s)
+    return EnginePool(
+        role, actors, max_restarts=section.max_restarts, unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s
+    )

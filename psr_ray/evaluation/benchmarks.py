@@ -214,8 +214,15 @@ def evaluate(
     items = [(name, problem) for name in benchmarks for problem in loaded[name].problems]
     prompts = [render_solution_prompt(tokenizer, problem.question) for _, problem in items]
     start = time.perf_counter()
-    generations = generate_all(engines, prompts, max_tokens=max_tokens, batch_size=batch_size,
-                               policy_version=policy_version, engine_names=engine_names, timeout_s=timeout_s)
+    generations = generate_all(
+        engines,
+        prompts,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        policy_version=policy_version,
+        engine_names=engine_names,
+        timeout_s=timeout_s,
+    )
     elapsed = time.perf_counter() - start
     scores: dict[str, list[SolutionScore]] = {name: [] for name in benchmarks}
     for (name, problem), generation in zip(items, generations, strict=True):
@@ -253,8 +260,14 @@ def eval_command(
     running = set(ray.util.list_named_actors())
     engines = start_engine_pool(cfg, "rollout", model_path).actors
     try:
-        result = evaluate(engines, tokenizer, benchmarks, limit=limit or None, max_tokens=cfg.eval.max_tokens,
-                          timeout_s=cfg.run.engine_call_timeout_s)
+        result = evaluate(
+            engines,
+            tokenizer,
+            benchmarks,
+            limit=limit or None,
+            max_tokens=cfg.eval.max_tokens,
+            timeout_s=cfg.run.engine_call_timeout_s,
+        )
     finally:
         infos = ray.get([e.ready.remote() for e in engines], timeout=cfg.run.engine_call_timeout_s)
         for engine, info in zip(engines, infos, strict=True):

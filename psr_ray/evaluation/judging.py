@@ -44,4 +44,6 @@ def judge_accuracy(engines: list[Any], pairs: list[Any], *, mode: str, max_token
 
     if not pairs:
         return None
-    return measure_judge(engines, pairs, mode=mode, max_tokens=max_tokens, timeout_s=timeout_s).to_dict() | {"mode": mode}
+    return measure_judge(engines, pairs, mode=mode, max_tokens=max_tokens, timeout_s=timeout_s).to_dict() | {
+        "mode": mode
+    }

@@ -115,7 +115,9 @@ def format_run_table(models: list[dict[str, Any]]) -> str:
     lines = [RUN_HEADER, "|" + "---|" * RUN_HEADER.count(" | ") + "---|"]
     for model in models:
         judge, precision = model.get("judge"), model.get("pair_precision")
-        judge_cell = "" if not judge else pct(judge["accuracy"], judge["accuracy_ci95"]) + f" (n={judge['num_judgments']})"
+        judge_cell = (
+            "" if not judge else pct(judge["accuracy"], judge["accuracy_ci95"]) + f" (n={judge['num_judgments']})"
+        )
         precision_cell = random_cell = ""
         if precision:
             precision_cell = pct(precision["precision"], precision["precision_ci95"]) + f" (n={precision['num_pairs']})"
@@ -124,7 +126,11 @@ def format_run_table(models: list[dict[str, Any]]) -> str:
         stage = ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if v is not None)
         for row in model["rows"] or [{}]:
             test = tests.get((model["model"], row.get("benchmark")))
-            p_cell = "" if test is None else f"{_p(test['p_value'])} (vs {test['baseline']}: {test['only_model']}+/{test['only_baseline']}-)"
+            p_cell = (
+                ""
+                if test is None
+                else f"{_p(test['p_value'])} (vs {test['baseline']}: {test['only_model']}+/{test['only_baseline']}-)"
+            )
             cells = [model["model"], model.get("trained_on", ""), row.get("benchmark", ""), str(row.get("n", "")),
                      pct(row.get("accuracy_boxed"), row.get("accuracy_boxed_ci95")),
                      pct(row.get("accuracy"), row.get("accuracy_ci95")), p_cell, judge_cell,
@@ -141,7 +147,7 @@ def _p(p: float) -> str:
 
 NOTES = (
     "accuracy: the paper's rule, the last \\boxed{} answer, equivalent to the reference; lenient: boxed, else "
-    "\"the answer is\", else the last number. McNemar: exact two-sided test on the same problems against the model "
+    '"the answer is", else the last number. McNemar: exact two-sided test on the same problems against the model '
     "named, with the problems only this model got right (+) and only that one got right (-). judge acc: verdicts "
     "on held-out oracle-labelled step pairs (a right and a wrong candidate of M1), both orders. pair precision: "
     "pairs whose chosen step the oracle labels right and rejected step wrong; random pick: the same statistic for "
@@ -156,7 +162,9 @@ def write_run_report(models: list[dict[str, Any]], out_dir: str, *, title: str =
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "accuracy.png"}
     paths["json"].write_text(json.dumps(models, indent=2) + "\n")
-    paths["markdown"].write_text(f"# {title}\n\n{format_run_table(models)}\n\n{NOTES}\n" + (f"\n{footer}\n" if footer else ""))
+    paths["markdown"].write_text(
+        f"# {title}\n\n{format_run_table(models)}\n\n{NOTES}\n" + (f"\n{footer}\n" if footer else "")
+    )
     plot_models(models, paths["plot"])
     return paths
 

@@ -140,7 +140,9 @@ def measure_judge(engines: Sequence[Any], pairs: Sequence[LabelledPair], *, mode
 
     requests, labels = judge_requests(pairs)
     # Both orders of a pair stay in one batch (they share their prompt's prefix in the engine's cache).
-    batches = [(2 * s, 2 * e) for s, e in split_batches(len(pairs), num_engines=len(engines), batch_size=batch_size // 2)]
+    batches = [
+        (2 * s, 2 * e) for s, e in split_batches(len(pairs), num_engines=len(engines), batch_size=batch_size // 2)
+    ]
     refs = [engines[i % len(engines)].judge.remote(requests[s:e], mode=mode, temperature=0.0, max_tokens=max_tokens)
             for i, (s, e) in enumerate(batches)]  # fmt: skip
     return score_judgments([j for batch in ray.get(refs, timeout=timeout_s) for j in batch], labels)

@@ -169,7 +169,11 @@ def format_init(result: InitResult) -> str:
         f"judge mode {result.judge_mode}, both orders.",
         f"Held-out judge pairs: {result.num_heldout_pairs} from M1's candidates ({h.get('candidates', 0)} at "
         f"{h.get('sites', 0)} steps of held-out problems, {h.get('right', 0)} right).",
-        (f"SFT: {len(loss)} optimizer steps, loss {loss[0]:.3f} (first) -> {loss[-1]:.3f} (last)." if loss else "SFT: resumed."),
+        (
+            f"SFT: {len(loss)} optimizer steps, loss {loss[0]:.3f} (first) -> {loss[-1]:.3f} (last)."
+            if loss
+            else "SFT: resumed."
+        ),
         "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + ".",
     ]
     table = format_run_table(models) if models else RUN_HEADER
@@ -203,7 +207,9 @@ def scores_of(cfg: PSRConfig, out: Path, name: str, model_path: str, version: in
     return scores
 
 
-def score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[Any], mode: JudgeMode) -> dict[str, Any]:
+def score_model(
+    cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[Any], mode: JudgeMode
+) -> dict[str, Any]:
     """Judge accuracy on held-out pairs (both orders) and greedy accuracy on `eval.benchmarks`."""
     from psr_ray.evaluation.benchmarks import evaluate
     from psr_ray.evaluation.judging import judge_accuracy
@@ -216,7 +222,9 @@ def score_model(cfg: PSRConfig, engines: list[Any], tokenizer: Any, pairs: list[
     return {"judge": judge, "benchmarks": result.rows(0), "eval_s": result.elapsed_s}
 
 
-def _pairs_phase(path: Path, build: Callable[[], tuple[list[OraclePair], dict[str, int]]]) -> tuple[list[OraclePair], dict[str, int]]:
+def _pairs_phase(
+    path: Path, build: Callable[[], tuple[list[OraclePair], dict[str, int]]]
+) -> tuple[list[OraclePair], dict[str, int]]:
     """One phase's oracle pairs, built once: a finished phase's file and counts are read back."""
     counts_path = path.with_suffix(".counts.json")
     if path.is_file() and counts_path.is_file():

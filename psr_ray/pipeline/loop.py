@@ -137,8 +137,9 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
     if resuming:
         print(f"[psr_ray] resuming {out}: {state.finished_summary()}")
     elif state.exists:
-        raise ValueError(f"{out} already holds a run; continue it with `psr-ray run --resume {out}` "
-                         "or choose another run.output_dir")
+        raise ValueError(
+            f"{out} already holds a run; continue it with `psr-ray run --resume {out}` or choose another run.output_dir"
+        )
     check_writable(out)
 
     base_model = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
@@ -152,8 +153,9 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
 
         check_checkpoint(Path(policy_dir).parent)
 
-    loaded = load_problems(cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed,
-                           max_chars=cfg.data.max_problem_chars)  # before Ray: bad data fails fast
+    loaded = load_problems(
+        cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars
+    )  # before Ray: bad data fails fast
     if loaded.skipped:
         print(f"[psr_ray] {cfg.data.source}: {loaded.summary()}")
         for line, reason in loaded.skipped[:10]:
@@ -168,8 +170,9 @@ def _start_locked(cfg: PSRConfig, out: Path, lock: RunDirLock, *, resuming: bool
     problems = [p for p in loaded.problems if p.problem_id not in heldout]  # judge pairs' problems: never searched
     if not problems:
         raise ValueError(f"data.source {cfg.data.source!r} has no problems left after the init's held-out ones")
-    logger = WandbLogger(mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name,
-                         config=cfg.to_dict(), dir=str(out))
+    logger = WandbLogger(
+        mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name, config=cfg.to_dict(), dir=str(out)
+    )
     # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
     psr = Driver(
         cfg=cfg,
@@ -224,8 +227,14 @@ def _search_and_train(psr: Driver, k: int) -> None:
         search = None
         if not psr.state.done(k, "search"):
             search = pool.submit(
-                generate_pairs, cfg, problems, iteration=k, policy_version=psr.policy_version,
-                rollout=psr.rollout, judge=psr.judge, output_dir=str(psr.out),
+                generate_pairs,
+                cfg,
+                problems,
+                iteration=k,
+                policy_version=psr.policy_version,
+                rollout=psr.rollout,
+                judge=psr.judge,
+                output_dir=str(psr.out),
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
                 stop=stop_search,
             )
@@ -278,8 +287,10 @@ def _search_and_train(psr: Driver, k: int) -> None:
         psr.logger.log({**metrics, "iteration": k, "train/step_in_iteration": step})
     if result.heldout:
         psr.logger.log({**result.heldout, "iteration": k})
-    psr.logger.log({f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
-                   | {"iteration": k})
+    psr.logger.log(
+        {f"search/{key}": value for key, value in search_summary.items() if isinstance(value, (int, float))}
+        | {"iteration": k}
+    )
     psr.policy_dir, psr.policy_version = result.hf_dir, result.policy_version
 
 
@@ -313,6 +324,7 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
     from psr_ray.evaluation.benchmarks import evaluate
     from psr_ray.evaluation.judging import iteration_pair_precision, judge_accuracy
     from psr_ray.pipeline.init_stage import eft_mode
+
     done = psr.state.stage(iteration, "eval")
     if done is None:
         cfg = psr.cfg
@@ -340,8 +352,11 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
         if precision is not None:
             psr.logger.log({"search/pair_precision": precision["precision"],
                             "search/random_pick_precision": precision["random_pick"], "iteration": iteration})  # fmt: skip
-    psr.rows = [row for k in sorted(psr.state.data["iterations"], key=int)
-                for row in (psr.state.stage(int(k), "eval") or {}).get("rows", [])]
+    psr.rows = [
+        row
+        for k in sorted(psr.state.data["iterations"], key=int)
+        for row in (psr.state.stage(int(k), "eval") or {}).get("rows", [])
+    ]
     _write_results(psr)
 
 
@@ -381,5 +396,7 @@ def _check_engine_versions(psr: Driver) -> list[int]:
 
     versions = engine_versions(psr.engines, names=psr.engine_names, timeout_s=psr.cfg.run.engine_call_timeout_s)
     if any(v != psr.policy_version for v in versions):
-        raise RuntimeError(f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}")
+        raise RuntimeError(
+            f"engines {psr.engine_names} serve policy versions {versions}, expected {psr.policy_version}"
+        )
     return versions

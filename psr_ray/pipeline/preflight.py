@@ -28,7 +28,10 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     for section in ("rollout", "judge"):
         sub = getattr(cfg, section)
         if section == "judge":
-            need(sub.num_engines >= 0, f"judge.num_engines must be >= 0 (0: the judge runs on the rollout engines), got {sub.num_engines}")
+            need(
+                sub.num_engines >= 0,
+                f"judge.num_engines must be >= 0 (0: the judge runs on the rollout engines), got {sub.num_engines}",
+            )
         else:
             need(sub.num_engines >= 1, f"rollout.num_engines must be >= 1, got {sub.num_engines}")
         need(sub.num_cpus_per_engine >= 0, f"{section}.num_cpus_per_engine must be >= 0")
@@ -50,8 +53,11 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
     need(r.max_step_tokens >= 1, "rollout.max_step_tokens must be >= 1")
     # An engine skips a prompt that leaves no room for this many new tokens: every step would come back empty.
-    need(r.max_step_tokens < context, f"rollout.max_step_tokens ({r.max_step_tokens}) must be below "
-         f"model.max_model_len ({context}), leaving room for the prompt")
+    need(
+        r.max_step_tokens < context,
+        f"rollout.max_step_tokens ({r.max_step_tokens}) must be below "
+        f"model.max_model_len ({context}), leaving room for the prompt",
+    )
 
     j = cfg.judge
     need(j.temperature >= 0, "judge.temperature must be >= 0")
@@ -61,15 +67,21 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         f"data.source=embedded:arith, not {cfg.data.source!r}",
     )
     need(j.max_explanation_tokens >= 1, "judge.max_explanation_tokens must be >= 1")
-    need(j.max_explanation_tokens < context, f"judge.max_explanation_tokens ({j.max_explanation_tokens}) must "
-         f"be below model.max_model_len ({context}), leaving room for the prompt")
+    need(
+        j.max_explanation_tokens < context,
+        f"judge.max_explanation_tokens ({j.max_explanation_tokens}) must "
+        f"be below model.max_model_len ({context}), leaving room for the prompt",
+    )
 
     s = cfg.search
     need(s.max_steps >= 1, f"search.max_steps must be >= 1, got {s.max_steps}")
     need(s.max_rollbacks >= 0, "search.max_rollbacks must be >= 0")
     need(s.max_problems_in_flight >= 1, "search.max_problems_in_flight must be >= 1")
     need(s.flush_pairs >= 1, f"search.flush_pairs must be >= 1, got {s.flush_pairs}")
-    need(s.min_score_margin > 0, f"search.min_score_margin must be > 0 (0 would train tied pairs), got {s.min_score_margin}")
+    need(
+        s.min_score_margin > 0,
+        f"search.min_score_margin must be > 0 (0 would train tied pairs), got {s.min_score_margin}",
+    )
 
     t = cfg.trainer
     need(t.num_workers >= 1, f"trainer.num_workers must be >= 1, got {t.num_workers}")
@@ -92,10 +104,19 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     )
     need(t.lr_decay_steps >= 0, f"trainer.lr_decay_steps must be >= 0, got {t.lr_decay_steps}")
     need(0 <= t.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    need(t.shuffle_buffer_size >= 0, f"trainer.shuffle_buffer_size must be >= 0 (0: no shuffle), got {t.shuffle_buffer_size}")
+    need(
+        t.shuffle_buffer_size >= 0,
+        f"trainer.shuffle_buffer_size must be >= 0 (0: no shuffle), got {t.shuffle_buffer_size}",
+    )
     need(t.max_seq_len >= 16, "trainer.max_seq_len must be >= 16")
-    need(t.zero3_buffer_numel >= 0, f"trainer.zero3_buffer_numel must be >= 0 (0: DeepSpeed's defaults), got {t.zero3_buffer_numel}")
-    need(t.max_failures >= 0, f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}")
+    need(
+        t.zero3_buffer_numel >= 0,
+        f"trainer.zero3_buffer_numel must be >= 0 (0: DeepSpeed's defaults), got {t.zero3_buffer_numel}",
+    )
+    need(
+        t.max_failures >= 0,
+        f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}",
+    )
 
     need(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb must be >= 1")
     need(cfg.weight_sync.timeout_s > 0, f"weight_sync.timeout_s must be > 0, got {cfg.weight_sync.timeout_s}")
@@ -105,14 +126,22 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     except ValueError as err:  # a transport this layout cannot run (the message names the fields)
         errors.append(str(err))
 
-    need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype must be auto, float32, bfloat16 or float16")
+    need(
+        cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+        "model.dtype must be auto, float32, bfloat16 or float16",
+    )
     need(cfg.model.max_model_len >= 64, "model.max_model_len must be >= 64")
     need(cfg.data.max_problem_chars >= 1, "data.max_problem_chars must be >= 1")
-    need(len(cfg.eval.benchmarks) >= 1 or not cfg.eval.every_iteration, "eval.benchmarks must name at least one benchmark")
+    need(
+        len(cfg.eval.benchmarks) >= 1 or not cfg.eval.every_iteration,
+        "eval.benchmarks must name at least one benchmark",
+    )
     need(cfg.eval.limit >= 0, "eval.limit must be >= 0 (0 means all)")
     need(cfg.eval.max_tokens >= 1, "eval.max_tokens must be >= 1")
-    need(cfg.eval.max_tokens <= context, f"eval.max_tokens ({cfg.eval.max_tokens}) must be at most "
-         f"model.max_model_len ({context})")
+    need(
+        cfg.eval.max_tokens <= context,
+        f"eval.max_tokens ({cfg.eval.max_tokens}) must be at most model.max_model_len ({context})",
+    )
     errors.extend(checks.benchmark_errors(cfg.eval.benchmarks))
     errors.extend(checks.split_errors(cfg.data.source, cfg.data.split))
 
@@ -131,23 +160,30 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         len(run.prompts_per_iteration) >= 1 and all(n >= 1 for n in run.prompts_per_iteration),
         "run.prompts_per_iteration must be a non-empty list of positive counts, e.g. [400, 800, 1200]",
     )
-    need(run.wandb_mode in ("auto", "online", "offline", "disabled"), "run.wandb_mode must be auto, online, offline or disabled")
+    need(
+        run.wandb_mode in ("auto", "online", "offline", "disabled"),
+        "run.wandb_mode must be auto, online, offline or disabled",
+    )
     need(bool(run.output_dir), "run.output_dir must not be empty")
     need(run.engine_start_timeout_s > 0, f"run.engine_start_timeout_s must be > 0, got {run.engine_start_timeout_s}")
     need(run.engine_call_timeout_s > 0, f"run.engine_call_timeout_s must be > 0, got {run.engine_call_timeout_s}")
     need(run.engine_unavailable_timeout_s > 0,
          f"run.engine_unavailable_timeout_s must be > 0, got {run.engine_unavailable_timeout_s}")  # fmt: skip
-    need(0 <= run.malloc_mmap_threshold_mib <= 32, f"run.malloc_mmap_threshold_mib must be in [0, 32] (0: glibc's "
-         f"own), got {run.malloc_mmap_threshold_mib}")
+    need(
+        0 <= run.malloc_mmap_threshold_mib <= 32,
+        f"run.malloc_mmap_threshold_mib must be in [0, 32] (0: glibc's own), got {run.malloc_mmap_threshold_mib}",
+    )
     if run.ray_address is not None:
         errors.extend(checks.ray_address_errors(run.ray_address))
 
     wants_gpu = [
-        f"{name}" for name, value in (
+        f"{name}"
+        for name, value in (
             ("rollout.num_gpus_per_engine", r.num_gpus_per_engine),
             ("judge.num_gpus_per_engine", j.num_gpus_per_engine),
             ("trainer.use_gpu", float(t.use_gpu)),
-        ) if value > 0
+        )
+        if value > 0
     ]
     # A remote cluster may have GPUs the submitting machine lacks, so only a local run is checked.
     if wants_gpu and run.ray_address is None:

@@ -32,8 +32,10 @@ class RunState:
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"{self.path} is corrupt ({err}); move it away to start this run over") from None
             if not (isinstance(self.data, dict) and isinstance(self.data.get("iterations"), dict)):
-                raise ValueError(f"{self.path} is not a psr_ray run state (no 'iterations' mapping); "
-                                 "move it away to start this run over")
+                raise ValueError(
+                    f"{self.path} is not a psr_ray run state (no 'iterations' mapping); "
+                    "move it away to start this run over"
+                )
 
     @property
     def exists(self) -> bool:

@@ -66,7 +66,9 @@ def generate_pairs(
     def tick() -> None:
         writer.maybe_flush()
         if stop is not None and stop.is_set():
-            raise SearchStopped(f"iteration {iteration}'s search was stopped after {len(writer.done_problems)} problems")
+            raise SearchStopped(
+                f"iteration {iteration}'s search was stopped after {len(writer.done_problems)} problems"
+            )
 
     try:
         scheduler.run(todo, finished, on_tick=tick)

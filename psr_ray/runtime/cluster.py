@@ -75,7 +75,9 @@ def _join(ray: Any, address: str, where: str, **kwargs: Any) -> None:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:  # includes Ray's AuthenticationError
         lines = [line for line in str(err).splitlines() if line.strip()]
-        raise ValueError(f"{where} {address}: cannot join the Ray cluster there ({lines[0] if lines else err})") from None
+        raise ValueError(
+            f"{where} {address}: cannot join the Ray cluster there ({lines[0] if lines else err})"
+        ) from None
     print(f"[psr_ray] joined the Ray cluster at {address}")
 
 

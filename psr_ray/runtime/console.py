@@ -105,7 +105,9 @@ class Stage:
 
     def close(self, *, failed: bool = False) -> None:
         self._stop.set()
-        line = f"{self.title}: {'failed' if failed else self.result} [{format_seconds(time.monotonic() - self.started)}]"
+        line = (
+            f"{self.title}: {'failed' if failed else self.result} [{format_seconds(time.monotonic() - self.started)}]"
+        )
         if self._bar is not None:
             self._bar.bar_format = "{desc}"
             self._bar.set_description_str(line, refresh=False)
@@ -135,19 +137,24 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes:02d}:{secs:02d}" if minutes < 60 else f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
-def iteration_summary(iteration: int, num_iterations: int, stages: dict[str, Any],
-                      previous_rows: list[dict[str, Any]]) -> str:
+def iteration_summary(
+    iteration: int, num_iterations: int, stages: dict[str, Any], previous_rows: list[dict[str, Any]]
+) -> str:
     """One line for a finished iteration from its recorded stages (run_state): pairs, training, sync,
     accuracy per benchmark with its change since the previous evaluation."""
     search, train = stages.get("search") or {}, stages.get("train") or {}
     sync, evaluation = stages.get("sync") or {}, stages.get("eval") or {}
     parts = []
     if search:
-        parts.append(f"{search.get('pairs_total', 0)} pairs, {search.get('rollbacks', 0)} rollbacks, "
-                     f"{100 * search.get('unparseable_rate', 0.0):.1f}% unparseable")
+        parts.append(
+            f"{search.get('pairs_total', 0)} pairs, {search.get('rollbacks', 0)} rollbacks, "
+            f"{100 * search.get('unparseable_rate', 0.0):.1f}% unparseable"
+        )
     if train:
         loss = (train.get("final") or {}).get("train/loss")
-        parts.append(f"{train.get('num_optimizer_steps', 0)} steps" + (f", loss {loss:.4f}" if loss is not None else ""))
+        parts.append(
+            f"{train.get('num_optimizer_steps', 0)} steps" + (f", loss {loss:.4f}" if loss is not None else "")
+        )
     if sync:
         parts.append(f"policy v{sync.get('policy_version')}")
     before = {row["benchmark"]: row["accuracy"] for row in previous_rows}

@@ -26,8 +26,10 @@ RUNTIME_ENV = REPO_ROOT / "jobs" / "runtime_env.yaml"
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 # Environment variables copied from the submitting shell into the job when set (secrets stay out of the repo).
 FORWARDED_SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
-TOKEN_HELP = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or write it to ~/.ray/auth_token); on KubeRay: "
-              "export RAY_AUTH_TOKEN=$(kubectl get secret <cluster name> -o jsonpath='{.data.auth_token}' | base64 -d)")
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or write it to ~/.ray/auth_token); on KubeRay: "
+    "export RAY_AUTH_TOKEN=$(kubectl get secret <cluster name> -o jsonpath='{.data.auth_token}' | base64 -d)"
+)
 
 
 def job_entrypoint(config_paths: list[str], overrides: list[str]) -> str:
@@ -38,7 +40,9 @@ def job_entrypoint(config_paths: list[str], overrides: list[str]) -> str:
         try:
             path = str(resolved.relative_to(REPO_ROOT))
         except ValueError:
-            raise ValueError(f"--config {path} must live inside {REPO_ROOT} to travel with the job's working_dir") from None
+            raise ValueError(
+                f"--config {path} must live inside {REPO_ROOT} to travel with the job's working_dir"
+            ) from None
         parts += ["--config", path]
     return shlex.join(parts + list(overrides))
 
@@ -63,8 +67,10 @@ def resolve_address(address: str | None, *, environ: Mapping[str, str] = os.envi
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     if address.startswith("ray://") or address == "auto":
-        raise ValueError(f"address {address!r} is not the dashboard's; submit to http://HEAD:8265 "
-                         "(`ray dashboard cluster/aws.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265`)")
+        raise ValueError(
+            f"address {address!r} is not the dashboard's; submit to http://HEAD:8265 "
+            "(`ray dashboard cluster/aws.yaml` or `kubectl port-forward svc/<cluster>-head-svc 8265`)"
+        )
     return address if "://" in address else f"http://{address}"
 
 
@@ -77,7 +83,9 @@ def find_token(*, environ: Mapping[str, str] = os.environ) -> tuple[str | None, 
         try:
             return Path(path).expanduser().read_text().strip(), f"RAY_AUTH_TOKEN_PATH={path}"
         except OSError as err:
-            raise ValueError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err.strerror}); fix it or unset it") from None
+            raise ValueError(
+                f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({err.strerror}); fix it or unset it"
+            ) from None
     default = Path(environ.get("HOME") or "~").expanduser() / ".ray" / "auth_token"
     if default.is_file():
         return default.read_text().strip() or None, str(default)
@@ -99,9 +107,11 @@ def auth_headers(address: str, token: str | None, *, warn: Callable[[str], None]
         return {}
     url = urlparse(address)
     if url.scheme == "http" and not is_loopback(url.hostname):
-        warn(f"[psr_ray] warning: sending the Ray auth token over plain http to {url.hostname}; anyone on the path "
-             "can read it and run code on the cluster. Use https, or a tunnel to 127.0.0.1 (`ray dashboard "
-             "cluster/aws.yaml`, `kubectl port-forward`)")
+        warn(
+            f"[psr_ray] warning: sending the Ray auth token over plain http to {url.hostname}; anyone on the path "
+            "can read it and run code on the cluster. Use https, or a tunnel to 127.0.0.1 (`ray dashboard "
+            "cluster/aws.yaml`, `kubectl port-forward`)"
+        )
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -132,20 +142,37 @@ def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> 
     except Exception as err:
         text = str(err)
         if token is None and ("Unauthorized" in text or "no authentication token" in text.lower()):
-            raise ValueError(f"the cluster at {address} requires a Ray auth token and none was found: {TOKEN_HELP}") from None
+            raise ValueError(
+                f"the cluster at {address} requires a Ray auth token and none was found: {TOKEN_HELP}"
+            ) from None
         if token is not None and ("Forbidden" in text or "Invalid authentication token" in text):
-            raise ValueError(f"the cluster at {address} rejected the Ray auth token from {source}; {TOKEN_HELP}") from None
+            raise ValueError(
+                f"the cluster at {address} rejected the Ray auth token from {source}; {TOKEN_HELP}"
+            ) from None
         if isinstance(err, ConnectionError) or "Failed to connect" in text:
-            raise ValueError(f"cannot reach a Ray dashboard at {address}: {text.splitlines()[0] if text else err}") from None
+            raise ValueError(
+                f"cannot reach a Ray dashboard at {address}: {text.splitlines()[0] if text else err}"
+            ) from None
         raise
     if token is None:
-        print(f"[psr_ray] warning: {address} accepted a job without an auth token: whoever reaches it can run code "
-              "there. Turn on RAY_AUTH_MODE=token (the cluster/ files do).", file=sys.stderr, flush=True)
+        print(
+            f"[psr_ray] warning: {address} accepted a job without an auth token: whoever reaches it can run code "
+            "there. Turn on RAY_AUTH_MODE=token (the cluster/ files do).",
+            file=sys.stderr,
+            flush=True,
+        )
     return client, address
 
 
-def submit(address: str | None, config_paths: list[str], overrides: list[str], *, wait: bool = True,
-           env: dict[str, Any] | None = None, agent_wait_s: float = 120.0) -> int:
+def submit(
+    address: str | None,
+    config_paths: list[str],
+    overrides: list[str],
+    *,
+    wait: bool = True,
+    env: dict[str, Any] | None = None,
+    agent_wait_s: float = 120.0,
+) -> int:
     """Submits the job; with `wait`, streams its logs and returns 0 / 1 / 2 for SUCCEEDED / FAILED / STOPPED."""
     import logging
 

@@ -232,7 +232,9 @@ class SearchScheduler:
         while want_judge:
             key = want_judge.popleft()
             search = self._active[key]
-            judgments, all_right = oracle_round(search.problem, search.judge_requests(), policy_version=self.policy_version)
+            judgments, all_right = oracle_round(
+                search.problem, search.judge_requests(), policy_version=self.policy_version
+            )
             self._take_judgments((key,), judgments, all_right=all_right)
             self._route(key, on_finished)
 
@@ -256,8 +258,9 @@ class SearchScheduler:
         try:
             results = ray.get(ref)
         except ray.exceptions.RayActorError as err:  # ActorDiedError, ActorUnavailableError
-            first = call.pool.failed(call.engine, restarting=isinstance(err, ray.exceptions.ActorUnavailableError),
-                                     reason=_first_line(err))
+            first = call.pool.failed(
+                call.engine, restarting=isinstance(err, ray.exceptions.ActorUnavailableError), reason=_first_line(err)
+            )
             # One warning per outage; the re-sends to an engine Ray is restarting go to the debug log.
             (log.warning if first else log.debug)("%s engine %d failed (%s); re-queueing %d problems",
                                                   call.pool.role, call.engine, type(err).__name__, len(call.keys))  # fmt: skip

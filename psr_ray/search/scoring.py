@@ -86,7 +86,13 @@ def score_step(
 
 
 def add_vote(
-    votes: list[list[float]], soft: list[float], a: int, b: int, judgment: Judgment, *, soft_votes: bool,
+    votes: list[list[float]],
+    soft: list[float],
+    a: int,
+    b: int,
+    judgment: Judgment,
+    *,
+    soft_votes: bool,
     position_bias: float = 0.0,
 ) -> bool:
     """Adds one judgment of `a` (shown first) vs `b` to `votes` and `soft`; True when it was unparseable.

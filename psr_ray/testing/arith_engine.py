@@ -40,7 +40,9 @@ class ArithEngine:
         out = []
         for r in requests:
             steps = self.candidates(r, self.steps[r.question][r.step_index - 1])
-            out.append(Candidates(steps=tuple(steps[:num_candidates]), num_tokens=30, policy_version=self.policy_version))
+            out.append(
+                Candidates(steps=tuple(steps[:num_candidates]), num_tokens=30, policy_version=self.policy_version)
+            )
         return out
 
     def judge(self, requests, **kwargs):

@@ -100,7 +100,9 @@ def commit_checkpoint(checkpoint_dir: str | Path) -> Path:
     try:
         info = json.loads((root / INFO_FILE).read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"checkpoint {root} has no readable {INFO_FILE} ({err}); the trainer did not finish it") from None
+        raise ValueError(
+            f"checkpoint {root} has no readable {INFO_FILE} ({err}); the trainer did not finish it"
+        ) from None
     if int(info.get("num_optimizer_steps", 0)) < 1:
         raise ValueError(
             f"the trainer took 0 optimizer steps for policy version {info.get('policy_version')} (no step pairs "

@@ -64,8 +64,19 @@ def train_dpo(
     the reference (`trainer/heldout.py`)."""
     _require_columns(dataset, DPO_COLUMNS, "train_dpo")
     heldout_rows = read_heldout_pairs(heldout) if heldout is not None else None
-    return _fit(cfg, "dpo", policy_path, reference_path, dataset, output_dir, policy_version, weight_sender,
-                learning_rate=cfg.trainer.learning_rate, num_epochs=cfg.trainer.num_epochs, heldout_rows=heldout_rows)
+    return _fit(
+        cfg,
+        "dpo",
+        policy_path,
+        reference_path,
+        dataset,
+        output_dir,
+        policy_version,
+        weight_sender,
+        learning_rate=cfg.trainer.learning_rate,
+        num_epochs=cfg.trainer.num_epochs,
+        heldout_rows=heldout_rows,
+    )
 
 
 def train_sft(
@@ -83,8 +94,18 @@ def train_sft(
     _require_columns(dataset, SFT_COLUMNS, "train_sft")
     # Small blocks, so the unequal split (data_split.py) gives every worker a share of a one-block table.
     dataset = dataset.repartition(target_num_rows_per_block=cfg.trainer.micro_batch_size)
-    return _fit(cfg, "sft", model_path, None, dataset, output_dir, policy_version, weight_sender,
-                learning_rate=cfg.trainer.sft_learning_rate, num_epochs=cfg.trainer.sft_num_epochs)
+    return _fit(
+        cfg,
+        "sft",
+        model_path,
+        None,
+        dataset,
+        output_dir,
+        policy_version,
+        weight_sender,
+        learning_rate=cfg.trainer.sft_learning_rate,
+        num_epochs=cfg.trainer.sft_num_epochs,
+    )
 
 
 def read_pairs_dataset(directory: str) -> Any:

@@ -70,7 +70,9 @@ def sequence_logps(
     return out.index_add(0, rows, token_logps)
 
 
-def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_kl(
+    policy_logits: torch.Tensor, reference_logits: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) over the positions where `loss_mask` is 1 of the exact full-vocabulary
     KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)) of the next-token distributions that predict
     those tokens (aligned like `sequence_logps`). Only the masked positions are softmaxed."""

@@ -35,7 +35,6 @@ from psr_ray.trainer.loss import scored_positions, sequence_logps, step_dpo_loss
 DATASET_NAME = "pairs"
 
 
-
 @dataclass(frozen=True)
 class MicroBatch:
     batch: dict[str, torch.Tensor]
@@ -315,7 +314,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )  # fmt: skip
         phases["heldout"] = time.perf_counter() - clock - sum(phases.values())
     if history and not tcfg.use_gpu:  # host memory per worker beside its parts (trainer/memory_budget.py)
-        history[-1] |= worker_memory(policy, tcfg, world_size, history[-1], runtime_bytes, with_reference=reference is not None)
+        history[-1] |= worker_memory(
+            policy, tcfg, world_size, history[-1], runtime_bytes, with_reference=reference is not None
+        )
     state_dict = gather_full_state_dict(policy)
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
         ckpt.save_deepspeed(policy, tmp)

@@ -60,8 +60,14 @@ def engine_init_infos(workers_per_engine: list[int], *, master_address: str, mas
     """The `init_weight_transfer_engine` payload of each engine (vLLM's NCCLWeightTransferInitInfo fields)."""
     world_size = 1 + sum(workers_per_engine)
     return [
-        {"master_address": master_address, "master_port": master_port, "rank_offset": offset,
-         "world_size": world_size, "packed": True, "packed_buffer_size_bytes": bucket_bytes}  # fmt: skip
+        {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": offset,
+            "world_size": world_size,
+            "packed": True,
+            "packed_buffer_size_bytes": bucket_bytes,
+        }  # fmt: skip
         for offset in rank_offsets(workers_per_engine)
     ]
 

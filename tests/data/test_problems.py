@@ -51,12 +51,17 @@ def test_malformed_jsonl_is_reported_by_line(tmp_path):
     # Benchmarks need a gold answer (the open question is skipped) and have no length limit.
     bench = load_benchmark(source)
     assert [p.problem_id for p in bench.problems] == ["mixed-test-0", "mixed-test-6", "mixed-test-8"]
-    assert bench.skipped[-1] == (10, "no answer: none of answer, final_answer, target, gt, solution gives a final answer")
+    assert bench.skipped[-1] == (
+        10,
+        "no answer: none of answer, final_answer, target, gt, solution gives a final answer",
+    )
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_line(tmp_path):
     """Notepad saves UTF-8 with a BOM: the first problem stays."""
-    source = _write_lines(tmp_path / "notepad.jsonl", [b"\xef\xbb\xbf" + json.dumps({"question": "1+1?", "answer": 2}).encode()])
+    source = _write_lines(
+        tmp_path / "notepad.jsonl", [b"\xef\xbb\xbf" + json.dumps({"question": "1+1?", "answer": 2}).encode()]
+    )
     assert load_problems(source, seed=None).problems == [Problem("notepad-train-0", "1+1?", "2", "notepad")]
 
 
@@ -167,7 +172,9 @@ def test_rows_load_whole_with_their_table_or_choices(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     by_start = {p.question.split()[0]: p for p in load_problems(str(path)).problems}
     tab, mmlu, sat = by_start["How"], by_start["A"], by_start["Which"]
-    assert tab.question == "How much will he spend?\n\nTable: Prices\ndried pear | $6.87/pound" and tab.answer == "34.35"
+    assert (
+        tab.question == "How much will he spend?\n\nTable: Prices\ndried pear | $6.87/pound" and tab.answer == "34.35"
+    )
     assert mmlu.question == ("A frameshift mutation is created when\n\nChoices: (A) x (B) y (C) a base pair is inserted"
                              "\n\nAnswer with the letter of the right choice.")  # fmt: skip
     assert mmlu.answer == "C"

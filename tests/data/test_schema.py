@@ -40,9 +40,7 @@ def test_nullable_provenance():
 def test_check_table_rejects_foreign_tables():
     with pytest.raises(ValueError, match="lacks columns"):
         check_table(pa.table({"pair_id": ["x"]}))
-    bad = to_table([make_pair()]).set_column(
-        COLUMNS.index("step_index"), "step_index", pa.array(["not a number"])
-    )
+    bad = to_table([make_pair()]).set_column(COLUMNS.index("step_index"), "step_index", pa.array(["not a number"]))
     with pytest.raises(ValueError, match="does not match the schema"):
         check_table(bad)
 

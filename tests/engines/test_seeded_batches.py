@@ -13,8 +13,10 @@ def test_seeded_propose_and_sample_over_many_long_prompts(ray_cluster, tiny_mode
     from psr_ray.engines.actor import EngineActor, engine_settings
     from psr_ray.engines.api import ProposeRequest
 
-    engine = ray_cluster.remote(EngineActor).options(num_cpus=0).remote(
-        engine_settings(PSRConfig(), "rollout", tiny_model_dir), name="seeded-batches"
+    engine = (
+        ray_cluster.remote(EngineActor)
+        .options(num_cpus=0)
+        .remote(engine_settings(PSRConfig(), "rollout", tiny_model_dir), name="seeded-batches")
     )
     try:
         # 40 prompts of ~300 tokens: 12k prompt tokens in one call, over 4096 (chunked prefill's step budget).

@@ -74,8 +74,10 @@ def engine(request, ray_cluster, tiny_model_dir, tmp_path_factory):
 
     model_dir = tiny_model_dir if request.param == "tiny" else request.getfixturevalue("embedded_model_dir")
     cfg = C.load([], [f"model.path={model_dir}", "model.max_model_len=512"])
-    actor = ray_cluster.remote(EngineActor).options(num_cpus=0).remote(
-        engine_settings(cfg, "rollout", model_dir), name=f"fidelity-{request.param}", policy_version=1
+    actor = (
+        ray_cluster.remote(EngineActor)
+        .options(num_cpus=0)
+        .remote(engine_settings(cfg, "rollout", model_dir), name=f"fidelity-{request.param}", policy_version=1)
     )
     ray_cluster.get(actor.ready.remote())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -187,7 +187,9 @@ def test_oracle_pairs_from_own_candidates(ray_cluster):
     for item in pairs:
         problem, pair = by_id[item.problem_id], item.pair
         previous = split_steps(pair.prefix) if pair.prefix else []
-        assert check_next_step(problem, previous, pair.good_step) and not check_next_step(problem, previous, pair.bad_step)
+        assert check_next_step(problem, previous, pair.good_step) and not check_next_step(
+            problem, previous, pair.bad_step
+        )
         assert item.why_bad in ("it computes nothing: it has no equation",) or " is not " in item.why_bad
 
 

@@ -59,12 +59,19 @@ def test_exact_check_hand_cases(previous, step, right):
 
 def test_oracle_verdicts_and_labels():
     right, wrong = PROBLEM.steps[0], "Tom buys 4 x 6 = 26 marbles."
-    requests = [JudgeRequest(PROBLEM.question, "", right, wrong), JudgeRequest(PROBLEM.question, "", wrong, right),
-                JudgeRequest(PROBLEM.question, "", right, right), JudgeRequest(PROBLEM.question, "", wrong, wrong)]
+    requests = [
+        JudgeRequest(PROBLEM.question, "", right, wrong),
+        JudgeRequest(PROBLEM.question, "", wrong, right),
+        JudgeRequest(PROBLEM.question, "", right, right),
+        JudgeRequest(PROBLEM.question, "", wrong, wrong),
+    ]
     verdicts = [(j.verdict, j.prob_a, j.policy_version) for j in oracle_judgments(PROBLEM, requests, policy_version=3)]
     assert verdicts == [("A", 1.0, 3), ("B", 0.0, 3), ("draw", 0.5, 3), ("draw", 0.5, 3)]
     prefix = join_steps(PROBLEM.steps[:1])
-    assert label_steps(PROBLEM, prefix, ["Tom has 24 + 5 = 29 marbles.", "Tom has 24 + 5 = 30 marbles."]) == [True, False]
+    assert label_steps(PROBLEM, prefix, ["Tom has 24 + 5 = 29 marbles.", "Tom has 24 + 5 = 30 marbles."]) == [
+        True,
+        False,
+    ]
     gsm = load_benchmark("gsm8k", limit=1).problems[0]
     with pytest.raises(ValueError, match="no exact step check"):
         label_steps(gsm, "", ["x"])
@@ -96,9 +103,15 @@ def test_splits_are_disjoint_and_levels_take_turns():
 
 def test_why_wrong_and_recompute_say_what_a_judge_can_check():
     assert why_wrong(PROBLEM, 0, "Tom buys 4 x 6 = 25 marbles.") == "4 x 6 is not 25 but 24"
-    assert why_wrong(PROBLEM, 0, "Tom buys 4 x 7 = 28.") == "7 is neither a number of the problem nor a result of the previous steps"
+    assert (
+        why_wrong(PROBLEM, 0, "Tom buys 4 x 7 = 28.")
+        == "7 is neither a number of the problem nor a result of the previous steps"
+    )
     assert why_wrong(PROBLEM, 0, "Tom buys 4 + 6 = 10.") == "4 + 6 is not the operation the problem asks for next"
-    assert why_wrong(PROBLEM, 1, "Tom buys 4 x 6 = 24.") == "it repeats a result of the previous steps instead of taking the next one"
+    assert (
+        why_wrong(PROBLEM, 1, "Tom buys 4 x 6 = 24.")
+        == "it repeats a result of the previous steps instead of taking the next one"
+    )
     assert why_wrong(PROBLEM, 0, "We think.") == "it computes nothing: it has no equation"
     assert why_wrong(PROBLEM, 0, PROBLEM.steps[0]) is None
     assert recompute("So 4 x 11 = 54 pages.") == "4 x 11 = 44, it writes 54"

@@ -67,7 +67,7 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
         "a_file": "not a folder\n",
         "state/state.json": "{not json",
         "cluster.yaml": "cluster_name: psr\nmax_workers: 2\nprovider:\n  type: aws\n  region: ${AWS_REGION}\n"
-                        "available_node_types: {}\nhead_node_type: head\nsetup_commands: []\nhead_setup_commands: []\n",
+        "available_node_types: {}\nhead_node_type: head\nsetup_commands: []\nhead_setup_commands: []\n",
         "empty.jsonl": "",
         "no_tokenizer/config.json": Path(model_dir, "config.json").read_text(),
         "no_tokenizer/model.safetensors": "x",

@@ -102,8 +102,14 @@ def write_inputs(model_dir: str, work: Path, ray_address: str) -> TinyRun:
 
     work.mkdir(parents=True, exist_ok=True)
     data = problems_jsonl(work / "problems.jsonl")
-    cfg = tiny_cfg(model_dir, work / "unused", *DRIVER_OVERRIDES, f"data.source={data}", f"run.ray_address={ray_address}",
-                  "run.require_shared_storage=false")  # one node: the test's tmp dir is its storage
+    cfg = tiny_cfg(
+        model_dir,
+        work / "unused",
+        *DRIVER_OVERRIDES,
+        f"data.source={data}",
+        f"run.ray_address={ray_address}",
+        "run.require_shared_storage=false",
+    )  # one node: the test's tmp dir is its storage
     config = work / "tiny_run.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(json.loads(json.dumps(cfg.to_dict())))))
     return TinyRun(config, data, ray_address)
@@ -171,7 +177,9 @@ def launch(tiny: TinyRun, out: Path, kill_dir: Path, *, driver: str | None = Non
                         proc.wait()
                         return Launch(out, time.perf_counter() - start, None, log_path.read_text(), fired, proc.pid)
                 if time.perf_counter() - start > timeout_s:
-                    raise TimeoutError(f"psr-ray run reached none of {sorted(windows)} in {timeout_s:.0f} s; see {log_path}")
+                    raise TimeoutError(
+                        f"psr-ray run reached none of {sorted(windows)} in {timeout_s:.0f} s; see {log_path}"
+                    )
                 time.sleep(0.05)
         finally:
             if proc.poll() is None:
@@ -187,7 +195,9 @@ def finish(tiny: TinyRun, out: Path, kill_dir: Path, *, resume: bool = False, wo
     """Runs to the end (no driver window); raises with the log's tail if it fails."""
     done = launch(tiny, out, kill_dir, worker=worker, resume=resume)
     if done.returncode != 0:
-        raise RuntimeError(f"psr-ray run {'--resume ' if resume else ''}{out} failed ({done.returncode}):\n{done.log[-3000:]}")
+        raise RuntimeError(
+            f"psr-ray run {'--resume ' if resume else ''}{out} failed ({done.returncode}):\n{done.log[-3000:]}"
+        )
     return done
 
 
@@ -238,7 +248,8 @@ def compare_runs(base: Outcome, run: Outcome) -> dict[str, Any]:
         "pairs_duplicated": run.num_rows - len(run.pairs),
         "pairs_changed": sum(1 for k, row in run.pairs.items() if k in base.pairs and base.pairs[k] != row),
         "trained_minus_committed": run.trained - run.committed,
-        "engines_at_final_version": bool(run.sync_versions) and set(run.sync_versions) == {final}
+        "engines_at_final_version": bool(run.sync_versions)
+        and set(run.sync_versions) == {final}
         and run.eval_version == final,
     }
 
@@ -246,5 +257,12 @@ def compare_runs(base: Outcome, run: Outcome) -> dict[str, Any]:
 def recovered(diff: dict[str, Any], finished: bool) -> bool:
     """The fault table's "recovered": the run finished, and nothing was lost, added, duplicated or changed,
     every committed pair was trained once, every engine serves the final policy."""
-    zero = ("problems_lost", "pairs_lost", "pairs_extra", "pairs_duplicated", "pairs_changed", "trained_minus_committed")
+    zero = (
+        "problems_lost",
+        "pairs_lost",
+        "pairs_extra",
+        "pairs_duplicated",
+        "pairs_changed",
+        "trained_minus_committed",
+    )
     return finished and all(diff[key] == 0 for key in zero) and diff["engines_at_final_version"]

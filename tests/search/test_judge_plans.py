@@ -106,6 +106,7 @@ def test_indifferent_judge_ties_and_identical_or_empty_candidates_skip_the_judge
 def test_a_bye_that_wins_both_knockouts_is_best_and_the_other_finalist_worst():
     """5 distinct steps: 4 is the bye. The judge says 4 beats 0 and 2 (the round-1 winners) but loses to 1
     and 3 (the losers): inconsistent, yet the plan still names a worst other than the best."""
+
     def judge(a, b):
         if 4 in (a, b):
             other = b if a == 4 else a

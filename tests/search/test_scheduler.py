@@ -145,6 +145,7 @@ def test_generate_pairs_summary_and_resume_skip_finished_problems(ray_cluster, t
     ray = ray_cluster
     cfg = make_cfg(max_problems_in_flight=8)
     rollout, judge = fake_pool(ray, "rollout", 1, 0.0), fake_pool(ray, "judge", 1, 0.0)
+
     def search(todo, iteration=2, **kwargs):
         return generate_pairs(cfg, todo, iteration=iteration, policy_version=1, rollout=rollout, judge=judge,
                               output_dir=str(tmp_path), **kwargs)  # fmt: skip
@@ -229,8 +230,11 @@ def test_a_judge_with_no_engines_of_its_own_runs_on_the_rollout_engines(ray_clus
 
     ray = ray_cluster
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = dataclasses.replace(make_cfg(), rollout=RolloutConfig(num_engines=2, num_candidates=3, max_restarts=3),
-                              judge=JudgeConfig(num_engines=0, max_restarts=3))
+    cfg = dataclasses.replace(
+        make_cfg(),
+        rollout=RolloutConfig(num_engines=2, num_candidates=3, max_restarts=3),
+        judge=JudgeConfig(num_engines=0, max_restarts=3),
+    )
     remote = ray.remote(FakeEngine)
     actors = [remote.options(num_cpus=0, max_task_retries=0, name=f"psr-rollout-{i}").remote(0.01) for i in range(2)]
     try:

@@ -51,7 +51,14 @@ def test_scores_tied_among_rejectable_candidates_roll_back():
 
 def test_soft_vote_margins_below_the_minimum_are_ties():
     # Direct mode: a position-biased judge (P(A) about 0.98) whose soft votes differ by noise only.
-    noisy = {("a", "b"): 0.985, ("b", "a"): 0.975, ("a", "c"): 0.98, ("c", "a"): 0.99, ("b", "c"): 0.97, ("c", "b"): 0.98}
+    noisy = {
+        ("a", "b"): 0.985,
+        ("b", "a"): 0.975,
+        ("a", "c"): 0.98,
+        ("c", "a"): 0.99,
+        ("b", "c"): 0.97,
+        ("c", "b"): 0.98,
+    }
 
     def judge(req: JudgeRequest) -> Judgment:
         return judgment(noisy.get((req.step_a, req.step_b), 1.0 if req.step_a.startswith("3") else 0.0))

@@ -39,14 +39,20 @@ def test_commit_writes_the_marker_last_with_every_files_size(tmp_path):
     ckpt.commit_checkpoint(root)
     marker = ckpt.read_version(root)
     assert marker["policy_version"] == 2 and marker["world_size"] == 2
-    files = {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != ckpt.VERSION_FILE}
+    files = {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and p.name != ckpt.VERSION_FILE
+    }
     assert marker["files"] == files
     assert ckpt.check_checkpoint(root) == root and ckpt.latest_checkpoint(tmp_path) == root
 
 
 def test_commit_refuses_zero_optimizer_steps(tmp_path):
     root = write_checkpoint(tmp_path / "c", steps=0)
-    with pytest.raises(ValueError, match=r"took 0 optimizer steps for policy version 2 .* policy version is not bumped"):
+    with pytest.raises(
+        ValueError, match=r"took 0 optimizer steps for policy version 2 .* policy version is not bumped"
+    ):
         ckpt.commit_checkpoint(root)
     assert not (root / ckpt.VERSION_FILE).exists()
 
@@ -62,16 +68,25 @@ def test_commit_refuses_a_checkpoint_missing_a_ranks_shard(tmp_path):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda r: (r / "deepspeed/final/zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 torn"),
-         r"deepspeed/final/zero_pp_rank_0_mp_rank_00_model_states.pt has 9 bytes, the marker recorded \d+; "
-         r"deepspeed/final/zero_pp_rank_0_mp_rank_00_model_states.pt unreadable"),
-        (lambda r: (r / "deepspeed/final/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
-         r"deepspeed/final/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing; no DeepSpeed optimizer shard of rank 1"),
-        (lambda r: (r / "hf/config.json").write_text('{"architectures": []}'),
-         r"hf/config.json has 21 bytes, the marker recorded \d+; hf/config.json names no model_type"),
+        (
+            lambda r: (r / "deepspeed/final/zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 torn"),
+            r"deepspeed/final/zero_pp_rank_0_mp_rank_00_model_states.pt has 9 bytes, the marker recorded \d+; "
+            r"deepspeed/final/zero_pp_rank_0_mp_rank_00_model_states.pt unreadable",
+        ),
+        (
+            lambda r: (r / "deepspeed/final/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
+            r"deepspeed/final/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing; no DeepSpeed optimizer shard of rank 1",
+        ),
+        (
+            lambda r: (r / "hf/config.json").write_text('{"architectures": []}'),
+            r"hf/config.json has 21 bytes, the marker recorded \d+; hf/config.json names no model_type",
+        ),
         (lambda r: (r / "psr_config.json").write_text("[1, 2, 3]"), r"psr_config.json is not a JSON object"),
         (lambda r: (r / "hf/model.safetensors").write_bytes(b"\x00garbage"), r"model.safetensors unreadable"),
-        (lambda r: (r / ckpt.VERSION_FILE).write_text('{"policy_version": 2}'), r"policy_version.json unreadable \(KeyError"),
+        (
+            lambda r: (r / ckpt.VERSION_FILE).write_text('{"policy_version": 2}'),
+            r"policy_version.json unreadable \(KeyError",
+        ),
     ],
     ids=["torn shard", "lost shard", "config.json", "run config", "weights", "old marker"],
 )

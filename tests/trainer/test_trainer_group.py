@@ -155,8 +155,15 @@ def test_checkpoint_reload_and_hf_export_give_identical_logits(components):
 
 def write_pairs(directory: Path, rows: list[dict]) -> Path:
     pairs = [
-        make_pair(f"p{i}", row["step_index"], question=row["question"], prefix=row["prefix"], chosen=row["chosen"],
-                  rejected=row["rejected"], candidates=[row["chosen"], row["rejected"]])  # fmt: skip
+        make_pair(
+            f"p{i}",
+            row["step_index"],
+            question=row["question"],
+            prefix=row["prefix"],
+            chosen=row["chosen"],
+            rejected=row["rejected"],
+            candidates=[row["chosen"], row["rejected"]],
+        )  # fmt: skip
         for i, row in enumerate(rows)
     ]
     directory.mkdir(parents=True)
@@ -252,7 +259,12 @@ def test_train_dpo_end_to_end(dpo_result, tiny_model_dir, ray_cluster):
     # Each worker's measured memory beside the parts computed from the model's sizes (trainer/memory_budget.py).
     final = result.metrics[-1]
     for rank in (0, 1):
-        assert final[f"memory/worker{rank}_peak_rss_gib"] >= final[f"memory/worker{rank}_pss_gib"] > final["memory/runtime_gib"] > 0
+        assert (
+            final[f"memory/worker{rank}_peak_rss_gib"]
+            >= final[f"memory/worker{rank}_pss_gib"]
+            > final["memory/runtime_gib"]
+            > 0
+        )
     parts = [v for k, v in final.items() if k.startswith("memory/") and k.endswith("_gib") and "worker" not in k
              and k != "memory/accounted_gib"]  # fmt: skip
     assert final["memory/accounted_gib"] == pytest.approx(sum(parts))

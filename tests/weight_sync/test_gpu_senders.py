@@ -162,8 +162,15 @@ def test_cuda_ipc_sends_whole_layers_in_buckets_of_one_update(ray_cluster, monke
     state, probe, answer = weights
     monkeypatch.setattr(cuda_ipc, "_to_gpu", lambda tensors: tensors)
     monkeypatch.setattr(cuda_ipc, "_collect", lambda: None)
-    monkeypatch.setattr(cuda_ipc, "share_bucket", lambda tensors: {
-        "uuid": "GPU-0", "metas": [(n, tuple(t.shape), "float32") for n, t in tensors.items()], "handles": {}})
+    monkeypatch.setattr(
+        cuda_ipc,
+        "share_bucket",
+        lambda tensors: {
+            "uuid": "GPU-0",
+            "metas": [(n, tuple(t.shape), "float32") for n, t in tensors.items()],
+            "handles": {},
+        },
+    )
     engines = start(ray_cluster, answer, [1, 1])
     sender = cuda_ipc.CudaIpcSender(engines, probe=probe, restore_dir="/old", bucket_mb=1, timeout_s=30)
     report = sender.send(state, policy_version=2)
