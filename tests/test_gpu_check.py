@@ -156,3 +156,9 @@ def test_phases_that_no_longer_fit_the_total_budget_are_skipped(tmp_path):
     assert done.returncode == 1
     line = lines_of(out)["model"]
     assert line["status"] == "skipped" and "s left of the total 5 s" in line["error"]
+
+
+def test_a_dry_run_refuses_bench_results():
+    target = ROOT / "bench" / "results" / f"gpu_dry_{os.getpid()}"
+    done = run_check(target, "--phases", "model", timeout=120)
+    assert done.returncode == 2 and "never go to bench/results" in done.stderr and not target.exists()
