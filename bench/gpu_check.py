@@ -415,8 +415,6 @@ class Check:
 
     def _perturbed(self, old: dict[str, Any]) -> str:
         """Without a trained export (train did not run): the initial weights moved a little, as an HF folder."""
-        import shutil
-
         import torch
         from safetensors.torch import save_file
 
