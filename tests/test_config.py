@@ -140,7 +140,10 @@ def test_validate_reports_every_error_at_once():
     assert "rollout.num_candidates" in str(err.value) and "trainer.beta" in str(err.value)
 
 
-def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
+def test_existing_model_folder_and_hf_id_are_accepted(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, **kwargs: {"id": repo_id})  # the hub has it
     (tmp_path / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 4096}')
     (tmp_path / "model.safetensors").write_text("x")
     (tmp_path / "tokenizer.json").write_text("{}")
@@ -150,9 +153,10 @@ def test_existing_model_folder_and_hf_id_are_accepted(tmp_path):
         preflight.validate(C.load([], [f"model.path={tmp_path / 'model.safetensors'}"]), gpu_available=False)
 
 
-def test_a_model_id_the_hub_lacks_is_refused_and_an_unreachable_hub_is_not(tmp_path, monkeypatch):
-    """`checkpoints/missing` with no `checkpoints/` folder has the shape of a hub id: the hub's definite "no such
-    repository" refuses it in validate; an unreachable hub gives no answer and leaves it to the engines."""
+def test_a_model_id_the_hub_lacks_or_cannot_serve_is_refused_before_start(tmp_path, monkeypatch):
+    """`checkpoints/missing` with no `checkpoints/` folder has the shape of a hub id: the hub's "no such
+    repository" refuses it in validate, and so does a hub this machine cannot reach (nothing could download it:
+    it used to start Ray and retry the hub for 89 s); a cluster run (run.ray_address) leaves it to the nodes."""
     import httpx
     from huggingface_hub import HfApi, errors
 
@@ -173,7 +177,14 @@ def test_a_model_id_the_hub_lacks_is_refused_and_an_unreachable_hub_is_not(tmp_p
     ):
         preflight.validate(cfg, gpu_available=False)
     monkeypatch.setattr(HfApi, "model_info", unreachable)
-    preflight.validate(cfg, gpu_available=False)
+    with pytest.raises(
+        ValueError,
+        match=rf"model.path 'checkpoints/missing' is no local folder \({tmp_path}/checkpoints/missing does not "
+        r"exist\), not in the HF cache, and the HF hub cannot be reached from here \(Name or service not known\)",
+    ):
+        preflight.validate(cfg, gpu_available=False)
+    remote = C.load([], ["model.path=checkpoints/missing", "run.ray_address=auto", "run.require_shared_storage=false"])
+    preflight.validate(remote, gpu_available=False)  # the cluster's nodes may reach the hub
 
 
 def test_a_hub_benchmark_needs_datasets_before_start(monkeypatch):

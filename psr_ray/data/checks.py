@@ -74,9 +74,10 @@ def model_errors(path: str, max_model_len: int, *, check_packages: bool) -> list
 
 
 def _hub_errors(model_id: str, where: str) -> list[str]:
-    """An `org/name` that is no local folder: in the HF cache, or a repository the hub has. Only a definite
-    answer refuses it (offline with no cached copy, or the hub's "no such repository"); an unreachable hub
-    leaves it to the engines, as before."""
+    """An `org/name` that is no local folder: in the HF cache, or a repository the hub has. Offline, with no
+    cached copy, or the hub's "no such repository", or a hub this machine cannot reach (the engines could not
+    download it either: `checkpoints/missing` used to start Ray and retry the hub for 89 s) refuse it.
+    Only a local run asks (a cluster's nodes may reach the hub where the driver does not)."""
     try:
         from huggingface_hub import HfApi, constants, errors, try_to_load_from_cache
     except ImportError:
@@ -93,8 +94,10 @@ def _hub_errors(model_id: str, where: str) -> list[str]:
     except errors.RepositoryNotFoundError:
         return [f"{missing} nor a model on the HF hub (no repository {model_id} there, or a private one and "
                 "HF_TOKEN is unset)"]  # fmt: skip
-    except Exception:  # an unreachable hub: not a definite answer
-        return []
+    except Exception as err:  # no answer from the hub: nothing could download it here
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        return [f"{missing}, not in the HF cache, and the HF hub cannot be reached from here ({reason}): a "
+                "local path that does not exist, or a hub model this machine cannot download"]  # fmt: skip
     return []
 
 
