@@ -5,7 +5,7 @@ from __future__ import annotations
 import psr_ray.data.checks as checks
 from psr_ray.config.sections import PSRConfig
 from psr_ray.config.storage import storage_errors
-from psr_ray.config.topology import backend_for
+from psr_ray.config.topology import backend_for, colocation_problems
 
 
 def has_gpu() -> bool:
@@ -95,6 +95,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     need(t.shuffle_buffer_size >= 0, f"trainer.shuffle_buffer_size must be >= 0 (0: no shuffle), got {t.shuffle_buffer_size}")
     need(t.max_seq_len >= 16, "trainer.max_seq_len must be >= 16")
     need(t.zero3_buffer_numel >= 0, f"trainer.zero3_buffer_numel must be >= 0 (0: DeepSpeed's defaults), got {t.zero3_buffer_numel}")
+    need(t.start_timeout_s > 0, f"trainer.start_timeout_s must be > 0, got {t.start_timeout_s}")
     need(t.max_failures >= 0, f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}")
 
     need(cfg.weight_sync.bucket_mb >= 1, "weight_sync.bucket_mb must be >= 1")
@@ -104,6 +105,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         backend_for(cfg)
     except ValueError as err:  # a transport this layout cannot run (the message names the fields)
         errors.append(str(err))
+    errors.extend(colocation_problems(cfg))
 
     need(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype must be auto, float32, bfloat16 or float16")
     need(cfg.model.max_model_len >= 64, "model.max_model_len must be >= 64")
