@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -195,7 +196,7 @@ class LogicalCluster:
 
         # A private temp dir: Cluster writes its address where a plain ray.init() looks for a cluster to join,
         # and other Ray users on this machine must never find this one.
-        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="psrpl_", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = self._temp = tempfile.mkdtemp(prefix="psrpl_", dir="/tmp")
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
         ray.init(address=self.cluster.address)
         self._nodes: list[Any] = []
@@ -206,6 +207,7 @@ class LogicalCluster:
 
         ray.shutdown()
         self.cluster.shutdown()  # also forgets its address (ray_current_cluster)
+        shutil.rmtree(self._temp, ignore_errors=True)
 
     def use(self, topology: Topology) -> dict[str, str]:
         """Only `topology`'s nodes, nothing of the last one left: {node id: its label}."""
