@@ -166,6 +166,9 @@ class TrainerConfig:
     # Ray Train restarts the worker group this often after a worker dies; the retry starts from the last
     # complete checkpoint (the previous iteration's) and re-reads the iteration's pairs from the first.
     max_failures: int = 2
+    # How long Ray Train waits for room for the worker group at each of its (max_failures + 1) tries; then the
+    # fit fails naming it (Ray Train alone would wait forever). Colocated, the workers need their GPU shares free.
+    start_timeout_s: float = 600.0
     # A custom Ray resource only the trainer node group has (cluster/ files declare `psr_trainer`, one unit
     # per GPU): every worker takes one unit, so the ZeRO-3 group stays on trainer nodes. "" places freely.
     node_resource: str = ""

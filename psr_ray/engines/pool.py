@@ -122,6 +122,39 @@ def node_group_request(section: EnginePoolConfig, *, shard: bool = False) -> dic
     return {section.node_resource: units}
 
 
+COLOCATION_GROUP = "psr-colocate"
+
+
+def colocation_bundles(cfg: Any) -> list[dict[str, float]]:
+    """`weight_sync.colocate`: one placement-group bundle per GPU holding engine i of each role, trainer rank
+    i's GPU (config.topology.colocated_shares): the engines' share of it, their CPUs and node-group units."""
+    from psr_ray.config.topology import colocated_shares
+
+    engine_share, _ = colocated_shares(cfg)
+    bundle: dict[str, float] = {"GPU": engine_share, "CPU": 0.0}
+    for role in ("rollout", "judge") if cfg.judge.num_engines > 0 else ("rollout",):
+        section: EnginePoolConfig = getattr(cfg, role)
+        bundle["CPU"] += section.num_cpus_per_engine
+        for key, units in node_group_request(section).items():
+            bundle[key] = bundle.get(key, 0.0) + units
+    return [dict(bundle) for _ in range(cfg.trainer.num_workers)]
+
+
+def _colocation_group(cfg: Any, lifetime: str | None) -> Any:
+    """The colocated engines' placement group (made by the first pool started, found by the next)."""
+    from ray.util.placement_group import get_placement_group, placement_group
+
+    try:
+        group = get_placement_group(COLOCATION_GROUP)
+    except ValueError:  # not made yet
+        group = placement_group(colocation_bundles(cfg), strategy="PACK", name=COLOCATION_GROUP, lifetime=lifetime)
+    if not group.wait(timeout_seconds=cfg.run.engine_start_timeout_s):
+        raise TimeoutError(f"{COLOCATION_GROUP}: no room for its {cfg.trainer.num_workers} GPU shares "
+                           f"{colocation_bundles(cfg)[0]} within {cfg.run.engine_start_timeout_s:.0f} s "
+                           "(run.engine_start_timeout_s)")  # fmt: skip
+    return group
+
+
 def start_engine_pool(
     cfg: Any, role: str, model_path: str, *, policy_version: int = 0, lifetime: str | None = None
 ) -> EnginePool:
@@ -130,7 +163,9 @@ def start_engine_pool(
 
     Resources come from `cfg.<role>`: CPUs and GPUs per engine, plus its `node_resource` (the engine node
     group's custom resource) if set; with `tensor_parallel_size > 1` each engine gets a placement group of one
-    `{GPU: 1, CPU: 1}` bundle (plus a node-resource unit) per shard, which vLLM's Ray executor fills.
+    `{GPU: 1, CPU: 1}` bundle (plus a node-resource unit) per shard, which vLLM's Ray executor fills. With
+    `weight_sync.colocate` engine i of each role takes its share inside bundle i of the colocation group
+    (`colocation_bundles`), one GPU each: the GPU whose rest only trainer rank i's share fits.
     An actor of the same name already alive in the namespace is reused (a restarted driver finds its
     engines; pass `lifetime="detached"` for engines that outlive the driver). `max_task_retries=0`: a
     call lost to an engine crash fails, and the scheduler re-queues its requests on a live engine.
@@ -160,7 +195,14 @@ def start_engine_pool(
             # The name in its environment lets psr_ray.runtime.memory attribute the process's memory to this engine.
             "runtime_env": {"env_vars": engine_env(settings) | {ENGINE_NAME_ENV: name}},
         }
-        if settings.tensor_parallel_size > 1:
+        if cfg.weight_sync.colocate:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine,
+                           resources=node_group_request(section),
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(
+                               placement_group=_colocation_group(cfg, lifetime), placement_group_bundle_index=index))  # fmt: skip
+        elif settings.tensor_parallel_size > 1:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 

@@ -30,11 +30,14 @@ class Demand:
 def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list[Demand]:
     """Every bundle the run holds at once: engines (one per tensor-parallel shard) and trainer workers (a
     command that starts only one of them asks only for those)."""
-    from psr_ray.engines.pool import node_group_request
-    from psr_ray.trainer.group import scaling_kwargs
+    from psr_ray.engines.pool import colocation_bundles, node_group_request
+    from psr_ray.trainer.group import scaling_kwargs, trainer_gpu_share
 
     demands = []
-    roles = (("rollout", "judge") if cfg.judge.num_engines > 0 else ("rollout",)) if engines else ()
+    colocate = cfg.weight_sync.colocate
+    if colocate and engines:  # one bundle per GPU holds that GPU's engines (engines/pool.py)
+        demands += [Demand(f"colocated engines on GPU {i}", b) for i, b in enumerate(colocation_bundles(cfg))]
+    roles = (("rollout", "judge") if cfg.judge.num_engines > 0 else ("rollout",)) if engines and not colocate else ()
     for role in roles:
         section = getattr(cfg, role)
         for i in range(section.num_engines):
@@ -45,7 +48,7 @@ def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list
                 ask = {"CPU": section.num_cpus_per_engine, "GPU": section.num_gpus_per_engine}
                 demands.append(Demand(f"{role} engine {i}", ask | node_group_request(section)))
     if trainer:
-        scaling = scaling_kwargs(cfg.trainer)
+        scaling = scaling_kwargs(cfg.trainer, trainer_gpu_share(cfg))
         worker = dict(scaling["resources_per_worker"])
         if scaling["use_gpu"]:
             worker.setdefault("GPU", 1.0)  # Ray Train's default for use_gpu without an explicit GPU share

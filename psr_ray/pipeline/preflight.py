@@ -6,7 +6,7 @@ import psr_ray.data.checks as checks
 from psr_ray.config.errors import UserError
 from psr_ray.config.sections import PSRConfig
 from psr_ray.config.storage import storage_errors
-from psr_ray.config.topology import backend_for
+from psr_ray.config.topology import backend_for, colocation_problems
 
 
 def has_gpu() -> bool:
@@ -114,6 +114,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         t.zero3_buffer_numel >= 0,
         f"trainer.zero3_buffer_numel must be >= 0 (0: DeepSpeed's defaults), got {t.zero3_buffer_numel}",
     )
+    need(t.start_timeout_s > 0, f"trainer.start_timeout_s must be > 0, got {t.start_timeout_s}")
     need(
         t.max_failures >= 0,
         f"trainer.max_failures must be >= 0 (0: a worker death fails the fit), got {t.max_failures}",
@@ -126,6 +127,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         backend_for(cfg)
     except ValueError as err:  # a transport this layout cannot run (the message names the fields)
         errors.append(str(err))
+    errors.extend(colocation_problems(cfg))
 
     need(
         cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -148,8 +148,11 @@ def build_reference(model_path: str, tcfg: TrainerConfig, *, use_gpu: bool, worl
     return engine
 
 
-def gather_full_state_dict(engine: Any, *, bucket_numel: int = 256 * 2**20) -> dict[str, torch.Tensor] | None:
-    """Full weights as {HF name: CPU tensor} on rank 0, None elsewhere. A collective: every rank must call it.
+def gather_full_state_dict(
+    engine: Any, *, bucket_numel: int = 256 * 2**20, every_rank: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """Full weights as {HF name: CPU tensor} on rank 0 (`every_rank`: on every rank, a host copy each), None
+    elsewhere. A collective: every rank must call it.
 
     Parameters are gathered in buckets of about `bucket_numel` elements so no rank ever holds the whole model
     on the device at once. Tied weights appear once (under the name `named_parameters` gives them).
@@ -169,7 +172,7 @@ def gather_full_state_dict(engine: Any, *, bucket_numel: int = 256 * 2**20) -> d
 
     def flush() -> None:
         with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-            if rank == 0:
+            if rank == 0 or every_rank:  # GatheredParameters gives every rank the whole parameter
                 for name, p in bucket:
                     out[name] = p.detach().to("cpu", copy=True)
 
@@ -181,4 +184,4 @@ def gather_full_state_dict(engine: Any, *, bucket_numel: int = 256 * 2**20) -> d
             bucket, size = [], 0
     if bucket:
         flush()
-    return out if rank == 0 else None
+    return out if rank == 0 or every_rank else None

@@ -15,6 +15,9 @@ so on a multi-node cluster it must be a shared filesystem.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,11 +172,29 @@ def _require_columns(dataset: Any, columns: tuple[str, ...], caller: str) -> Non
         raise ValueError(f"{caller}: dataset lacks columns {missing}; it needs {list(columns)}")
 
 
-def scaling_kwargs(tcfg: Any) -> dict[str, Any]:
-    """Ray Train's ScalingConfig for the trainer section: every worker asks for its CPUs and, when the
-    trainer is pinned to a node group, one unit of that group's `node_resource`."""
+def scaling_kwargs(tcfg: Any, gpu_share: float = 1.0) -> dict[str, Any]:
+    """Ray Train's ScalingConfig for the trainer section: every worker asks for its CPUs, its GPU share when
+    less than a whole GPU (`gpu_share`: colocated, `trainer_gpu_share`) and, when the trainer is pinned to a
+    node group, one unit of that group's `node_resource`."""
     resources = {"CPU": tcfg.num_cpus_per_worker} | ({tcfg.node_resource: 1.0} if tcfg.node_resource else {})
+    if tcfg.use_gpu and gpu_share < 1.0:
+        resources["GPU"] = gpu_share
     return {"num_workers": tcfg.num_workers, "use_gpu": tcfg.use_gpu, "resources_per_worker": resources}
+
+
+def trainer_gpu_share(cfg: PSRConfig) -> float:
+    """One trainer worker's share of its GPU: whole, or colocated what the engines on it leave."""
+    from psr_ray.config.topology import colocated_shares
+
+    return colocated_shares(cfg)[1] if cfg.weight_sync.colocate else 1.0
+
+
+def start_bound(tcfg: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """How long a worker group that cannot be placed is waited for: Ray Train's start-up timeout (an
+    environment variable its controller reads) and FailureConfig's limit on those timeouts, which Ray Train
+    retries forever by default. Returns (environment, FailureConfig kwargs)."""
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{tcfg.start_timeout_s:g}"}
+    return env, {"max_failures": tcfg.max_failures, "controller_failure_limit": tcfg.max_failures}
 
 
 def _fit(
@@ -217,26 +238,55 @@ def _fit(
         "heldout_rows": heldout_rows,
         "weight_sender": weight_sender,
     }
+    env, failure = start_bound(tcfg)
+    scaling = scaling_kwargs(tcfg, trainer_gpu_share(cfg))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(**scaling_kwargs(tcfg)),
+        scaling_config=ray.train.ScalingConfig(**scaling),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             storage_path=str(output),
             name=f"{mode}_v{policy_version:04d}",
             # A dead worker restarts the whole group: the loop starts again from `resume_dir` (the last
             # complete checkpoint) and re-reads the dataset, a streaming one from its first part.
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+            # A group with no room retries max_failures times, each waiting trainer.start_timeout_s, then fails.
+            failure_config=ray.train.FailureConfig(**failure),
         ),
         datasets={DATASET_NAME: dataset},
         dataset_config=UnequalSplitDataConfig(),  # Ray Train's default split drops rows
     )
-    result = trainer.fit()
+    with _environment(env):  # Ray Train hands it from the driver to its controller
+        try:
+            result = trainer.fit()
+        except ray.train.ControllerError as err:
+            raise RuntimeError(_start_failure(tcfg, scaling, err)) from err
     if result.checkpoint is None:
         raise RuntimeError(f"trainer group finished without a checkpoint ({result.error})")
     # The marker is written here, after Ray Train persisted every rank's files (see checkpoint.py).
     return _result(ckpt.commit_checkpoint(result.checkpoint.path), resumed=False)
+
+
+def _start_failure(tcfg: Any, scaling: dict[str, Any], err: Exception) -> str:
+    cause = getattr(err, "controller_failure", err)
+    each = ({"GPU": 1.0} if scaling["use_gpu"] else {}) | scaling["resources_per_worker"]
+    return (f"the trainer group ({tcfg.num_workers} workers of {each}) could not start: {type(cause).__name__}: {str(cause).rstrip('.')}. Tried {tcfg.max_failures + 1} times, "
+            f"{tcfg.start_timeout_s:g} s each (trainer.start_timeout_s, trainer.max_failures); check that the "
+            "cluster has room for the workers beside the engines")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _result(checkpoint_dir: Path, *, resumed: bool) -> TrainResult:

@@ -317,14 +317,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history[-1] |= worker_memory(
             policy, tcfg, world_size, history[-1], runtime_bytes, with_reference=reference is not None
         )
-    state_dict = gather_full_state_dict(policy)
+    sender = loop_config.get("weight_sender")
+    # CUDA IPC feeds each engine from the rank on its GPU: every rank needs the whole weights (weight_sync/cuda_ipc.py).
+    state_dict = gather_full_state_dict(policy, every_rank=getattr(sender, "every_rank", False))
     with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
         ckpt.save_deepspeed(policy, tmp)
         sync_report: Any = None  # rank 0's SyncReport
-        if loop_config.get("weight_sender") is not None:
-            # Every rank pushes (the weight-sync protocol); only rank 0 has the weights, the others give None.
+        if sender is not None:
+            # Every rank pushes (the weight-sync protocol); rank 0 has the weights, the others give None (or
+            # theirs, for a sender that feeds engines from every rank).
             # Rank 0's SyncReport goes into the checkpoint's metadata, and from there into the TrainResult.
-            sync_report = weight_sync.push(loop_config["weight_sender"], state_dict,
+            sync_report = weight_sync.push(sender, state_dict,
                                            policy_version=loop_config["policy_version"])  # fmt: skip
         if rank == 0:
             assert state_dict is not None  # rank 0 holds the gathered weights

@@ -132,6 +132,7 @@ class Sender:
     """The transaction every transport shares; subclasses move the weights (`_transfer`)."""
 
     backend = ""
+    every_rank = False  # True: every trainer rank gives the whole weights (cuda_ipc.py), not rank 0 alone
 
     def __init__(
         self,

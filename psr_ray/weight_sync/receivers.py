@@ -49,6 +49,7 @@ class WeightReceiver:
         self._restore_dir: str | None = None
         self._plan: list[TensorMeta] = []
         self._via = VIA_EXTENSION
+        self._asleep: list[str] = []  # vLLM memory tags still offloaded (sleep): woken weights first
 
     @property
     def _policy_version(self) -> int:
@@ -58,6 +59,8 @@ class WeightReceiver:
         return self._gate.policy_version
 
     def update_state(self) -> str:
+        if self._asleep and self._gate.state is UpdateState.SERVING:  # half woken by an update that stopped early
+            return UpdateState.ASLEEP.value
         return self._gate.state.value
 
     # ---- the transaction ------------------------------------------------------------------------------
@@ -77,9 +80,10 @@ class WeightReceiver:
         """Checks the plan, then starts one reload; generation is refused until commit or rollback."""
         if self._gate.in_update:  # an update whose sender vanished: undo it first
             self.rollback_update()
-        if self._gate.state is UpdateState.ASLEEP:
-            self.wake_up()
         self.check_update(plan, policy_version=policy_version)
+        if self._gate.state is UpdateState.ASLEEP:  # colocated: only the weights now, the KV cache once they are in
+            self._wake(["weights"])
+            self._gate.wake()
         self._gate.begin(policy_version)
         self._plan = [(n, tuple(s), d) for n, s, d in plan]
         self._restore_dir = restore_dir or self._weights_dir
@@ -93,6 +97,7 @@ class WeightReceiver:
 
         def finish() -> None:
             self._finish_reload()
+            self._wake(["kv_cache"])  # a colocated engine's KV cache, now that its weights are in (the probe needs it)
             # Cached prefix KV was computed by the old weights; reusing it would mix two policies.
             self.llm.reset_prefix_cache()
 
@@ -130,6 +135,7 @@ class WeightReceiver:
             if self._restore_dir is None:
                 raise RuntimeError("no folder holds the weights it served before (an in-memory update)")
             self._load_whole(self._restore_dir)
+            self._wake(["kv_cache"])
             self.llm.reset_prefix_cache()
         except Exception as err:
             self._gate.broke(f"a failed update could not be undone ({type(err).__name__}: {err})")
@@ -140,13 +146,25 @@ class WeightReceiver:
 
     def sleep(self) -> None:
         """Colocated engines while the trainer trains: weights offloaded to CPU, KV cache freed (vLLM sleep
-        level 1; nothing to free on CPU engines). Generation is refused until `wake_up`."""
+        level 1; nothing to free on CPU engines). Generation is refused until `wake_up`. A sync wakes the
+        weights when it begins and the KV cache once they are loaded (`begin_update`, `end_update`), so the
+        two are never both allocated beside the trainer's memory and the weights in flight."""
         self._gate.sleep()
         self.llm.sleep(level=1)
+        self._asleep = ["weights", "kv_cache"]
 
     def wake_up(self) -> None:
-        self.llm.wake_up()
-        self._gate.wake()
+        """Everything still asleep, weights first (an engine whose sync never came)."""
+        self._wake(["weights", "kv_cache"])
+        if self._gate.state is UpdateState.ASLEEP:
+            self._gate.wake()
+
+    def _wake(self, tags: list[str]) -> None:
+        """vLLM's `wake_up` of those `tags` still asleep, in order (vLLM resumes scheduling once all are up)."""
+        for tag in tags:
+            if tag in self._asleep:
+                self.llm.wake_up(tags=[tag])
+                self._asleep.remove(tag)
 
     # ---- whole updates in one call -----------------------------------------------------------------
 

@@ -115,8 +115,12 @@ def test_make_sender_picks_the_transport_module():
     assert isinstance(make_sender("nccl", ["e"], **kwargs), NcclSender)
     with pytest.raises(ValueError, match="unknown weight-sync backend"):
         make_sender("pigeon", ["e"], **kwargs)
-    for backend in ("object_store", "cuda_ipc", "nccl"):  # non-zero trainer ranks send nothing
+    for backend in ("object_store", "nccl"):  # non-zero trainer ranks send nothing
         assert make_sender(backend, ["e"], **kwargs).send(None, policy_version=2) is None
+    # CUDA IPC feeds each engine from the rank on its GPU: every rank must hold the weights.
+    assert CudaIpcSender.every_rank and not NcclSender.every_rank
+    with pytest.raises(ValueError, match="whole weights on every trainer rank"):
+        make_sender("cuda_ipc", ["e"], **kwargs).send(None, policy_version=2)
 
 
 def test_sender_for_takes_the_configs_transport_bucket_and_timeout():
