@@ -1,7 +1,7 @@
 """Where every engine, tensor-parallel shard and trainer rank lands, for every topology a user can configure,
 observed on logical GPUs (issue 23, defect 2), and whether that is what the config asks; writes
 bench/results/gpu_placement.md. Every cell is computed from what Ray assigned to each process
-(psr_ray/testing/placement.py: the real engine pools and Ray Train worker group; the engine stops where
+(tests/scenarios/placement.py: the real engine pools and Ray Train worker group; the engine stops where
 vllm.LLM would start, the trainer's loop reports instead of training, over gloo).
 
     PYTHONPATH=$PWD python bench/gpu_placement.py [--json placement.json]   # ~3-6 minutes on 2 busy cores
@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from psr_ray.testing.placement import TOPOLOGIES, problems
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.scenarios: shared with tests/, not packaged
+
+from tests.scenarios.placement import TOPOLOGIES, problems  # noqa: E402
+
 OUT = ROOT / "bench" / "results" / "gpu_placement.md"
 
 
@@ -89,7 +92,8 @@ def main() -> None:
     path = args.json
     if path is None:  # its own process: its own Ray cluster
         path = str(Path(tempfile.mkdtemp(prefix="psr_placement_")) / "placement.json")
-        subprocess.run([sys.executable, "-m", "psr_ray.testing.placement", path], check=True, cwd=ROOT)
+        env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        subprocess.run([sys.executable, "-m", "tests.scenarios.placement", path], check=True, cwd=ROOT, env=env)
     results = json.loads(Path(path).read_text())
     assert [t["topology"] for t in results["topologies"]] == [t.name for t in TOPOLOGIES]
     text, ok = report(results)

@@ -1,7 +1,7 @@
 """GPU placement on logical GPUs (issue 23, defect 2): colocation's fractional shares, the per-rank CUDA IPC
 assignment, engines woken weights first, Ray Train's start-up bounded; then every topology a user can
 configure, placed by the real engine pools and the real Ray Train worker group on a `ray.cluster_utils.Cluster`
-whose nodes declare GPUs (psr_ray/testing/placement.py: the engine stops where vllm.LLM would start, the
+whose nodes declare GPUs (tests/scenarios/placement.py: the engine stops where vllm.LLM would start, the
 trainer's loop reports its placement over gloo)."""
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def placed(tmp_path_factory):
     ~4 at load 45."""
     out = tmp_path_factory.mktemp("placement") / "placement.json"
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    run = subprocess.run([sys.executable, "-m", "psr_ray.testing.placement", str(out), *PLACED], env=env, cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "tests.scenarios.placement", str(out), *PLACED], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(out.read_text())
@@ -166,7 +166,7 @@ def engines(seen, role):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_every_topology_lands_where_it_is_configured(placed):
-    from psr_ray.testing.placement import problems
+    from tests.scenarios.placement import problems
 
     for name in PLACED[:-1]:
         assert problems(placed[name]) == [], name

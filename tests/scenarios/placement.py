@@ -12,7 +12,7 @@ vLLM's Ray executor starts its workers: a `num_gpus=1` actor per GPU bundle of t
 the trainer's loop reports placement instead of training, over gloo (NCCL needs a GPU). `unplaceable` runs the
 real `train_sft` on a trainer that cannot be placed: it must fail, naming the group, within the start bound.
 
-    python -m psr_ray.testing.placement OUT.json     # every topology (bench/gpu_placement.py writes the table)
+    python -m tests.scenarios.placement OUT.json     # every topology (bench/gpu_placement.py writes the table)
 """
 
 from __future__ import annotations
