@@ -8,7 +8,7 @@ the same probe as every other transport, and the driver that runs it never loads
 - the weights: each engine reads the folder itself (`ExportReceiver.load_folder`);
 - the plan (names, shapes, dtypes): the safetensors headers (`plan.checkpoint_spec`, no tensor is read);
 - the probe's reference: the one the trainer's rank 0 recorded beside the export when it wrote it
-  (`probe.write_reference`, trainer/worker.py), computed from the very tensors it wrote, so it costs the
+  (`probe.record_reference`, trainer/worker.py), computed from the very tensors it wrote, so it costs the
   stage a file read; rank 0 reuses the reference its push already computed, so it costs the trainer
   nothing more where a push ran. A folder with no reference for this probe (a model not written by the
   trainer) gets it from a Ray task that loads the folder on a worker with a CPU and the memory for it
