@@ -56,3 +56,29 @@ def embedded_model_dir() -> str:
     from psr_ray.runtime.models import resolve_model_path
 
     return resolve_model_path("embedded:smollm2-135m-instruct", os.path.expanduser("~/.cache/psr_ray"))
+
+
+def _forbid_tensor_loads(monkeypatch) -> None:
+    """Any load of tensors from a file, or the probe's reference forward, in this (the driver's) process
+    fails the test; Ray workers and engines are other processes with their own modules."""
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    from psr_ray.runtime import models
+    from psr_ray.weight_sync import base, probe
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the driver loaded tensors of the export")
+
+    for module, name in ((safetensors, "safe_open"), (safetensors.torch, "load_file"), (safetensors.torch, "load"),
+                         (torch, "load"), (models, "load_safetensors_dir"), (probe, "reference_logprobs"),
+                         (probe, "_model_with"), (base, "reference_logprobs")):  # fmt: skip
+        monkeypatch.setattr(module, name, forbidden)
+
+
+@pytest.fixture
+def forbid_tensor_loads():
+    """`forbid_tensor_loads(monkeypatch)`: from then on (until `monkeypatch.undo()`) the driver may read no
+    tensor (the export is read where it is used: weight_sync/export.py)."""
+    return _forbid_tensor_loads

@@ -77,9 +77,11 @@ def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_r
     assert before != expected
 
 
-def test_an_engine_stale_before_eval_is_reloaded_through_the_verified_sync(ray_cluster, finished_run):
+def test_an_engine_stale_before_eval_is_reloaded_through_the_verified_sync(ray_cluster, finished_run, monkeypatch,
+                                                                          forbid_tensor_loads):
     """What eval does first: an engine no longer on the policy (as if Ray restarted it) is reloaded from the
-    export with the probe checked, so it is never scored as the new model."""
+    export with the probe checked, so it is never scored as the new model. The driver reads no tensor of the
+    export: the probe's reference is the one the trainer's rank 0 recorded beside it."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
@@ -93,7 +95,12 @@ def test_an_engine_stale_before_eval_is_reloaded_through_the_verified_sync(ray_c
     ray_cluster.get(engines[1].update_weights_from_path.remote(cfg.model.path, policy_version=1))
     psr = SimpleNamespace(cfg=cfg, engines=engines, tokenizer=AutoTokenizer.from_pretrained(cfg.model.path),
                           policy_dir=hf_dir, policy_version=3)  # fmt: skip
+    from psr_ray.weight_sync.probe import REFERENCE_FILE
+
+    assert (Path(hf_dir) / REFERENCE_FILE).is_file()
+    forbid_tensor_loads(monkeypatch)
     summary = serve_policy(psr)
+    monkeypatch.undo()
     assert summary["transport"] == "export" and summary["reloaded_from_export"] == 1
     assert set(summary["probe_errors"]) == {"psr-judge-0"} and summary["max_probe_error"] < 1e-3
     assert engine_versions(engines, timeout_s=60) == [3, 3]

@@ -5,8 +5,9 @@ with the sender the loop built by `weight_sync.sender_for`) and its `SyncReport`
 result. This stage then makes sure every
 engine serves the new policy, verified: an engine that does not (a resumed run whose push happened before
 the driver died, an engine Ray restarted after the push, a push that failed and rolled back) is reloaded
-from the checkpoint's HF export through the same transaction and probe (export.py). If that fails too, the
-stage raises with the push's error and the reload's, every engine still serving its old policy.
+from the checkpoint's HF export through the same transaction and probe (export.py: the engines read the
+folder, the driver only its headers and the reference the trainer recorded beside it). If that fails too,
+the stage raises with the push's error and the reload's, every engine still serving its old policy.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ def sync_stage(
     summary for state.json and the results table."""
     import ray
 
-    from psr_ray.runtime.models import load_safetensors_dir
     from psr_ray.weight_sync.export import ExportSender
 
     push = SyncReport.from_dict(pushed) if pushed else None
@@ -41,8 +41,7 @@ def sync_stage(
     reload = None
     if stale:
         sender = ExportSender(stale, folder=policy_dir, probe=probe, restore_dir=None, timeout_s=timeout_s)
-        reload = sender.send(load_safetensors_dir(policy_dir), policy_version=policy_version)
-        assert reload is not None  # given the weights, a sender returns its report
+        reload = sender.reload(policy_version=policy_version)  # the driver reads no tensor (export.py)
         if not reload.ok:
             before = f"the trainer's push failed: {push.error}; then " if push and not push.ok else ""
             raise SyncError(f"weight sync to policy {policy_version} failed: {before}reloading "

@@ -262,6 +262,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from psr_ray.trainer import checkpoint as ckpt
     from psr_ray.trainer.deepspeed_zero import build_policy, build_reference, gather_full_state_dict, prepare_deepspeed
     from psr_ray.trainer.heldout import heldout_metrics
+    from psr_ray.weight_sync.probe import make_probe, record_reference
 
     cfg = loop_config["cfg"]
     tcfg = cfg.trainer
@@ -332,6 +333,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             assert state_dict is not None  # rank 0 holds the gathered weights
             ckpt.export_hf(state_dict, policy.module.config, tokenizer, f"{tmp}/{ckpt.HF_DIR}")
+            # Beside the export, the probe's reference from these tensors: the sync stage checks an engine
+            # reloaded from the export against it without loading the export itself (weight_sync/export.py).
+            sender = loop_config.get("weight_sender")
+            probe = getattr(sender, "probe", None) or make_probe(tokenizer, loop_config["model_path"])
+            record_reference(f"{tmp}/{ckpt.HF_DIR}", state_dict, probe, reference=getattr(sender, "reference", None))
             ckpt.write_metadata(
                 tmp,
                 policy_version=loop_config["policy_version"],

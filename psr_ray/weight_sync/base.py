@@ -11,7 +11,8 @@ mixes in); `psr_ray.weight_sync.make_sender` picks the sender:
 - object_store.py: zero-copy buckets in the Ray object store, one put for every engine (CPU; anywhere).
 - cuda_ipc.py: CUDA IPC handles to buckets on the GPU the engines share with the trainer (colocated; GPU).
 - nccl.py: vLLM's weight-transfer engine over one NCCL group with every engine worker (GPUs apart; GPU).
-- export.py: the checkpoint's HF export folder, read by every engine (the loop's sync stage, from the driver).
+- export.py: the checkpoint's HF export folder, read by every engine (the loop's sync stage; the driver reads
+  no tensor: the plan comes from the safetensors headers, the probe's reference from beside the export).
 
 receivers.py holds the engine's side every transport shares (the transaction below, its gate and rollback),
 vllm_extension.py what runs inside vLLM's workers.
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from psr_ray.weight_sync.plan import TensorMeta, dtype_name, tensor_plan, without_aliases
-from psr_ray.weight_sync.probe import ProbeSpec, probe_error, reference_logprobs, tolerance_for
+from psr_ray.weight_sync.plan import TensorMeta, plan_bytes, tensor_plan, without_aliases
+from psr_ray.weight_sync.probe import ProbeSpec, probe_distance, reference_logprobs, tolerance_for
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class SyncReport:
     num_bytes: int
     seconds: float  # begin .. every engine loaded (the transfer)
     verify_seconds: float = 0.0  # the probe on every engine and the trainer-side reference
-    probe_errors: dict[str, float] = field(default_factory=dict)  # engine name -> max |log-prob diff|
+    probe_errors: dict[str, float] = field(default_factory=dict)  # engine name -> probe.probe_distance
     tolerance: float = 0.0
     error: str | None = None  # None: every engine serves `policy_version`, verified
 
@@ -150,23 +152,36 @@ class Sender:
         self.restore_dir = restore_dir
         self.bucket_bytes = bucket_mb * 2**20
         self.timeout_s = timeout_s
+        self.reference: dict[str, Any] | None = None  # rank 0's answer to the probe, once computed
 
     def send(self, state_dict: dict[str, Any] | None, *, policy_version: int) -> SyncReport | None:
         if state_dict is None:  # not rank 0: nothing to send, the gather already happened
             return None
         state_dict = without_aliases(state_dict)
+        return self._transaction(tensor_plan(state_dict), state_dict, lambda: self._reference_of(state_dict),
+                                 policy_version=policy_version)  # fmt: skip
+
+    def _reference_of(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        # Kept: rank 0 records it beside the export (trainer/worker.py), so the forward runs once.
+        self.reference = reference_logprobs(state_dict, self.probe)
+        return self.reference
+
+    def _transaction(self, plan: list[TensorMeta], state_dict: dict[str, Any],
+                     reference_of: Callable[[], dict[str, Any]], *, policy_version: int) -> SyncReport:  # fmt: skip
+        """Steps 1-4 above for `plan`; `state_dict` is what `_transfer` moves (empty where the engines read
+        the weights themselves), `reference_of` gives the trainer's answer to the probe."""
         started = time.perf_counter()
         seconds = verify_seconds = 0.0
         errors: dict[str, float] = {}
-        tolerance = tolerance_for(dtype_name(next(iter(state_dict.values())).dtype))
+        dtype = plan[0][2]
+        tolerance = tolerance_for(dtype)
         try:
-            plan = tensor_plan(state_dict)
             names = self._begin(plan, policy_version)
             self._transfer(state_dict, plan)
             answers = self._finish()
             seconds = time.perf_counter() - started
-            reference = reference_logprobs(state_dict, self.probe)
-            errors = {name: probe_error(reference, a) for name, a in zip(names, answers, strict=True)}
+            reference = reference_of()
+            errors = {name: probe_distance(reference, a, dtype) for name, a in zip(names, answers, strict=True)}
             verify_seconds = time.perf_counter() - started - seconds
             wrong = {name: e for name, e in errors.items() if not e <= tolerance}
             if wrong:
@@ -176,9 +191,9 @@ class Sender:
             call_engines(self.engines, "commit_update", timeout_s=self.timeout_s)
         except Exception as err:
             message = f"{type(err).__name__}: {err}" if isinstance(err, SyncError) else traceback.format_exc(limit=3)
-            return self._report(state_dict, policy_version, seconds or time.perf_counter() - started,
+            return self._report(plan, policy_version, seconds or time.perf_counter() - started,
                                 verify_seconds, errors, tolerance, error=message + self._rollback())  # fmt: skip
-        return self._report(state_dict, policy_version, seconds, verify_seconds, errors, tolerance)
+        return self._report(plan, policy_version, seconds, verify_seconds, errors, tolerance)
 
     # ---- steps a transport may override --------------------------------------------------------------
 
@@ -205,7 +220,7 @@ class Sender:
             return f". Rolling back failed too: {err}"
         return f". Every engine rolled back to the weights it served before (policy versions {versions})."
 
-    def _report(self, state_dict: dict[str, Any], policy_version: int, seconds: float, verify_seconds: float,
+    def _report(self, plan: list[TensorMeta], policy_version: int, seconds: float, verify_seconds: float,
                 errors: dict[str, float], tolerance: float, *, error: str | None = None) -> SyncReport:  # fmt: skip
-        return SyncReport(self.backend, policy_version, len(self.engines), len(state_dict),
-                          state_dict_bytes(state_dict), seconds, verify_seconds, errors, tolerance, error)  # fmt: skip
+        return SyncReport(self.backend, policy_version, len(self.engines), len(plan), plan_bytes(plan), seconds,
+                          verify_seconds, errors, tolerance, error)  # fmt: skip

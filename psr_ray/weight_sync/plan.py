@@ -11,6 +11,7 @@ reloaded per bucket could not materialize a fused layer half-loaded.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -22,6 +23,8 @@ TensorMeta = tuple[str, tuple[int, ...], str]  # (HF name, shape, torch dtype na
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
                        "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1,
+                "uint8": 1, "bool": 1}  # fmt: skip
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
@@ -46,6 +49,11 @@ def without_aliases(state_dict: dict[str, Any]) -> dict[str, Any]:
 def tensor_plan(state_dict: dict[str, Any]) -> list[TensorMeta]:
     """The plan of a {name: tensor} state dict, in its order."""
     return [(name, tuple(t.shape), dtype_name(t.dtype)) for name, t in state_dict.items()]
+
+
+def plan_bytes(plan: list[TensorMeta]) -> int:
+    """The bytes the plan's tensors hold."""
+    return sum(math.prod(shape) * _DTYPE_BYTES[dtype] for _, shape, dtype in plan)
 
 
 def layer_key(name: str) -> str:

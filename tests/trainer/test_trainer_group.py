@@ -282,6 +282,15 @@ def test_train_dpo_end_to_end(dpo_result, tiny_model_dir, ray_cluster):
         assert torch.equal(tensor, state_dict[name]), name
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert not torch.equal(initial.lm_head.weight, exported.lm_head.weight)
+    # Beside the export, the probe's reference computed from the exported tensors (what the sync stage uses).
+    from transformers import AutoTokenizer
+
+    from psr_ray.weight_sync.probe import make_probe, read_reference, reference_logprobs
+
+    probe = make_probe(AutoTokenizer.from_pretrained(tiny_model_dir), tiny_model_dir)
+    recorded, expected = read_reference(result.hf_dir, probe), reference_logprobs(state_dict, probe)
+    assert recorded is not None and recorded["prompt"] == pytest.approx(expected["prompt"], abs=1e-6)
+    assert recorded["next"] == pytest.approx(expected["next"], abs=1e-6)
 
 
 def test_train_sft_resumes_from_latest_checkpoint(dpo_result, tiny_model_dir, ray_cluster):

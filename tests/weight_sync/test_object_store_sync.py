@@ -172,7 +172,8 @@ def export_of(state_dict: dict, model_dir: str, folder) -> str:
     return str(folder)
 
 
-def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster, setup, tmp_path):
+def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster, setup, tmp_path, monkeypatch,
+                                                                    forbid_tensor_loads):
     from psr_ray.pipeline.sync_stage import sync_stage
     from psr_ray.weight_sync.base import SyncError, SyncReport
 
@@ -184,8 +185,10 @@ def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster
     new = perturbed(base, seed=6)
     (tmp_path / "good").mkdir()
     good = export_of(new, model_dir, tmp_path / "good")
-    summary = sync_stage(engines, pushed=failed_push, policy_dir=good, policy_version=version + 1,
-                         probe=probe, timeout_s=120)  # fmt: skip
+    with monkeypatch.context() as patch:  # no reference recorded here: a Ray task computes it, not the driver
+        forbid_tensor_loads(patch)
+        summary = sync_stage(engines, pushed=failed_push, policy_dir=good, policy_version=version + 1,
+                             probe=probe, timeout_s=120)  # fmt: skip
     assert summary["transport"] == "export" and summary["reloaded_from_export"] == 2
     assert summary["push_error"] == "SyncError: boom" and summary["max_probe_error"] < 1e-4
     assert summary["num_bytes"] == sum(t.numel() * 4 for t in base.values()) and summary["seconds"] > 0.5
@@ -205,4 +208,37 @@ def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster
     with pytest.raises(SyncError, match=r"the trainer's push failed: SyncError: boom; then reloading 2 engine\(s\)"):
         sync_stage(engines, pushed=failed_push | {"policy_version": version + 2}, policy_dir=bad,
                    policy_version=version + 2, probe=probe, timeout_s=120)  # fmt: skip
+    assert_serving(ray_cluster, engines, new, probe, version + 1)
+
+
+def test_the_export_reload_reads_no_tensor_in_the_driver(ray_cluster, setup, tmp_path, monkeypatch, forbid_tensor_loads):
+    """The engines read the export, the plan comes from its headers and the probe's reference from what the
+    trainer recorded beside it: with every tensor load forbidden in the driver, the reload is verified; a
+    recorded reference of other weights fails it, the engines back on their old policy."""
+    from psr_ray.pipeline.sync_stage import sync_stage
+    from psr_ray.weight_sync.base import SyncError
+    from psr_ray.weight_sync.probe import REFERENCE_FILE, record_reference
+
+    engines, base, probe, model_dir = setup
+    version = ray_cluster.get(engines[0].policy_version.remote())
+    new, other = perturbed(base, seed=8), perturbed(base, seed=9)
+    # The trainer's side: the export and, beside it, the reference of its tensors (or of other ones).
+    (tmp_path / "good").mkdir()
+    good = export_of(new, model_dir, tmp_path / "good")
+    record_reference(good, new, probe)
+    (tmp_path / "tampered").mkdir()
+    tampered = export_of(perturbed(base, seed=10), model_dir, tmp_path / "tampered")
+    record_reference(tampered, other, probe)
+    assert (tmp_path / "good" / REFERENCE_FILE).is_file()
+
+    forbid_tensor_loads(monkeypatch)
+    summary = sync_stage(engines, pushed=None, policy_dir=good, policy_version=version + 1, probe=probe,
+                         timeout_s=120)  # fmt: skip
+    assert summary["transport"] == "export" and summary["reloaded_from_export"] == 2
+    assert summary["max_probe_error"] < 1e-4 and set(summary["probe_errors"]) == {"sync-rollout", "sync-judge"}
+    with pytest.raises(SyncError, match="does not serve the trainer's weights"):
+        sync_stage(engines, pushed=None, policy_dir=tampered, policy_version=version + 2, probe=probe,
+                   timeout_s=120)  # fmt: skip
+
+    monkeypatch.undo()
     assert_serving(ray_cluster, engines, new, probe, version + 1)
