@@ -77,8 +77,9 @@ def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_r
     assert before != expected
 
 
-def test_an_engine_stale_before_eval_is_reloaded_through_the_verified_sync(ray_cluster, finished_run, monkeypatch,
-                                                                          forbid_tensor_loads):
+def test_an_engine_stale_before_eval_is_reloaded_through_the_verified_sync(
+    ray_cluster, finished_run, monkeypatch, forbid_tensor_loads
+):
     """What eval does first: an engine no longer on the policy (as if Ray restarted it) is reloaded from the
     export with the probe checked, so it is never scored as the new model. The driver reads no tensor of the
     export: the probe's reference is the one the trainer's rank 0 recorded beside it."""

@@ -28,7 +28,7 @@ from psr_ray.config import WeightSyncBackend
 from psr_ray.weight_sync.base import Sender, SyncError, SyncReport, call_engines
 from psr_ray.weight_sync.gate import UpdateState
 from psr_ray.weight_sync.plan import TensorMeta, dtype_name, plan_buckets, tensor_plan, without_aliases
-from psr_ray.weight_sync.probe import probe_error, reference_logprobs, tolerance_for
+from psr_ray.weight_sync.probe import probe_distance, reference_logprobs, tolerance_for
 from psr_ray.weight_sync.receivers import WeightReceiver
 
 _DEVICE_ARG = 6  # torch.multiprocessing.reductions.rebuild_cuda_tensor's `storage_device` argument
@@ -132,7 +132,8 @@ class CudaIpcSender(Sender):
             raise ValueError("CUDA IPC needs the whole weights on every trainer rank (gather them to every rank)")
         ranks, state_dict = _Ranks(), without_aliases(state_dict)
         started = time.perf_counter()
-        tolerance = tolerance_for(dtype_name(next(iter(state_dict.values())).dtype))
+        dtype = dtype_name(next(iter(state_dict.values())).dtype)
+        tolerance = tolerance_for(dtype)
         plan = tensor_plan(state_dict)
         mine: list[Any] = []
         names: list[str] = []
@@ -163,7 +164,7 @@ class CudaIpcSender(Sender):
             everyone = ranks.gather((names, answers))
             verdict = None
             if ranks.rank == 0:
-                verdict = _attempt(lambda: self._judge(state_dict, everyone, tolerance, errors))
+                verdict = _attempt(lambda: self._judge(state_dict, everyone, dtype, errors))
             error = ranks.first(verdict)
         verify_seconds = time.perf_counter() - started - seconds
         if error is None:
@@ -175,18 +176,18 @@ class CudaIpcSender(Sender):
             )
         if ranks.rank != 0:
             return None
-        return self._report(state_dict, policy_version, seconds, verify_seconds, errors, tolerance, error=error)
+        return self._report(plan, policy_version, seconds, verify_seconds, errors, tolerance, error=error)
 
     def _begin_on(self, engines: list[Any], plan: list[TensorMeta], policy_version: int) -> list[str]:
         return call_engines(engines, "begin_update", plan, policy_version=policy_version,
                             restore_dir=self.restore_dir, timeout_s=self.timeout_s)  # fmt: skip
 
-    def _judge(
-        self, state_dict: dict[str, Any], everyone: list[Any], tolerance: float, errors: dict[str, float]
-    ) -> None:
-        """Rank 0: every engine's probe answer against the trainer's, into `errors`; raises naming those too far."""
-        reference = reference_logprobs(state_dict, self.probe)
-        errors.update({name: probe_error(reference, answer)
+    def _judge(self, state_dict: dict[str, Any], everyone: list[Any], dtype: str, errors: dict[str, float]) -> None:
+        """Rank 0: every engine's probe answer against the trainer's, into `errors` (by the dtype's criterion,
+        probe.py); raises naming those too far. The reference is kept: rank 0 records it beside the export."""
+        tolerance = tolerance_for(dtype)
+        reference = self.reference = reference_logprobs(state_dict, self.probe)
+        errors.update({name: probe_distance(reference, answer, dtype)
                        for names, answers in everyone for name, answer in zip(names, answers, strict=True)})  # fmt: skip
         wrong = {name: e for name, e in errors.items() if not e <= tolerance}
         if wrong:

@@ -172,8 +172,9 @@ def export_of(state_dict: dict, model_dir: str, folder) -> str:
     return str(folder)
 
 
-def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster, setup, tmp_path, monkeypatch,
-                                                                    forbid_tensor_loads):
+def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(
+    ray_cluster, setup, tmp_path, monkeypatch, forbid_tensor_loads
+):
     from psr_ray.pipeline.sync_stage import sync_stage
     from psr_ray.weight_sync.base import SyncError, SyncReport
 
@@ -211,7 +212,9 @@ def test_the_sync_stage_reloads_what_the_push_missed_from_the_export(ray_cluster
     assert_serving(ray_cluster, engines, new, probe, version + 1)
 
 
-def test_the_export_reload_reads_no_tensor_in_the_driver(ray_cluster, setup, tmp_path, monkeypatch, forbid_tensor_loads):
+def test_the_export_reload_reads_no_tensor_in_the_driver(
+    ray_cluster, setup, tmp_path, monkeypatch, forbid_tensor_loads
+):
     """The engines read the export, the plan comes from its headers and the probe's reference from what the
     trainer recorded beside it: with every tensor load forbidden in the driver, the reload is verified; a
     recorded reference of other weights fails it, the engines back on their old policy."""
