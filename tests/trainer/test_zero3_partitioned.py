@@ -58,9 +58,12 @@ def fit(ray_cluster, partitioned_model_dir, tmp_path_factory):
     numel = sum(t.numel() for t in load_file(f"{partitioned_model_dir}/model.safetensors").values())
     overrides = {k: int(v * numel / RECIPE_MODEL_NUMEL) for k, v in DEEPSPEED_DEFAULTS.items()}  # 17.8k, 356k, 356k
 
-    def on_weights(state_dict):  # the weight push: rank 0 gets the gathered weights
-        if state_dict is not None:
-            torch.save(state_dict, root / "pushed.pt")
+    class PushedWeights:  # the weight push: rank 0 gets the gathered weights (Ray ships the class by value)
+        backend = "test"
+
+        def send(self, state_dict, *, policy_version):
+            if state_dict is not None:
+                torch.save(state_dict, root / "pushed.pt")
 
     ray_cluster.cloudpickle.register_pickle_by_value(zero3_probe)
     with pytest.MonkeyPatch.context() as patch:
@@ -69,7 +72,7 @@ def fit(ray_cluster, partitioned_model_dir, tmp_path_factory):
         result = group.train_dpo(
             PSRConfig(trainer=TRAINER), policy_path=partitioned_model_dir, reference_path=partitioned_model_dir,
             dataset=ray_cluster.data.from_items(pair_rows(7)), output_dir=str(root / "trainer"), policy_version=1,
-            on_weights=on_weights, heldout=[dict(r, question=r["question"].replace("Sam", "Ana")) for r in pair_rows(5)],
+            weight_sender=PushedWeights(), heldout=[dict(r, question=r["question"].replace("Sam", "Ana")) for r in pair_rows(5)],
         )  # fmt: skip
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     return result, ranks, torch.load(root / "pushed.pt", weights_only=False)
