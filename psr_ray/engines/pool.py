@@ -79,9 +79,10 @@ class EnginePool:
         the unavailability bound. Returns True for the first lost call of an outage (worth a log line)."""
         self.in_flight[i] -= 1
         now = time.monotonic()
-        first = self._unavailable_since[i] is None
-        since = self._unavailable_since[i] = now if first else self._unavailable_since[i]
-        assert since is not None
+        since = self._unavailable_since[i]
+        first = since is None
+        if since is None:
+            since = self._unavailable_since[i] = now
         if now - since > self._unavailable_timeout_s:
             raise RuntimeError(
                 f"{self.role} engine {self.names[i]} has been unavailable for {now - since:.0f} s "
@@ -93,7 +94,7 @@ class EnginePool:
             self._not_before[i] = now + 1.0
             return first
         self._failures[i] += 1
-        self._not_before[i] = time.monotonic() + 0.5 * self._failures[i]  # let Ray restart it
+        self._not_before[i] = now + 0.5 * self._failures[i]  # let Ray restart it
         if all(f >= self._max_failures for f in self._failures):
             raise RuntimeError(f"every {self.role} engine died {self._max_failures} times in a row; see their logs")
         return first
