@@ -152,6 +152,9 @@ class TrainerConfig:
     # stream's order. A worker's first batch waits until this many rows (or the whole stream) arrived.
     shuffle_buffer_size: int = 64
     max_seq_len: int = 1024
+    # A pair's chosen and rejected step as one packed row, their shared prompt computed once (trainer/batches.py);
+    # the log-probabilities equal two separate rows'. Speed only: off runs the two rows (a bench arm).
+    share_prompt: bool = True
     # Recompute each decoder layer in the backward instead of keeping its activations: a layer keeps about
     # 8h + 2kv + 4i values per token, a checkpointed one h (trainer/memory_budget.py). Memory only.
     gradient_checkpointing: bool = False

@@ -37,6 +37,7 @@ RESUMABLE = frozenset({
     "rollout.gpu_memory_utilization", "judge.num_engines", "judge.num_cpus_per_engine", "judge.cpu_kv_cache_gib",
     "judge.max_restarts", "judge.gpu_memory_utilization", "search.max_problems_in_flight", "search.flush_pairs",
     "trainer.max_failures", "trainer.num_cpus_per_worker", "trainer.gradient_checkpointing", "trainer.zero3_buffer_numel",
+    "trainer.share_prompt",
 })  # fmt: skip
 
 

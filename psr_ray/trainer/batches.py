@@ -7,6 +7,12 @@ is not the end of a solution). Loss masks cover the completion tokens only. Over
 tokens from the left (the question's start is the most expendable context of a late step), then, only if
 the completion alone is too long, completion tokens from the right; both are counted. Batches are padded
 to their own longest row, never to `max_seq_len`.
+
+With `share_prompt` (the default), a pair is one packed row instead of two: the tokens chosen and rejected
+share from the start (their prompt) once, then chosen's rest, then rejected's rest, each rest attending to
+the shared part and to itself only (`pair_attention_mask`), with the position ids it has in its own
+sequence. Every token sees exactly the context it has in its own sequence, so the log-probabilities equal
+the separate rows' (a ~500-token prompt and two ~80-token steps: ~660 tokens instead of ~1160).
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ PADDING_ROWS: dict[str, dict[str, Any]] = {
     "dpo": {"question": "0", "prefix": "", "step_index": 1, "chosen": "0", "rejected": "1"},
     "sft": {"prompt_text": "0", "target_text": "1"},
 }
+
+
+# `sequence_ids` of a packed pair row: which sequence(s) a token belongs to, as bits; 0 is padding.
+CHOSEN, REJECTED, SHARED = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,67 @@ def collate_sft(
     ]
     batch = pad_batch(sequences, pad_token_id=_pad_id(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
     return batch, sum(s.truncated for s in sequences)
+
+
+def pack_pair(chosen: Encoded, rejected: Encoded) -> dict[str, list[int]]:
+    """One row holding both sequences: input_ids, loss_mask, position_ids, sequence_ids (module docstring).
+
+    The shared part is their common leading tokens, cut one short of the shorter prompt: each rest then
+    starts with a prompt token, which is never scored, so every scored token's logits come from the position
+    just before it in the row (what `loss.sequence_logps` reads). Prompts truncated differently share
+    nothing and are two sequences side by side in one row."""
+    limit = min(_prompt_len(chosen), _prompt_len(rejected)) - 1
+    shared = 0
+    while shared < limit and chosen.input_ids[shared] == rejected.input_ids[shared]:
+        shared += 1
+    c, r = len(chosen.input_ids), len(rejected.input_ids)
+    return {
+        "input_ids": chosen.input_ids + rejected.input_ids[shared:],
+        "loss_mask": chosen.loss_mask + rejected.loss_mask[shared:],
+        "position_ids": [*range(c), *range(shared, r)],
+        "sequence_ids": [SHARED] * shared + [CHOSEN] * (c - shared) + [REJECTED] * (r - shared),
+    }
+
+
+def _prompt_len(sequence: Encoded) -> int:
+    return sequence.loss_mask.index(1) if 1 in sequence.loss_mask else len(sequence.loss_mask)
+
+
+def collate_shared_pairs(
+    tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, pad_to_multiple_of: int = 1
+) -> tuple[dict[str, torch.Tensor], int]:
+    """B pairs -> one [B, T] batch of packed rows (`pack_pair`), right-padded, with `attention_mask` 1 on
+    real tokens; and the number of truncated sequences (counted as in `collate_pairs`)."""
+    encoded = [encode_pair(tokenizer, row, max_seq_len=max_seq_len) for row in rows]
+    packed = [pack_pair(c, r) for c, r in encoded]
+    length = max(len(p["input_ids"]) for p in packed)
+    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    pads = {"input_ids": _pad_id(tokenizer), "loss_mask": 0, "position_ids": 0, "sequence_ids": 0}
+    batch = {key: torch.full((len(rows), length), pad, dtype=torch.long) for key, pad in pads.items()}
+    batch["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, p in enumerate(packed):
+        n = len(p["input_ids"])
+        for key in pads:
+            batch[key][i, :n] = torch.tensor(p[key])
+        batch["attention_mask"][i, :n] = 1
+    return batch, sum(s.truncated for pair in encoded for s in pair)
+
+
+def pair_attention_mask(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] `sequence_ids` -> the [B, 1, T, T] boolean mask (True: query t attends key s) of packed rows:
+    causal, and a token attends a key only if the key belongs to every sequence the token belongs to (the
+    shared part sees itself, each rest sees the shared part and itself, nothing sees padding; a padding
+    query sees everything before it, so no row of the softmax is empty)."""
+    query, key = sequence_ids[:, :, None], sequence_ids[:, None, :]
+    length = sequence_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
+    return (causal & ((query & ~key) == 0)).unsqueeze(1)
+
+
+def sequence_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Real tokens of the batch's sequences: a packed pair row's shared part counts for both of its sequences."""
+    shared = (batch["sequence_ids"] == SHARED).sum() if "sequence_ids" in batch else 0
+    return batch["attention_mask"].sum() + shared
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from psr_ray.trainer.batches import PADDING_ROWS, collate_pairs
-from psr_ray.trainer.loss import sequence_logps, step_dpo_loss, token_kl
+from psr_ray.trainer.batches import PADDING_ROWS, collate_pairs, collate_shared_pairs
+from psr_ray.trainer.forward import batch_logps, scored_logits
+from psr_ray.trainer.loss import step_dpo_loss, token_kl
 
 
 def heldout_metrics(
@@ -33,6 +34,7 @@ def heldout_metrics(
     max_seq_len: int,
     micro_batch_size: int,
     pad_to_multiple_of: int = 1,
+    share_prompt: bool = True,
 ) -> dict[str, float]:
     """The figures above for `rows` (dicts with `batches.DPO_COLUMNS`); a collective over the trainer group."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -42,27 +44,26 @@ def heldout_metrics(
     dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
     # correct, margin sum, pairs, KL sum, KL tokens
     sums = torch.zeros(5, dtype=torch.float64, device=policy.device)
+    collate = collate_shared_pairs if share_prompt else collate_pairs
     was_training = policy.training
     policy.eval()
     with torch.no_grad():
         for i in range(int(rounds.item())):
             real = i < len(chunks)
-            batch, _ = collate_pairs(
+            batch, _ = collate(
                 tokenizer, chunks[i] if real else [PADDING_ROWS["dpo"]], max_seq_len=max_seq_len,
                 pad_to_multiple_of=pad_to_multiple_of,
             )  # fmt: skip
             batch = {k: v.to(policy.device) for k, v in batch.items()}
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-            ref_logits = reference(**inputs).logits
-            logits = policy(**inputs).logits
+            ref_logits, positions = scored_logits(reference, batch)
+            logits, _ = scored_logits(policy, batch)
             if not real:
                 continue
-            b = batch["input_ids"].shape[0] // 2
-            logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
-            ref = sequence_logps(ref_logits, batch["input_ids"], batch["loss_mask"])
+            logps, ref = batch_logps(logits, positions, batch), batch_logps(ref_logits, positions, batch)
+            b = logps.shape[0] // 2
             out = step_dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=beta)
             margin = out.chosen_rewards - out.rejected_rewards
-            kl_sum, kl_tokens = token_kl(logits, ref_logits, batch["loss_mask"])
+            kl_sum, kl_tokens = token_kl(logits, ref_logits, batch["loss_mask"], positions=positions)
             found = [(margin > 0).sum(), margin.sum(), torch.tensor(b), kl_sum, kl_tokens]
             sums += torch.stack([x.to(sums) for x in found])
     if was_training:

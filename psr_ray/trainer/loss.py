@@ -71,13 +71,21 @@ def sequence_logps(
 
 
 def token_kl(
-    policy_logits: torch.Tensor, reference_logits: torch.Tensor, loss_mask: torch.Tensor
+    policy_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, count) over the positions where `loss_mask` is 1 of the exact full-vocabulary
     KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)) of the next-token distributions that predict
-    those tokens (aligned like `sequence_logps`). Only the masked positions are softmaxed."""
-    mask = loss_mask[:, 1:].bool()
-    log_p = policy_logits[:, :-1][mask].float().log_softmax(-1)
-    log_q = reference_logits[:, :-1][mask].float().log_softmax(-1)
+    those tokens (aligned like `sequence_logps`, `positions` too). Only the masked positions are softmaxed."""
+    if positions is None:
+        mask = loss_mask[:, 1:].bool()
+        policy_logits, reference_logits = policy_logits[:, :-1], reference_logits[:, :-1]
+    else:
+        mask = loss_mask[:, positions + 1].bool()
+    log_p = policy_logits[mask].float().log_softmax(-1)
+    log_q = reference_logits[mask].float().log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return kl.sum(), mask.sum()

@@ -29,8 +29,16 @@ import torch.distributed as dist
 
 from psr_ray.runtime import kill_windows
 from psr_ray.runtime.memory import read_pss
-from psr_ray.trainer.batches import PADDING_ROWS, collate_pairs, collate_sft, rows_of
-from psr_ray.trainer.loss import scored_positions, sequence_logps, step_dpo_loss
+from psr_ray.trainer.batches import (
+    PADDING_ROWS,
+    collate_pairs,
+    collate_sft,
+    collate_shared_pairs,
+    rows_of,
+    sequence_tokens,
+)
+from psr_ray.trainer.forward import forward_logps
+from psr_ray.trainer.loss import scored_positions, step_dpo_loss
 
 DATASET_NAME = "pairs"
 
@@ -44,35 +52,27 @@ class MicroBatch:
 
 
 def collate_micro_batch(
-    mode: str, tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, pad_to_multiple_of: int = 1
+    mode: str, tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, pad_to_multiple_of: int = 1,
+    share_prompt: bool = True,
 ) -> MicroBatch:
-    collate = collate_pairs if mode == "dpo" else collate_sft
+    """`rows` as one micro-batch; DPO pairs packed one per row (`collate_shared_pairs`) with `share_prompt`."""
+    collate = collate_sft if mode != "dpo" else collate_shared_pairs if share_prompt else collate_pairs
     batch, truncated = collate(tokenizer, rows, max_seq_len=max_seq_len, pad_to_multiple_of=pad_to_multiple_of)
     units = len(rows) if mode == "dpo" else int(batch["loss_mask"][:, 1:].sum())
     return MicroBatch(batch, len(rows), units, truncated)
 
 
-def forward_logps(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed step log-probabilities per row; the head computes logits only at the scored positions (a step
-    is a few dozen of a row's hundreds of tokens, and full-vocabulary logits, with their gradient, were the
-    largest tensors of a micro-step)."""
-    positions = scored_positions(batch["loss_mask"])
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                    logits_to_keep=positions).logits  # fmt: skip
-    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"], positions=positions)
-
-
 def dpo_micro_step(
     policy: Any, reference: Any, batch: dict[str, torch.Tensor], *, beta: float, loss_scale: float
 ) -> torch.Tensor:
-    """Forward and backward of one micro-batch ([2B, T]: chosen rows then rejected rows) with the sum of its
-    pairs' losses times `loss_scale`; returns [loss sum, margin, correct, chosen_logps, rejected_logps, pairs,
-    tokens] for the step's metrics."""
-    b = batch["input_ids"].shape[0] // 2
+    """Forward and backward of one micro-batch of B pairs ([2B, T]: chosen rows then rejected rows, or [B, T']
+    packed pair rows) with the sum of its pairs' losses times `loss_scale`; returns [loss sum, margin, correct,
+    chosen_logps, rejected_logps, pairs, tokens] for the step's metrics."""
     # Reference first, so its logits are freed before the policy's activations exist.
     with torch.no_grad():
         ref = forward_logps(reference, batch)
     logps = forward_logps(policy, batch)
+    b = logps.shape[0] // 2
     out = step_dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=beta)
     policy.backward(out.loss * b * loss_scale)
     margin = out.chosen_rewards - out.rejected_rewards
@@ -84,7 +84,7 @@ def dpo_micro_step(
             logps[:b].detach().sum().float(),
             logps[b:].detach().sum().float(),
             torch.tensor(float(b), device=logps.device),
-            batch["attention_mask"].sum().float(),
+            sequence_tokens(batch).float(),  # the sequences' tokens, a packed row's shared part twice
         ]
     )
 
@@ -167,6 +167,7 @@ def train_epochs(
     shuffle_buffer_size: int = 0,
     seed: int = 0,
     report: Any = None,
+    share_prompt: bool = True,
 ) -> list[dict[str, float]]:
     """Trains over `shard` (anything with Ray Data's `iter_batches`) `num_epochs` times, every row once per
     epoch (module docstring); returns one metrics dict per optimizer step, after calling `report(metrics)`
@@ -174,7 +175,7 @@ def train_epochs(
     device = policy.device
     accumulation = policy.gradient_accumulation_steps()
     world_size = dist.get_world_size()
-    kwargs = {"max_seq_len": max_seq_len, "pad_to_multiple_of": pad_to_multiple_of}
+    kwargs = {"max_seq_len": max_seq_len, "pad_to_multiple_of": pad_to_multiple_of, "share_prompt": share_prompt}
     padding = collate_micro_batch(mode, tokenizer, [PADDING_ROWS[mode]], **kwargs)
     history: list[dict[str, float]] = []
     truncated = 0
@@ -305,6 +306,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         shuffle_buffer_size=tcfg.shuffle_buffer_size,
         seed=loop_config["seed"],
         report=metrics.train_reporter(ray.train.report, rank=rank, mode=mode),  # live train metrics
+        share_prompt=tcfg.share_prompt,
     )
     phases["train"] = time.perf_counter() - clock - sum(phases.values())
     heldout = {}
@@ -312,6 +314,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         heldout = heldout_metrics(
             policy, reference, loop_config["heldout_rows"], tokenizer, beta=tcfg.beta, max_seq_len=tcfg.max_seq_len,
             micro_batch_size=tcfg.micro_batch_size, pad_to_multiple_of=8 if tcfg.use_gpu else 1,
+            share_prompt=tcfg.share_prompt,
         )  # fmt: skip
         phases["heldout"] = time.perf_counter() - clock - sum(phases.values())
     if history and not tcfg.use_gpu:  # host memory per worker beside its parts (trainer/memory_budget.py)
