@@ -1,10 +1,13 @@
-"""The CPU trainer against a plain single-process torch loop (issue 17 section 4): same model, same pairs, one run.
+"""The CPU trainer against a plain single-process torch loop (issue 17 section 4), and the trainer's shared
+prompt against two separate rows per pair (issue 25 item 5): same model, same pairs, one run.
 
-Arms, run in alternation (a, b, a, b, ...) in one invocation, each a full fit on the same step pairs:
+Arms, run in alternation (a, b, c, a, b, c, ...) in one invocation, each a full fit on the same step pairs:
   (a) trainer: the product's `train_dpo` (Ray Train, 2 workers, DeepSpeed ZeRO-3, gloo, fp32) with the
       embedded preset's trainer settings (psr_ray/configs/embedded_cpu.yaml), reading the pairs through the
-      loop's streamed pairs dataset (Parquet parts + manifest, `stream_pairs_dataset`);
-  (b) plain: one process, `torch.set_num_threads(os.cpu_count())`, the same HF model loaded twice (policy and
+      loop's streamed pairs dataset (Parquet parts + manifest, `stream_pairs_dataset`); a pair's chosen and
+      rejected step packed in one row, their prompt computed once (`trainer.share_prompt`, the default);
+  (b) separate: the same with `trainer.share_prompt=false` (chosen and rejected as two rows, as before);
+  (c) plain: one process, `torch.set_num_threads(os.cpu_count())`, the same HF model loaded twice (policy and
       frozen reference), the same tokenization (`collate_pairs`), step-DPO loss, micro and global batch,
       AdamW settings and gradient clipping: the loop a user would write.
 Pairs: SmolLM2-135M-Instruct (fp32) on step pairs of the built-in arithmetic task (the reference step chosen,
@@ -13,17 +16,20 @@ the same step with one number changed rejected; seeded).
 Figures per fit (psr_ray/trainer/fit_timing.py): steady tokens/s over the optimizer steps after the first,
 from the trainer's own per-step metrics (`train/num_tokens`, `train/step_s`); start-up = call -> end of the
 first optimizer step minus that step's work at the steady rate; teardown = last step -> return. Tokens are
-real (unpadded) tokens of the chosen and rejected sequences; each passes through the reference forward and
-the policy forward + backward, so policy + reference tokens/s is twice the sequence figure. The goal is a
-trainer/plain ratio of steady tokens/s >= 0.8 (medians over the repeats). Writes bench/results/trainer_cpu.md.
+real (unpadded) tokens of the chosen and rejected sequences, in every arm (a packed row's shared prompt
+counts for both of its sequences, though computed once); each passes through the reference forward and the
+policy forward + backward, so policy + reference tokens/s is twice the sequence figure. The goals: a
+trainer/plain ratio of steady tokens/s >= 0.8, and the shared-prompt gain trainer/separate as a ratio
+(medians over the repeats). Writes bench/results/trainer_cpu.md.
 
-    flock /tmp/psr_heavy.lock .venv/bin/python bench/trainer_cpu.py            # about 12 min on 2 cores
+    flock /tmp/psr_heavy.lock .venv/bin/python bench/trainer_cpu.py            # about 18 min on 2 cores
     .venv/bin/python bench/trainer_cpu.py --tiny --repeats 1 --out /tmp/t.md    # smoke run: the tiny test model
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
@@ -36,6 +42,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 GOAL = 0.8
+ARMS = ("trainer", "separate", "plain")
 
 
 def pair_rows(num_pairs: int, seed: int) -> list[dict[str, Any]]:
@@ -172,13 +179,27 @@ def plain_fit(cfg: Any, model: str, rows: list[dict[str, Any]]) -> dict[str, Any
             "threads": {"torch_threads": torch.get_num_threads()}, "history": history}  # fmt: skip
 
 
+def computed_share(tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, micro: int) -> float:
+    """Tokens the packed rows compute over the tokens of the sequences (the micro-batches of a fit)."""
+    from psr_ray.trainer.batches import collate_shared_pairs, sequence_tokens
+
+    computed = sequences = 0
+    for i in range(0, len(rows), micro):
+        batch, _ = collate_shared_pairs(tokenizer, rows[i : i + micro], max_seq_len=max_seq_len)
+        computed += int(batch["attention_mask"].sum())
+        sequences += int(sequence_tokens(batch))
+    return computed / sequences
+
+
 def summarize(fits: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
-    """Medians over the repeats, and the trainer/plain ratio of steady tokens/s against the goal."""
+    """Medians over the repeats; the trainer/plain ratio of steady tokens/s against the goal and the
+    shared-prompt gain (trainer/separate)."""
     med = {arm: {key: statistics.median(getattr(f["timing"], key) for f in runs)
                  for key in ("steady_tokens_per_s", "startup_s", "teardown_s")}
            for arm, runs in fits.items()}  # fmt: skip
     ratio = med["trainer"]["steady_tokens_per_s"] / med["plain"]["steady_tokens_per_s"]
-    return {"ratio": ratio, **{f"{arm}_{k}": v for arm, m in med.items() for k, v in m.items()}}
+    gain = med["trainer"]["steady_tokens_per_s"] / med["separate"]["steady_tokens_per_s"]
+    return {"ratio": ratio, "shared_gain": gain, **{f"{arm}_{k}": v for arm, m in med.items() for k, v in m.items()}}
 
 
 def machine() -> str:
@@ -202,11 +223,13 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
         f"{tcfg.global_batch_size} pairs per optimizer step in micro-batches of {tcfg.micro_batch_size}, "
         f"max_seq_len {tcfg.max_seq_len}, beta {tcfg.beta}, AdamW lr {tcfg.learning_rate:g}, clipping {GRADIENT_CLIPPING}.",
         f"trainer: `train_dpo`, {tcfg.num_workers} Ray Train workers x {tcfg.num_cpus_per_worker} CPU, DeepSpeed "
-        f"ZeRO-{tcfg.zero_stage}, gloo, the loop's streamed pairs dataset. plain: one process, "
-        f"torch.set_num_threads({os.cpu_count()}), policy and reference as plain HF models.",
+        f"ZeRO-{tcfg.zero_stage}, gloo, the loop's streamed pairs dataset, a pair's prompt computed once "
+        "(`trainer.share_prompt`). separate: the same with `trainer.share_prompt=false` (chosen and rejected as "
+        f"two rows). plain: one process, torch.set_num_threads({os.cpu_count()}), policy and reference as plain "
+        "HF models, two rows per pair.",
         "",
-        "Steady tokens/s: real tokens of the chosen + rejected sequences over the optimizer steps after the first "
-        "(each token goes through the reference forward and the policy forward + backward: policy + reference "
+        "Steady tokens/s: real tokens of the chosen + rejected sequences over the optimizer steps after the first, "
+        "in every arm (the trainer's shared prompt counts for both sequences, though computed once; each token goes through the reference forward and the policy forward + backward: policy + reference "
         "tokens/s is twice it). Start-up: call -> end of the first optimizer step, minus that step's tokens at "
         "the steady rate. Teardown: last step -> return (the trainer gathers the weights, writes its ZeRO-3 "
         "checkpoint and the HF export; the plain loop writes nothing).",
@@ -222,8 +245,8 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
     path.write_text("\n".join(out + [""] + lines_after) + "\n")
 
 
-def findings(fits: dict[str, list[dict[str, Any]]]) -> list[str]:
-    if not fits["trainer"] or not fits["plain"]:
+def findings(fits: dict[str, list[dict[str, Any]]], computed: float) -> list[str]:
+    if not all(fits[arm] for arm in ARMS):
         return ["Not finished: this table holds the fits done so far."]
     s = summarize(fits)
     verdict = (f"met by {s['ratio'] / GOAL - 1:+.0%} of the goal" if s["ratio"] >= GOAL
@@ -232,10 +255,13 @@ def findings(fits: dict[str, list[dict[str, Any]]]) -> list[str]:
     breakdown = {k: statistics.median(f["breakdown"][k] for f in trainer) for k in trainer[0]["breakdown"]}
     threads = trainer[-1]["threads"]
     return [
-        f"Medians over {len(trainer)} trainer and {len(fits['plain'])} plain fits:",
+        f"Medians over {len(trainer)} trainer, {len(fits['separate'])} separate and {len(fits['plain'])} plain fits:",
         "",
         f"- steady tokens/s: trainer {s['trainer_steady_tokens_per_s']:.1f}, plain "
         f"{s['plain_steady_tokens_per_s']:.1f}; ratio **{s['ratio']:.2f}x** against the {GOAL}x goal: {verdict}.",
+        f"- shared prompt: trainer {s['trainer_steady_tokens_per_s']:.1f} against separate "
+        f"{s['separate_steady_tokens_per_s']:.1f} tokens/s, a gain of **{s['shared_gain']:.2f}x**; the packed rows "
+        f"compute {computed:.0%} of the sequences' tokens (at most {1 / computed:.2f}x if time went by tokens).",
         f"- trainer start-up per fit: **{s['trainer_startup_s']:.1f} s** (worker group {breakdown['group_s']:.1f} s, "
         f"DeepSpeed init + policy + reference engines {breakdown['engines_s']:.1f} s, the first step's extra "
         f"{breakdown['first_step_extra_s']:.1f} s); teardown {s['trainer_teardown_s']:.1f} s. The plain loop's "
@@ -253,31 +279,37 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead (proves the script runs)")
     args = parser.parse_args()
 
+    from transformers import AutoTokenizer
+
     from psr_ray import config as C
     from psr_ray.pipeline import preflight
     from psr_ray.runtime.cluster import init_ray
     from psr_ray.runtime.models import resolve_model_path
 
     rows = pair_rows(args.pairs, args.seed)
-    fits: dict[str, list[dict[str, Any]]] = {"trainer": [], "plain": []}
+    fits: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     order: list[tuple[str, int, float]] = []
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="psr_trainer_cpu_") as tmp:
-        cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", "run.wandb_mode=disabled"]))
+        overrides = [f"run.output_dir={tmp}", "run.wandb_mode=disabled"]
+        cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], overrides))
         model = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
         if args.tiny:
             from psr_ray.testing import build_tiny_model
 
             model = build_tiny_model(f"{tmp}/tiny_model")
-            cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [f"run.output_dir={tmp}", "run.wandb_mode=disabled",
-                                                         f"model.path={model}"]))  # fmt: skip
+            cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [*overrides, f"model.path={model}"]))
+        separate = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, share_prompt=False))
+        computed = computed_share(AutoTokenizer.from_pretrained(model), rows, max_seq_len=cfg.trainer.max_seq_len,
+                                  micro=cfg.trainer.micro_batch_size)  # fmt: skip
         write_pairs(tmp, rows)
         init_ray(cfg)
         for rep in range(args.repeats):
-            for arm in ("trainer", "plain"):
-                if arm == "trainer":
-                    fit = trainer_fit(cfg, model, tmp, f"{tmp}/trainer_{rep}")
-                else:
+            for arm in ARMS:
+                if arm == "plain":
                     fit = plain_fit(cfg, model, rows)
+                else:
+                    fit = trainer_fit(cfg if arm == "trainer" else separate, model, tmp, f"{tmp}/{arm}_{rep}")
                 gc.collect()
                 fits[arm].append(fit)
                 order.append((arm, len(fits[arm]) - 1, os.getloadavg()[0]))
@@ -285,7 +317,8 @@ def main() -> None:
                 print(f"[{arm} {rep + 1}] {t.num_steps} steps, {t.num_tokens:.0f} tokens, steady "
                       f"{t.steady_tokens_per_s:.1f} tokens/s, start-up {t.startup_s:.1f} s, teardown "
                       f"{t.teardown_s:.1f} s", flush=True)  # fmt: skip
-                write_table(Path(args.out), args, cfg, fits, order, findings(fits))
+                took = f"- the whole run took {(time.perf_counter() - started) / 60:.1f} min."
+                write_table(Path(args.out), args, cfg, fits, order, [*findings(fits, computed), took])
     print(Path(args.out).read_text())
 
 
