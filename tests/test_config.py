@@ -98,6 +98,7 @@ def test_load_rejects_missing_file_and_bad_override():
         ("rollout.num_engines=0", "rollout.num_engines"),
         ("judge.cpu_kv_cache_gib=0", "judge.cpu_kv_cache_gib"),
         ("trainer.zero3_buffer_numel=-1", "trainer.zero3_buffer_numel"),
+        ("trainer.heldout_accuracy_ci=0.5", "trainer.heldout_accuracy_ci"),
         ("run.malloc_mmap_threshold_mib=64", "run.malloc_mmap_threshold_mib"),
         ("rollout.top_p=0", "rollout.top_p"),
         ("judge.mode=vote", "judge.mode"),

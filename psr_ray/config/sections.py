@@ -155,6 +155,10 @@ class TrainerConfig:
     # A pair's chosen and rejected step as one packed row, their shared prompt computed once (trainer/batches.py);
     # the log-probabilities equal two separate rows'. Speed only: off runs the two rows (a bench arm).
     share_prompt: bool = True
+    # The held-out metric after each fit runs on a fixed subsample of the held-out pairs, the fewest that give
+    # its reward accuracy a 95% confidence interval of +- this whatever the accuracy (trainer/heldout.py: 97
+    # pairs at 0.1, 385 at 0.05); 0 takes them all.
+    heldout_accuracy_ci: float = 0.1
     # Recompute each decoder layer in the backward instead of keeping its activations: a layer keeps about
     # 8h + 2kv + 4i values per token, a checkpointed one h (trainer/memory_budget.py). Memory only.
     gradient_checkpointing: bool = False

@@ -44,7 +44,8 @@ def init_key(cfg: PSRConfig) -> str:
     """The digest of every setting M1 and its held-out pairs depend on, and of the prompt formats."""
     plain = cfg.to_dict()
     trainer = {k: MEMORY_ONLY.get(k, v) for k, v in plain["trainer"].items()
-               if k not in ("learning_rate", "beta", "num_epochs", "zero3_buffer_numel", "share_prompt")}  # fmt: skip
+               if k not in ("learning_rate", "beta", "num_epochs", "zero3_buffer_numel", "share_prompt",
+                             "heldout_accuracy_ci")}  # fmt: skip
     return _digest({
         "model": plain["model"], "data": plain["data"], "init": {k: v for k, v in plain["init"].items() if k != "run_first"},
         "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,

@@ -114,6 +114,10 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         t.zero3_buffer_numel >= 0,
         f"trainer.zero3_buffer_numel must be >= 0 (0: DeepSpeed's defaults), got {t.zero3_buffer_numel}",
     )
+    need(
+        0 <= t.heldout_accuracy_ci < 0.5,
+        f"trainer.heldout_accuracy_ci must be in [0, 0.5) (0: every held-out pair), got {t.heldout_accuracy_ci}",
+    )
     need(t.start_timeout_s > 0, f"trainer.start_timeout_s must be > 0, got {t.start_timeout_s}")
     need(
         t.max_failures >= 0,

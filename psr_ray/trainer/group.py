@@ -27,6 +27,7 @@ from psr_ray.config.errors import UserError
 from psr_ray.data.schema import STEP_PAIR_SCHEMA, check_table
 from psr_ray.trainer import checkpoint as ckpt
 from psr_ray.trainer.batches import DPO_COLUMNS, SFT_COLUMNS
+from psr_ray.trainer.heldout import heldout_subsample
 from psr_ray.trainer.worker import DATASET_NAME, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -65,9 +66,12 @@ def train_dpo(
     training (`weight_sync.push`: rank 0 gives the full {HF name: CPU tensor} weights, the other ranks None);
     rank 0's report is `TrainResult.weight_sync`. `heldout`: step pairs never trained on (a Parquet file or
     folder, or row dicts with the columns above); after training the new policy is measured on them against
-    the reference (`trainer/heldout.py`)."""
+    the reference (`trainer/heldout.py`), on the fixed subsample `trainer.heldout_accuracy_ci` sizes."""
     _require_columns(dataset, DPO_COLUMNS, "train_dpo")
-    heldout_rows = read_heldout_pairs(heldout) if heldout is not None else None
+    heldout_rows = None
+    if heldout is not None:
+        half_width = cfg.trainer.heldout_accuracy_ci
+        heldout_rows = heldout_subsample(read_heldout_pairs(heldout), half_width=half_width)
     return _fit(
         cfg,
         "dpo",
