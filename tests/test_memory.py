@@ -85,3 +85,42 @@ def test_peak_memory_attributes_a_real_process_tree_by_role():
     assert 96 / 1024 < roles["engine psr-judge-test"] < 0.5  # its private bytearray and interpreter
     assert roles[OBJECT_STORE] > 60 / 1024  # the 64 MiB it wrote to shared memory
     assert list(roles) == sorted(roles, key=lambda r: -roles[r])  # largest first
+
+
+GROWER = """
+import sys
+print("ready", flush=True)
+sys.stdin.readline()
+grown = bytearray(256 * 2**20)  # zero pages are not resident until written
+for i in range(0, len(grown), 4096):
+    grown[i] = 1
+print("grown", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_ticks_read_resident_sizes_and_sample_fully_only_when_the_peak_may_have_moved():
+    child = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        memory = PeakMemory(interval_s=0.02, root_pid=child.pid, relist_s=0.2, full_every_s=1e9,
+                            tolerance_bytes=16 * 2**20)  # fmt: skip
+        with memory:
+            time.sleep(0.5)  # 25 ticks of a process that does not grow: the first tick's full sample only
+            assert memory.num_full_samples == 1
+            before = memory.peak_gib
+            child.stdin.write("grow\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "grown"
+            # The ticks see the resident gain and sample: the peak gets the 256 MiB, without a take().
+            deadline = time.monotonic() + 10
+            while memory.peak_gib <= before + (256 - 16) / 1024 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert memory.peak_gib > before + (256 - 16) / 1024
+            grown = memory.num_full_samples
+            time.sleep(0.3)
+            assert memory.num_full_samples == grown  # steady again: no more full samples
+        assert memory.cpu_s > 0
+    finally:
+        child.kill()
+        child.wait()
