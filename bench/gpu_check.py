@@ -307,7 +307,11 @@ class Check:
         self.trained_dir = result.hf_dir
         flops_per_token = 8 * self.num_params
         peak = peak_flops(self.device_name or _device_name())
-        mfu = timing.steady_tokens_per_s * flops_per_token / peak if peak else None
+        # FLOPs go by the tokens the model ran on: a pair's shared prompt counts once (trainer.share_prompt).
+        steady = result.metrics[1:] or result.metrics
+        computed_per_s = timing.steady_tokens_per_s * (sum(m["train/num_computed_tokens"] for m in steady)
+                                                       / sum(m["train/num_tokens"] for m in steady))  # fmt: skip
+        mfu = computed_per_s * flops_per_token / peak if peak else None
         losses = [m["train/loss"] for m in result.metrics]
         found = [] if all(map(_finite, losses)) else [f"a loss is not finite: {losses}"]
         return {"params": self.num_params, "pairs": result.num_trained_rows, "steps": result.num_optimizer_steps,
@@ -315,10 +319,11 @@ class Check:
                 "gradient_checkpointing": tcfg.gradient_checkpointing, "use_gpu": tcfg.use_gpu,
                 "step_s": [round(m["train/step_s"], 3) for m in result.metrics],
                 "tokens_per_step": [m["train/num_tokens"] for m in result.metrics],
+                "computed_tokens_per_step": [m["train/num_computed_tokens"] for m in result.metrics],
                 "steady_tokens_per_s": round(timing.steady_tokens_per_s, 1), "startup_s": round(timing.startup_s, 2),
                 "teardown_s": round(timing.teardown_s, 2), "fit_s": round(returned - called, 2),
                 "flops_per_token": flops_per_token, "peak_flops": peak,
-                "tflops": round(timing.steady_tokens_per_s * flops_per_token / 1e12, 3),
+                "tflops": round(computed_per_s * flops_per_token / 1e12, 3),
                 "mfu": round(mfu, 4) if mfu is not None else None, "losses": [round(x, 4) for x in losses],
                 "heldout": result.heldout, "worker_phases_s": ckpt.read_version(result.checkpoint_dir).get("phases", {}),
                 "problems": found}  # fmt: skip

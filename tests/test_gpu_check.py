@@ -95,8 +95,12 @@ def test_zero3_fit_reports_throughput_and_flops(dry_run):
     assert r["zero_stage"] == 3 and r["use_gpu"] is False and r["steps"] == 3 and r["pairs"] == 6
     assert r["flops_per_token"] == 8 * lines["model"]["result"]["params"]
     steady = sum(r["tokens_per_step"][1:]) / sum(r["step_s"][1:])
+    # FLOPs by the tokens computed: a pair's shared prompt once (its pairs' prompts, cut to different lengths
+    # for steps of different lengths, share none).
+    computed = sum(r["computed_tokens_per_step"][1:]) / sum(r["step_s"][1:])
+    assert 0 < computed <= steady
     assert r["steady_tokens_per_s"] == pytest.approx(steady, rel=0.01)
-    assert r["tflops"] == pytest.approx(steady * r["flops_per_token"] / 1e12, rel=0.01, abs=1e-3)
+    assert r["tflops"] == pytest.approx(computed * r["flops_per_token"] / 1e12, rel=0.01, abs=1e-3)
     assert r["mfu"] is None and r["peak_flops"] is None  # no bf16 peak for a CPU
     assert r["losses"][0] == pytest.approx(math.log(2), abs=1e-3) and r["losses"][-1] < r["losses"][0]
     assert r["heldout"]["heldout/num_pairs"] == 4

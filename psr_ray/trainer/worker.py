@@ -67,7 +67,7 @@ def dpo_micro_step(
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch of B pairs ([2B, T]: chosen rows then rejected rows, or [B, T']
     packed pair rows) with the sum of its pairs' losses times `loss_scale`; returns [loss sum, margin, correct,
-    chosen_logps, rejected_logps, pairs, tokens] for the step's metrics."""
+    chosen_logps, rejected_logps, pairs, tokens, computed tokens] for the step's metrics."""
     # Reference first, so its logits are freed before the policy's activations exist.
     with torch.no_grad():
         ref = forward_logps(reference, batch)
@@ -85,6 +85,7 @@ def dpo_micro_step(
             logps[b:].detach().sum().float(),
             torch.tensor(float(b), device=logps.device),
             sequence_tokens(batch).float(),  # the sequences' tokens, a packed row's shared part twice
+            batch["attention_mask"].sum().float(),  # the tokens the model computed
         ]
     )
 
@@ -108,7 +109,7 @@ def step_metrics(
 ) -> dict[str, float]:
     """All-reduced sums of one optimizer step -> the named metrics; `ended_at`: the step's end (unix s)."""
     if mode == "dpo":
-        loss, margin, correct, chosen, rejected, pairs, tokens = sums.tolist()
+        loss, margin, correct, chosen, rejected, pairs, tokens, computed = sums.tolist()
         n = max(pairs, 1.0)
         metrics = {
             "train/loss": loss / n,
@@ -120,6 +121,7 @@ def step_metrics(
         }
     else:
         loss, targets, tokens, rows = sums.tolist()
+        computed = tokens
         metrics = {"train/loss": loss / max(targets, 1.0), "train/num_target_tokens": targets, "train/num_rows": rows}
     metrics.update(
         {
@@ -127,6 +129,8 @@ def step_metrics(
             # Real tokens of the step's sequences (all ranks, no padding) and its wall time on this rank, data
             # wait included: what bench/trainer_cpu.py sums into a steady rate (trainer/fit_timing.py).
             "train/num_tokens": tokens,
+            # What the model ran on: fewer than num_tokens where pairs share their prompt (FLOPs, MFU).
+            "train/num_computed_tokens": computed,
             "train/step_s": seconds,
             "train/step_end_unix_s": ended_at,  # the step on the caller's clock: a fit's start-up cost
             "train/lr": lr,

@@ -41,8 +41,9 @@ def test_too_few_steps_or_missing_metrics_are_one_line_errors():
 def test_the_trainer_step_metrics_carry_what_fit_timing_reads():
     import torch
 
-    # DPO sums: loss, margin, correct, chosen, rejected, pairs, tokens.
-    sums = torch.tensor([1.0, 2.0, 3.0, -4.0, -5.0, 4.0, 480.0])
+    # DPO sums: loss, margin, correct, chosen, rejected, pairs, tokens, computed tokens.
+    sums = torch.tensor([1.0, 2.0, 3.0, -4.0, -5.0, 4.0, 480.0, 300.0])
     metrics = step_metrics("dpo", sums, lr=1e-6, seconds=2.0, step=1, truncated=0, ended_at=5.0)
     assert metrics["train/num_tokens"] == 480.0 and metrics["train/step_s"] == 2.0
+    assert metrics["train/num_computed_tokens"] == 300.0
     assert metrics["train/tokens_per_s"] == 240.0 and metrics["train/step_end_unix_s"] == 5.0
