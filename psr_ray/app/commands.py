@@ -35,9 +35,10 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     if (pairs_dir(output_dir, 1) / MANIFEST).is_file() and not args.resume:
         raise UserError(f"{output_dir} already holds step pairs of an earlier pass ({pairs_dir(output_dir, 1)}); "
                         "pass another --output, or --resume to finish that pass")  # fmt: skip
+    # The problems before the lock: a source with none fails without making the --output folder.
+    problems = RunSession(cfg).load_problems(limit=args.num_problems)
     session = RunSession.locked(cfg, output_dir, command="generate")  # held until this process ends
     session.check_writable("--output")
-    problems = session.load_problems(limit=args.num_problems)
     model_path = session.model_path
     session.start_ray(trainer=False)
     summary = generate_pairs(

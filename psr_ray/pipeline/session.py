@@ -3,7 +3,8 @@ and the bench scripts): the output folder's lock, the problems, the model, Ray, 
 durable writes of commit points.
 
 A command calls the steps in the order its checks must fail: the lock first (a second process on the
-folder fails before anything else), then the problems (bad data fails before a Ray cluster starts), then
+folder fails before anything else; `generate` loads its problems first, so a source with none makes no
+folder), then the problems (bad data fails before a Ray cluster starts), then
 Ray, then the engines. `start_pool` is the only place in psr_ray that starts engine actors.
 """
 
