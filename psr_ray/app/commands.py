@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from psr_ray.config import DEFAULT_CONFIG, PSRConfig, UserError
@@ -121,6 +122,13 @@ def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 
 def submit(cfg: PSRConfig, args: argparse.Namespace) -> int:
+    from psr_ray.pipeline import capacity
     from psr_ray.runtime.submit import submit as submit_job
 
-    return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait)
+    def check_cluster(address: str, nodes: list[dict[str, float]]) -> None:
+        print(f"[psr_ray] the cluster at {address}: {capacity.describe(nodes)}")
+        for warning in capacity.check_capacity(cfg, nodes, ask_autoscaler=False):
+            print(f"[psr_ray] warning: {warning}", file=sys.stderr)
+
+    return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait,
+                      check_cluster=check_cluster)  # fmt: skip

@@ -101,10 +101,16 @@ def describe(nodes: list[dict[str, float]]) -> str:
 
 
 def check_capacity(
-    cfg: Any, nodes: list[dict[str, float]] | None = None, *, engines: bool = True, trainer: bool = True
+    cfg: Any,
+    nodes: list[dict[str, float]] | None = None,
+    *,
+    engines: bool = True,
+    trainer: bool = True,
+    ask_autoscaler: bool = True,
 ) -> list[str]:
     """Raises a ValueError naming what is missing when the run cannot be placed on the cluster; with
-    `run.autoscaling` asks the autoscaler for it instead and returns the warnings."""
+    `run.autoscaling` asks the autoscaler for it instead (`ask_autoscaler`: the job's driver asks, connected;
+    `psr-ray submit` only warns) and returns the warnings."""
     nodes = cluster_nodes() if nodes is None else nodes
     demands = run_demands(cfg, engines=engines, trainer=trainer)
     errors = placement_errors(demands, nodes)
@@ -112,6 +118,9 @@ def check_capacity(
         return []
     where = describe(nodes)
     if cfg.run.autoscaling:
+        if not ask_autoscaler:
+            return [f"the cluster ({where}) cannot place this run yet: {'; '.join(errors)}; the run will ask its "
+                    "autoscaler for the nodes (run.autoscaling)"]  # fmt: skip
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[d.resources for d in demands])
