@@ -43,6 +43,7 @@ from psr_ray.data.schema import StepPair
 from psr_ray.engines.api import JudgeRequest
 from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
 from psr_ray.runtime import metrics
+from psr_ray.runtime.locate import where_is
 from psr_ray.search.plans import first_round_calls
 from psr_ray.search.problem import Outcome, Phase, ProblemSearch
 from psr_ray.search.stats import SearchStats
@@ -153,10 +154,11 @@ class SearchScheduler:
         now = time.monotonic()
         for call in self._calls.values():
             if now - call.sent_at > timeout:
+                name = call.pool.names[call.engine]
                 raise TimeoutError(
-                    f"{call.pool.names[call.engine]} has not answered a {call.kind.value} call for {len(call.keys)} "
-                    f"problems in {timeout:.0f} s (run.engine_call_timeout_s); is it hung? (its log is under "
-                    "/tmp/ray/session_latest/logs)"
+                    f"{name} has not answered a {call.kind.value} call for {len(call.keys)} problems in "
+                    f"{timeout:.0f} s (run.engine_call_timeout_s); is it hung? "
+                    f"({where_is([name]) or 'see the Ray logs of its node'})"
                 )
 
     # ---- admit ---------------------------------------------------------------------------------------
