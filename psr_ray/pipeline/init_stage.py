@@ -29,6 +29,7 @@ from psr_ray.init_data.build import (
     eft_rows,
     ift_rows,
     load_worked_problems,
+    loss_shares,
     num_eft_pairs,
     pair_rows,
     read_pairs,
@@ -55,6 +56,9 @@ class InitResult:
     data_files: dict[str, str]
     eft_counts: dict[str, int] = field(default_factory=dict)  # sites, candidates, right, mixed_sites (M0)
     heldout_counts: dict[str, int] = field(default_factory=dict)  # the same for M1 on held-out problems
+    # part (ift, eft) -> its share of the SFT loss: "rows" (what it has: rows weigh alike) and "tokens" (what a
+    # mean over target tokens would give it)
+    loss_shares: dict[str, dict[str, float]] = field(default_factory=dict)
     train_metrics: list[dict[str, float]] = field(default_factory=list)
     # model -> {"judge": JudgeScores.to_dict(), "benchmarks": [eval rows]}
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -135,7 +139,8 @@ def initialize(session: RunSession, *, output_dir: str, evaluate: tuple[str, ...
         output_dir=str(out), hf_dir=trained.hf_dir, judge_mode=mode.value, eft_ift_ratio=icfg.eft_ift_ratio,
         num_ift_rows=len(ift), num_eft_pairs=len(eft_pairs), num_eft_rows=len(eft), num_heldout_pairs=len(heldout),
         heldout_problem_ids=[p.problem_id for p in split.heldout], data_files={k: str(v) for k, v in files.items()},
-        eft_counts=eft_counts, heldout_counts=heldout_counts, train_metrics=trained.metrics,
+        eft_counts=eft_counts, heldout_counts=heldout_counts, loss_shares=loss_shares(tokenizer, {"ift": ift, "eft": eft}),
+        train_metrics=trained.metrics,
         scores={k: scores[k] for k in ("M0", "M1") if k in scores}, seconds=seconds,
     )  # fmt: skip
     if not eft_pairs:
@@ -171,6 +176,9 @@ def format_init(result: InitResult) -> str:
             if loss
             else "SFT: resumed."
         ),
+        "SFT loss shares (each row's mean token loss, rows averaged): " + ", ".join(
+            f"{part.upper()} {share['rows']:.1%} (a per-token mean would give {share['tokens']:.1%})"
+            for part, share in result.loss_shares.items()) + ".",  # fmt: skip
         "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + ".",
     ]
     table = format_run_table(models) if models else RUN_HEADER

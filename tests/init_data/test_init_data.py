@@ -18,6 +18,7 @@ from psr_ray.init_data.build import (
     eft_rows,
     ift_rows,
     load_worked_problems,
+    loss_shares,
     num_eft_pairs,
     pair_rows,
     read_pairs,
@@ -139,6 +140,18 @@ def test_eft_rows_are_balanced_and_point_at_the_right_step(mode):
                                           f"Verdict: [[{row['label']}]]</s>")  # fmt: skip
         else:
             assert row["prompt_text"].endswith("Verdict: [[") and row["target_text"] == f"{row['label']}]]</s>"
+
+
+def test_loss_shares_weigh_rows_alike_beside_the_token_shares():
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text)))}
+
+    parts = {"ift": [{"target_text": "x" * 74}] * 3, "eft": [{"target_text": "A]]"}]}
+    shares = loss_shares(CharTokenizer(), parts)
+    assert shares["ift"]["rows"] == 0.75 and shares["eft"]["rows"] == 0.25
+    assert shares["eft"]["tokens"] == pytest.approx(3 / (3 * 74 + 3))
+    assert loss_shares(CharTokenizer(), {"ift": parts["ift"], "eft": []})["eft"] == {"rows": 0.0, "tokens": 0.0}
 
 
 def test_eft_ratio_and_pair_files_round_trip(tmp_path):
