@@ -20,8 +20,8 @@ def eval_row(bits: str) -> dict:
 
 
 def judge(accuracy: float, num: int) -> dict:
-    return {"accuracy": accuracy, "accuracy_ci95": [0.3, 0.9], "num_judgments": num, "pair_accuracy": 0.5,
-            "pair_accuracy_ci95": [0.2, 0.8], "share_a": 0.375, "mode": "direct"}  # fmt: skip
+    return {"accuracy": accuracy, "accuracy_ci95": [0.3, 0.9], "num_judgments": num, "num_pairs": num // 2,
+            "pair_accuracy": 0.5, "pair_accuracy_ci95": [0.2, 0.8], "share_a": 0.375, "mode": "direct"}  # fmt: skip
 
 
 def write_stages(work: Path) -> None:
@@ -62,12 +62,17 @@ def test_report_tables_come_from_the_stage_records(tmp_path):
         "| M1's self-judged pairs (-> M2) | 6 | 50.0 [20.0, 80.0] | 25.0 | no | 1 |",
     ]
     # M1 has no judge record (no held-out pairs at iteration 0 here): no row.
-    assert table("## Judge accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)") == [
-        "| model | mode | judgments | accuracy % [95% CI] | pairs right (both orders) % [95% CI] | share A % |",
-        "|---|---|---|---|---|---|",
-        "| M0 | direct | 8 | 62.5 [30.0, 90.0] | 50.0 [20.0, 80.0] | 37.5 |",
-        "| M2 | direct | 8 | 75.0 [30.0, 90.0] | 50.0 [20.0, 80.0] | 37.5 |",
+    # Pair accuracy over both orders is the headline column; single judgments and the share of "A" beside it.
+    assert table("## Judge pair accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)") == [
+        "| model | mode | pairs | pair accuracy (both orders) % [95% CI] | judgments | judgment accuracy % [95% CI] "
+        "| share A % |",
+        "|---|---|---|---|---|---|---|",
+        "| M0 | direct | 4 | 50.0 [20.0, 80.0] | 8 | 62.5 [30.0, 90.0] | 37.5 |",
+        "| M2 | direct | 4 | 50.0 [20.0, 80.0] | 8 | 75.0 [30.0, 90.0] | 37.5 |",
     ]
+    results = table("## Accuracy, judge pair accuracy, pair precision")
+    assert results[0].startswith("| model | trained on |") and "| judge pair acc % [95% CI] | judgment acc % |" in results[0]
+    assert "| 50.0 [20.0, 80.0] (n=4) | 75.0 | 37.5 |" in next(r for r in results if r.startswith("| M2 | "))
     assert (
         "- M2 vs M1: 50.0% vs 25.0% = +25.0 points on 4 problems; 1 problems only M2 solves, 0 only M1;"
         in "\n".join(lines)
