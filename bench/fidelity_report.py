@@ -164,14 +164,18 @@ def write_fidelity_report(work: Path, out: Path, *, command: str, machine: str) 
               "", "## Judge pair accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)", "",
               *_judge_table(models), ""]  # fmt: skip
     if init:
-        e = init["eft_counts"]
+        e, shares = init["eft_counts"], init["loss_shares"]
         lines += ["## Initialization", "",
-                  f"EFT:IFT = {init['num_eft_rows']}:{init['num_ift_rows']} rows = "
-                  f"{init['num_eft_rows'] / max(1, init['num_ift_rows']):.3f} (configured {init['eft_ift_ratio']}; "
-                  f"the paper's ~0.143). EFT pairs: {init['num_eft_pairs']} from M0's own candidates ({e.get('candidates')} "
-                  f"candidates at {e.get('sites')} steps, {e.get('right')} right by the exact check). Held-out judge "
-                  f"pairs: {init['num_heldout_pairs']} from M1's candidates. SFT: {len(init['train_metrics'])} optimizer "
-                  "steps.", ""]  # fmt: skip
+                  f"EFT:IFT = {init['num_eft_rows']}:{init['num_ift_rows']} rows = {init['eft_ift_ratio']:.3f} (the "
+                  f"paper's ~4.2k:28.9k = {init['paper_eft_ift_ratio']:.3f}). EFT pairs: {init['num_eft_pairs']} of "
+                  f"init.num_eft_pairs={init['configured_eft_pairs']}, from M_ift's own candidates (M0 after an "
+                  f"IFT-only SFT of {len(init['ift_train_metrics'])} optimizer steps; {e.get('candidates')} candidates "
+                  f"at {e.get('sites')} steps, {e.get('own_sites')} of them after M_ift's own steps, {e.get('right')} "
+                  f"right by the exact check). SFT loss shares (rows weigh alike): "
+                  + ", ".join(f"{k.upper()} {100 * v['rows']:.1f}% (per-token: {100 * v['tokens']:.1f}%)"
+                              for k, v in shares.items())
+                  + f". Held-out judge pairs: {init['num_heldout_pairs']} from M1's candidates. SFT (M0 -> M1): "
+                  f"{len(init['train_metrics'])} optimizer steps.", ""]  # fmt: skip
     mc = stages.get("mc")
     if mc:
         lines += ["## The Monte-Carlo oracle against the exact check", "",

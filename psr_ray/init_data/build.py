@@ -32,7 +32,7 @@ from psr_ray.init_data.segment import worked_solution
 class InitSplit:
     heldout: list[Problem]  # the judge-accuracy pairs come from these; never trained on or searched
     ift: list[Problem]
-    eft: list[Problem]  # candidates are proposed at one step of each, until there are enough EFT pairs
+    eft: list[Problem]  # candidates are proposed on these (`candidates.oracle_pairs`) until there are enough EFT pairs
 
 
 def load_worked_problems(
@@ -63,11 +63,6 @@ def split_problems(problems: list[Problem], *, num_heldout: int, num_ift: int) -
         )
     return InitSplit(problems[:num_heldout], problems[num_heldout : num_heldout + num_ift],
                      problems[num_heldout + num_ift :])  # fmt: skip
-
-
-def num_eft_pairs(num_ift_rows: int, ratio: float) -> int:
-    """EFT pairs giving `ratio` EFT rows per IFT row (each pair gives two rows: both orders); at least one."""
-    return max(1, round(num_ift_rows * ratio / 2))
 
 
 def ift_rows(tokenizer: Any, problems: list[Problem]) -> list[dict[str, Any]]:
