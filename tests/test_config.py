@@ -114,7 +114,7 @@ def test_load_rejects_missing_file_and_bad_override():
         ("model.path=embedded:gpt5", "model.path"),
         ("data.source=/no/such.jsonl", "data.source"),
         ("init.num_ift_examples=0", "init.num_ift_examples"),
-        ("init.eft_ift_ratio=-2", "init.eft_ift_ratio"),
+        ("init.num_eft_pairs=-2", "init.num_eft_pairs"),
         ("init.num_candidates=1", "init.num_candidates"),
     ],
 )
@@ -216,8 +216,8 @@ def test_section_sources_name_the_file_of_each_section(tmp_path):
 
 
 def test_init_section_overrides():
-    cfg = preflight.validate(C.load([], ["init.num_ift_examples=64", "init.eft_ift_ratio=0.2"]), gpu_available=False)
-    assert (cfg.init.num_ift_examples, cfg.init.eft_ift_ratio, cfg.init.num_heldout_pairs) == (64, 0.2, 150)
+    cfg = preflight.validate(C.load([], ["init.num_ift_examples=64", "init.num_eft_pairs=20"]), gpu_available=False)
+    assert (cfg.init.num_ift_examples, cfg.init.num_eft_pairs, cfg.init.num_heldout_pairs) == (64, 20, 150)
 
 
 def test_a_hub_dataset_this_machine_cannot_load_is_refused_before_start(tmp_path, monkeypatch):

@@ -110,8 +110,8 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
 
 
 def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    """IFT data and EFT pairs (M0's own candidates, labelled by the step oracle), SFT of model.path into M1,
-    judge accuracy on held-out pairs and benchmark accuracy of M0 and M1."""
+    """IFT data and EFT pairs (M_ift's own candidates, labelled by the step oracle), SFT of model.path into M1,
+    judge pair accuracy on held-out pairs and benchmark accuracy of M0 and M1."""
     from psr_ray.pipeline.init_stage import format_init, initialize
     from psr_ray.pipeline.session import RunSession
 

@@ -208,16 +208,19 @@ class EvalConfig:
 class InitConfig:
     """Initialization (M0 -> M1, the paper's section 3.2; `psr-ray init`, or first in `psr-ray run`): SFT of
     `model.path` on IFT (worked solutions of `data.source` in the step format) and EFT (pairwise judgments of
-    the model's own candidate steps, a right one and a wrong one by the step oracle), with the `trainer.sft_*`
-    settings. Held-out problems give oracle-labelled pairs on which every model's judge accuracy is measured."""
+    the policy's own candidate steps, a right one and a wrong one by the step oracle: M_ift's, the model after
+    an SFT on IFT alone), with the `trainer.sft_*` settings. Held-out problems give oracle-labelled pairs on
+    which every model's judge accuracy is measured."""
 
     # `psr-ray run` initializes first and starts PSR from M1, as the paper does. M1 is cached under
     # `run.cache_dir/init/<key of these settings>` and reused by every later run with the same settings.
     run_first: bool = False
     # Step-formatted solutions to train on.
     num_ift_examples: int = 2000
-    # EFT rows per IFT row (each pair gives 2 rows: both orders); the paper's ~4.2k EFT to 28.9k IFT is ~1:7.
-    eft_ift_ratio: float = 0.143
+    # EFT pairs (each gives 2 rows: both orders), proposed by M_ift at problem prefixes (reference steps and
+    # its own right steps). The paper's ~4.2k EFT rows to 28.9k IFT; the init reports both ratios. 0: no EFT,
+    # M1 is SFT on IFT alone (and no M_ift is trained).
+    num_eft_pairs: int = 2100
     # Candidates the model proposes per EFT (M0) or held-out (M1) step, and their sampling temperature (high:
     # a model sure of a step proposes it 8 times, and only a step with a right and a wrong candidate gives a pair).
     num_candidates: int = 8

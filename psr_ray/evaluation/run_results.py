@@ -1,6 +1,6 @@
 """The run's results (`<output_dir>/results.{json,md}`, `accuracy.png`) from what `state.json` recorded: one
 entry per model, M0 (when the run initialized first) and M1, then the model each iteration trained, with its
-benchmark rows, judge accuracy, the pair precision of its training pairs and the stage times."""
+benchmark rows, judge pair accuracy (both orders), the pair precision of its training pairs and the stage times."""
 
 from __future__ import annotations
 
