@@ -73,14 +73,18 @@ def test_report_tables_come_from_the_stage_records(tmp_path):
         "| M2 | direct | 4 | 50.0 [20.0, 80.0] | 8 | 75.0 [30.0, 90.0] | 37.5 |",
     ]
     results = table("## Accuracy, judge pair accuracy, pair precision")
-    assert results[0].startswith("| model | trained on |") and "| judge pair acc % [95% CI] | judgment acc % |" in results[0]
+    assert (
+        results[0].startswith("| model | trained on |")
+        and "| judge pair acc % [95% CI] | judgment acc % |" in results[0]
+    )
     assert "| 50.0 [20.0, 80.0] (n=4) | 75.0 | 37.5 |" in next(r for r in results if r.startswith("| M2 | "))
     assert table("## Initialization")[0].startswith(
         "EFT:IFT = 2:14 rows = 0.143 (the paper's ~4.2k:28.9k = 0.145). EFT pairs: 1 of init.num_eft_pairs=4, "
         "from M_ift's own candidates (M0 after an IFT-only SFT of 1 optimizer steps;"
     )
-    assert "SFT loss shares (rows weigh alike): IFT 87.5% (per-token: 99.0%), EFT 12.5% (per-token: 1.0%)." in (
-        table("## Initialization")[0]
+    assert (
+        "SFT loss shares (rows weigh alike): IFT 87.5% (per-token: 99.0%), EFT 12.5% (per-token: 1.0%)."
+        in (table("## Initialization")[0])
     )
     assert (
         "- M2 vs M1: 50.0% vs 25.0% = +25.0 points on 4 problems; 1 problems only M2 solves, 0 only M1;"

@@ -201,7 +201,9 @@ def format_init(result: InitResult) -> str:
             f"IFT-only SFT (M0 -> M_ift, the EFT candidates' proposer): {len(ift_loss)} optimizer steps, loss "
             f"{ift_loss[0]:.3f} -> {ift_loss[-1]:.3f}."
             if ift_loss
-            else "IFT-only SFT: none (no EFT)." if not result.configured_eft_pairs else "IFT-only SFT: resumed."
+            else "IFT-only SFT: none (no EFT)."
+            if not result.configured_eft_pairs
+            else "IFT-only SFT: resumed."
         ),
         f"Held-out judge pairs: {result.num_heldout_pairs} from M1's candidates ({h.get('candidates', 0)} at "
         f"{h.get('sites', 0)} steps of held-out problems, {h.get('right', 0)} right).",
@@ -210,9 +212,12 @@ def format_init(result: InitResult) -> str:
             if loss
             else "SFT: resumed."
         ),
-        "SFT loss shares (each row's mean token loss, rows averaged): " + ", ".join(
+        "SFT loss shares (each row's mean token loss, rows averaged): "
+        + ", ".join(
             f"{part.upper()} {share['rows']:.1%} (a per-token mean would give {share['tokens']:.1%})"
-            for part, share in result.loss_shares.items()) + ".",  # fmt: skip
+            for part, share in result.loss_shares.items()
+        )
+        + ".",  # fmt: skip
         "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()) + ".",
     ]
     table = format_run_table(models) if models else RUN_HEADER
