@@ -45,7 +45,8 @@ def write_results(state: Any, out_dir: str | Path, *, judge_mode: str, m0: dict[
     models = models_from_state(state, judge_mode=judge_mode, m0=m0, init_seconds=init_seconds)
     title = f"PSR run: {JUDGE_LABELS.get(judge_mode, judge_mode)} step pairs"
     memory = memory_line(state.data.get("peak_memory_gib", {}), state.data.get("peak_memory_roles_gib", {}))
-    footer = "\n\n".join(x for x in (iteration_table(state), memory, trainer_memory_lines(state)) if x)
+    nodes = node_memory_lines(state.data.get("peak_memory_nodes_gib", {}))
+    footer = "\n\n".join(x for x in (iteration_table(state), memory, nodes, trainer_memory_lines(state)) if x)
     return write_run_report(models, str(out_dir), title=title, footer=footer)
 
 
@@ -96,6 +97,23 @@ def memory_line(peaks: dict[str, float], roles: dict[str, dict[str, float]] | No
     if split:
         line += f" At that peak: {', '.join(f'{role} {gib:.2f}' for role, gib in split.items())}."
     return line
+
+
+def node_memory_lines(per_stage: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """On a cluster: each node's highest peak (PSS of its Ray processes), the stage it came in and the split
+    by role at that peak."""
+    best: dict[str, tuple[float, str, dict[str, float]]] = {}
+    for stage, nodes in per_stage.items():
+        for node, figures in nodes.items():
+            if node not in best or figures["peak"] > best[node][0]:
+                best[node] = (figures["peak"], stage, figures.get("roles", {}))
+    if not best:
+        return ""
+    lines = ["Peak memory per node (PSS of the node's Ray processes, GiB):"]
+    for node, (peak, stage, roles) in sorted(best.items()):
+        split = ", ".join(f"{role} {gib:.2f}" for role, gib in roles.items() if gib >= 0.005)
+        lines.append(f"- {node}: {peak:.1f} in `{stage}`" + (f" ({split})" if split else ""))
+    return "\n".join(lines)
 
 
 def trainer_memory_lines(state: Any) -> str:

@@ -72,6 +72,7 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     the engines live as long as it does (they are the driver's actors, not detached)."""
     from psr_ray.runtime import console, metrics
     from psr_ray.runtime.memory import PeakMemory
+    from psr_ray.runtime.node_memory import NodeMemory, spans_nodes
 
     memory = PeakMemory().start()  # this node's run processes; each stage's peak goes to state.json and results
     try:
@@ -79,14 +80,22 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     except BaseException:
         memory.stop()
         raise
-    psr.state.record_peak("start (init, engines)", *memory.take_with_roles())
+    # On a cluster the driver's tree is not the run: a sampler per node reports each node's processes by role.
+    nodes = NodeMemory() if psr.cfg.run.ray_address or spans_nodes() else None
+
+    def record(title: str) -> None:
+        psr.state.record_peak(title, *memory.take_with_roles())
+        if nodes is not None:
+            psr.state.record_node_peaks(title, nodes.take())
+
+    record("start (init, engines)")
     cfg = psr.cfg
     total = cfg.run.num_iterations
 
     def stage(title: str, work: Callable[[], None]) -> None:
         with console.stage(title):
             work()
-        psr.state.record_peak(title, *memory.take_with_roles())
+        record(title)
 
     try:  # one display per stage (psr_ray.runtime.console), one summary line per iteration
         metrics.set_gauge("iteration", 0)
@@ -103,6 +112,8 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
         _write_results(psr)
     finally:
         memory.stop()
+        if nodes is not None:
+            nodes.stop()
         psr.logger.finish()
         psr.session.release()
     print(f"\nResults ({psr.out / 'results.md'}):\n")

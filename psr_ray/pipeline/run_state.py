@@ -72,6 +72,13 @@ class RunState:
         if roles:
             self.data.setdefault("peak_memory_roles_gib", {})[stage] = {k: round(v, 3) for k, v in roles.items()}
 
+    def record_node_peaks(self, stage: str, nodes: dict[str, tuple[float, dict[str, float]]]) -> None:
+        """Each node's peak memory in a stage (GiB, `psr_ray.runtime.node_memory`) and its split by role."""
+        self.data.setdefault("peak_memory_nodes_gib", {})[stage] = {
+            node: {"peak": round(gib, 3), "roles": {k: round(v, 3) for k, v in roles.items()}}
+            for node, (gib, roles) in nodes.items()
+        }
+
     def flush(self) -> None:
         self._write()
 
