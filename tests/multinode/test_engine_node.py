@@ -1,0 +1,44 @@
+"""The real `psr-ray run` (tiny config) on a simulated multi-node cluster (issue 26; tests/scenarios/multinode.py):
+a head of 0 CPUs, an engine node {CPU: 2, psr_engine: 2}, a trainer node {CPU: 4, psr_trainer: 2}, the run
+joining it through `run.ray_address` with its engines and trainer pinned to their node groups. One cluster for
+the module, in a process of its own: an undisturbed run, then one that loses its engine node mid-search and
+gets a new one. ~4 minutes on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.scenarios.multinode import node_of, run_in_subprocess
+
+pytestmark = [pytest.mark.ray, pytest.mark.multinode]
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory):
+    return run_in_subprocess(tmp_path_factory.mktemp("multinode"), "undisturbed")
+
+
+@pytest.fixture(scope="module")
+def undisturbed(seen):
+    run = seen["undisturbed"]
+    assert run["returncode"] == 0, run["log_tail"]
+    return run
+
+
+def _cpu(resources: dict[str, float]) -> float:
+    # Placement-group bundles show as CPU_group_<id> (and CPU_group_<i>_<id>): count the bundle's, not each copy.
+    return resources.get("CPU", 0.0) + max((v for k, v in resources.items() if k.startswith("CPU_group_")), default=0.0)
+
+
+def test_each_role_runs_on_its_node_group_and_nothing_that_needs_a_cpu_on_the_head(undisturbed):
+    actors, tasks = undisturbed["placement"]["actors"], undisturbed["placement"]["tasks"]
+    engines = {a["name"]: node_of(undisturbed, a["node"]) for a in actors if a["class"] == "EngineActor"}
+    assert engines == {"psr-rollout-0": "engine", "psr-judge-0": "engine"}
+    for engine in (a for a in actors if a["class"] == "EngineActor"):
+        assert engine["resources"] == {"CPU": 0.5, "psr_engine": 1.0}
+    workers = [node_of(undisturbed, a["node"]) for a in actors if a["class"] == "RayTrainWorker"]
+    assert workers == ["trainer", "trainer"]  # trainer.num_workers, both on the trainer node
+    on_head = [x for x in actors + tasks if node_of(undisturbed, x["node"]) == "head"]
+    assert {x.get("class") for x in on_head} >= {"TrainController", "SplitCoordinator"}  # Ray's own, CPU-less
+    assert [x for x in on_head if _cpu(x["resources"]) > 0] == []
+    assert all(node_of(undisturbed, x["node"]) is not None for x in actors + tasks)  # no other node joined
