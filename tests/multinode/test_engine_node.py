@@ -42,3 +42,17 @@ def test_each_role_runs_on_its_node_group_and_nothing_that_needs_a_cpu_on_the_he
     assert {x.get("class") for x in on_head} >= {"TrainController", "SplitCoordinator"}  # Ray's own, CPU-less
     assert [x for x in on_head if _cpu(x["resources"]) > 0] == []
     assert all(node_of(undisturbed, x["node"]) is not None for x in actors + tasks)  # no other node joined
+
+
+def test_the_sync_report_names_the_nodes_and_the_push_crossed_them(undisturbed):
+    nodes = undisturbed["nodes"]
+    stages = undisturbed["state"]["iterations"]["1"]
+    push, sync = stages["train"]["weight_sync"], stages["sync"]
+    assert push["error"] is None and push["backend"] == "object_store"
+    assert push["sender_node"] == nodes["trainer"]  # the trainer's rank 0 sent it
+    assert push["engine_nodes"] == {"psr-rollout-0": nodes["engine"], "psr-judge-0": nodes["engine"]}
+    assert push["sender_node"] not in push["engine_nodes"].values()  # it crossed nodes, through the object store
+    assert max(push["probe_errors"].values()) <= push["tolerance"]  # and each engine serves what was sent
+    # The stage's record (state.json, the results' sync columns) carries the same, with nothing reloaded.
+    assert sync["sender_node"] == push["sender_node"] and sync["engine_nodes"] == push["engine_nodes"]
+    assert sync["reloaded_from_export"] == 0 and sync["engine_versions"] == [2, 2]
