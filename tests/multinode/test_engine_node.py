@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.scenarios import driver_kills as dk
 from tests.scenarios.multinode import node_of, run_in_subprocess
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
-    return run_in_subprocess(tmp_path_factory.mktemp("multinode"), "undisturbed")
+    return run_in_subprocess(tmp_path_factory.mktemp("multinode"), "undisturbed", "engine_replaced")
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,35 @@ def test_the_sync_report_names_the_nodes_and_the_push_crossed_them(undisturbed):
     # The stage's record (state.json, the results' sync columns) carries the same, with nothing reloaded.
     assert sync["sender_node"] == push["sender_node"] and sync["engine_nodes"] == push["engine_nodes"]
     assert sync["reloaded_from_export"] == 0 and sync["engine_versions"] == [2, 2]
+
+
+def _outcome(run) -> dk.Outcome:
+    o = run["outcome"]
+    return dk.Outcome(pairs=o["pairs"], num_rows=o["num_rows"], done_problems=set(o["done_problems"]),
+                      committed=o["committed"], trained=o["trained"], sync_versions=o["sync_versions"],
+                      eval_version=o["eval_version"], final_version=o["final_version"], state=run["state"])  # fmt: skip
+
+
+def test_an_engine_node_lost_mid_search_and_replaced_loses_nothing(undisturbed, seen):
+    run = seen["engine_replaced"]
+    assert run["returncode"] == 0, run["log_tail"]
+    assert run["events"]["lost"] > 0  # the node went once the search had started
+    stages = run["state"]["iterations"]["1"]
+    assert stages["search"]["requeued_requests"] > 0  # the calls lost with the node were sent again
+    base, replaced = _outcome(undisturbed), _outcome(run)
+    diff = dk.compare_runs(base, replaced)
+    # Seeds travel with each request: the same pairs, ids and content as the undisturbed run, each trained once,
+    # every engine on the final policy.
+    assert dk.recovered(diff, finished=True), diff
+    assert replaced.trained == replaced.committed == base.committed > 0
+    assert replaced.sync_versions == [base.final_version] * 2
+    # The engines came back on the new node, and the push reached them there.
+    new = run["replacement_node"]
+    assert new not in run["nodes"].values()
+    assert stages["sync"]["engine_nodes"] == {"psr-rollout-0": new, "psr-judge-0": new}
+    assert stages["sync"]["sender_node"] == run["nodes"]["trainer"]
+
+
+def test_no_process_of_the_cluster_outlives_it(seen):
+    # A lost node's workers and engines included: nothing started under the cluster still runs after it.
+    assert seen["leaked_processes"] == []

@@ -21,9 +21,11 @@ asserts on the JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,6 +80,7 @@ class SimCluster:
 
         ray.shutdown()
         self.cluster.shutdown()  # every node's processes, and the address file
+        self.leaked = leftovers(self.temp)
         shutil.rmtree(self.temp, ignore_errors=True)
 
     @property
@@ -98,6 +101,30 @@ class SimCluster:
 
     def node_ids(self) -> dict[str, str]:
         return {"head": self.head, "engine": self.engine_node.node_id, "trainer": self.trainer_node.node_id}
+
+
+def leftovers(temp: str, grace_s: float = 15.0) -> list[str]:
+    """Processes still running `grace_s` after the cluster's shutdown that were started under it (their
+    environment names its temp dir: a lost node's workers, an orphaned engine); killed, and described."""
+    mine = f"RAY_TMPDIR={temp}".encode()
+
+    def running() -> dict[int, str]:
+        found = {}
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if int(proc.name) != os.getpid() and mine in (proc / "environ").read_bytes().split(b"\0"):
+                    found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+            except (OSError, ValueError):  # gone meanwhile, or not ours to read
+                continue
+        return found
+
+    deadline = time.monotonic() + grace_s
+    while (left := running()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return [f"{pid} {cmd}" for pid, cmd in left.items()]
 
 
 @dataclass
@@ -131,9 +158,12 @@ def write_config(work: Path, address: str, *extra: str) -> dk.TinyRun:
 
 def run_product(tiny: dk.TinyRun, out: Path, kill_dir: Path, *, when: Callable[[], bool] | None = None,
                 then: Callable[[], dict[str, float]] | None = None, timeout_s: float = 800.0) -> Run:  # fmt: skip
-    """`psr-ray run` to its end; once `when()` holds (polled), `then()` runs and its events are recorded."""
+    """`psr-ray run` to its end; once `when()` holds (polled), `then()` runs and its events are recorded, as are
+    the moments the log first shows each of LOG_MARKS."""
     log_path = out.parent / f"{out.name}.log"
     events: dict[str, float] = {}
+    marks = dict(LOG_MARKS)
+    last_read = 0.0
     started = time.monotonic()
     argv = [sys.executable, "-m", "psr_ray.app.cli", "run", "--config", str(tiny.config), f"run.output_dir={out}"]
     with log_path.open("w") as log:
@@ -143,6 +173,10 @@ def run_product(tiny: dk.TinyRun, out: Path, kill_dir: Path, *, when: Callable[[
                 if when is not None and then is not None and when():
                     events |= then()
                     when = None
+                if marks and time.monotonic() - last_read > 0.5:
+                    last_read, text = time.monotonic(), log_path.read_text(errors="replace")
+                    events |= {name: last_read for name, mark in marks.items() if mark in text}
+                    marks = {name: mark for name, mark in marks.items() if name not in events}
                 if time.monotonic() - started > timeout_s:
                     raise TimeoutError(f"psr-ray run did not end within {timeout_s:.0f} s; see {log_path}")
                 time.sleep(0.1)
@@ -151,6 +185,10 @@ def run_product(tiny: dk.TinyRun, out: Path, kill_dir: Path, *, when: Callable[[
                 proc.kill()
                 proc.wait()
     return Run(out, proc.returncode, log_path.read_text(), started, time.monotonic(), events)
+
+
+# What the run's log shows when it fails (the driver's error line) and when a failed search interrupts the fit.
+LOG_MARKS = {"error_line": "psr-ray run failed", "fit_interrupted": "Received SIGINT"}
 
 
 def search_started(out: Path) -> Callable[[], bool]:
@@ -185,6 +223,9 @@ def summary(run: Run, sim: SimCluster, nodes: dict[str, str] | None = None) -> d
         "log_tail": run.log[-4000:],
         "events": {k: round(v - run.started, 1) for k, v in run.events.items()},
         "ended_after_loss_s": round(run.ended - run.events["lost"], 1) if "lost" in run.events else None,
+        "error_after_loss_s": round(run.events["error_line"] - run.events["lost"], 1)
+        if {"lost", "error_line"} <= set(run.events)
+        else None,
         "nodes": nodes or sim.node_ids(),
         "state": json.loads(state_path.read_text()) if state_path.is_file() else None,
     }
@@ -257,6 +298,7 @@ def main(out: str, names: list[str]) -> None:
                 results[name] = SCENARIOS[name](sim, work / name)
                 results[name]["scenario_s"] = round(time.monotonic() - begun, 1)
                 Path(out).write_text(json.dumps(results, indent=1, default=str))
+        results["leaked_processes"] = sim.leaked
         results["seconds"] = round(time.monotonic() - started, 1)
         Path(out).write_text(json.dumps(results, indent=1, default=str))
     finally:
@@ -274,7 +316,12 @@ def run_in_subprocess(out_dir: Path, *names: str, timeout_s: float = 850.0) -> d
     run = subprocess.run([sys.executable, "-m", "tests.scenarios.multinode", str(out), *names], env=env,
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(out.read_text())
+    seen = json.loads(out.read_text())
+    for name in names:  # the timings, shown by `pytest -rP`
+        times = {k: seen[name].get(k) for k in ("scenario_s", "seconds", "ended_after_loss_s", "error_after_loss_s")}
+        print(f"{name}: {times} events {seen[name]['events']}")
+    print(f"cluster start {seen['cluster_start_s']} s, all {seen['seconds']} s, leaked {seen['leaked_processes']}")
+    return seen
 
 
 def node_of(seen: dict[str, Any], node_id: str | None) -> str | None:
