@@ -95,3 +95,22 @@ def test_an_unplaceable_run_fails_against_the_real_clusters_nodes_before_any_eng
         check_capacity(cfg)  # the nodes as ray.nodes() reports them
     assert set(ray.util.list_named_actors()) == before
     assert check_capacity(load([str(DEFAULT_CONFIG)], [])) == []
+
+
+def test_why_unplaceable_names_the_resource_no_live_node_provides(monkeypatch):
+    import ray
+
+    from psr_ray.runtime.cluster import why_unplaceable
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "psr_trainer": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 2.0, "psr_engine": 2.0}}]  # fmt: skip  # the lost engine node
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert why_unplaceable({"CPU": 0.5, "psr_engine": 1.0}) == (
+        "no live node of the cluster provides psr_engine (each asks for CPU: 0.5, psr_engine: 1)"
+    )
+    assert why_unplaceable({"CPU": 8.0}) == "no live node of the cluster provides CPU (each asks for CPU: 8)"
+    assert why_unplaceable({"CPU": 1.0, "psr_trainer": 1.0}) is None  # a node has them: something else is wrong
+    nodes[1]["Alive"] = True  # each resource somewhere, not all on one node
+    assert why_unplaceable({"psr_engine": 1.0, "psr_trainer": 1.0}) == (
+        "no live node of the cluster has psr_engine: 1, psr_trainer: 1 in total"
+    )

@@ -191,7 +191,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
     from psr_ray import weight_sync
     from psr_ray.data.pairs_io import stream_pairs_dataset
     from psr_ray.init_data.labelled import dpo_rows
-    from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause
+    from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause, stop_fit_on_failure
     from psr_ray.trainer.group import train_dpo
     from psr_ray.weight_sync.probe import make_probe
 
@@ -206,7 +206,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
     sender = weight_sync.sender_for(cfg, psr.engines, probe=make_probe(psr.tokenizer, psr.policy_dir),
                                     restore_dir=psr.policy_dir)  # fmt: skip
     start = time.perf_counter()
-    stop_search = threading.Event()
+    stop_search, fitting = threading.Event(), threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
         search = None
         if not psr.state.done(k, "search"):
@@ -222,6 +222,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
                 stop=stop_search,
             )
+            search.add_done_callback(functools.partial(stop_fit_on_failure, fitting=fitting))
         if cfg.weight_sync.colocate:  # one GPU for all: search first, then the engines sleep while training
             import ray
 
@@ -230,6 +231,9 @@ def _search_and_train(psr: Driver, k: int) -> None:
             ray.get([e.sleep.remote() for e in psr.engines])  # the push wakes them (WeightReceiver.begin_update)
         dataset = stream_pairs_dataset(str(psr.out), k)
         try:
+            fitting.set()
+            if search is not None and search.done():  # it failed before the fit began: nothing to interrupt
+                search.result()
             result = train_dpo(
                 cfg,
                 policy_path=psr.policy_dir,
@@ -240,11 +244,13 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 weight_sender=sender,
                 heldout=dpo_rows(psr.heldout_pairs) or None,  # KL and reward margin of M_{k+1} vs M_k
             )
-        except BaseException:
+        except BaseException:  # a failed search interrupts the fit (stop_fit_on_failure): its error is the cause
             stop_search.set()  # a trainer error surfaces now, not after the whole search
             if search is not None:
                 raise_search_cause(k, search, policy_version=psr.policy_version)
             raise
+        finally:
+            fitting.clear()
         if search is not None:
             summary = search.result()
             check_search_pairs(k, summary.to_dict(), policy_version=psr.policy_version)
