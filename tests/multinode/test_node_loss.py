@@ -18,7 +18,7 @@ SLACK_S = 90
 
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
-    return mn.run_in_subprocess(tmp_path_factory.mktemp("multinode"), "engine_lost")
+    return mn.run_in_subprocess(tmp_path_factory.mktemp("multinode"), "engine_lost", "trainer_lost")
 
 
 def test_an_engine_node_lost_with_no_replacement_fails_the_run_within_its_bound(seen):
@@ -37,6 +37,20 @@ def test_an_engine_node_lost_with_no_replacement_fails_the_run_within_its_bound(
     # came within the bound.
     assert run["events"]["fit_interrupted"] < run["events"]["error_line"]
     assert bound < run["error_after_loss_s"] < bound + SLACK_S, run["error_after_loss_s"]
+
+
+def test_a_trainer_node_lost_mid_fit_with_no_replacement_fails_the_run_within_its_bound(seen):
+    run = seen["trainer_lost"]
+    assert run["returncode"] == 1 and run["events"]["lost"] > 0, run["log_tail"]
+    (line,) = run["error_lines"]
+    # Ray Train restarts the group once (trainer.max_failures=1); with no node to hold it, each start waits
+    # trainer.start_timeout_s, and the run fails naming the group and the resource no node provides.
+    assert line.startswith("psr-ray run failed: RuntimeError: the trainer group (2 workers of {'CPU': 1.0, "
+                           "'psr_trainer': 1.0}) could not start: WorkerGroupStartupTimeoutError: ")  # fmt: skip
+    assert (f"Tried {mn.TRAINER_MAX_FAILURES + 1} times, {mn.TRAINER_START_TIMEOUT_S} s each (trainer.start_timeout_s, "
+            "trainer.max_failures); no live node of the cluster provides psr_trainer (each asks for CPU: 1, "
+            "psr_trainer: 1): add a node that has them") in line  # fmt: skip
+    assert run["bound_s"] <= run["error_after_loss_s"] < run["bound_s"] + SLACK_S, run["error_after_loss_s"]
 
 
 def test_no_process_of_the_cluster_outlives_it(seen):
