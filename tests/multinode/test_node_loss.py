@@ -1,7 +1,7 @@
 """Nodes lost for good under a running `psr-ray run` (tiny config) on the simulated multi-node cluster (issue 26;
 tests/scenarios/multinode.py): the engine node mid-search, then the trainer node mid-fit, neither replaced.
 Each run must fail within its configured bound with one line that names what is out and the resource no node
-provides. One cluster for the module, in a process of its own: ~6 minutes on 2 quiet cores."""
+provides. One cluster for the module, in a process of its own: 7.5 minutes on 2 cores at load 50."""
 
 from __future__ import annotations
 
