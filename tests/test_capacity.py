@@ -171,3 +171,22 @@ def test_every_node_of_a_cluster_reads_the_drivers_probe_and_none_is_left(tmp_pa
     assert all(report == {"run.output_dir": ""} for report in result["reports"].values())
     assert (tmp_path / "cache").is_dir()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".psr-ray-node-probe")]
+
+
+def test_why_unplaceable_names_the_resource_no_live_node_provides(monkeypatch):
+    import ray
+
+    from psr_ray.runtime.cluster import why_unplaceable
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "psr_trainer": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 2.0, "psr_engine": 2.0}}]  # fmt: skip  # the lost engine node
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert why_unplaceable({"CPU": 0.5, "psr_engine": 1.0}) == (
+        "no live node of the cluster provides psr_engine (each asks for CPU: 0.5, psr_engine: 1)"
+    )
+    assert why_unplaceable({"CPU": 8.0}) == "no live node of the cluster provides CPU (each asks for CPU: 8)"
+    assert why_unplaceable({"CPU": 1.0, "psr_trainer": 1.0}) is None  # a node has them: something else is wrong
+    nodes[1]["Alive"] = True  # each resource somewhere, not all on one node
+    assert why_unplaceable({"psr_engine": 1.0, "psr_trainer": 1.0}) == (
+        "no live node of the cluster has psr_engine: 1, psr_trainer: 1 in total"
+    )

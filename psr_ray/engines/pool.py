@@ -32,6 +32,7 @@ class EnginePool:
         max_restarts: int,
         names: list[str] | None = None,
         unavailable_timeout_s: float = math.inf,
+        resources: dict[str, float] | None = None,
     ):
         if not actors:
             raise ValueError(f"no {role} engines given; start them with start_engine_pool(cfg, {role!r}, model_path)")
@@ -44,6 +45,7 @@ class EnginePool:
         self._max_failures = max_restarts + 1
         self._unavailable_since: list[float | None] = [None] * len(actors)  # first lost call of an outage
         self._unavailable_timeout_s = unavailable_timeout_s
+        self._resources = resources or {}  # what one engine asks of a node: named when none is left to give it
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -84,12 +86,7 @@ class EnginePool:
         if since is None:
             since = self._unavailable_since[i] = now
         if now - since > self._unavailable_timeout_s:
-            raise RuntimeError(
-                f"{self.role} engine {self.names[i]} has been unavailable for {now - since:.0f} s "
-                f"(run.engine_unavailable_timeout_s={self._unavailable_timeout_s:g}; last error: {reason or 'none'}): "
-                "its node is gone and Ray has nowhere to restart it, or it keeps dying; check that the cluster "
-                "still has a node with the resources it asks for"
-            )
+            raise RuntimeError(self._unavailable_error(i, now - since, reason))
         if restarting:
             self._not_before[i] = now + 1.0
             return first
@@ -98,6 +95,22 @@ class EnginePool:
         if all(f >= self._max_failures for f in self._failures):
             raise RuntimeError(f"every {self.role} engine died {self._max_failures} times in a row; see their logs")
         return first
+
+    def _unavailable_error(self, i: int, seconds: float, reason: str) -> str:
+        """One line: the engine out for longer than its bound (and the pool's others out too), and why Ray cannot
+        bring it back when the live nodes say so (none provides a resource it asks for: its node is gone)."""
+        others = [n for j, n in enumerate(self.names) if j != i and self._unavailable_since[j] is not None]
+        head = (f"{self.role} engine {self.names[i]}{' (and ' + ', '.join(others) + ')' if others else ''} has been "
+                f"unavailable for {seconds:.0f} s (run.engine_unavailable_timeout_s={self._unavailable_timeout_s:g}; "
+                f"last error: {reason or 'none'})")  # fmt: skip
+        if not self._resources:  # not started by start_engine_pool (tests): nothing known to check
+            return f"{head}: its node is gone and Ray has nowhere to restart it, or it keeps dying"
+        from psr_ray.runtime.cluster import why_unplaceable
+
+        why = why_unplaceable(self._resources)
+        if why is None:
+            return f"{head}: the cluster has a node for it, so it keeps dying; see its log"
+        return f"{head}: {why}; its node is gone and Ray has nowhere to restart it: add a node that has them"
 
     def hold(self, i: int) -> bool:
         """Sends no calls to engine i until `release(i)` (it is reloading weights); False if already held."""
@@ -112,6 +125,16 @@ class EnginePool:
 
 def engine_name(role: str, index: int) -> str:
     return f"psr-{role}-{index}"
+
+
+def engine_resources(section: EnginePoolConfig) -> dict[str, float]:
+    """What one engine of `section` asks of one node (of a tensor-parallel engine, one shard's bundle; vLLM's
+    workers take one `{GPU: 1, CPU: 1}` each), zero asks left out."""
+    if section.tensor_parallel_size > 1:
+        ask = {"GPU": 1.0, "CPU": 1.0} | node_group_request(section, shard=True)
+    else:
+        ask = {"CPU": section.num_cpus_per_engine, "GPU": section.num_gpus_per_engine} | node_group_request(section)
+    return {k: v for k, v in ask.items() if v > 0}
 
 
 def node_group_request(section: EnginePoolConfig, *, shard: bool = False) -> dict[str, float]:
@@ -176,7 +199,8 @@ def start_engine_pool(
     if role == "judge" and cfg.judge.num_engines == 0:  # the judge runs on the rollout engines (started first)
         names = [engine_name("rollout", i) for i in range(cfg.rollout.num_engines)]
         return EnginePool(role, [ray.get_actor(n) for n in names], max_restarts=cfg.rollout.max_restarts, names=names,
-                          unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s)  # fmt: skip
+                          unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s,
+                          resources=engine_resources(cfg.rollout))  # fmt: skip
     from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
     from psr_ray.runtime.memory import ENGINE_NAME_ENV
     from psr_ray.runtime.waits import get_all
@@ -240,6 +264,6 @@ def start_engine_pool(
                 f"actor {info['name']!r} already exists in this Ray namespace with model {info['model']!r}, "
                 f"not {model_path!r}; kill it (ray.kill) or use another namespace"
             )
-    return EnginePool(
-        role, actors, max_restarts=section.max_restarts, unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s
-    )
+    return EnginePool(role, actors, max_restarts=section.max_restarts,
+                      unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s,
+                      resources=engine_resources(section) if not cfg.weight_sync.colocate else None)  # fmt: skip

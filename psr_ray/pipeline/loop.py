@@ -71,22 +71,18 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     """Runs (or resumes) all iterations. The returned `Driver` holds the results rows and the engine handles:
     the engines live as long as it does (they are the driver's actors, not detached)."""
     from psr_ray.runtime import console, metrics
-    from psr_ray.runtime.memory import PeakMemory
-    from psr_ray.runtime.node_memory import NodeMemory, spans_nodes
+    from psr_ray.runtime.node_memory import RunMemory
 
-    memory = PeakMemory().start()  # this node's run processes; each stage's peak goes to state.json and results
+    memory = RunMemory()  # each stage's peak (this node's run processes; on a cluster every node's) to state.json
     try:
         psr = _start(cfg, resume_dir)
     except BaseException:
         memory.stop()
         raise
-    # On a cluster the driver's tree is not the run: a sampler per node reports each node's processes by role.
-    nodes = NodeMemory() if psr.cfg.run.ray_address or spans_nodes() else None
+    memory.watch_nodes(joined=bool(psr.cfg.run.ray_address))
 
     def record(title: str) -> None:
-        psr.state.record_peak(title, *memory.take_with_roles())
-        if nodes is not None:
-            psr.state.record_node_peaks(title, nodes.take())
+        psr.state.record_peak(title, *memory.take())
 
     record("start (init, engines)")
     cfg = psr.cfg
@@ -112,8 +108,6 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
         _write_results(psr)
     finally:
         memory.stop()
-        if nodes is not None:
-            nodes.stop()
         psr.logger.finish()
         psr.session.release()
     print(f"\nResults ({psr.out / 'results.md'}):\n")
@@ -202,7 +196,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
     from psr_ray import weight_sync
     from psr_ray.data.pairs_io import stream_pairs_dataset
     from psr_ray.init_data.labelled import dpo_rows
-    from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause
+    from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause, stop_fit_on_failure
     from psr_ray.trainer.group import train_dpo
     from psr_ray.weight_sync.probe import make_probe
 
@@ -217,7 +211,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
     sender = weight_sync.sender_for(cfg, psr.engines, probe=make_probe(psr.tokenizer, psr.policy_dir),
                                     restore_dir=psr.policy_dir)  # fmt: skip
     start = time.perf_counter()
-    stop_search = threading.Event()
+    stop_search, fitting = threading.Event(), threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
         search = None
         if not psr.state.done(k, "search"):
@@ -233,6 +227,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
                 stop=stop_search,
             )
+            search.add_done_callback(functools.partial(stop_fit_on_failure, fitting=fitting))
         if cfg.weight_sync.colocate:  # one GPU for all: search first, then the engines sleep while training
             import ray
 
@@ -241,6 +236,9 @@ def _search_and_train(psr: Driver, k: int) -> None:
             ray.get([e.sleep.remote() for e in psr.engines])  # the push wakes them (WeightReceiver.begin_update)
         dataset = stream_pairs_dataset(str(psr.out), k)
         try:
+            fitting.set()
+            if search is not None and search.done():  # it failed before the fit began: nothing to interrupt
+                search.result()
             result = train_dpo(
                 cfg,
                 policy_path=psr.policy_dir,
@@ -251,11 +249,13 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 weight_sender=sender,
                 heldout=dpo_rows(psr.heldout_pairs) or None,  # KL and reward margin of M_{k+1} vs M_k
             )
-        except BaseException:
+        except BaseException:  # a failed search interrupts the fit (stop_fit_on_failure): its error is the cause
             stop_search.set()  # a trainer error surfaces now, not after the whole search
             if search is not None:
                 raise_search_cause(k, search, policy_version=psr.policy_version)
             raise
+        finally:
+            fitting.clear()
         if search is not None:
             summary = search.result()
             check_search_pairs(k, summary.to_dict(), policy_version=psr.policy_version)

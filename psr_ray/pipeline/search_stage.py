@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import concurrent.futures
 import threading
 import time
@@ -94,3 +95,13 @@ def raise_search_cause(k: int, search: concurrent.futures.Future, *, policy_vers
         check_search_pairs(k, search.result().to_dict(), policy_version=policy_version)
     elif not isinstance(error, SearchStopped):
         raise error
+
+
+def stop_fit_on_failure(search: concurrent.futures.Future, fitting: threading.Event) -> None:
+    """A done-callback of the search: when it failed while the main thread is in the trainer's fit (`fitting`),
+    interrupt that fit as Ctrl-C does (Ray Train's handler aborts its run), so the run fails with the search's
+    error at once. Left alone, the trainer's workers would fail on the stream's error and Ray Train would
+    restart them `trainer.max_failures` times before giving up."""
+    error = search.exception()
+    if error is not None and not isinstance(error, SearchStopped) and fitting.is_set():
+        _thread.interrupt_main()

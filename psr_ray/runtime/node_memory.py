@@ -76,3 +76,27 @@ def spans_nodes() -> bool:
     import ray
 
     return sum(1 for node in ray.nodes() if node.get("Alive")) > 1
+
+
+class RunMemory:
+    """A run's memory: this node's run processes (`memory.PeakMemory`, the driver's tree) and, once
+    `watch_nodes` finds a cluster, every node's (`NodeMemory`). `take()` -> (GiB, roles, {node: (GiB, roles)})."""
+
+    def __init__(self) -> None:
+        from psr_ray.runtime.memory import PeakMemory
+
+        self._local = PeakMemory().start()
+        self._nodes: NodeMemory | None = None
+
+    def watch_nodes(self, *, joined: bool) -> None:
+        """Samples every node when the run joined a cluster or it spans nodes (the driver's tree is not the run)."""
+        if joined or spans_nodes():
+            self._nodes = NodeMemory()
+
+    def take(self) -> tuple[float, dict[str, float], dict[str, tuple[float, dict[str, float]]]]:
+        return (*self._local.take_with_roles(), self._nodes.take() if self._nodes is not None else {})
+
+    def stop(self) -> None:
+        self._local.stop()
+        if self._nodes is not None:
+            self._nodes.stop()
