@@ -4,6 +4,7 @@ Engine actors (psr_ray/engines/actor.py) expose, as Ray actor methods:
   propose(requests: list[ProposeRequest], *, num_candidates, temperature, top_p, max_tokens,
           seed: int | list[int] | None) -> list[Candidates]       (a list: one base seed per request)
   judge(requests: list[JudgeRequest], *, mode, temperature, max_tokens) -> list[Judgment]
+  score_steps(requests: list[ScoreRequest]) -> list[StepLikelihood]      (judge.mode=likelihood)
   generate(prompts: list[str], *, max_tokens) -> list[Generation]       (greedy, for evaluation)
   sample(prompts: list[str], *, num_samples, temperature, top_p, max_tokens, seed) -> list[list[Generation]]
                                                                         (the step oracle's rollouts)
@@ -51,6 +52,33 @@ class Judgment:
     text: str  # the judge's raw output (explanation), for provenance and debugging
     num_tokens: int
     policy_version: int
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A candidate step to score by the policy's own likelihood under the prompt that proposed it."""
+
+    question: str
+    prefix: str
+    step_index: int  # 1-based, as in the ProposeRequest that proposed `step`
+    step: str
+
+
+@dataclass(frozen=True)
+class StepLikelihood:
+    """log P(step | solver prompt): the sum over the step's tokens (prompt tokens excluded)."""
+
+    logprob: float
+    num_tokens: int  # the step's tokens; 0 for an empty step or a prompt too long for the engine
+    policy_version: int
+
+    @property
+    def score(self) -> float:
+        """The likelihood judge's score: the mean log-probability per step token (-inf without tokens).
+        Mean, not sum: a sum ranks a candidate by its length first (every token costs log-probability), so it
+        prefers the shortest step, e.g. one that stops before its result, among sampled candidates whose lengths
+        differ by tens of tokens; bench/judge_accuracy.py measures both on held-out pairs."""
+        return self.logprob / self.num_tokens if self.num_tokens else -math.inf
 
 
 @dataclass(frozen=True)
