@@ -75,9 +75,11 @@ class StepLikelihood:
     @property
     def score(self) -> float:
         """The likelihood judge's score: the mean log-probability per step token (-inf without tokens).
-        Mean, not sum: a sum ranks a candidate by its length first (every token costs log-probability), so it
-        prefers the shortest step, e.g. one that stops before its result, among sampled candidates whose lengths
-        differ by tens of tokens; bench/judge_accuracy.py measures both on held-out pairs."""
+        Mean, not sum: measured on the same held-out pairs they tie (sampled candidates of an init's M1, 29
+        pairs: 75.9% vs 72.4% judged by M0, 75.9% vs 79.3% by M1; GSM8K steps with one number changed: 96% vs
+        97%; bench/results/judge_accuracy_likelihood_*.md), and a sum ranks steps whose lengths differ by tens
+        of tokens (5 to 90 among those candidates) by length first, so step-DPO on its pairs would learn
+        "shorter is better"."""
         return self.logprob / self.num_tokens if self.num_tokens else -math.inf
 
 
