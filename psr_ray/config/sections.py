@@ -79,6 +79,11 @@ class JudgeMode(enum.StrEnum):
     # (psr_ray.oracle) judges instead of the model. It shows the rest of the loop learns when the judge is
     # right; it needs data.source embedded:arith (the only source with an exact step check).
     ORACLE = "oracle"
+    # Ablation only, labelled as such in every table, never the paper's recipe: no judge prompt and no oracle;
+    # each candidate is scored by the policy's own mean log-probability per token of the step under the solver
+    # prompt that proposed it (one prefill per candidate; psr_ray.search.likelihood). search.min_score_margin
+    # does not apply (a round ties only on equal scores); the init still trains the direct judge (EFT).
+    LIKELIHOOD = "likelihood"
 
 
 class JudgePlan(enum.StrEnum):
@@ -116,7 +121,7 @@ class SearchConfig:
     # sums to 1 per comparison. 1.0 is one comparison's worth: with hard votes the paper's rule (any win more
     # is a preference); with soft votes it refuses differences of a few hundredths, which are judge noise
     # (SmolLM2-135M, whose pair accuracy is 52% in bench/results/judge_accuracy.md, gave margins of
-    # 0.01-0.26 on the 24 pairs of an embedded run).
+    # 0.01-0.26 on the 24 pairs of an embedded run). Not used by judge.mode=likelihood, whose scores are not votes.
     min_score_margin: float = 1.0
 
 

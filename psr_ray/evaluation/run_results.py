@@ -10,7 +10,7 @@ from typing import Any
 from psr_ray.evaluation.tables import write_run_report
 
 JUDGE_LABELS = {"direct": "self-judged (direct)", "explain": "self-judged (explain)",
-                "oracle": "ORACLE-judged (ablation)"}  # fmt: skip
+                "oracle": "ORACLE-judged (ablation)", "likelihood": "LIKELIHOOD-judged (ablation)"}  # fmt: skip
 
 
 def models_from_state(state: Any, *, judge_mode: str, m0: dict[str, Any] | None = None,

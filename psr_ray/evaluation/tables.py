@@ -162,6 +162,8 @@ NOTES = (
     'share A: verdicts saying "A" (50 = no position bias). pair precision: '
     "pairs whose chosen step the oracle labels right and rejected step wrong; random pick: the same statistic for "
     "a uniformly random (chosen, rejected) among the same stored candidates. An ORACLE judge is an ablation."
+    " So is a LIKELIHOOD judge (the model's own log-probability of each step ranks them): a run with it measures"
+    " that judge on the held-out pairs from M1 on; M0's figure, from the init, is the direct judge's."
 )
 
 

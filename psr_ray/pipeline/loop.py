@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig, UserError
+from psr_ray.config import JudgeMode, PSRConfig, UserError
 from psr_ray.engines.pool import EnginePool
 from psr_ray.pipeline.run_dir import check_resume, check_search_pairs, stored_config
 from psr_ray.pipeline.run_state import RunState, check_trained_pairs
@@ -334,7 +334,9 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
                           max_tokens=cfg.eval.max_tokens, policy_version=psr.policy_version,
                           engine_names=psr.engine_names, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
         start = time.perf_counter()
-        judge = judge_accuracy(psr.engines, psr.heldout_pairs, mode=eft_mode(cfg).value,
+        # The judge the search uses: the likelihood ablation's own, else the pairwise judge the init trained.
+        mode = cfg.judge.mode if cfg.judge.mode == JudgeMode.LIKELIHOOD else eft_mode(cfg)
+        judge = judge_accuracy(psr.engines, psr.heldout_pairs, mode=mode.value,
                                max_tokens=cfg.judge.max_explanation_tokens, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
         precision = iteration_pair_precision(str(psr.out), iteration, psr.problems) if iteration else None
         done = {"rows": [_result_row(psr, row, iteration) | {"eval_s": result.elapsed_s} for row in result.rows(iteration)],
