@@ -56,6 +56,7 @@ class Driver:
     init: Any = None  # the InitResult when the run initialized first
     m0: dict[str, Any] | None = None  # M0's scores then (benchmark rows, judge accuracy)
     heldout_pairs: list[Any] = dataclasses.field(default_factory=list)  # judge-accuracy pairs (LabelledPair)
+    elastic: Any = None  # `psr-ray scale` (pipeline/elastic.py), applied between the search's turns
 
     @property
     def engines(self) -> list[Any]:
@@ -125,6 +126,7 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
 
 
 def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
+    from psr_ray.pipeline.elastic import scaled_counts, start_elastic
     from psr_ray.pipeline.init_cache import init_for_run
     from psr_ray.runtime.metrics import WandbLogger
 
@@ -157,14 +159,16 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     logger = WandbLogger(
         mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name, config=cfg.to_dict(), dir=str(out)
     )
-    # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
+    # Engines start on the policy the run has reached, so a resumed run serves the right weights at once, as
+    # many as `psr-ray scale` last asked for.
+    counts = scaled_counts(out) if resuming else {}
     psr = Driver(
         cfg=cfg,
         out=out,
         state=state,
         session=session,
-        rollout=session.start_pool("rollout", policy_dir, policy_version=policy_version),
-        judge=session.start_pool("judge", policy_dir, policy_version=policy_version),
+        rollout=session.start_pool("rollout", policy_dir, policy_version=policy_version, num_engines=counts.get("rollout")),
+        judge=session.start_pool("judge", policy_dir, policy_version=policy_version, num_engines=counts.get("judge")),
         tokenizer=session.tokenizer,  # the configured model's (every policy shares it)
         problems=problems,
         policy_dir=policy_dir,
@@ -175,6 +179,7 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
         heldout_pairs=heldout_pairs,
     )
     _check_engine_versions(psr)
+    psr.elastic = start_elastic(session, out, psr.rollout, psr.judge)
     state.set_config(cfg.to_dict())  # the run has started (a resume may have changed RESUMABLE settings)
     return psr
 
@@ -221,6 +226,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 output_dir=str(psr.out),
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
                 stop=stop_search,
+                on_turn=lambda: psr.elastic.tick(psr.policy_version, psr.policy_dir),
             )
         if cfg.weight_sync.colocate:  # one GPU for all: search first, then the engines sleep while training
             import ray
@@ -248,7 +254,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
         if search is not None:
             summary = search.result()
             check_search_pairs(k, summary.to_dict(), policy_version=psr.policy_version)
-            psr.state.record(k, "search", summary.to_dict())
+            psr.state.record(k, "search", summary.to_dict() | psr.elastic.summary())
     search_summary = psr.state.stage(k, "search") or {}
     train_summary = {
         "policy_version": result.policy_version,
@@ -294,6 +300,7 @@ def _sync(psr: Driver, k: int) -> None:
               f"reloaded from the export instead")  # fmt: skip
     metrics.set_gauge("policy_version", psr.policy_version)
     psr.state.record(k, "sync", summary)
+    psr.elastic.kill_retired()  # engines scaled away this iteration: the trainer's sender no longer holds them
     psr.logger.log({f"sync/{key}": v for key, v in summary.items() if isinstance(v, (int, float))} | {"iteration": k})
 
 
