@@ -211,7 +211,9 @@ def start_elastic(session: Any, folder: str | Path, rollout: EnginePool, judge: 
     shared = session.cfg.judge.num_engines == 0  # the judge pool is the rollout engines
     pools = {"rollout": [rollout, judge]} if shared else {"rollout": [rollout], "judge": [judge]}
     counts = {role: len(group[0]) for role, group in pools.items()}
-    control = ray.remote(ScaleControl).options(name=CONTROL_NAME, num_cpus=0).remote(counts)
+    # One per namespace, as the engines' names: a later run in this process (tests) takes it over, reset.
+    control = ray.remote(ScaleControl).options(name=CONTROL_NAME, num_cpus=0, get_if_exists=True).remote(counts)
+    ray.get(control.set.remote(counts), timeout=60)
     context = ray.get_runtime_context()
     write_atomic(
         Path(folder) / ADDRESS_FILE, json.dumps({"address": context.gcs_address, "namespace": context.namespace})
