@@ -222,3 +222,12 @@ def test_the_scale_command_refuses_what_the_run_cannot_do(tmp_path):
     assert scaled_counts(shared) == {}
     (tmp_path / "shared" / "scale.json").write_text(json.dumps({"rollout": 3, "judge": 3}))
     assert scaled_counts(shared) == {"rollout": 3, "judge": 3}
+
+
+def test_the_scale_command_line(tmp_path, capsys):
+    from psr_ray.app.cli import main
+
+    assert main(["scale", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == "psr-ray scale: give --rollout N and/or --judge M"
+    assert main(["scale", str(tmp_path), "--rollout", "2"]) == 1
+    assert "no state.json there: not a psr-ray run folder" in capsys.readouterr().err

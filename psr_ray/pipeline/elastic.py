@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any
 
 from psr_ray.config import UserError
 from psr_ray.engines.pool import EnginePool, engine_name
+
+log = logging.getLogger(__name__)
 
 CONTROL_NAME = "psr-control"
 ADDRESS_FILE = "ray.json"
@@ -222,8 +225,12 @@ def start_elastic(session: Any, folder: str | Path, rollout: EnginePool, judge: 
     def persist(counts: dict[str, int]) -> None:  # a judge on the rollout engines has as many (session.start_pool)
         write_atomic(Path(folder) / SCALE_FILE, json.dumps(counts | ({"judge": counts["rollout"]} if shared else {})))
 
-    def read_target() -> dict[str, int]:
-        return ray.get(control.get.remote(), timeout=10)
+    def read_target() -> dict[str, int]:  # a control actor that does not answer leaves the pools as they are
+        try:
+            return ray.get(control.get.remote(), timeout=10)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            log.warning("the scale control actor %s did not answer (%s); engine counts unchanged", CONTROL_NAME, err)
+            return {}
 
     def launch(role: str, index: int, model_path: str, policy_version: int) -> Any:
         return session.start_engine(role, index, model_path, policy_version=policy_version)
@@ -238,6 +245,8 @@ def request_scale(folder: str, targets: dict[str, int], *, address: str | None =
 
     from psr_ray.pipeline.run_dir import stored_config
 
+    if not (Path(folder) / "state.json").is_file():
+        raise UserError(f"{folder}: no state.json there: not a psr-ray run folder, or its run has not started yet")
     cfg = stored_config(folder)
     for role, count in targets.items():
         if count < 1:
