@@ -231,3 +231,17 @@ def test_the_scale_command_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "psr-ray scale: give --rollout N and/or --judge M"
     assert main(["scale", str(tmp_path), "--rollout", "2"]) == 1
     assert "no state.json there: not a psr-ray run folder" in capsys.readouterr().err
+
+
+def test_a_resumed_run_starts_its_pools_at_the_scaled_counts(monkeypatch):
+    from psr_ray.pipeline import session as session_module
+
+    started = []
+    monkeypatch.setattr(session_module, "start_engine_pool",
+                        lambda cfg, role, path, **kw: started.append((role, cfg.rollout.num_engines, cfg.judge.num_engines)))  # fmt: skip
+    shared = session_module.RunSession(dataclasses.replace(PSRConfig(), judge=JudgeConfig(num_engines=0)))
+    shared.start_pool("rollout", "m", num_engines=3)
+    shared.start_pool("judge", "m", num_engines=3)  # the judge on the rollout engines: as many as they are
+    own = session_module.RunSession(dataclasses.replace(PSRConfig(), judge=JudgeConfig(num_engines=1)))
+    own.start_pool("judge", "m", num_engines=2)
+    assert started == [("rollout", 3, 0), ("judge", 3, 0), ("judge", 1, 2)]

@@ -6,6 +6,8 @@ failures and a back-off deadline, so the search scheduler asks it which engine m
 tells it how each call ended; nothing else writes that state. An engine that stays unreachable longer than
 its bound (`run.engine_unavailable_timeout_s`, timed from its first lost call until a call succeeds) fails
 the run naming it: a node lost with no replacement leaves its engines RESTARTING with nowhere to go.
+`psr-ray scale` (pipeline/elastic.py) grows and shrinks a running pool at its tail only (`add`, `serving`,
+`pop_drained`), so the indices of the calls in flight stay valid.
 """
 
 from __future__ import annotations
