@@ -132,3 +132,16 @@ def submit(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
     return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait,
                       check_cluster=check_cluster)  # fmt: skip
+
+
+def scale(args: argparse.Namespace) -> int:
+    """Sets the engine counts of the run in `args.run_dir` (pipeline/elastic.py); its driver applies them."""
+    from psr_ray.pipeline.elastic import request_scale
+
+    targets = {role: n for role in ("rollout", "judge") if (n := getattr(args, role)) is not None}
+    if not targets:
+        raise UserError("give --rollout N and/or --judge M")
+    now = request_scale(args.run_dir, targets, address=args.address)
+    wanted = ", ".join(f"{role}={count}" for role, count in sorted(now.items()))
+    print(f"[psr_ray] {args.run_dir}: engines asked for: {wanted} (applied at the search's next turn)")
+    return 0

@@ -6,6 +6,8 @@ failures and a back-off deadline, so the search scheduler asks it which engine m
 tells it how each call ended; nothing else writes that state. An engine that stays unreachable longer than
 its bound (`run.engine_unavailable_timeout_s`, timed from its first lost call until a call succeeds) fails
 the run naming it: a node lost with no replacement leaves its engines RESTARTING with nowhere to go.
+`psr-ray scale` (pipeline/elastic.py) grows and shrinks a running pool at its tail only (`add`, `serving`,
+`pop_drained`), so the indices of the calls in flight stay valid.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class EnginePool:
         self._unavailable_since: list[float | None] = [None] * len(actors)  # first lost call of an outage
         self._unavailable_timeout_s = unavailable_timeout_s
         self._resources = resources or {}  # what one engine asks of a node: named when none is left to give it
+        self.serving = len(actors)  # engines [serving, len) are draining (`psr-ray scale` shrank the pool)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -60,7 +63,7 @@ class EnginePool:
         now = time.monotonic()
         free = [
             i
-            for i in range(len(self.actors))
+            for i in range(self.serving)
             if self.in_flight[i] < MAX_CALLS_PER_ENGINE
             and self._failures[i] < self._max_failures
             and self._not_before[i] <= now
@@ -121,6 +124,28 @@ class EnginePool:
 
     def release(self, i: int) -> None:
         self._not_before[i] = 0.0
+
+    def add(self, actor: Any, name: str) -> None:
+        """Appends a started engine that serves the current policy (`psr-ray scale`, pipeline/elastic.py);
+        it takes calls from the next pick. Only with no engine draining: indices stay those of the calls."""
+        assert self.serving == len(self.actors), "add() while engines drain"
+        if self._names is not None:
+            self._names.append(name)
+        self.actors.append(actor)
+        self.in_flight.append(0)
+        self._failures.append(0)
+        self._not_before.append(0.0)
+        self._unavailable_since.append(None)
+        self.serving += 1
+
+    def pop_drained(self) -> Any:
+        """Removes the last engine, draining (index >= `serving`) with no call in flight; returns its handle."""
+        assert len(self.actors) > self.serving and self.in_flight[-1] == 0, "pop_drained() of a busy engine"
+        for column in (self.in_flight, self._failures, self._not_before, self._unavailable_since):
+            column.pop()
+        if self._names is not None:
+            self._names.pop()
+        return self.actors.pop()
 
 
 def engine_name(role: str, index: int) -> str:
@@ -201,56 +226,11 @@ def start_engine_pool(
         return EnginePool(role, [ray.get_actor(n) for n in names], max_restarts=cfg.rollout.max_restarts, names=names,
                           unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s,
                           resources=engine_resources(cfg.rollout))  # fmt: skip
-    from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
-    from psr_ray.runtime.memory import ENGINE_NAME_ENV
     from psr_ray.runtime.waits import get_all
 
-    settings = engine_settings(cfg, role, model_path)
     section: EnginePoolConfig = getattr(cfg, role)
-    remote_cls = ray.remote(EngineActor)
-    actors: list[Any] = []  # Ray's stubs type the handles' methods without `.remote`
-    for index in range(section.num_engines):
-        name = engine_name(role, index)
-        options: dict[str, Any] = {
-            "name": name,
-            "get_if_exists": True,
-            "lifetime": lifetime,
-            "max_restarts": section.max_restarts,
-            "max_task_retries": 0,
-            # The name in its environment lets psr_ray.runtime.memory attribute the process's memory to this engine.
-            "runtime_env": {"env_vars": engine_env(settings) | {ENGINE_NAME_ENV: name}},
-        }
-        if cfg.weight_sync.colocate:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine,
-                           resources=node_group_request(section),
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                               placement_group=_colocation_group(cfg, lifetime), placement_group_bundle_index=index))  # fmt: skip
-        elif settings.tensor_parallel_size > 1:
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            bundles = [{"GPU": 1, "CPU": 1} | node_group_request(section, shard=True)] * settings.tensor_parallel_size
-            group = placement_group(bundles, strategy="PACK", name=f"{name}-pg", lifetime=lifetime)
-            if not group.wait(timeout_seconds=cfg.run.engine_start_timeout_s):  # GPUs that never free up
-                raise TimeoutError(f"{name}: no room for its {len(bundles)} GPU bundles within "
-                                   f"{cfg.run.engine_start_timeout_s:.0f} s (run.engine_start_timeout_s)")  # fmt: skip
-            # The host actor takes no GPU itself; vLLM's Ray workers take one bundle each.
-            options.update(
-                num_cpus=0,
-                num_gpus=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=group, placement_group_capture_child_tasks=True, placement_group_bundle_index=0
-                ),
-            )
-        else:
-            options.update(
-                num_cpus=section.num_cpus_per_engine,
-                num_gpus=section.num_gpus_per_engine,
-                resources=node_group_request(section),
-            )
-        actors.append(remote_cls.options(**options).remote(settings, name=name, policy_version=policy_version))
+    actors = [launch_engine(cfg, role, index, model_path, policy_version=policy_version, lifetime=lifetime)
+              for index in range(section.num_engines)]  # fmt: skip
     names = [engine_name(role, i) for i in range(len(actors))]
     try:
         infos = get_all([a.ready.remote() for a in actors], labels=names, timeout_s=cfg.run.engine_start_timeout_s,
@@ -267,3 +247,58 @@ def start_engine_pool(
     return EnginePool(role, actors, max_restarts=section.max_restarts,
                       unavailable_timeout_s=cfg.run.engine_unavailable_timeout_s,
                       resources=engine_resources(section) if not cfg.weight_sync.colocate else None)  # fmt: skip
+
+
+def launch_engine(
+    cfg: Any, role: str, index: int, model_path: str, *, policy_version: int = 0, lifetime: str | None = None
+) -> Any:
+    """Starts (or finds) the named engine actor `psr-<role>-<index>` on `model_path` serving `policy_version`
+    and returns its handle at once (its `ready()` answers once its model is loaded); see `start_engine_pool`."""
+    import ray
+
+    from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
+    from psr_ray.runtime.memory import ENGINE_NAME_ENV
+
+    settings = engine_settings(cfg, role, model_path)
+    section: EnginePoolConfig = getattr(cfg, role)
+    name = engine_name(role, index)
+    options: dict[str, Any] = {
+        "name": name,
+        "get_if_exists": True,
+        "lifetime": lifetime,
+        "max_restarts": section.max_restarts,
+        "max_task_retries": 0,
+        # The name in its environment lets psr_ray.runtime.memory attribute the process's memory to this engine.
+        "runtime_env": {"env_vars": engine_env(settings) | {ENGINE_NAME_ENV: name}},
+    }
+    if cfg.weight_sync.colocate:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options.update(num_cpus=section.num_cpus_per_engine, num_gpus=section.num_gpus_per_engine,
+                       resources=node_group_request(section),
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(
+                           placement_group=_colocation_group(cfg, lifetime), placement_group_bundle_index=index))  # fmt: skip
+    elif settings.tensor_parallel_size > 1:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundles = [{"GPU": 1, "CPU": 1} | node_group_request(section, shard=True)] * settings.tensor_parallel_size
+        group = placement_group(bundles, strategy="PACK", name=f"{name}-pg", lifetime=lifetime)
+        if not group.wait(timeout_seconds=cfg.run.engine_start_timeout_s):  # GPUs that never free up
+            raise TimeoutError(f"{name}: no room for its {len(bundles)} GPU bundles within "
+                               f"{cfg.run.engine_start_timeout_s:.0f} s (run.engine_start_timeout_s)")  # fmt: skip
+        # The host actor takes no GPU itself; vLLM's Ray workers take one bundle each.
+        options.update(
+            num_cpus=0,
+            num_gpus=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_capture_child_tasks=True, placement_group_bundle_index=0
+            ),
+        )
+    else:
+        options.update(
+            num_cpus=section.num_cpus_per_engine,
+            num_gpus=section.num_gpus_per_engine,
+            resources=node_group_request(section),
+        )
+    return ray.remote(EngineActor).options(**options).remote(settings, name=name, policy_version=policy_version)

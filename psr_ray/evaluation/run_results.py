@@ -40,6 +40,24 @@ def models_from_state(state: Any, *, judge_mode: str, m0: dict[str, Any] | None 
     return models
 
 
+def result_row(state: Any, row: dict[str, Any], iteration: int, policy_version: int) -> dict[str, Any]:
+    """An eval row with the iteration's search and training figures beside it (the results table)."""
+    from psr_ray.pipeline.sync_stage import sync_columns
+
+    search = state.stage(iteration, "search") or {}
+    train = state.stage(iteration, "train") or {}
+    return {
+        **row,
+        "policy_version": policy_version,
+        "pairs": search.get("pairs_total"),
+        "rollbacks": search.get("rollbacks"),
+        "margins": margins_cell(search),
+        "unparseable_rate": search.get("unparseable_rate"),
+        "search_train_s": train.get("seconds"),
+        **sync_columns(state.stage(iteration, "sync")),
+    }
+
+
 def write_results(state: Any, out_dir: str | Path, *, judge_mode: str, m0: dict[str, Any] | None = None,
                   init_seconds: dict[str, float] | None = None) -> dict[str, Path]:  # fmt: skip
     models = models_from_state(state, judge_mode=judge_mode, m0=m0, init_seconds=init_seconds)

@@ -5,7 +5,8 @@ durable writes of commit points.
 A command calls the steps in the order its checks must fail: the lock first (a second process on the
 folder fails before anything else; `generate` loads its problems first, so a source with none makes no
 folder), then the problems (bad data fails before a Ray cluster starts), then
-Ray, then the engines. `start_pool` is the only place in psr_ray that starts engine actors.
+Ray, then the engines. `start_pool` is the only place in psr_ray that starts engine pools (`start_engine`
+adds one engine to a running pool: `psr-ray scale`, pipeline/elastic.py).
 """
 
 from __future__ import annotations
@@ -95,10 +96,17 @@ class RunSession:
         """The `role` engine pool (engines/pool.py) on `model_path` (default: the configured model), started
         or found running; `num_engines` overrides `<role>.num_engines`."""
         cfg = self.cfg
-        if num_engines is not None:
-            section = dataclasses.replace(getattr(cfg, role), num_engines=num_engines)
-            cfg = dataclasses.replace(cfg, **{role: section})
+        if num_engines is not None:  # a judge on the rollout engines (judge.num_engines: 0) counts theirs
+            key = "rollout" if role == "judge" and cfg.judge.num_engines == 0 else role
+            cfg = dataclasses.replace(cfg, **{key: dataclasses.replace(getattr(cfg, key), num_engines=num_engines)})
         return start_engine_pool(cfg, role, model_path or self.model_path, policy_version=policy_version)
+
+    def start_engine(self, role: str, index: int, model_path: str, *, policy_version: int) -> Any:
+        """One more `role` engine, `psr-<role>-<index>`, on `model_path`: its handle at once, not waited for
+        (pipeline/elastic.py adds it to its pool once its `ready()` reports `policy_version`)."""
+        from psr_ray.engines.pool import launch_engine
+
+        return launch_engine(self.cfg, role, index, model_path, policy_version=policy_version)
 
     @contextlib.contextmanager
     def temporary_engines(self, role: str, model_path: str, policy_version: int) -> Iterator[list[Any]]:

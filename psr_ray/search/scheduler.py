@@ -96,20 +96,28 @@ class SearchScheduler:
         self.policy_dir = policy_dir  # HF export of `policy_version`: what a restarted engine reloads
         self.rollout, self.judge = rollout, judge
         self.stats = SearchStats()
-        in_flight = cfg.search.max_problems_in_flight
-        self.max_propose_batch = max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * len(rollout))))
         self.likelihood = cfg.judge.mode == JudgeMode.LIKELIHOOD
-        comparisons = (
+        self._comparisons = (
             cfg.rollout.num_candidates
             if self.likelihood
             else first_round_calls(cfg.judge.plan, cfg.rollout.num_candidates, both_orders=cfg.judge.both_orders)
         )
-        self.max_judge_batch = max(1, math.ceil(in_flight * comparisons / (MAX_CALLS_PER_ENGINE * len(judge))))
         self._num_proposals: dict[str, int] = {}  # accepted proposals per problem: the seed's attempt number
         self._queue: deque[Problem] = deque()
         self._active: dict[str, ProblemSearch] = {}
         self._want: dict[CallKind, deque[str]] = {CallKind.PROPOSE: deque(), CallKind.JUDGE: deque()}
         self._calls: dict[Any, InFlightCall] = {}
+
+    # The batch bounds follow the engines serving now (`psr-ray scale` may change them between turns).
+    @property
+    def max_propose_batch(self) -> int:
+        in_flight = self.cfg.search.max_problems_in_flight
+        return max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * max(1, self.rollout.serving))))
+
+    @property
+    def max_judge_batch(self) -> int:
+        in_flight = self.cfg.search.max_problems_in_flight * self._comparisons
+        return max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * max(1, self.judge.serving))))
 
     def valid(self, problem: Problem) -> bool:
         return bool(problem.question.strip()) and len(problem.question) <= self.cfg.data.max_problem_chars
