@@ -5,7 +5,7 @@ and bench/results/fidelity.png, every figure computed here.
     .venv/bin/python bench/fidelity.py --stage init     # one stage at a time (each well under 40 min, 2 cores)
 
 Stages (the embedded config, `--config`/overrides change it; outputs under --work):
-  init     M0 -> M1 through the product (`init.run_first`'s cached init: M0's own candidates as EFT pairs,
+  init     M0 -> M1 through the product (`init.run_first`'s cached init: M_ift's own candidates as EFT pairs,
            ZeRO-3 SFT on Ray Train, held-out oracle-labelled judge pairs from M1's candidates)
   self     `psr-ray run`'s loop from M1 with the configured self-judge: M2 (and M3 with --iterations 2), or
            with --self-run DIR the record of a `psr-ray run` already made with this config (e.g. `make run`'s)

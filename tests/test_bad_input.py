@@ -88,10 +88,10 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_run(all_cases, 
 
 
 def test_generate_with_no_usable_problem_writes_no_pairs(all_cases, work):
-    """It fails before any pair or manifest: the corrected rerun into the same folder is not refused as
-    "already holds step pairs"."""
+    """It fails before the --output folder is made (no pairs, manifest or lock file): the corrected rerun into
+    the same folder is not refused as "already holds step pairs"."""
     check(all_cases["generate with no usable problem"])
-    assert not (work / "out_generate" / "pairs").exists()
+    assert not (work / "out_generate").exists()
 
 
 # ---- machine states ---------------------------------------------------------------------------------------

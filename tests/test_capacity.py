@@ -95,3 +95,98 @@ def test_an_unplaceable_run_fails_against_the_real_clusters_nodes_before_any_eng
         check_capacity(cfg)  # the nodes as ray.nodes() reports them
     assert set(ray.util.list_named_actors()) == before
     assert check_capacity(load([str(DEFAULT_CONFIG)], [])) == []
+
+
+# ---- the run's folders on every node (pipeline/node_paths.py) ---------------------------------------------
+
+
+def test_a_node_without_the_drivers_folder_is_named(tmp_path):
+    from psr_ray.pipeline.node_paths import node_path_errors, seen_on_node
+
+    shared, other = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir()
+    other.mkdir()
+    (shared / "probe").write_text("token")
+    (other / "probe").write_text("another run's token")
+    assert seen_on_node({"run.output_dir": str(shared)}, "probe", "token") == {"run.output_dir": ""}
+    on_local = seen_on_node({"run.output_dir": str(other), "run.cache_dir": str(tmp_path)}, "probe", "token")
+    assert on_local == {"run.output_dir": "another file of the probe's name",
+                        "run.cache_dir": "a different folder of that name"}  # fmt: skip
+    reports = {"10.0.0.1 aaaa": {"run.output_dir": ""}, "10.0.0.2 bbbb": {"run.output_dir": "no such folder"}}
+    assert node_path_errors(reports, {"run.output_dir": "/mnt/run"}) == [
+        "run.output_dir /mnt/run is not the driver's folder on node(s) 10.0.0.2 bbbb (no such folder)"
+    ]
+
+
+def test_shared_folders_are_the_existing_ones_a_node_opens(tmp_path):
+    from psr_ray.pipeline.node_paths import shared_folders
+
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg = load([str(DEFAULT_CONFIG)], [f"model.path={model}", f"run.cache_dir={tmp_path / 'none'}"])
+    assert shared_folders(cfg, tmp_path) == {"run.output_dir": str(tmp_path), "model.path": str(model)}
+    hub = load([str(DEFAULT_CONFIG)], ["model.path=Qwen/Qwen2.5-Math-7B", f"run.cache_dir={tmp_path}"])
+    assert shared_folders(hub, None) == {"run.cache_dir": str(tmp_path)}
+
+
+_TWO_NODES = """
+import json, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from psr_ray.config import DEFAULT_CONFIG, load
+from psr_ray.pipeline import node_paths
+
+out = Path(sys.argv[1])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+try:
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    (out / "probe").write_text("token")
+    reports, late = node_paths.node_reports({"run.output_dir": str(out)}, "probe", "token")
+    cfg = load([str(DEFAULT_CONFIG)], [f"run.cache_dir={out / 'cache'}"])
+    warnings = node_paths.check_node_paths(cfg, out)
+    print(json.dumps({"reports": reports, "late": late, "warnings": warnings}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_every_node_of_a_cluster_reads_the_drivers_probe_and_none_is_left(tmp_path):
+    """On a simulated two-node cluster (a 0-CPU head and a worker node, one filesystem) a task on each node
+    reads the driver's probe; the start-up check passes, makes the cache folder and leaves no probe behind.
+    (Its own process: a test session's Ray cannot be re-pointed at another cluster.)"""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TWO_NODES, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["reports"]) == 2 and result["late"] == [] and result["warnings"] == []
+    assert all(report == {"run.output_dir": ""} for report in result["reports"].values())
+    assert (tmp_path / "cache").is_dir()
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".psr-ray-node-probe")]
+
+
+def test_why_unplaceable_names_the_resource_no_live_node_provides(monkeypatch):
+    import ray
+
+    from psr_ray.runtime.cluster import why_unplaceable
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "psr_trainer": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 2.0, "psr_engine": 2.0}}]  # fmt: skip  # the lost engine node
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert why_unplaceable({"CPU": 0.5, "psr_engine": 1.0}) == (
+        "no live node of the cluster provides psr_engine (each asks for CPU: 0.5, psr_engine: 1)"
+    )
+    assert why_unplaceable({"CPU": 8.0}) == "no live node of the cluster provides CPU (each asks for CPU: 8)"
+    assert why_unplaceable({"CPU": 1.0, "psr_trainer": 1.0}) is None  # a node has them: something else is wrong
+    nodes[1]["Alive"] = True  # each resource somewhere, not all on one node
+    assert why_unplaceable({"psr_engine": 1.0, "psr_trainer": 1.0}) == (
+        "no live node of the cluster has psr_engine: 1, psr_trainer: 1 in total"
+    )

@@ -115,7 +115,7 @@ def test_load_rejects_missing_file_and_bad_override():
         ("model.path=embedded:gpt5", "model.path"),
         ("data.source=/no/such.jsonl", "data.source"),
         ("init.num_ift_examples=0", "init.num_ift_examples"),
-        ("init.eft_ift_ratio=-2", "init.eft_ift_ratio"),
+        ("init.num_eft_pairs=-2", "init.num_eft_pairs"),
         ("init.num_candidates=1", "init.num_candidates"),
     ],
 )
@@ -217,5 +217,42 @@ def test_section_sources_name_the_file_of_each_section(tmp_path):
 
 
 def test_init_section_overrides():
-    cfg = preflight.validate(C.load([], ["init.num_ift_examples=64", "init.eft_ift_ratio=0.2"]), gpu_available=False)
-    assert (cfg.init.num_ift_examples, cfg.init.eft_ift_ratio, cfg.init.num_heldout_pairs) == (64, 0.2, 150)
+    cfg = preflight.validate(C.load([], ["init.num_ift_examples=64", "init.num_eft_pairs=20"]), gpu_available=False)
+    assert (cfg.init.num_ift_examples, cfg.init.num_eft_pairs, cfg.init.num_heldout_pairs) == (64, 20, 150)
+
+
+def test_a_hub_dataset_this_machine_cannot_load_is_refused_before_start(tmp_path, monkeypatch):
+    """A hub benchmark (or an hf: data source) with `datasets` installed, not cached, and a hub that does not
+    answer or lacks it: refused in validate, not after the init (hours on a 7B recipe); cached, it passes."""
+    import httpx
+    from huggingface_hub import HfApi, constants, errors
+
+    from psr_ray.data import checks
+
+    def unreachable(self, repo_id, **kwargs):
+        raise OSError("Name or service not known")
+
+    def not_found(self, repo_id, **kwargs):
+        response = httpx.Response(404, request=httpx.Request("GET", f"https://huggingface.co/api/datasets/{repo_id}"))
+        raise errors.RepositoryNotFoundError(f"404 {repo_id}", response=response)
+
+    monkeypatch.setattr(checks, "_package_missing", lambda name: False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setattr(HfApi, "dataset_info", unreachable)
+    bench = C.load([], ["eval.benchmarks=[gsm8k,olympiadbench]"])
+    with pytest.raises(
+        ValueError,
+        match=r"eval.benchmarks olympiadbench: the HF dataset Hothan/OlympiadBench is not in the local cache and the "
+        r"HF hub cannot be reached from here \(Name or service not known\); pass the set as a .jsonl path",
+    ):
+        preflight.validate(bench, gpu_available=False)
+    monkeypatch.setattr(HfApi, "dataset_info", not_found)
+    with pytest.raises(ValueError, match=r"data.source: no dataset acme/nothing on the HF hub"):
+        preflight.validate(C.load([], ["data.source=hf:acme/nothing"]), gpu_available=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"the hub is offline here"):
+        preflight.validate(bench, gpu_available=False)
+    (tmp_path / "datasets" / "Hothan___OlympiadBench").mkdir(parents=True)  # loaded once before: cached
+    preflight.validate(bench, gpu_available=False)

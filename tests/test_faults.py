@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -115,8 +116,11 @@ def test_a_hung_engine_ends_in_an_error_naming_it(ray_cluster, tiny_model_dir, e
                            r"\(run.engine_call_timeout_s\); is it hung\?"):  # fmt: skip
             generate_pairs(cfg, problems[:2], iteration=1, policy_version=fi.SERVED_VERSION, rollout=rollout,
                            judge=judge, output_dir=str(tmp_path), policy_dir=tiny_model_dir)  # fmt: skip
-        with pytest.raises(TimeoutError, match=r"^psr-judge-0 did not answer policy_version\(\) within 2 s"):
+        with pytest.raises(TimeoutError, match=r"^psr-judge-0 did not answer policy_version\(\) within 2 s") as err:
             get_all([judge.actors[0].policy_version.remote()], labels=judge.names, timeout_s=2, what="policy_version()")
+        # It names where to look: the engine's node, its pid and its log files there (not the driver's folder).
+        assert re.search(rf"psr-judge-0: ALIVE on node [\d.]+ \(\w{{8}}\), pid {pid}: its log is /\S+/session_\S+/logs/"
+                         rf"worker-\*-{pid}\.err on that node", str(err.value)), str(err.value)  # fmt: skip
     finally:
         os.kill(pid, signal.SIGCONT)
     assert ray_cluster.get(judge.actors[0].policy_version.remote(), timeout=60) == fi.SERVED_VERSION

@@ -20,14 +20,16 @@ def eval_row(bits: str) -> dict:
 
 
 def judge(accuracy: float, num: int) -> dict:
-    return {"accuracy": accuracy, "accuracy_ci95": [0.3, 0.9], "num_judgments": num, "pair_accuracy": 0.5,
-            "pair_accuracy_ci95": [0.2, 0.8], "share_a": 0.375, "mode": "direct"}  # fmt: skip
+    return {"accuracy": accuracy, "accuracy_ci95": [0.3, 0.9], "num_judgments": num, "num_pairs": num // 2,
+            "pair_accuracy": 0.5, "pair_accuracy_ci95": [0.2, 0.8], "share_a": 0.375, "mode": "direct"}  # fmt: skip
 
 
 def write_stages(work: Path) -> None:
     init = {"m0": {"benchmarks": [eval_row("0000")], "judge": judge(0.625, 8), "eval_s": 40},
             "result": {"seconds": {"sft": 85}, "eft_counts": {"candidates": 12, "sites": 4, "right": 3},
-                       "num_eft_rows": 2, "num_ift_rows": 14, "eft_ift_ratio": 0.143, "num_eft_pairs": 1,
+                       "num_eft_rows": 2, "num_ift_rows": 14, "eft_ift_ratio": 2 / 14, "num_eft_pairs": 1,
+                       "configured_eft_pairs": 4, "paper_eft_ift_ratio": 4200 / 28900, "ift_train_metrics": [{}],
+                       "loss_shares": {"ift": {"rows": 0.875, "tokens": 0.99}, "eft": {"rows": 0.125, "tokens": 0.01}},
                        "num_heldout_pairs": 4, "train_metrics": [{}, {}]},
             "wall_s": 250, "peak_gib": 9.1}  # fmt: skip
     precision = {"precision": 0.5, "precision_ci95": [0.2, 0.8], "random_pick": 0.25, "num_pairs": 6,
@@ -62,12 +64,28 @@ def test_report_tables_come_from_the_stage_records(tmp_path):
         "| M1's self-judged pairs (-> M2) | 6 | 50.0 [20.0, 80.0] | 25.0 | no | 1 |",
     ]
     # M1 has no judge record (no held-out pairs at iteration 0 here): no row.
-    assert table("## Judge accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)") == [
-        "| model | mode | judgments | accuracy % [95% CI] | pairs right (both orders) % [95% CI] | share A % |",
-        "|---|---|---|---|---|---|",
-        "| M0 | direct | 8 | 62.5 [30.0, 90.0] | 50.0 [20.0, 80.0] | 37.5 |",
-        "| M2 | direct | 8 | 75.0 [30.0, 90.0] | 50.0 [20.0, 80.0] | 37.5 |",
+    # Pair accuracy over both orders is the headline column; single judgments and the share of "A" beside it.
+    assert table("## Judge pair accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)") == [
+        "| model | mode | pairs | pair accuracy (both orders) % [95% CI] | judgments | judgment accuracy % [95% CI] "
+        "| share A % |",
+        "|---|---|---|---|---|---|---|",
+        "| M0 | direct | 4 | 50.0 [20.0, 80.0] | 8 | 62.5 [30.0, 90.0] | 37.5 |",
+        "| M2 | direct | 4 | 50.0 [20.0, 80.0] | 8 | 75.0 [30.0, 90.0] | 37.5 |",
     ]
+    results = table("## Accuracy, judge pair accuracy, pair precision")
+    assert (
+        results[0].startswith("| model | trained on |")
+        and "| judge pair acc % [95% CI] | judgment acc % |" in results[0]
+    )
+    assert "| 50.0 [20.0, 80.0] (n=4) | 75.0 | 37.5 |" in next(r for r in results if r.startswith("| M2 | "))
+    assert table("## Initialization")[0].startswith(
+        "EFT:IFT = 2:14 rows = 0.143 (the paper's ~4.2k:28.9k = 0.145). EFT pairs: 1 of init.num_eft_pairs=4, "
+        "from M_ift's own candidates (M0 after an IFT-only SFT of 1 optimizer steps;"
+    )
+    assert (
+        "SFT loss shares (rows weigh alike): IFT 87.5% (per-token: 99.0%), EFT 12.5% (per-token: 1.0%)."
+        in (table("## Initialization")[0])
+    )
     assert (
         "- M2 vs M1: 50.0% vs 25.0% = +25.0 points on 4 problems; 1 problems only M2 solves, 0 only M1;"
         in "\n".join(lines)

@@ -276,3 +276,34 @@ def test_a_trained_vs_committed_mismatch_fails_the_run(monkeypatch, tmp_path):
     assert failed["hf_dir"] == str(hf_dir) and (hf_dir / "model.safetensors").read_bytes() == b"trained"
     assert {"train/loss": 0.5, "iteration": 1, "train/step_in_iteration": 0} in psr.logger.logged
     assert (psr.policy_dir, psr.policy_version) == ("/models/m1", 1)
+
+
+def test_a_search_that_fails_mid_fit_ends_the_fit_at_once(monkeypatch, tmp_path):
+    """The search fails (an engine node gone for good) while the fit, which waits like Ray Train's (until
+    interrupted here), runs: the stage fails with the search's error at once, not after the trainer's retries."""
+    import time
+
+    import psr_ray.pipeline.search_stage
+    import psr_ray.trainer.group
+    from psr_ray.pipeline.run_state import RunState
+
+    loop, psr, _ = _train_stage(monkeypatch, tmp_path, num_trained_rows=3)
+    psr.state = RunState(tmp_path / "fresh")  # nothing recorded: the search runs
+    psr.rollout = psr.judge = None
+
+    def failing_search(*args, **kwargs):
+        time.sleep(0.2)
+        raise RuntimeError("rollout engine psr-rollout-0 has been unavailable for 21 s")
+
+    def waiting_fit(cfg, **kwargs):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise AssertionError("the fit was not interrupted")
+
+    monkeypatch.setattr(psr_ray.pipeline.search_stage, "generate_pairs", failing_search)
+    monkeypatch.setattr(psr_ray.trainer.group, "train_dpo", waiting_fit)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="^rollout engine psr-rollout-0 has been unavailable"):
+        loop._search_and_train(psr, 1)
+    assert time.monotonic() - started < 10

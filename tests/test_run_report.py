@@ -43,7 +43,8 @@ def _row(bits: str, iteration: int) -> dict:
 
 def test_models_from_state_and_the_table(tmp_path):
     state = RunState(tmp_path)
-    judge = {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6], "num_judgments": 300}
+    judge = {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6], "num_judgments": 300, "num_pairs": 150,
+             "pair_accuracy": 0.72, "pair_accuracy_ci95": [0.64, 0.78], "share_a": 0.9}  # fmt: skip
     state.record(0, "eval", {"rows": [_row("0011000000", 0)], "judge": judge, "pair_precision": None, "seconds": 5.0})
     state.record(1, "search", {"pairs_total": 40, "seconds": 30.0})
     state.record(1, "train", {"seconds": 60.0})
@@ -64,8 +65,11 @@ def test_models_from_state_and_the_table(tmp_path):
     table = format_run_table(models)
     assert (
         "| M2 | M1's ORACLE-judged (ablation) pairs | arith | 10 | 70.0 [0.0, 100.0] | 70.0 [0.0, 100.0] | "
-        "0.062 (vs M1: 5+/0-) | 50.0 [40.0, 60.0] (n=300) | 40 | 75.0 [60.0, 86.0] (n=40) | 30.0 |" in table
+        "0.062 (vs M1: 5+/0-) | 72.0 [64.0, 78.0] (n=150) | 50.0 | 90.0 | 40 | 75.0 [60.0, 86.0] (n=40) | 30.0 |"
+        in table
     )
+    # The judge column is pair accuracy (both orders) with its CI; per-judgment accuracy and share "A" beside it.
+    assert "| judge pair acc % [95% CI] | judgment acc % | share A % | pairs |" in table.splitlines()[0]
     paths = write_run_report(models, str(tmp_path / "report"), title="t")
     assert json.loads(paths["json"].read_text())[0]["model"] == "M0"
     assert paths["plot"].read_bytes().startswith(b"\x89PNG")
@@ -74,7 +78,8 @@ def test_models_from_state_and_the_table(tmp_path):
 def test_plot_accepts_intervals_that_miss_their_point_by_a_rounding_error(tmp_path):
     # Wilson's lower end of 0/n can come out a hair above 0; errorbar refuses negative error lengths.
     row = dict(_row("000", 0), accuracy_boxed_ci95=[5.5e-17, 0.56])
-    judge = {"accuracy": 0.5, "accuracy_ci95": [0.5 + 1e-16, 0.6], "num_judgments": 4}
+    judge = {"accuracy": 0.5, "accuracy_ci95": [0.4, 0.6], "num_judgments": 4, "num_pairs": 2,
+             "pair_accuracy": 0.5, "pair_accuracy_ci95": [0.5 + 1e-16, 0.6], "share_a": 0.5}  # fmt: skip
     paths = write_run_report([{"model": "M1", "rows": [row], "judge": judge}], str(tmp_path))
     assert paths["plot"].is_file()
 

@@ -206,6 +206,28 @@ def test_without_a_token_submit_stops_with_one_line(ray_head, tmp_path):
 
 
 @pytest.mark.ray
+def test_submit_shows_the_cluster_and_refuses_a_run_it_cannot_place(ray_head, tmp_path):
+    """The cluster behind --address is shown before anything is submitted (a dashboard of a local CPU run is
+    seen for what it is), and a run its nodes cannot place fails there, naming what is missing: no job."""
+    ports, env = ray_head
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+    job = psr_ray_submit(
+        *PINNED, "rollout.num_engines=6", f"run.output_dir={tmp_path}", "--no-wait", env=env | {"RAY_ADDRESS": address}
+    )
+    output = job.communicate(timeout=120)[0]
+    assert job.returncode == 1, output
+    lines = [line for line in output.splitlines() if line.strip() and "warning: " not in line]
+    assert lines[0] == f"[psr_ray] the cluster at {address}: 1 node: 6 CPU, 4 psr_engine, 2 psr_trainer", output
+    assert lines[-1] == (
+        "psr-ray submit: this run cannot be placed on the cluster (1 node: 6 CPU, 4 psr_engine, 2 psr_trainer): "
+        "the run asks for 9 CPU in all, the cluster has 6; the run asks for 7 psr_engine in all, the cluster has 4; "
+        "add nodes with those resources, lower the run's asks (num_engines, num_*_per_engine, trainer.num_workers), "
+        "or set run.autoscaling=true if an autoscaler adds nodes"
+    ), output
+    assert len(lines) == 2 and "submitted job" not in output
+
+
+@pytest.mark.ray
 def test_the_job_refuses_a_multi_node_run_without_shared_storage(ray_head, tmp_path):
     ports, env = ray_head
     job = psr_ray_submit(*PINNED, f"run.output_dir={tmp_path / 'run'}", env=env | {

@@ -34,6 +34,7 @@ examples:
   psr-ray eval --model embedded:smollm2-135m-instruct --benchmarks gsm8k --limit 50
   psr-ray init                                    # IFT/EFT data + SFT: M0 -> M1, judge accuracy before/after
   psr-ray submit --address http://127.0.0.1:8265 --config psr_ray/configs/embedded_cpu.yaml
+  psr-ray scale runs/embedded --rollout 2         # resize a running run's engine pools (applied mid-search)
 
 Without --config, commands use psr_ray/configs/embedded_cpu.yaml (the embedded CPU preset).
 Overrides are dotted keys: section.field=value, sections: model data rollout judge search trainer
@@ -118,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the auth token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
     )
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    help_text = ("Resize the engine pools of a running `psr-ray run`: new engines load the policy being searched "
+                 "before they take requests; removed ones finish their calls first. Applied between search turns.")  # fmt: skip
+    p = sub.add_parser("scale", help=help_text, description=help_text, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the running run's output folder (run.output_dir)")
+    p.add_argument("--rollout", type=int, help="rollout engines wanted")
+    p.add_argument("--judge", type=int, help="judge engines wanted (a run with judge.num_engines > 0)")
+    p.add_argument("--address", help="the Ray cluster's GCS host:port (default: the one in RUN_DIR/ray.json)")
     return parser
 
 
@@ -135,7 +144,7 @@ def load_config(args: argparse.Namespace, *, check_paths: bool = True) -> config
 
 def _yaml_arguments_as_configs(args: argparse.Namespace) -> None:
     """`psr-ray validate x.yaml` means `--config x.yaml`: a bare argument naming a YAML file is a config."""
-    configs = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]
+    configs = [a for a in getattr(args, "overrides", []) if "=" not in a and a.endswith((".yaml", ".yml"))]
     if configs:
         args.overrides = [a for a in args.overrides if a not in configs]
         args.config = (args.config or []) + configs
@@ -191,6 +200,10 @@ def _remote_cause(err: BaseException) -> BaseException | None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "scale":  # the run's stored config applies, not a new one
+        from psr_ray.app import commands
+
+        return commands.scale(args)
     cfg = load_config(args)
     if args.command in ("validate", "run") and not getattr(args, "resume", None):
         # A --config file replaces the preset: say where each section came from.

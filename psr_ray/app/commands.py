@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from psr_ray.config import DEFAULT_CONFIG, PSRConfig, UserError
@@ -35,9 +36,10 @@ def generate(cfg: PSRConfig, args: argparse.Namespace) -> int:
     if (pairs_dir(output_dir, 1) / MANIFEST).is_file() and not args.resume:
         raise UserError(f"{output_dir} already holds step pairs of an earlier pass ({pairs_dir(output_dir, 1)}); "
                         "pass another --output, or --resume to finish that pass")  # fmt: skip
+    # The problems before the lock: a source with none fails without making the --output folder.
+    problems = RunSession(cfg).load_problems(limit=args.num_problems)
     session = RunSession.locked(cfg, output_dir, command="generate")  # held until this process ends
     session.check_writable("--output")
-    problems = session.load_problems(limit=args.num_problems)
     model_path = session.model_path
     session.start_ray(trainer=False)
     summary = generate_pairs(
@@ -108,8 +110,8 @@ def eval(cfg: PSRConfig, args: argparse.Namespace) -> int:  # noqa: A001 - the c
 
 
 def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
-    """IFT data and EFT pairs (M0's own candidates, labelled by the step oracle), SFT of model.path into M1,
-    judge accuracy on held-out pairs and benchmark accuracy of M0 and M1."""
+    """IFT data and EFT pairs (M_ift's own candidates, labelled by the step oracle), SFT of model.path into M1,
+    judge pair accuracy on held-out pairs and benchmark accuracy of M0 and M1."""
     from psr_ray.pipeline.init_stage import format_init, initialize
     from psr_ray.pipeline.session import RunSession
 
@@ -120,6 +122,26 @@ def init(cfg: PSRConfig, args: argparse.Namespace) -> int:
 
 
 def submit(cfg: PSRConfig, args: argparse.Namespace) -> int:
+    from psr_ray.pipeline import capacity
     from psr_ray.runtime.submit import submit as submit_job
 
-    return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait)
+    def check_cluster(address: str, nodes: list[dict[str, float]]) -> None:
+        print(f"[psr_ray] the cluster at {address}: {capacity.describe(nodes)}")
+        for warning in capacity.check_capacity(cfg, nodes, ask_autoscaler=False):
+            print(f"[psr_ray] warning: {warning}", file=sys.stderr)
+
+    return submit_job(args.address, args.config or [str(DEFAULT_CONFIG)], args.overrides, wait=not args.no_wait,
+                      check_cluster=check_cluster)  # fmt: skip
+
+
+def scale(args: argparse.Namespace) -> int:
+    """Sets the engine counts of the run in `args.run_dir` (pipeline/elastic.py); its driver applies them."""
+    from psr_ray.pipeline.elastic import request_scale
+
+    targets = {role: n for role in ("rollout", "judge") if (n := getattr(args, role)) is not None}
+    if not targets:
+        raise UserError("give --rollout N and/or --judge M")
+    now = request_scale(args.run_dir, targets, address=args.address)
+    wanted = ", ".join(f"{role}={count}" for role, count in sorted(now.items()))
+    print(f"[psr_ray] {args.run_dir}: engines asked for: {wanted} (applied at the search's next turn)")
+    return 0

@@ -79,6 +79,11 @@ class JudgeMode(enum.StrEnum):
     # (psr_ray.oracle) judges instead of the model. It shows the rest of the loop learns when the judge is
     # right; it needs data.source embedded:arith (the only source with an exact step check).
     ORACLE = "oracle"
+    # Ablation only, labelled as such in every table, never the paper's recipe: no judge prompt and no oracle;
+    # each candidate is scored by the policy's own mean log-probability per token of the step under the solver
+    # prompt that proposed it (one prefill per candidate; psr_ray.search.likelihood). search.min_score_margin
+    # does not apply (a round ties only on equal scores); the init still trains the direct judge (EFT).
+    LIKELIHOOD = "likelihood"
 
 
 class JudgePlan(enum.StrEnum):
@@ -116,7 +121,7 @@ class SearchConfig:
     # sums to 1 per comparison. 1.0 is one comparison's worth: with hard votes the paper's rule (any win more
     # is a preference); with soft votes it refuses differences of a few hundredths, which are judge noise
     # (SmolLM2-135M, whose pair accuracy is 52% in bench/results/judge_accuracy.md, gave margins of
-    # 0.01-0.26 on the 24 pairs of an embedded run).
+    # 0.01-0.26 on the 24 pairs of an embedded run). Not used by judge.mode=likelihood, whose scores are not votes.
     min_score_margin: float = 1.0
 
 
@@ -215,16 +220,19 @@ class EvalConfig:
 class InitConfig:
     """Initialization (M0 -> M1, the paper's section 3.2; `psr-ray init`, or first in `psr-ray run`): SFT of
     `model.path` on IFT (worked solutions of `data.source` in the step format) and EFT (pairwise judgments of
-    the model's own candidate steps, a right one and a wrong one by the step oracle), with the `trainer.sft_*`
-    settings. Held-out problems give oracle-labelled pairs on which every model's judge accuracy is measured."""
+    the policy's own candidate steps, a right one and a wrong one by the step oracle: M_ift's, the model after
+    an SFT on IFT alone), with the `trainer.sft_*` settings. Held-out problems give oracle-labelled pairs on
+    which every model's judge accuracy is measured."""
 
     # `psr-ray run` initializes first and starts PSR from M1, as the paper does. M1 is cached under
     # `run.cache_dir/init/<key of these settings>` and reused by every later run with the same settings.
     run_first: bool = False
     # Step-formatted solutions to train on.
     num_ift_examples: int = 2000
-    # EFT rows per IFT row (each pair gives 2 rows: both orders); the paper's ~4.2k EFT to 28.9k IFT is ~1:7.
-    eft_ift_ratio: float = 0.143
+    # EFT pairs (each gives 2 rows: both orders), proposed by M_ift at problem prefixes (reference steps and
+    # its own right steps). The paper's ~4.2k EFT rows to 28.9k IFT; the init reports both ratios. 0: no EFT,
+    # M1 is SFT on IFT alone (and no M_ift is trained).
+    num_eft_pairs: int = 2100
     # Candidates the model proposes per EFT (M0) or held-out (M1) step, and their sampling temperature (high:
     # a model sure of a step proposes it 8 times, and only a step with a right and a wrong candidate gives a pair).
     num_candidates: int = 8

@@ -139,7 +139,7 @@ def data_errors(source: str, *, check_packages: bool) -> list[str]:
         if check_packages and _package_missing("datasets"):
             return [f"data.source {source} needs the datasets package here: pip install datasets "
                     "(or use embedded:gsm8k or a .jsonl file)"]  # fmt: skip
-        return []
+        return hub_dataset_errors(source[3:].partition(":")[0], "data.source") if check_packages else []
     path = Path(os.path.expanduser(source))
     if not source.endswith(".jsonl"):
         return [
@@ -219,7 +219,43 @@ def benchmark_package_errors(benchmarks: tuple[str, ...] | list[str]) -> list[st
         errors.append(f"eval.benchmarks {', '.join(hub)}: not shipped offline, loaded from the HF hub with the "
                       "datasets package, which is not installed: pip install datasets, or pass the test set as a "
                       ".jsonl path")  # fmt: skip
+        return errors
+    for name in hub:
+        dataset_id = HUB_BENCHMARKS[name][0].partition(":")[0]
+        errors.extend(hub_dataset_errors(dataset_id, f"eval.benchmarks {name}"))
     return errors
+
+
+def hub_dataset_errors(dataset_id: str, what: str) -> list[str]:
+    """A dataset loaded from the HF hub: in the local cache, or on a hub this machine reaches. Otherwise
+    the load would fail only when it runs (a benchmark loads after the whole init: hours on a 7B recipe)."""
+    try:
+        from huggingface_hub import HfApi, constants, errors
+    except ImportError:
+        return []
+    if _dataset_cached(dataset_id, constants.HF_HUB_CACHE, constants.HF_HOME):
+        return []
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+        return [f"{what}: the HF dataset {dataset_id} is not in the local cache and the hub is offline here "
+                "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); pass the set as a .jsonl path"]  # fmt: skip
+    try:
+        HfApi().dataset_info(dataset_id, timeout=5)
+    except errors.GatedRepoError:
+        return []  # it exists; access is the token's business
+    except errors.RepositoryNotFoundError:
+        return [f"{what}: no dataset {dataset_id} on the HF hub (or a private one and HF_TOKEN is unset)"]
+    except Exception as err:  # no answer from the hub: the load could not download it either
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        return [f"{what}: the HF dataset {dataset_id} is not in the local cache and the HF hub cannot be reached "
+                f"from here ({reason}); pass the set as a .jsonl path"]  # fmt: skip
+    return []
+
+
+def _dataset_cached(dataset_id: str, hub_cache: str, hf_home: str) -> bool:
+    """The hub's download cache (`datasets--org--name`) or the datasets library's own (`org___name`)."""
+    hub_copy = Path(hub_cache) / f"datasets--{dataset_id.replace('/', '--')}"
+    datasets_home = Path(os.path.expanduser(os.environ.get("HF_DATASETS_CACHE") or os.path.join(hf_home, "datasets")))
+    return hub_copy.is_dir() or (datasets_home / dataset_id.replace("/", "___")).is_dir()
 
 
 def ray_address_errors(address: str) -> list[str]:

@@ -29,7 +29,8 @@ STEP_PAIR_SCHEMA = pa.schema(
         # chosen_score - rejected_score as the search decided it (at least search.min_score_margin).
         pa.field("margin", pa.float32(), nullable=False),
         pa.field("num_candidates", pa.int32(), nullable=False),
-        # All candidates of this step and their scores (wins), in candidate order.
+        # All candidates of this step and their scores (wins), in candidate order. judge.mode=likelihood: each
+        # score is the policy's mean log-prob per step token (-inf: empty), the margin in those units.
         pa.field("candidates", pa.list_(pa.string()), nullable=False),
         pa.field("candidate_scores", pa.list_(pa.float32()), nullable=False),
         # votes[i][j]: wins of candidate i over candidate j, summed over the orders judged (in `direct` judge

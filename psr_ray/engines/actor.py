@@ -23,7 +23,15 @@ from typing import Any
 
 from psr_ray.config import EnginePoolConfig, JudgeMode, WeightSyncBackend
 from psr_ray.core import prompts, steps
-from psr_ray.engines.api import Candidates, Generation, JudgeRequest, Judgment, ProposeRequest
+from psr_ray.engines.api import (
+    Candidates,
+    Generation,
+    JudgeRequest,
+    Judgment,
+    ProposeRequest,
+    ScoreRequest,
+    StepLikelihood,
+)
 from psr_ray.weight_sync.cuda_ipc import CudaIpcReceiver
 from psr_ray.weight_sync.export import ExportReceiver
 from psr_ray.weight_sync.nccl import NcclReceiver
@@ -244,6 +252,23 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             return self._judge_explain(texts, temperature, max_tokens)
         return self._judge_direct(texts)
 
+    def score_steps(self, requests: list[ScoreRequest]) -> list[StepLikelihood]:
+        """The policy's log-probability of each request's step under the solver prompt that proposed it
+        (`judge.mode: likelihood`): one prefill per step, read from vLLM's prompt log-probs (engines/likelihood.py).
+        An empty step, or one whose prompt does not fit the context, gets 0 tokens."""
+        from vllm import SamplingParams
+
+        from psr_ray.engines.likelihood import score_token_ids, step_logprob
+
+        inputs = [score_token_ids(self.tokenizer, r) for r in requests]
+        # prompt_logprobs=0: each prompt token's own log-prob. vLLM then does not read the prefix cache for the
+        # request (positions served from it would have none): every step costs a whole prefill.
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outputs = self._generate_ids([ids for ids, _ in inputs], [params] * len(inputs), room=1)
+        v = self._policy_version
+        return [StepLikelihood(step_logprob(out.prompt_logprobs, ids, n), n, v) if out is not None and n
+                else StepLikelihood(0.0, 0, v) for (ids, n), out in zip(inputs, outputs, strict=True)]  # fmt: skip
+
     def generate(self, prompt_texts: list[str], *, max_tokens: int) -> list[Generation]:
         """Greedy completions of ready-made prompts (evaluation)."""
         from vllm import SamplingParams
@@ -290,8 +315,12 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         """One `llm.generate` over every prompt that fits the context (prompt + `room` new tokens);
         None in place of a prompt that does not, so one long problem cannot fail the whole batch. Refused
         while the weights are changing (weight_sync/gate.py)."""
-        self._gate.check_serving()
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # templates hold specials
+        return self._generate_ids(ids, params, room=room)
+
+    def _generate_ids(self, ids: list[list[int]], params: list[Any], *, room: int) -> list[Any]:
+        """`_generate` of prompts given as token ids."""
+        self._gate.check_serving()
         limit = self.settings.max_model_len - room
         keep = [i for i, token_ids in enumerate(ids) if len(token_ids) <= limit]
         outputs = (
@@ -299,7 +328,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             if keep
             else []
         )
-        by_index: list[Any] = [None] * len(texts)
+        by_index: list[Any] = [None] * len(ids)
         for i, out in zip(keep, outputs, strict=True):
             by_index[i] = out
         return by_index

@@ -1,6 +1,6 @@
 """The run's results (`<output_dir>/results.{json,md}`, `accuracy.png`) from what `state.json` recorded: one
 entry per model, M0 (when the run initialized first) and M1, then the model each iteration trained, with its
-benchmark rows, judge accuracy, the pair precision of its training pairs and the stage times."""
+benchmark rows, judge pair accuracy (both orders), the pair precision of its training pairs and the stage times."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from psr_ray.evaluation.tables import write_run_report
 
 JUDGE_LABELS = {"direct": "self-judged (direct)", "explain": "self-judged (explain)",
-                "oracle": "ORACLE-judged (ablation)"}  # fmt: skip
+                "oracle": "ORACLE-judged (ablation)", "likelihood": "LIKELIHOOD-judged (ablation)"}  # fmt: skip
 
 
 def models_from_state(state: Any, *, judge_mode: str, m0: dict[str, Any] | None = None,
@@ -40,12 +40,31 @@ def models_from_state(state: Any, *, judge_mode: str, m0: dict[str, Any] | None 
     return models
 
 
+def result_row(state: Any, row: dict[str, Any], iteration: int, policy_version: int) -> dict[str, Any]:
+    """An eval row with the iteration's search and training figures beside it (the results table)."""
+    from psr_ray.pipeline.sync_stage import sync_columns
+
+    search = state.stage(iteration, "search") or {}
+    train = state.stage(iteration, "train") or {}
+    return {
+        **row,
+        "policy_version": policy_version,
+        "pairs": search.get("pairs_total"),
+        "rollbacks": search.get("rollbacks"),
+        "margins": margins_cell(search),
+        "unparseable_rate": search.get("unparseable_rate"),
+        "search_train_s": train.get("seconds"),
+        **sync_columns(state.stage(iteration, "sync")),
+    }
+
+
 def write_results(state: Any, out_dir: str | Path, *, judge_mode: str, m0: dict[str, Any] | None = None,
                   init_seconds: dict[str, float] | None = None) -> dict[str, Path]:  # fmt: skip
     models = models_from_state(state, judge_mode=judge_mode, m0=m0, init_seconds=init_seconds)
     title = f"PSR run: {JUDGE_LABELS.get(judge_mode, judge_mode)} step pairs"
     memory = memory_line(state.data.get("peak_memory_gib", {}), state.data.get("peak_memory_roles_gib", {}))
-    footer = "\n\n".join(x for x in (iteration_table(state), memory, trainer_memory_lines(state)) if x)
+    nodes = node_memory_lines(state.data.get("peak_memory_nodes_gib", {}))
+    footer = "\n\n".join(x for x in (iteration_table(state), memory, nodes, trainer_memory_lines(state)) if x)
     return write_run_report(models, str(out_dir), title=title, footer=footer)
 
 
@@ -96,6 +115,23 @@ def memory_line(peaks: dict[str, float], roles: dict[str, dict[str, float]] | No
     if split:
         line += f" At that peak: {', '.join(f'{role} {gib:.2f}' for role, gib in split.items())}."
     return line
+
+
+def node_memory_lines(per_stage: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """On a cluster: each node's highest peak (PSS of its Ray processes), the stage it came in and the split
+    by role at that peak."""
+    best: dict[str, tuple[float, str, dict[str, float]]] = {}
+    for stage, nodes in per_stage.items():
+        for node, figures in nodes.items():
+            if node not in best or figures["peak"] > best[node][0]:
+                best[node] = (figures["peak"], stage, figures.get("roles", {}))
+    if not best:
+        return ""
+    lines = ["Peak memory per node (PSS of the node's Ray processes, GiB):"]
+    for node, (peak, stage, roles) in sorted(best.items()):
+        split = ", ".join(f"{role} {gib:.2f}" for role, gib in roles.items() if gib >= 0.005)
+        lines.append(f"- {node}: {peak:.1f} in `{stage}`" + (f" ({split})" if split else ""))
+    return "\n".join(lines)
 
 
 def trainer_memory_lines(state: Any) -> str:

@@ -2,8 +2,8 @@
 
 - `write_report(rows, dir)`: a plain evaluation (`psr-ray eval`): one row per benchmark.
 - `write_run_report(models, dir)`: a run (`psr-ray run`, bench/fidelity.py): one entry per model (M0, M1, M2,
-  ...), each with its benchmark rows, its judge accuracy on held-out oracle-labelled pairs and, for a trained
-  model, the pair precision of the pairs it was trained on beside a random pick among the same candidates.
+  ...), each with its benchmark rows, its judge's pair accuracy on held-out oracle-labelled pairs (both orders,
+  the search's soft vote; per-judgment accuracy and the share of "A" beside it) and, for a trained model, the pair precision of the pairs it was trained on beside a random pick among the same candidates.
   The headline accuracy is the paper's (last `\\boxed{}`), the lenient rule beside it, both with 95% Wilson
   intervals, and an exact McNemar p-value against the model each entry is compared with (by default the one
   before it), on the same problems.
@@ -105,8 +105,19 @@ def compare(models: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
 
 RUN_HEADER = (
     "| model | trained on | benchmark | n | accuracy % (boxed) [95% CI] | lenient % [95% CI] | McNemar p (vs) | "
-    "judge acc % [95% CI] | pairs | pair precision % [95% CI] | random pick % | stage s |"
+    "judge pair acc % [95% CI] | judgment acc % | share A % | pairs | pair precision % [95% CI] | random pick % | "
+    "stage s |"
 )
+
+
+def judge_cells(judge: dict[str, Any] | None) -> list[str]:
+    """A judge's three cells (`JudgeScores.to_dict()`): pair accuracy over both orders with its CI and the
+    number of pairs (the headline: a judge whose position bias outweighs what it knows scores exactly 50% per
+    judgment on balanced orders, whatever it knows), per-judgment accuracy, the share of "A" verdicts."""
+    if not judge:
+        return ["", "", ""]
+    return [pct(judge["pair_accuracy"], judge["pair_accuracy_ci95"]) + f" (n={judge['num_pairs']})",
+            pct(judge["accuracy"]), pct(judge["share_a"])]  # fmt: skip
 
 
 def format_run_table(models: list[dict[str, Any]]) -> str:
@@ -114,10 +125,7 @@ def format_run_table(models: list[dict[str, Any]]) -> str:
     tests = compare(models)
     lines = [RUN_HEADER, "|" + "---|" * RUN_HEADER.count(" | ") + "---|"]
     for model in models:
-        judge, precision = model.get("judge"), model.get("pair_precision")
-        judge_cell = (
-            "" if not judge else pct(judge["accuracy"], judge["accuracy_ci95"]) + f" (n={judge['num_judgments']})"
-        )
+        precision = model.get("pair_precision")
         precision_cell = random_cell = ""
         if precision:
             precision_cell = pct(precision["precision"], precision["precision_ci95"]) + f" (n={precision['num_pairs']})"
@@ -133,7 +141,7 @@ def format_run_table(models: list[dict[str, Any]]) -> str:
             )
             cells = [model["model"], model.get("trained_on", ""), row.get("benchmark", ""), str(row.get("n", "")),
                      pct(row.get("accuracy_boxed"), row.get("accuracy_boxed_ci95")),
-                     pct(row.get("accuracy"), row.get("accuracy_ci95")), p_cell, judge_cell,
+                     pct(row.get("accuracy"), row.get("accuracy_ci95")), p_cell, *judge_cells(model.get("judge")),
                      "" if model.get("pairs") is None else str(model["pairs"]), precision_cell, random_cell, stage]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -148,10 +156,14 @@ def _p(p: float) -> str:
 NOTES = (
     "accuracy: the paper's rule, the last \\boxed{} answer, equivalent to the reference; lenient: boxed, else "
     '"the answer is", else the last number. McNemar: exact two-sided test on the same problems against the model '
-    "named, with the problems only this model got right (+) and only that one got right (-). judge acc: verdicts "
-    "on held-out oracle-labelled step pairs (a right and a wrong candidate of M1), both orders. pair precision: "
+    "named, with the problems only this model got right (+) and only that one got right (-). judge pair acc: held-out "
+    "oracle-labelled step pairs (a right and a wrong candidate of M1) the judge gets right over both orders (the mean "
+    "P(right step better) of the two orders > 0.5, the search's soft vote); judgment acc: single verdicts right; "
+    'share A: verdicts saying "A" (50 = no position bias). pair precision: '
     "pairs whose chosen step the oracle labels right and rejected step wrong; random pick: the same statistic for "
     "a uniformly random (chosen, rejected) among the same stored candidates. An ORACLE judge is an ablation."
+    " So is a LIKELIHOOD judge (the model's own log-probability of each step ranks them): a run with it measures"
+    " that judge on the held-out pairs from M1 on; M0's figure, from the init, is the direct judge's."
 )
 
 
@@ -171,7 +183,7 @@ def write_run_report(models: list[dict[str, Any]], out_dir: str, *, title: str =
 
 def plot_models(models: list[dict[str, Any]], path: Path) -> None:
     """Boxed accuracy per model with 95% intervals, one series per benchmark; beside it, when any model has
-    them, judge accuracy and pair precision (with the random pick) per model."""
+    them, judge pair accuracy and pair precision (with the random pick) per model."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on cluster nodes
@@ -218,7 +230,7 @@ def plot_models(models: list[dict[str, Any]], path: Path) -> None:
 
 def _plot_judging(ax: Any, models: list[dict[str, Any]]) -> None:
     names = [m["model"] for m in models]
-    series = (("judge", "accuracy", "accuracy_ci95", "judge accuracy (held-out pairs)", -0.1),
+    series = (("judge", "pair_accuracy", "pair_accuracy_ci95", "judge pair accuracy (held-out, both orders)", -0.1),
               ("pair_precision", "precision", "precision_ci95", "pair precision", 0.1))  # fmt: skip
     for key, value_key, ci_key, label, shift in series:
         pts = [(i + shift, m[key][value_key], m[key][ci_key]) for i, m in enumerate(models) if m.get(key)]
@@ -233,7 +245,7 @@ def _plot_judging(ax: Any, models: list[dict[str, Any]]) -> None:
     ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, fontsize=8)
     ax.set_ylim(0, 100)
     ax.set_ylabel("%  (95% CI)")
-    ax.set_title("Judging: held-out judge accuracy; pair precision vs random pick")
+    ax.set_title("Judging: held-out judge pair accuracy; pair precision vs random pick")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
 

@@ -32,7 +32,7 @@ from psr_ray.init_data.segment import worked_solution
 class InitSplit:
     heldout: list[Problem]  # the judge-accuracy pairs come from these; never trained on or searched
     ift: list[Problem]
-    eft: list[Problem]  # candidates are proposed at one step of each, until there are enough EFT pairs
+    eft: list[Problem]  # candidates are proposed on these (`candidates.oracle_pairs`) until there are enough EFT pairs
 
 
 def load_worked_problems(
@@ -63,11 +63,6 @@ def split_problems(problems: list[Problem], *, num_heldout: int, num_ift: int) -
         )
     return InitSplit(problems[:num_heldout], problems[num_heldout : num_heldout + num_ift],
                      problems[num_heldout + num_ift :])  # fmt: skip
-
-
-def num_eft_pairs(num_ift_rows: int, ratio: float) -> int:
-    """EFT pairs giving `ratio` EFT rows per IFT row (each pair gives two rows: both orders); at least one."""
-    return max(1, round(num_ift_rows * ratio / 2))
 
 
 def ift_rows(tokenizer: Any, problems: list[Problem]) -> list[dict[str, Any]]:
@@ -130,6 +125,19 @@ def explain_pair(step_a: str, step_b: str, *, good_letter: str, why_bad: str) ->
     checks = [f"Step {letter}: {text}." for letter, step in (("A", step_a), ("B", step_b))
               if (text := recompute(step)) is not None]  # fmt: skip
     return " ".join([*checks, f"Step {bad_letter} is wrong: {why_bad}. Step {good_letter} is correct."])
+
+
+def loss_shares(tokenizer: Any, parts: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Each part's share of the SFT loss (rows of `parts`, e.g. {"ift": ..., "eft": ...}): `rows`, the share it
+    has (the SFT loss is a mean over rows, `trainer.loss.sft_row_losses`), and `tokens`, the share a mean over
+    target tokens would give it (the verdicts' 0.19% before rows were weighed alike)."""
+    rows = {name: len(part) for name, part in parts.items()}
+    tokens = {name: sum(len(tokenizer(r["target_text"], add_special_tokens=False)["input_ids"]) for r in part)
+              for name, part in parts.items()}  # fmt: skip
+    return {
+        name: {"rows": rows[name] / max(1, sum(rows.values())), "tokens": tokens[name] / max(1, sum(tokens.values()))}
+        for name in parts
+    }
 
 
 def pair_rows(pairs: list[OraclePair]) -> list[dict[str, Any]]:

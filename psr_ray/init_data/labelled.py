@@ -5,21 +5,26 @@ A pair is a right step against a wrong one for the same problem and previous ste
 candidates of a model (`candidates.py`), or a reference step from a GSM8K worked solution (each solution line
 is a step, `<<a*b=c>>` calculator annotations removed) against the same step with one integer changed
 (`build_corrupted_pairs`, bench/judge_accuracy.py). The right step is known, so the judge is scored without a
-grader. Each pair is judged in both orders: good step as A, then as B.
+grader. Each pair is judged in both orders: good step as A, then as B. The likelihood judge (`judge.mode:
+likelihood`, an ablation) scores each step once instead (`score_requests`); its two scores are laid out as the
+judgments of both orders (`likelihood_judgments`), so every judge is scored by the same rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from psr_ray.config import JudgeMode
+from psr_ray.core.prompts import direct_verdict
 from psr_ray.core.stats import wilson
 from psr_ray.core.steps import join_steps, split_steps
-from psr_ray.engines.api import JudgeRequest, Judgment
+from psr_ray.engines.api import JudgeRequest, Judgment, ScoreRequest
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 # A plain integer: not part of a decimal or a comma-grouped number, so changing it keeps the text well-formed.
@@ -87,6 +92,28 @@ def judge_requests(pairs: Sequence[LabelledPair]) -> tuple[list[JudgeRequest], l
     return requests, labels
 
 
+def score_requests(pairs: Sequence[LabelledPair]) -> list[ScoreRequest]:
+    """Two requests per pair for the likelihood judge: the good step, then the bad one."""
+    return [ScoreRequest(p.question, p.prefix, len(split_steps(p.prefix)) + 1, step)
+            for p in pairs for step in (p.good_step, p.bad_step)]  # fmt: skip
+
+
+def likelihood_judgments(scores: Sequence[float], *, policy_version: int = 0) -> list[Judgment]:
+    """Likelihood scores laid out as `score_requests` makes them (good, bad per pair) turned into the two
+    judgments `judge_requests` lays out (good as A, then as B): P(A) = exp(s_A) / (exp(s_A) + exp(s_B)), the
+    step the model finds likelier wins; -inf (a step not scored) counts as missing, both missing as unparseable."""
+    if len(scores) % 2:
+        raise ValueError(f"need a good and a bad score per pair, got {len(scores)} scores")
+    judgments = []
+    for k in range(0, len(scores), 2):
+        good, bad = (None if s == -math.inf else s for s in scores[k : k + 2])
+        for a, b in ((good, bad), (bad, good)):
+            verdict, prob_a = direct_verdict(a, b)
+            text = f"likelihood: A {a}, B {b}"
+            judgments.append(Judgment(verdict.value, prob_a, text, 0, policy_version))
+    return judgments
+
+
 @dataclass(frozen=True)
 class JudgeScores:
     num_judgments: int
@@ -133,12 +160,19 @@ def score_judgments(judgments: Sequence[Judgment], labels: Sequence[str]) -> Jud
 
 def measure_judge(engines: Sequence[Any], pairs: Sequence[LabelledPair], *, mode: str, max_tokens: int,
                   batch_size: int = 256, timeout_s: float | None = None) -> JudgeScores:  # fmt: skip
-    """Judge accuracy of the model the engine actors serve on `pairs`, both orders, greedy verdicts."""
+    """Judge accuracy of the model the engine actors serve on `pairs`, both orders, greedy verdicts (the
+    likelihood judge: each step scored once, `likelihood_judgments`)."""
     import ray
 
     from psr_ray.engines.api import split_batches
 
     requests, labels = judge_requests(pairs)
+    if mode == JudgeMode.LIKELIHOOD:
+        steps = score_requests(pairs)
+        refs = [engines[i % len(engines)].score_steps.remote(steps[2 * s : 2 * e]) for i, (s, e) in
+                enumerate(split_batches(len(pairs), num_engines=len(engines), batch_size=batch_size // 2))]  # fmt: skip
+        scores = [x.score for batch in ray.get(refs, timeout=timeout_s) for x in batch]
+        return score_judgments(likelihood_judgments(scores), labels)
     # Both orders of a pair stay in one batch (they share their prompt's prefix in the engine's cache).
     batches = [
         (2 * s, 2 * e) for s, e in split_batches(len(pairs), num_engines=len(engines), batch_size=batch_size // 2)

@@ -30,7 +30,7 @@ class Demand:
 def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list[Demand]:
     """Every bundle the run holds at once: engines (one per tensor-parallel shard) and trainer workers (a
     command that starts only one of them asks only for those)."""
-    from psr_ray.engines.pool import colocation_bundles, node_group_request
+    from psr_ray.engines.pool import colocation_bundles, engine_resources
     from psr_ray.trainer.group import scaling_kwargs, trainer_gpu_share
 
     demands = []
@@ -41,12 +41,11 @@ def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list
     for role in roles:
         section = getattr(cfg, role)
         for i in range(section.num_engines):
-            if section.tensor_parallel_size > 1:  # vLLM's workers take one {GPU: 1, CPU: 1} bundle per shard
-                shard = {"GPU": 1.0, "CPU": 1.0} | node_group_request(section, shard=True)
-                demands += [Demand(f"{role} engine {i} shard {s}", shard) for s in range(section.tensor_parallel_size)]
+            ask = engine_resources(section)
+            if section.tensor_parallel_size > 1:  # vLLM's workers take one bundle per shard
+                demands += [Demand(f"{role} engine {i} shard {s}", ask) for s in range(section.tensor_parallel_size)]
             else:
-                ask = {"CPU": section.num_cpus_per_engine, "GPU": section.num_gpus_per_engine}
-                demands.append(Demand(f"{role} engine {i}", ask | node_group_request(section)))
+                demands.append(Demand(f"{role} engine {i}", ask))
     if trainer:
         scaling = scaling_kwargs(cfg.trainer, trainer_gpu_share(cfg))
         worker = dict(scaling["resources_per_worker"])
@@ -101,10 +100,16 @@ def describe(nodes: list[dict[str, float]]) -> str:
 
 
 def check_capacity(
-    cfg: Any, nodes: list[dict[str, float]] | None = None, *, engines: bool = True, trainer: bool = True
+    cfg: Any,
+    nodes: list[dict[str, float]] | None = None,
+    *,
+    engines: bool = True,
+    trainer: bool = True,
+    ask_autoscaler: bool = True,
 ) -> list[str]:
     """Raises a ValueError naming what is missing when the run cannot be placed on the cluster; with
-    `run.autoscaling` asks the autoscaler for it instead and returns the warnings."""
+    `run.autoscaling` asks the autoscaler for it instead (`ask_autoscaler`: the job's driver asks, connected;
+    `psr-ray submit` only warns) and returns the warnings."""
     nodes = cluster_nodes() if nodes is None else nodes
     demands = run_demands(cfg, engines=engines, trainer=trainer)
     errors = placement_errors(demands, nodes)
@@ -112,6 +117,9 @@ def check_capacity(
         return []
     where = describe(nodes)
     if cfg.run.autoscaling:
+        if not ask_autoscaler:
+            return [f"the cluster ({where}) cannot place this run yet: {'; '.join(errors)}; the run will ask its "
+                    "autoscaler for the nodes (run.autoscaling)"]  # fmt: skip
         from ray.autoscaler.sdk import request_resources
 
         request_resources(bundles=[d.resources for d in demands])

@@ -1,7 +1,8 @@
 """Init first, cached: `psr-ray run` with `init.run_first` starts PSR from M1, built once per settings.
 
 The cache folder is `<run.cache_dir>/init/<key>`, the key a digest of everything that changes M1 or its
-held-out pairs (model, data, init and SFT settings, seed, the EFT judge mode, the prompt and step formats). A finished init leaves
+held-out pairs (model, data, init and SFT settings, seed, the EFT judge mode, the prompt and step formats, the
+recipe: `init_stage.RECIPE`). A finished init leaves
 `init.json` there and is reused as is; an interrupted one is redone, reusing its finished SFT checkpoint.
 One process builds it at a time (a file lock); another waiting on the same key then reuses it.
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from psr_ray.config import PSRConfig
-from psr_ray.pipeline.init_stage import InitResult, eft_mode, initialize, read_result, scores_of
+from psr_ray.pipeline.init_stage import RECIPE, InitResult, eft_mode, initialize, read_result, scores_of
 from psr_ray.pipeline.session import RunSession
 
 
@@ -50,6 +51,7 @@ def init_key(cfg: PSRConfig) -> str:
         "model": plain["model"], "data": plain["data"], "init": {k: v for k, v in plain["init"].items() if k != "run_first"},
         "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,
         "rollout": {k: plain["rollout"][k] for k in ("top_p", "max_step_tokens")}, "format": format_digest(),
+        "recipe": RECIPE,
     })  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig, UserError
+from psr_ray.config import JudgeMode, PSRConfig, UserError
 from psr_ray.engines.pool import EnginePool
 from psr_ray.pipeline.run_dir import check_resume, check_search_pairs, stored_config
 from psr_ray.pipeline.run_state import RunState, check_trained_pairs
@@ -56,6 +56,7 @@ class Driver:
     init: Any = None  # the InitResult when the run initialized first
     m0: dict[str, Any] | None = None  # M0's scores then (benchmark rows, judge accuracy)
     heldout_pairs: list[Any] = dataclasses.field(default_factory=list)  # judge-accuracy pairs (LabelledPair)
+    elastic: Any = None  # `psr-ray scale` (pipeline/elastic.py), applied between the search's turns
 
     @property
     def engines(self) -> list[Any]:
@@ -71,22 +72,27 @@ def run(cfg: PSRConfig, *, resume_dir: str | None = None) -> Driver:
     """Runs (or resumes) all iterations. The returned `Driver` holds the results rows and the engine handles:
     the engines live as long as it does (they are the driver's actors, not detached)."""
     from psr_ray.runtime import console, metrics
-    from psr_ray.runtime.memory import PeakMemory
+    from psr_ray.runtime.node_memory import RunMemory
 
-    memory = PeakMemory().start()  # this node's run processes; each stage's peak goes to state.json and results
+    memory = RunMemory()  # each stage's peak (this node's run processes; on a cluster every node's) to state.json
     try:
         psr = _start(cfg, resume_dir)
     except BaseException:
         memory.stop()
         raise
-    psr.state.record_peak("start (init, engines)", *memory.take_with_roles())
+    memory.watch_nodes(joined=bool(psr.cfg.run.ray_address))
+
+    def record(title: str) -> None:
+        psr.state.record_peak(title, *memory.take())
+
+    record("start (init, engines)")
     cfg = psr.cfg
     total = cfg.run.num_iterations
 
     def stage(title: str, work: Callable[[], None]) -> None:
         with console.stage(title):
             work()
-        psr.state.record_peak(title, *memory.take_with_roles())
+        record(title)
 
     try:  # one display per stage (psr_ray.runtime.console), one summary line per iteration
         metrics.set_gauge("iteration", 0)
@@ -125,6 +131,7 @@ def _start(cfg: PSRConfig, resume_dir: str | None) -> Driver:
 
 
 def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
+    from psr_ray.pipeline.elastic import scaled_counts, start_elastic, start_pools
     from psr_ray.pipeline.init_cache import init_for_run
     from psr_ray.runtime.metrics import WandbLogger
 
@@ -157,14 +164,16 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     logger = WandbLogger(
         mode=cfg.run.wandb_mode, project=cfg.run.wandb_project, name=cfg.run.name, config=cfg.to_dict(), dir=str(out)
     )
-    # Engines start on the policy the run has reached, so a resumed run serves the right weights at once.
+    # Engines start on the policy the run has reached, so a resumed run serves the right weights at once, as
+    # many as `psr-ray scale` last asked for.
+    rollout, judge = start_pools(session, policy_dir, policy_version, scaled_counts(out) if resuming else {})
     psr = Driver(
         cfg=cfg,
         out=out,
         state=state,
         session=session,
-        rollout=session.start_pool("rollout", policy_dir, policy_version=policy_version),
-        judge=session.start_pool("judge", policy_dir, policy_version=policy_version),
+        rollout=rollout,
+        judge=judge,
         tokenizer=session.tokenizer,  # the configured model's (every policy shares it)
         problems=problems,
         policy_dir=policy_dir,
@@ -175,6 +184,7 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
         heldout_pairs=heldout_pairs,
     )
     _check_engine_versions(psr)
+    psr.elastic = start_elastic(session, out, psr.rollout, psr.judge)
     state.set_config(cfg.to_dict())  # the run has started (a resume may have changed RESUMABLE settings)
     return psr
 
@@ -191,7 +201,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
     from psr_ray import weight_sync
     from psr_ray.data.pairs_io import stream_pairs_dataset
     from psr_ray.init_data.labelled import dpo_rows
-    from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause
+    from psr_ray.pipeline.search_stage import generate_pairs, raise_search_cause, stop_fit_on_failure
     from psr_ray.trainer.group import train_dpo
     from psr_ray.weight_sync.probe import make_probe
 
@@ -206,7 +216,7 @@ def _search_and_train(psr: Driver, k: int) -> None:
     sender = weight_sync.sender_for(cfg, psr.engines, probe=make_probe(psr.tokenizer, psr.policy_dir),
                                     restore_dir=psr.policy_dir)  # fmt: skip
     start = time.perf_counter()
-    stop_search = threading.Event()
+    stop_search, fitting = threading.Event(), threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="psr-search") as pool:
         search = None
         if not psr.state.done(k, "search"):
@@ -221,7 +231,9 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 output_dir=str(psr.out),
                 policy_dir=psr.policy_dir,  # what an engine restarted mid-search reloads
                 stop=stop_search,
+                on_turn=lambda: psr.elastic.tick(psr.policy_version, psr.policy_dir),
             )
+            search.add_done_callback(functools.partial(stop_fit_on_failure, fitting=fitting))
         if cfg.weight_sync.colocate:  # one GPU for all: search first, then the engines sleep while training
             import ray
 
@@ -230,6 +242,9 @@ def _search_and_train(psr: Driver, k: int) -> None:
             ray.get([e.sleep.remote() for e in psr.engines])  # the push wakes them (WeightReceiver.begin_update)
         dataset = stream_pairs_dataset(str(psr.out), k)
         try:
+            fitting.set()
+            if search is not None and search.done():  # it failed before the fit began: nothing to interrupt
+                search.result()
             result = train_dpo(
                 cfg,
                 policy_path=psr.policy_dir,
@@ -240,15 +255,17 @@ def _search_and_train(psr: Driver, k: int) -> None:
                 weight_sender=sender,
                 heldout=dpo_rows(psr.heldout_pairs) or None,  # KL and reward margin of M_{k+1} vs M_k
             )
-        except BaseException:
+        except BaseException:  # a failed search interrupts the fit (stop_fit_on_failure): its error is the cause
             stop_search.set()  # a trainer error surfaces now, not after the whole search
             if search is not None:
                 raise_search_cause(k, search, policy_version=psr.policy_version)
             raise
+        finally:
+            fitting.clear()
         if search is not None:
             summary = search.result()
             check_search_pairs(k, summary.to_dict(), policy_version=psr.policy_version)
-            psr.state.record(k, "search", summary.to_dict())
+            psr.state.record(k, "search", summary.to_dict() | psr.elastic.summary())
     search_summary = psr.state.stage(k, "search") or {}
     train_summary = {
         "policy_version": result.policy_version,
@@ -294,6 +311,7 @@ def _sync(psr: Driver, k: int) -> None:
               f"reloaded from the export instead")  # fmt: skip
     metrics.set_gauge("policy_version", psr.policy_version)
     psr.state.record(k, "sync", summary)
+    psr.elastic.kill_retired()  # engines scaled away this iteration: the trainer's sender no longer holds them
     psr.logger.log({f"sync/{key}": v for key, v in summary.items() if isinstance(v, (int, float))} | {"iteration": k})
 
 
@@ -310,6 +328,7 @@ def serve_policy(psr: Driver, *, pushed: dict[str, Any] | None = None) -> dict[s
 def _evaluate(psr: Driver, *, iteration: int) -> None:
     from psr_ray.evaluation.benchmarks import evaluate
     from psr_ray.evaluation.judging import iteration_pair_precision, judge_accuracy
+    from psr_ray.evaluation.run_results import result_row
     from psr_ray.pipeline.init_stage import eft_mode
 
     done = psr.state.stage(iteration, "eval")
@@ -323,10 +342,13 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
                           max_tokens=cfg.eval.max_tokens, policy_version=psr.policy_version,
                           engine_names=psr.engine_names, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
         start = time.perf_counter()
-        judge = judge_accuracy(psr.engines, psr.heldout_pairs, mode=eft_mode(cfg).value,
+        # The judge the search uses: the likelihood ablation's own, else the pairwise judge the init trained.
+        mode = cfg.judge.mode if cfg.judge.mode == JudgeMode.LIKELIHOOD else eft_mode(cfg)
+        judge = judge_accuracy(psr.engines, psr.heldout_pairs, mode=mode.value,
                                max_tokens=cfg.judge.max_explanation_tokens, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
         precision = iteration_pair_precision(str(psr.out), iteration, psr.problems) if iteration else None
-        done = {"rows": [_result_row(psr, row, iteration) | {"eval_s": result.elapsed_s} for row in result.rows(iteration)],
+        done = {"rows": [result_row(psr.state, row, iteration, psr.policy_version) | {"eval_s": result.elapsed_s}
+                         for row in result.rows(iteration)],
                 "seconds": result.elapsed_s, "policy_version": psr.policy_version, "judge": judge,
                 "pair_precision": precision, "judge_s": time.perf_counter() - start}  # fmt: skip
         kill_windows.reached("eval")
@@ -353,25 +375,6 @@ def _write_results(psr: Driver) -> None:
     paths = write_results(psr.state, psr.out, judge_mode=str(psr.cfg.judge.mode), m0=psr.m0,
                           init_seconds=None if psr.init is None else psr.init.seconds)  # fmt: skip
     psr.logger.log_image("eval/accuracy", str(paths["plot"]))
-
-
-def _result_row(psr: Driver, row: dict[str, Any], iteration: int) -> dict[str, Any]:
-    """An eval row with the iteration's search and training figures beside it (the results table)."""
-    from psr_ray.evaluation.run_results import margins_cell
-    from psr_ray.pipeline.sync_stage import sync_columns
-
-    search = psr.state.stage(iteration, "search") or {}
-    train = psr.state.stage(iteration, "train") or {}
-    return {
-        **row,
-        "policy_version": psr.policy_version,
-        "pairs": search.get("pairs_total"),
-        "rollbacks": search.get("rollbacks"),
-        "margins": margins_cell(search),
-        "unparseable_rate": search.get("unparseable_rate"),
-        "search_train_s": train.get("seconds"),
-        **sync_columns(psr.state.stage(iteration, "sync")),
-    }
 
 
 def _stages(psr: Driver, iteration: int) -> dict[str, Any]:

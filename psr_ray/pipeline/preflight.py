@@ -154,7 +154,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
 
     i = cfg.init
     need(i.num_ift_examples >= 1, f"init.num_ift_examples must be >= 1, got {i.num_ift_examples}")
-    need(i.eft_ift_ratio > 0, f"init.eft_ift_ratio must be > 0 (the paper's is about 0.143), got {i.eft_ift_ratio}")
+    need(i.num_eft_pairs >= 0, f"init.num_eft_pairs must be >= 0 (0: no EFT), got {i.num_eft_pairs}")
     need(i.num_candidates >= 2, f"init.num_candidates must be >= 2 to form a pair, got {i.num_candidates}")
     need(i.temperature > 0, f"init.temperature must be > 0 (candidates must differ), got {i.temperature}")
     need(i.num_rollouts >= 1, f"init.num_rollouts must be >= 1, got {i.num_rollouts}")

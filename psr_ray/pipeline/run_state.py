@@ -64,13 +64,19 @@ class RunState:
         failed[stage] = {**summary, "error": error}
         self._write()
 
-    def record_peak(self, stage: str, gib: float, roles: dict[str, float] | None = None) -> None:
-        """The peak memory (GiB, `psr_ray.runtime.memory`) of a console stage, e.g. `iter 1/2 search+train`, and its
-        split by process role at that peak. Kept with the next write (a record, or `flush()`): no extra commit
-        point of its own."""
+    def record_peak(self, stage: str, gib: float, roles: dict[str, float] | None = None,
+                    nodes: dict[str, tuple[float, dict[str, float]]] | None = None) -> None:  # fmt: skip
+        """The peak memory (GiB, `psr_ray.runtime.memory`) of a console stage, e.g. `iter 1/2 search+train`, its
+        split by process role at that peak and, on a cluster, each node's (`psr_ray.runtime.node_memory`). Kept
+        with the next write (a record, or `flush()`): no extra commit point of its own."""
         self.data.setdefault("peak_memory_gib", {})[stage] = round(gib, 3)
         if roles:
             self.data.setdefault("peak_memory_roles_gib", {})[stage] = {k: round(v, 3) for k, v in roles.items()}
+        if nodes:
+            self.data.setdefault("peak_memory_nodes_gib", {})[stage] = {
+                node: {"peak": round(node_gib, 3), "roles": {k: round(v, 3) for k, v in node_roles.items()}}
+                for node, (node_gib, node_roles) in nodes.items()
+            }
 
     def flush(self) -> None:
         self._write()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import concurrent.futures
 import threading
 import time
@@ -32,14 +33,16 @@ def generate_pairs(
     on_pairs: Callable[[FinishedProblem], None] | None = None,
     flush_pairs: int | None = None,
     stop: threading.Event | None = None,
+    on_turn: Callable[[], None] | None = None,
 ) -> SearchSummary:
     """Searches `problems` and writes their step pairs to `<output_dir>/pairs/iter_<iteration>/` as they
-    finish (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this iteration
-    finished are skipped (resume). `policy_dir` (the HF folder of `policy_version`) is what an engine that
-    comes back from a crash on other weights reloads; without it such an engine fails the run. `on_pairs`
-    sees each finished problem after its pairs are buffered. Setting `stop` ends the search within a turn
-    with `SearchStopped` (finished problems committed). Parts hold `flush_pairs` pairs (default
-    `search.flush_pairs`)."""
+        finish (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this iteration
+        finished are skipped (resume). `policy_dir` (the HF folder of `policy_version`) is what an engine that
+        comes back from a crash on other weights reloads; without it such an engine fails the run. `on_pairs`
+        sees each finished problem after its pairs are buffered. Setting `stop` ends the search within a turn
+        with `SearchStopped` (finished problems committed). `on_turn` runs between scheduling turns (the run's
+    `psr-ray scale` requests: pipeline/elastic.py). Parts hold `flush_pairs` pairs (default
+        `search.flush_pairs`)."""
     from tqdm import tqdm
 
     problems = list(problems)
@@ -65,6 +68,8 @@ def generate_pairs(
 
     def tick() -> None:
         writer.maybe_flush()
+        if on_turn is not None:
+            on_turn()
         if stop is not None and stop.is_set():
             raise SearchStopped(
                 f"iteration {iteration}'s search was stopped after {len(writer.done_problems)} problems"
@@ -94,3 +99,13 @@ def raise_search_cause(k: int, search: concurrent.futures.Future, *, policy_vers
         check_search_pairs(k, search.result().to_dict(), policy_version=policy_version)
     elif not isinstance(error, SearchStopped):
         raise error
+
+
+def stop_fit_on_failure(search: concurrent.futures.Future, fitting: threading.Event) -> None:
+    """A done-callback of the search: when it failed while the main thread is in the trainer's fit (`fitting`),
+    interrupt that fit as Ctrl-C does (Ray Train's handler aborts its run), so the run fails with the search's
+    error at once. Left alone, the trainer's workers would fail on the stream's error and Ray Train would
+    restart them `trainer.max_failures` times before giving up."""
+    error = search.exception()
+    if error is not None and not isinstance(error, SearchStopped) and fitting.is_set():
+        _thread.interrupt_main()

@@ -3,8 +3,10 @@ and the bench scripts): the output folder's lock, the problems, the model, Ray, 
 durable writes of commit points.
 
 A command calls the steps in the order its checks must fail: the lock first (a second process on the
-folder fails before anything else), then the problems (bad data fails before a Ray cluster starts), then
-Ray, then the engines. `start_pool` is the only place in psr_ray that starts engine actors.
+folder fails before anything else; `generate` loads its problems first, so a source with none makes no
+folder), then the problems (bad data fails before a Ray cluster starts), then
+Ray, then the engines. `start_pool` is the only place in psr_ray that starts engine pools (`start_engine`
+adds one engine to a running pool: `psr-ray scale`, pipeline/elastic.py).
 """
 
 from __future__ import annotations
@@ -77,12 +79,15 @@ class RunSession:
     def start_ray(self, *, engines: bool = True, trainer: bool = True) -> Any:
         """Joins `run.ray_address` or starts a local Ray sized for the run (runtime/cluster.py), then checks
         that the cluster can place what this command starts (its engines, its trainer workers) before any of
-        it starts (pipeline/capacity.py); returns `ray`."""
+        it starts (pipeline/capacity.py), and that every node sees the run's folders (pipeline/node_paths.py);
+        returns `ray`."""
         from psr_ray.pipeline.capacity import check_capacity
+        from psr_ray.pipeline.node_paths import check_node_paths
         from psr_ray.runtime.cluster import init_ray
 
         ray = init_ray(self.cfg)
-        for warning in check_capacity(self.cfg, engines=engines, trainer=trainer):
+        warnings = check_capacity(self.cfg, engines=engines, trainer=trainer)
+        for warning in warnings + check_node_paths(self.cfg, self.folder):
             print(f"[psr_ray] WARNING {warning}", flush=True)
         return ray
 
@@ -91,10 +96,17 @@ class RunSession:
         """The `role` engine pool (engines/pool.py) on `model_path` (default: the configured model), started
         or found running; `num_engines` overrides `<role>.num_engines`."""
         cfg = self.cfg
-        if num_engines is not None:
-            section = dataclasses.replace(getattr(cfg, role), num_engines=num_engines)
-            cfg = dataclasses.replace(cfg, **{role: section})
+        if num_engines is not None:  # a judge on the rollout engines (judge.num_engines: 0) counts theirs
+            key = "rollout" if role == "judge" and cfg.judge.num_engines == 0 else role
+            cfg = dataclasses.replace(cfg, **{key: dataclasses.replace(getattr(cfg, key), num_engines=num_engines)})
         return start_engine_pool(cfg, role, model_path or self.model_path, policy_version=policy_version)
+
+    def start_engine(self, role: str, index: int, model_path: str, *, policy_version: int) -> Any:
+        """One more `role` engine, `psr-<role>-<index>`, on `model_path`: its handle at once, not waited for
+        (pipeline/elastic.py adds it to its pool once its `ready()` reports `policy_version`)."""
+        from psr_ray.engines.pool import launch_engine
+
+        return launch_engine(self.cfg, role, index, model_path, policy_version=policy_version)
 
     @contextlib.contextmanager
     def temporary_engines(self, role: str, model_path: str, policy_version: int) -> Iterator[list[Any]]:

@@ -70,6 +70,10 @@ def summarize(push: SyncReport | None, reload: SyncReport | None, *, policy_vers
         "probe_errors": errors,
         "reloaded_from_export": reload.num_engines if reload else 0,
         "push_error": push.error if push else None,
+        # Where the weights went (Ray node ids): the sender (a trainer worker; the driver for a reload) and each
+        # engine, from the push, an engine reloaded afterwards from the reload.
+        "sender_node": main.sender_node if main else None,
+        "engine_nodes": {**(push.engine_nodes if push else {}), **(reload.engine_nodes if reload else {})},
     }
     return summary
 

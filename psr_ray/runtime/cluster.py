@@ -101,3 +101,19 @@ def _gcs_processes() -> frozenset[str]:
     from ray._private.services import find_gcs_addresses
 
     return find_gcs_addresses()
+
+
+def why_unplaceable(ask: dict[str, float]) -> str | None:
+    """Why no live node of the connected cluster can take one process asking `ask` (e.g. an engine, a trainer
+    worker) right now, as a phrase naming the resource none provides; None when a node has those resources
+    in total (in use or not: then something else keeps it off). What a lost node with no replacement shows."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    asks = ", ".join(f"{k}: {v:g}" for k, v in sorted(ask.items()))
+    missing = sorted(k for k, v in ask.items() if not any(n.get(k, 0.0) >= v for n in nodes))
+    if missing:
+        return f"no live node of the cluster provides {', '.join(missing)} (each asks for {asks})"
+    if not any(all(n.get(k, 0.0) >= v for k, v in ask.items()) for n in nodes):
+        return f"no live node of the cluster has {asks} in total"
+    return None

@@ -127,8 +127,26 @@ def _check_resolves(address: str) -> None:
         raise UserError(f"cannot reach a Ray dashboard at {address}: no host named {host!r} resolves") from None
 
 
-def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> tuple[Any, str]:
-    """A JobSubmissionClient for the cluster, with its token; auth failures become one-line UserErrors."""
+def live_nodes(address: str, headers: dict[str, str], *, wait_s: float = 15.0) -> list[dict[str, float]]:
+    """The total resources of every live node of the cluster behind the dashboard at `address`. A head that
+    just started lists no node for a moment (a cluster always has its head), so an empty list is asked again."""
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, NodeState, StateResource
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = StateApiClient(address, headers=headers).list(
+            StateResource.NODES, ListApiOptions(limit=10_000), raise_on_missing_output=False
+        )
+        alive = [dict(n.resources_total) for n in nodes if isinstance(n, NodeState) and n.state == "ALIVE"]
+        if alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(1)
+
+
+def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> tuple[Any, str, dict[str, str]]:
+    """A JobSubmissionClient for the cluster, its address and headers (its token); auth failures become
+    one-line UserErrors."""
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address, environ=environ)
@@ -160,7 +178,7 @@ def connect(address: str | None, *, environ: Mapping[str, str] = os.environ) -> 
             file=sys.stderr,
             flush=True,
         )
-    return client, address
+    return client, address, headers
 
 
 def submit(
@@ -171,15 +189,20 @@ def submit(
     wait: bool = True,
     env: dict[str, Any] | None = None,
     agent_wait_s: float = 120.0,
+    check_cluster: Callable[[str, list[dict[str, float]]], None] | None = None,
 ) -> int:
-    """Submits the job; with `wait`, streams its logs and returns 0 / 1 / 2 for SUCCEEDED / FAILED / STOPPED."""
+    """Submits the job; with `wait`, streams its logs and returns 0 / 1 / 2 for SUCCEEDED / FAILED / STOPPED.
+    `check_cluster(address, nodes)` sees the cluster's live nodes first (it shows them, and raises when the run
+    cannot be placed there: before a job lands on the wrong cluster)."""
     import logging
 
     # Ray's packaging lines (each file it skips uploading, and that .git/.venv are skipped by default, which
     # jobs/runtime_env.yaml asks for anyway) are not for people.
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
-    client, address = connect(address)
+    client, address, headers = connect(address)
+    if check_cluster is not None:
+        check_cluster(address, live_nodes(address, headers))
     entrypoint = job_entrypoint(config_paths, overrides)
     env = runtime_env() if env is None else env
     forwarded = sorted(set(env.get("env_vars", {})) & set(FORWARDED_SECRETS))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from psr_ray.runtime.locate import where_is
+
 
 def get_all(refs: Sequence[Any], *, labels: Sequence[str], timeout_s: float, what: str) -> list[Any]:
     """`ray.get(refs)` once every ref is ready within `timeout_s`; otherwise a TimeoutError naming the
@@ -23,5 +25,5 @@ def get_all(refs: Sequence[Any], *, labels: Sequence[str], timeout_s: float, wha
         late = set(pending)
         names = sorted({label for ref, label in zip(refs, labels, strict=True) if ref in late})
         raise TimeoutError(f"{', '.join(names)} did not answer {what} within {timeout_s:.0f} s; is it hung? "
-                           "(see its log under /tmp/ray/session_latest/logs)")  # fmt: skip
+                           f"({where_is(names) or 'see the Ray logs of its node'})")  # fmt: skip
     return ray.get(refs)

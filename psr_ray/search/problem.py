@@ -30,6 +30,9 @@ Rules the paper leaves open, decided here:
   problem abandoned after `max_rollbacks` rollbacks releases no pairs: its path is not trusted.
 - With one order per pair, which candidate is shown first alternates from pair to pair to spread position
   bias over the candidates.
+- `judge.mode: likelihood` (an ablation) asks no comparisons: the round scores each candidate once by the
+  policy's own log-probability of it (`score_requests()` -> engines -> `on_likelihoods()`; rules in
+  `psr_ray.search.likelihood`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from psr_ray.core.steps import is_final_step, join_steps
 from psr_ray.core.verify import extract_answer, is_equivalent
 from psr_ray.data.problems import Problem
 from psr_ray.data.schema import StepPair
-from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest
-from psr_ray.search.plans import KnockoutRun, RoundRobinRun, start_plan
+from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest, ScoreRequest, StepLikelihood
+from psr_ray.search.likelihood import LikelihoodRun
+from psr_ray.search.plans import KnockoutRun, PlanResult, RoundRobinRun, start_plan
 from psr_ray.search.scoring import Decision
 
 
@@ -62,7 +66,8 @@ class Outcome(enum.Enum):
 class ProblemSearch:
     """The search of one problem as a state machine driven by a scheduler:
     PROPOSE: `propose_request()` -> engine -> `on_candidates()`;
-    JUDGE: `judge_requests()` -> judges -> `on_judgments()`; until DONE, then `finished_pairs()`.
+    JUDGE: `judge_requests()` -> judges -> `on_judgments()` (judge.mode=likelihood: `score_requests()` ->
+    engines -> `on_likelihoods()`); until DONE, then `finished_pairs()`.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class ProblemSearch:
         self.num_steps_without_pair = 0  # steps kept that emit no pair (identical candidates), dropped ones included
         self._candidates: Candidates | None = None
         self._run: RoundRobinRun | KnockoutRun | None = None  # the step's judge plan, fed round by round
+        self._likelihood: LikelihoodRun | None = None  # judge.mode=likelihood: the step's round instead of a plan
         self._all_right = True  # every round so far said all its candidates are right (judge.mode=oracle)
         self._answer_correct: bool | None = None
 
@@ -119,12 +125,17 @@ class ProblemSearch:
         self._candidates = candidates
         self.num_candidates_seen += len(candidates.steps)
         self.num_generated_tokens += candidates.num_tokens
+        self._all_right = True
+        self.phase = Phase.JUDGE
+        if self.judge_mode is JudgeMode.LIKELIHOOD:
+            self._likelihood = LikelihoodRun(candidates.steps)
+            if not self._likelihood.requests:  # every candidate empty: nothing to score
+                self.on_likelihoods([])
+            return
         self._run = start_plan(
             self.judge_plan, candidates.steps, both_orders=self.both_orders,
             soft_votes=self.judge_mode is JudgeMode.DIRECT,
         )  # fmt: skip
-        self._all_right = True
-        self.phase = Phase.JUDGE
         if not self._run.requests:  # every pair auto-decided: nothing to ask the judge
             self.on_judgments([])
 
@@ -134,22 +145,43 @@ class ProblemSearch:
         steps, prefix = self._candidates.steps, self.prefix
         return [JudgeRequest(self.problem.question, prefix, steps[a], steps[b]) for a, b in self._run.requests]
 
+    def score_requests(self) -> list[ScoreRequest]:
+        """The step's candidates to score (judge.mode=likelihood): one per distinct non-empty text."""
+        assert self.phase is Phase.JUDGE and self._candidates is not None and self._likelihood is not None
+        steps, question, prefix = self._candidates.steps, self.problem.question, self.prefix
+        return [ScoreRequest(question, prefix, self.step_index, steps[i]) for i in self._likelihood.requests]
+
+    def on_likelihoods(self, likelihoods: list[StepLikelihood]) -> None:
+        """The step's round decided by the candidates' likelihoods (`psr_ray.search.likelihood`)."""
+        assert self.phase is Phase.JUDGE and self._likelihood is not None, self.phase
+        self._likelihood.feed(likelihoods)
+        decided = self._likelihood.decide()
+        self._likelihood = None
+        self._decide_round(decided)
+
     def on_judgments(self, judgments: list[Judgment], *, all_right: bool = False) -> None:
         """`all_right`: the judge knows every candidate is right (judge.mode=oracle); a tie then advances
         without a pair, as identical candidates do, instead of rolling a right step back. A plan of several
         rounds stays in JUDGE until its last round is fed; `all_right` must then hold for every round."""
         assert self.phase is Phase.JUDGE and self._candidates is not None and self._run is not None, self.phase
-        cands, run = self._candidates, self._run
+        run = self._run
         run.feed(judgments)
         self._all_right = self._all_right and all_right
         if not run.done:
             return  # the plan's next round: judge_requests() lists it
         result, scores, decided = run.decide(min_score_margin=self.min_score_margin)
-        self.num_judgments += result.num_judgments
-        self.num_unparseable += result.num_unparseable
-        self._candidates, self._run = None, None
+        self._run = None
         if decided.decision is Decision.TIE and self._all_right:
             decided = decided._replace(decision=Decision.NO_PAIR, worst=None, margin=0.0)
+        self._decide_round(PlanResult(result, scores, decided))
+
+    def _decide_round(self, planned: PlanResult) -> None:
+        """Rolls back, or keeps the best candidate (and the step's pair), as the round's decision says."""
+        assert self._candidates is not None
+        cands, (result, scores, decided) = self._candidates, planned
+        self.num_judgments += result.num_judgments
+        self.num_unparseable += result.num_unparseable
+        self._candidates = None
         if decided.decision is Decision.TIE:
             self._rollback()
             return

@@ -12,7 +12,8 @@ Each engine holds at most `MAX_CALLS_PER_ENGINE` calls and a batch at most 1/(th
 problems in flight, so while one cohort is judged the next is proposed and both pools stay busy.
 
 `judge.mode: oracle` (an ablation) decides judge rounds here, without an engine, by the exact step check
-of `psr_ray.oracle.judge`; proposals still go to the rollout engines.
+of `psr_ray.oracle.judge`; proposals still go to the rollout engines. `judge.mode: likelihood` (an ablation)
+sends a round's candidates to the judge engines' `score_steps` instead of comparisons to their `judge`.
 
 Faults. A call that fails because its engine died is re-queued whole (Ray restarts the engine,
 `max_restarts`); a failed call returns nothing, so each request is answered exactly once. A restarted engine
@@ -40,9 +41,10 @@ from typing import Any
 from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.data.schema import StepPair
-from psr_ray.engines.api import JudgeRequest
+from psr_ray.engines.api import JudgeRequest, ScoreRequest
 from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
 from psr_ray.runtime import metrics
+from psr_ray.runtime.locate import where_is
 from psr_ray.search.plans import first_round_calls
 from psr_ray.search.problem import Outcome, Phase, ProblemSearch
 from psr_ray.search.stats import SearchStats
@@ -94,15 +96,28 @@ class SearchScheduler:
         self.policy_dir = policy_dir  # HF export of `policy_version`: what a restarted engine reloads
         self.rollout, self.judge = rollout, judge
         self.stats = SearchStats()
-        in_flight = cfg.search.max_problems_in_flight
-        self.max_propose_batch = max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * len(rollout))))
-        comparisons = first_round_calls(cfg.judge.plan, cfg.rollout.num_candidates, both_orders=cfg.judge.both_orders)
-        self.max_judge_batch = max(1, math.ceil(in_flight * comparisons / (MAX_CALLS_PER_ENGINE * len(judge))))
+        self.likelihood = cfg.judge.mode == JudgeMode.LIKELIHOOD
+        self._comparisons = (
+            cfg.rollout.num_candidates
+            if self.likelihood
+            else first_round_calls(cfg.judge.plan, cfg.rollout.num_candidates, both_orders=cfg.judge.both_orders)
+        )
         self._num_proposals: dict[str, int] = {}  # accepted proposals per problem: the seed's attempt number
         self._queue: deque[Problem] = deque()
         self._active: dict[str, ProblemSearch] = {}
         self._want: dict[CallKind, deque[str]] = {CallKind.PROPOSE: deque(), CallKind.JUDGE: deque()}
         self._calls: dict[Any, InFlightCall] = {}
+
+    # The batch bounds follow the engines serving now (`psr-ray scale` may change them between turns).
+    @property
+    def max_propose_batch(self) -> int:
+        in_flight = self.cfg.search.max_problems_in_flight
+        return max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * max(1, self.rollout.serving))))
+
+    @property
+    def max_judge_batch(self) -> int:
+        in_flight = self.cfg.search.max_problems_in_flight * self._comparisons
+        return max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * max(1, self.judge.serving))))
 
     def valid(self, problem: Problem) -> bool:
         return bool(problem.question.strip()) and len(problem.question) <= self.cfg.data.max_problem_chars
@@ -153,10 +168,11 @@ class SearchScheduler:
         now = time.monotonic()
         for call in self._calls.values():
             if now - call.sent_at > timeout:
+                name = call.pool.names[call.engine]
                 raise TimeoutError(
-                    f"{call.pool.names[call.engine]} has not answered a {call.kind.value} call for {len(call.keys)} "
-                    f"problems in {timeout:.0f} s (run.engine_call_timeout_s); is it hung? (its log is under "
-                    "/tmp/ray/session_latest/logs)"
+                    f"{name} has not answered a {call.kind.value} call for {len(call.keys)} problems in "
+                    f"{timeout:.0f} s (run.engine_call_timeout_s); is it hung? "
+                    f"({where_is([name]) or 'see the Ray logs of its node'})"
                 )
 
     # ---- admit ---------------------------------------------------------------------------------------
@@ -211,18 +227,27 @@ class SearchScheduler:
             self.stats.batch("propose", len(requests))
         while want_judge and (engine := self.judge.pick()) is not None:
             keys = []
-            judging: list[JudgeRequest] = []
+            judging: list[JudgeRequest | ScoreRequest] = []
             while want_judge and (
-                not keys or len(judging) + len(self._active[want_judge[0]].judge_requests()) <= self.max_judge_batch
+                not keys or len(judging) + len(self._round_requests(want_judge[0])) <= self.max_judge_batch
             ):
                 key = want_judge.popleft()
                 keys.append(key)
-                judging += self._active[key].judge_requests()
-            ref = self.judge.actors[engine].judge.remote(
-                judging, mode=j.mode, temperature=j.temperature, max_tokens=j.max_explanation_tokens
-            )
+                judging += self._round_requests(key)
+            actor = self.judge.actors[engine]
+            if self.likelihood:
+                ref = actor.score_steps.remote(judging)
+            else:
+                ref = actor.judge.remote(
+                    judging, mode=j.mode, temperature=j.temperature, max_tokens=j.max_explanation_tokens
+                )
             self._send(ref, InFlightCall(self.judge, engine, CallKind.JUDGE, tuple(keys)))
             self.stats.batch("judge", len(judging))
+
+    def _round_requests(self, key: str) -> list[JudgeRequest] | list[ScoreRequest]:
+        """What a problem's judge round asks the judge engines: comparisons, or candidates to score."""
+        search = self._active[key]
+        return search.score_requests() if self.likelihood else search.judge_requests()
 
     def _judge_by_oracle(self, on_finished: Callable[[FinishedProblem], None]) -> None:
         """Every waiting judge round, decided by the step oracle (judge.mode=oracle) in the driver."""
@@ -312,15 +337,19 @@ class SearchScheduler:
             self.stats.count("rollout_tokens", candidates.num_tokens)
 
     def _take_judgments(self, keys: tuple[str, ...], results: list[Any], *, all_right: bool = False) -> None:
-        sizes = [len(self._active[k].judge_requests()) for k in keys]
+        sizes = [len(self._round_requests(k)) for k in keys]
         if len(results) != sum(sizes):
             raise RuntimeError(f"a judge engine answered {len(results)} of {sum(sizes)} judge requests")
         start = 0
         for key, size in zip(keys, sizes, strict=True):
             judgments = results[start : start + size]
             start += size
-            self._active[key].on_judgments(judgments, all_right=all_right)
             self.stats.count("judge_calls", size)
+            if self.likelihood:  # StepLikelihoods: no verdicts, no generated tokens
+                self._active[key].on_likelihoods(judgments)
+                self.stats.count("unparseable", sum(1 for x in judgments if x.num_tokens == 0))
+                continue
+            self._active[key].on_judgments(judgments, all_right=all_right)
             self.stats.count("unparseable", sum(1 for x in judgments if x.verdict == "unparseable"))
             self.stats.count("oracle_draws", sum(1 for x in judgments if x.verdict == "draw"))
             self.stats.count("judge_tokens", sum(x.num_tokens for x in judgments))

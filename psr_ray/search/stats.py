@@ -38,8 +38,8 @@ class SearchStats:
     rollbacks: int = 0
     steps_without_pair: int = 0  # steps kept without a pair: every non-empty candidate the same text
     candidates: int = 0
-    judge_calls: int = 0  # comparisons judged
-    unparseable: int = 0
+    judge_calls: int = 0  # comparisons judged (judge.mode=likelihood: candidates scored)
+    unparseable: int = 0  # verdicts not parsed (judge.mode=likelihood: candidates the engine could not score)
     oracle_draws: int = 0  # judge.mode=oracle: comparisons of two right or two wrong steps
     rollout_tokens: int = 0
     judge_tokens: int = 0

@@ -272,11 +272,18 @@ def _fit(
 
 
 def _start_failure(tcfg: Any, scaling: dict[str, Any], err: Exception) -> str:
+    from psr_ray.runtime.cluster import why_unplaceable
+
     cause = getattr(err, "controller_failure", err)
     each = ({"GPU": 1.0} if scaling["use_gpu"] else {}) | scaling["resources_per_worker"]
+    why = why_unplaceable(each)  # e.g. the trainer node lost with no replacement
+    advice = (
+        f"{why}: add a node that has them"
+        if why
+        else "check that the cluster has room for the workers beside the engines"
+    )
     return (f"the trainer group ({tcfg.num_workers} workers of {each}) could not start: {type(cause).__name__}: {str(cause).rstrip('.')}. Tried {tcfg.max_failures + 1} times, "
-            f"{tcfg.start_timeout_s:g} s each (trainer.start_timeout_s, trainer.max_failures); check that the "
-            "cluster has room for the workers beside the engines")  # fmt: skip
+            f"{tcfg.start_timeout_s:g} s each (trainer.start_timeout_s, trainer.max_failures); {advice}")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Step-wise DPO (Step-DPO, arXiv 2406.18332; used by PSR, arXiv 2503.03746 section 3.4).
+"""Step-wise DPO (Step-DPO, arXiv 2406.18332; used by PSR, arXiv 2503.03746 section 3.4), and the SFT loss.
 
 For a prompt x = question + previous steps s_1..s_{k-1} (+ the `Step k:` header), a chosen step s_w and a
 rejected step s_l (one step each, no EOS appended):
@@ -9,6 +9,8 @@ rejected step s_l (one step each, no EOS appended):
 
 where log pi(s | x) sums the token log-probabilities of the step's tokens only (the prompt is masked).
 The reference pi_ref is the previous iteration's model, frozen.
+
+SFT (the init): each row's mean token cross-entropy on its target, then the mean over rows (`sft_row_losses`).
 """
 
 from __future__ import annotations
@@ -89,3 +91,14 @@ def token_kl(
     log_q = reference_logits[mask].float().log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return kl.sum(), mask.sum()
+
+
+def sft_row_losses(target_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row SFT loss [B]: each row's mean negative log-likelihood over its own target tokens.
+
+    `target_logps` is `sequence_logps` (summed target log-probs per row), `loss_mask` as there. The SFT loss is
+    the mean of these over rows, so every row weighs the same whatever its length: a 3-token EFT verdict
+    (`A]]` + end) counts as much as a 74-token IFT solution (a per-token mean gave the verdicts 0.19% of it).
+    """
+    targets = loss_mask[:, 1:].sum(-1).clamp(min=1).to(target_logps.dtype)
+    return -target_logps / targets

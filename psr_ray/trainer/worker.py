@@ -5,7 +5,7 @@ Every committed row is trained exactly once per epoch:
   `data_split.py`), shuffled within a bounded buffer seeded by `seed + epoch`.
 - Rows go in accumulation windows: each rank collates up to `gradient_accumulation_steps` micro-batches,
   then the ranks agree (all-reduce) on the window's micro-step count (the most any rank has) and its number
-  of real units (pairs; target tokens for SFT). An epoch ends when no rank has a row left.
+  of real units (pairs; rows for SFT). An epoch ends when no rank has a row left.
 - ZeRO-3 runs collectives inside every forward/backward, so a rank with fewer micro-batches runs zero-weight
   micro-steps (a fixed padding row, its loss times 0) beside the others.
 - The last micro-step of every window, a partial one included, is the accumulation boundary, so an epoch's
@@ -38,7 +38,7 @@ from psr_ray.trainer.batches import (
     sequence_tokens,
 )
 from psr_ray.trainer.forward import forward_logps
-from psr_ray.trainer.loss import scored_positions, step_dpo_loss
+from psr_ray.trainer.loss import scored_positions, sft_row_losses, step_dpo_loss
 
 DATASET_NAME = "pairs"
 
@@ -47,7 +47,7 @@ DATASET_NAME = "pairs"
 class MicroBatch:
     batch: dict[str, torch.Tensor]
     num_rows: int
-    num_units: int  # what the loss averages over: pairs (DPO) or target tokens (SFT)
+    num_units: int  # what the loss averages over: pairs (DPO) or rows (SFT: each row's mean token loss)
     num_truncated: int
 
 
@@ -58,8 +58,7 @@ def collate_micro_batch(
     """`rows` as one micro-batch; DPO pairs packed one per row (`collate_shared_pairs`) with `share_prompt`."""
     collate = collate_sft if mode != "dpo" else collate_shared_pairs if share_prompt else collate_pairs
     batch, truncated = collate(tokenizer, rows, max_seq_len=max_seq_len, pad_to_multiple_of=pad_to_multiple_of)
-    units = len(rows) if mode == "dpo" else int(batch["loss_mask"][:, 1:].sum())
-    return MicroBatch(batch, len(rows), units, truncated)
+    return MicroBatch(batch, len(rows), len(rows), truncated)
 
 
 def dpo_micro_step(
@@ -91,11 +90,14 @@ def dpo_micro_step(
 
 
 def sft_micro_step(policy: Any, batch: dict[str, torch.Tensor], *, loss_scale: float) -> torch.Tensor:
-    """Cross-entropy summed over target tokens, times `loss_scale`; returns [loss sum, targets, tokens, rows]."""
+    """The sum of the rows' mean token cross-entropies (`sft_row_losses`), times `loss_scale`; returns [row loss
+    sum, token loss sum, targets, tokens, rows]."""
     logps = forward_logps(policy, batch)
-    policy.backward(-logps.sum() * loss_scale)
+    row_losses = sft_row_losses(logps, batch["loss_mask"])
+    policy.backward(row_losses.sum() * loss_scale)
     return torch.stack(
         [
+            row_losses.detach().sum().float(),
             -logps.detach().sum().float(),
             batch["loss_mask"][:, 1:].sum().float(),
             batch["attention_mask"].sum().float(),
@@ -120,9 +122,14 @@ def step_metrics(
             "train/num_pairs": pairs,
         }
     else:
-        loss, targets, tokens, rows = sums.tolist()
+        loss, token_loss, targets, tokens, rows = sums.tolist()
         computed = tokens
-        metrics = {"train/loss": loss / max(targets, 1.0), "train/num_target_tokens": targets, "train/num_rows": rows}
+        metrics = {
+            "train/loss": loss / max(rows, 1.0),  # the mean over rows of each row's mean token loss
+            "train/token_loss": token_loss / max(targets, 1.0),  # the mean over all target tokens
+            "train/num_target_tokens": targets,
+            "train/num_rows": rows,
+        }
     metrics.update(
         {
             "train/tokens_per_s": tokens / max(seconds, 1e-9),

@@ -53,6 +53,10 @@ class SyncReport:
     probe_errors: dict[str, float] = field(default_factory=dict)  # engine name -> probe.probe_distance
     tolerance: float = 0.0
     error: str | None = None  # None: every engine serves `policy_version`, verified
+    # Where the weights went: the Ray node ids of the sending process and of each engine (by name; the engines'
+    # only when the sync succeeded). A multi-node run shows here that the push crossed nodes.
+    sender_node: str | None = None
+    engine_nodes: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -223,4 +227,17 @@ class Sender:
     def _report(self, plan: list[TensorMeta], policy_version: int, seconds: float, verify_seconds: float,
                 errors: dict[str, float], tolerance: float, *, error: str | None = None) -> SyncReport:  # fmt: skip
         return SyncReport(self.backend, policy_version, len(self.engines), len(plan), plan_bytes(plan), seconds,
-                          verify_seconds, errors, tolerance, error)  # fmt: skip
+                          verify_seconds, errors, tolerance, error, sender_node=_this_node(),
+                          engine_nodes=self._engine_nodes() if error is None else {})  # fmt: skip
+
+    def _engine_nodes(self) -> dict[str, str]:
+        """{engine name: its Ray node id}, asked after a sync every engine answered (a failed one reports none:
+        a dead engine would hold the report up to `timeout_s`)."""
+        return dict(call_engines(self.engines, "node", timeout_s=self.timeout_s))
+
+
+def _this_node() -> str | None:
+    """The Ray node id of this process, None outside Ray (a sender used directly in a test)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

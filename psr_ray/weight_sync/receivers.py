@@ -58,6 +58,12 @@ class WeightReceiver:
     def policy_version(self) -> int:
         return self._gate.policy_version
 
+    def node(self) -> tuple[str, str]:
+        """(this engine's name, the id of the Ray node it runs on): where a sync report says the weights went."""
+        import ray
+
+        return self.name, ray.get_runtime_context().get_node_id()
+
     def update_state(self) -> str:
         if self._asleep and self._gate.state is UpdateState.SERVING:  # half woken by an update that stopped early
             return UpdateState.ASLEEP.value

@@ -11,7 +11,7 @@ import pytest
 
 from psr_ray.config import ModelConfig, PSRConfig
 from psr_ray.core import prompts, steps
-from psr_ray.engines.api import JudgeRequest, ProposeRequest
+from psr_ray.engines.api import JudgeRequest, ProposeRequest, ScoreRequest, StepLikelihood
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 JUDGE_REQUESTS = [
@@ -115,6 +115,32 @@ def test_judge_direct_matches_hf_next_token_probabilities(ray_cluster, workers, 
         expected = 1.0 / (1.0 + math.exp(lp["B"] - lp["A"]))
         assert j.prob_a == pytest.approx(expected, abs=1e-4)
         assert j.verdict == ("A" if expected > 0.5 else "B")
+
+
+def test_score_steps_are_the_prompt_log_probs_of_the_step_tokens_only(ray_cluster, workers, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, judge = workers
+    requests = [ScoreRequest(QUESTION, "", 1, "3 + 4 = 7 apples."), ScoreRequest(QUESTION, "", 1, "  "),
+                ScoreRequest(QUESTION, "Step 1: 3 + 4 = 7\n", 2, "The answer is \\boxed{7}.")]  # fmt: skip
+    scored = ray_cluster.get(judge.score_steps.remote(requests))
+    assert scored[1] == StepLikelihood(0.0, 0, 0)  # an empty step: nothing to score
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for request, got in zip(requests[::2], scored[::2], strict=True):
+        prompt = prompts.render_solver_prompt(tokenizer, request.question, request.prefix, request.step_index)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        step_ids = tokenizer.encode(steps.step_continuation(request.step), add_special_tokens=False)
+        ids = torch.tensor([prompt_ids + step_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        token_logprobs = [logprobs[p - 1, ids[0, p]].item() for p in range(1, ids.shape[1])]
+        assert got.num_tokens == len(step_ids) >= 3 and got.policy_version == 0
+        assert got.logprob == pytest.approx(sum(token_logprobs[-len(step_ids) :]), abs=1e-3)
+        assert got.score == pytest.approx(got.logprob / len(step_ids))
+        # The prompt's tokens are not counted: with them the sum would be lower by their log-probs.
+        assert sum(token_logprobs) < got.logprob - 10
 
 
 def test_generate_is_greedy_and_deterministic(ray_cluster, workers):

@@ -4,6 +4,7 @@ candidates labelled by the oracle, balanced verdicts, a held-out split by proble
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from psr_ray.init_data.build import (
     eft_rows,
     ift_rows,
     load_worked_problems,
-    num_eft_pairs,
+    loss_shares,
     pair_rows,
     read_pairs,
     split_problems,
@@ -141,9 +142,19 @@ def test_eft_rows_are_balanced_and_point_at_the_right_step(mode):
             assert row["prompt_text"].endswith("Verdict: [[") and row["target_text"] == f"{row['label']}]]</s>"
 
 
-def test_eft_ratio_and_pair_files_round_trip(tmp_path):
-    assert num_eft_pairs(700, 0.143) == 50  # 100 rows = 50 pairs in both orders: 1:7
-    assert num_eft_pairs(3, 0.1) == 1
+def test_loss_shares_weigh_rows_alike_beside_the_token_shares():
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text)))}
+
+    parts = {"ift": [{"target_text": "x" * 74}] * 3, "eft": [{"target_text": "A]]"}]}
+    shares = loss_shares(CharTokenizer(), parts)
+    assert shares["ift"]["rows"] == 0.75 and shares["eft"]["rows"] == 0.25
+    assert shares["eft"]["tokens"] == pytest.approx(3 / (3 * 74 + 3))
+    assert loss_shares(CharTokenizer(), {"ift": parts["ift"], "eft": []})["eft"] == {"rows": 0.0, "tokens": 0.0}
+
+
+def test_pair_files_round_trip(tmp_path):
     pairs = [_oracle_pair(i) for i in range(3)]
     assert read_pairs(write_parquet(pair_rows(pairs), tmp_path / "pairs.parquet")) == pairs
 
@@ -193,8 +204,41 @@ def test_oracle_pairs_from_own_candidates(ray_cluster):
         assert item.why_bad in ("it computes nothing: it has no equation",) or " is not " in item.why_bad
 
 
+def right_reworded_too(request, right: str) -> tuple[str, ...]:
+    """`one_right_of_three`'s and the reference step reworded (`Then ...`, right too): a model's own right step."""
+    return (*one_right_of_three(request, right), "Then " + right[0].lower() + right[1:])
+
+
 @pytest.mark.ray
-def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_path):
+def test_oracle_pairs_on_the_models_own_prefixes(ray_cluster):
+    import sys
+
+    from psr_ray.oracle.exact import check_next_step
+
+    problems = load_worked_problems("embedded:arith", seed=0)[:4]
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    actor = ray_cluster.remote(ArithEngine).options(num_cpus=0).remote(problems, candidates=right_reworded_too)
+    sampling = Sampling(num_candidates=4, temperature=1.0, top_p=1.0, max_tokens=32, num_rollouts=2, seed=0)
+    try:
+        pairs, counts = oracle_pairs([actor], None, problems, num_pairs=100, sampling=sampling, own_prefixes=True)
+    finally:
+        ray_cluster.kill(actor)
+    # One reference site per problem, and a walk over every step of each solution (all its steps are right).
+    walked = sum(len(p.steps) for p in problems)
+    assert counts == {"sites": 4 + walked, "candidates": 4 * (4 + walked), "right": 2 * (4 + walked),
+                      "mixed_sites": 4 + walked, "own_sites": walked, "own_mixed_sites": walked}  # fmt: skip
+    assert len(pairs) == 4 + walked
+    by_id = {p.problem_id: p for p in problems}
+    own = [item for item in pairs if "Then " in item.pair.prefix]
+    assert own  # prefixes written by the model itself, as the search sees them, not only reference ones
+    for item in pairs:
+        previous = split_steps(item.pair.prefix) if item.pair.prefix else []
+        assert check_next_step(by_id[item.problem_id], previous, item.pair.good_step)
+        assert not check_next_step(by_id[item.problem_id], previous, item.pair.bad_step)
+
+
+@pytest.mark.ray
+def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from psr_ray import config as C
@@ -215,7 +259,7 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
         "trainer.num_workers=2", "trainer.global_batch_size=2", "trainer.micro_batch_size=1",
         "trainer.max_seq_len=512", "trainer.sft_learning_rate=1e-3", "trainer.sft_num_epochs=1",
         "init.num_ift_examples=4", "init.num_candidates=2", "init.num_heldout_problems=3", "init.num_heldout_pairs=2",
-        "run.wandb_mode=disabled",
+        "init.num_eft_pairs=3", "run.wandb_mode=disabled",
     ]), gpu_available=False)  # fmt: skip
     try:
         result = initialize(RunSession(cfg), output_dir=str(tmp_path / "init"))
@@ -227,12 +271,33 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
     assert (result.num_ift_rows, result.num_eft_pairs, result.num_heldout_pairs) == (4, 0, 0)
     assert result.eft_counts["sites"] > 0 and result.eft_counts["right"] == 0
     assert len(result.train_metrics) == 2  # 4 rows / global batch 2, one epoch
+    # EFT candidates come from M_ift (M0 after the IFT-only SFT, phase A0), also at its own prefixes (its walks
+    # end at once here: no right step); M1 is trained from M0, not from M_ift.
+    assert len(result.ift_train_metrics) == 2 and "/init/ift_sft/" in result.ift_hf_dir
+    assert result.eft_counts["own_sites"] > 0 and result.eft_counts["own_mixed_sites"] == 0
+    assert list(result.seconds)[:3] == ["ift_sft", "eft_candidates", "sft"]
+    assert (result.configured_eft_pairs, result.eft_ift_ratio) == (3, 0.0)
+    assert result.paper_eft_ift_ratio == pytest.approx(4200 / 28900)
+    assert result.loss_shares["ift"]["rows"] == 1.0 and result.loss_shares["eft"] == {"rows": 0.0, "tokens": 0.0}
     assert list(result.scores) == ["M0", "M1"]
     for scores in result.scores.values():
         assert scores["judge"] is None and [r["n"] for r in scores["benchmarks"]] == [3]
     assert result.heldout_problem_ids == [p.problem_id for p in load_worked_problems("embedded:arith")[:3]]
     text = (tmp_path / "init" / "results.md").read_text()
-    assert "| M1 | init SFT (IFT + EFT) | arith | 3 |" in text and "EFT:IFT = 0:4 rows" in text
+    assert "| M1 | init SFT (IFT + EFT) | arith | 3 |" in text and "EFT:IFT = 0:4 rows = 0.000 (the paper's" in text
     assert read_result(tmp_path / "init") == result
     model = AutoModelForCausalLM.from_pretrained(result.hf_dir)
     assert model.num_parameters() == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+
+    # Every phase (M_ift's SFT included) left its result: an init killed before init.json resumes and redoes
+    # none of them (no engine, no trainer group starts).
+    import ray.train.torch
+
+    def started(*args, **kwargs):
+        raise AssertionError("a finished init phase ran again")
+
+    (tmp_path / "init" / "init.json").unlink()
+    monkeypatch.setattr(RunSession, "temporary_engines", started)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", started)
+    again = initialize(RunSession(cfg), output_dir=str(tmp_path / "init"))
+    assert again == dataclasses.replace(result, seconds=again.seconds)

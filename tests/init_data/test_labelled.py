@@ -79,3 +79,27 @@ def test_score_judgments():
     assert scores.share_a == pytest.approx(4 / 5)
     with pytest.raises(ValueError, match="pairs of orders"):
         score_judgments(judgments[:3], ["A", "B", "A"])
+
+
+def test_likelihood_scores_become_the_judgments_of_both_orders():
+    import math
+
+    from psr_ray.init_data.labelled import likelihood_judgments
+
+    # Pairs (good, bad): right by log 3 nats; wrong; equal; the bad step unscored; neither scored.
+    scores = [-1.0, -1.0 - math.log(3.0), -2.0, -1.0, -1.5, -1.5, -1.0, -math.inf, -math.inf, -math.inf]
+    judgments = likelihood_judgments(scores, policy_version=4)
+    assert [(j.verdict, round(j.prob_a, 6)) for j in judgments] == [
+        ("A", 0.75), ("B", 0.25),  # P(A) = exp(s_A) / (exp(s_A) + exp(s_B))
+        ("B", round(1 / (1 + math.e), 6)), ("A", round(math.e / (1 + math.e), 6)),
+        ("unparseable", 0.5), ("unparseable", 0.5),
+        ("A", 1.0), ("B", 0.0),
+        ("unparseable", 0.5), ("unparseable", 0.5),
+    ]  # fmt: skip
+    assert all(j.policy_version == 4 and j.num_tokens == 0 for j in judgments)
+    pairs = [LabelledPair("q", "", "g", "b")] * 5
+    scores_ = score_judgments(judgments, judge_requests(pairs)[1])
+    # Two of five pairs right; no position: share A is exactly one half of the parsed verdicts.
+    assert (scores_.num_pairs_right, scores_.pair_accuracy, scores_.num_right, scores_.share_a) == (2, 0.4, 4, 0.5)
+    with pytest.raises(ValueError, match="a good and a bad score per pair"):
+        likelihood_judgments([-1.0])

@@ -26,6 +26,9 @@ def classes():
         def gpu_placement(self):
             return (NODE, (self.gpu,))
 
+        def node(self):
+            return self.name, "stand-in-node"
+
         def check_update(self, plan, *, policy_version):
             return self.name
 

@@ -31,6 +31,9 @@ def stand_in_engine_class():
         def check_update(self, plan, *, policy_version):
             return self.name
 
+        def node(self):
+            return self.name, "stand-in-node"
+
         def begin_update(self, plan, *, policy_version, restore_dir=None, via="extension"):
             self.calls.append(("begin", via, restore_dir))
             self.pending = policy_version
