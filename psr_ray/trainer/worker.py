@@ -52,7 +52,12 @@ class MicroBatch:
 
 
 def collate_micro_batch(
-    mode: str, tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: int, pad_to_multiple_of: int = 1,
+    mode: str,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    max_seq_len: int,
+    pad_to_multiple_of: int = 1,
     share_prompt: bool = True,
 ) -> MicroBatch:
     """`rows` as one micro-batch; DPO pairs packed one per row (`collate_shared_pairs`) with `share_prompt`."""
