@@ -191,7 +191,11 @@ def train_epochs(
     device = policy.device
     accumulation = policy.gradient_accumulation_steps()
     world_size = dist.get_world_size()
-    kwargs = {"max_seq_len": max_seq_len, "pad_to_multiple_of": pad_to_multiple_of, "share_prompt": share_prompt}
+    kwargs: dict[str, Any] = {
+        "max_seq_len": max_seq_len,
+        "pad_to_multiple_of": pad_to_multiple_of,
+        "share_prompt": share_prompt,
+    }
     padding = collate_micro_batch(mode, tokenizer, [PADDING_ROWS[mode]], **kwargs)
     history: list[dict[str, float]] = []
     truncated = 0
