@@ -186,7 +186,7 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
                  "run.engine_call_timeout_s, run.engine_start_timeout_s, run.engine_unavailable_timeout_s, "
                  "run.malloc_mmap_threshold_mib, run.name, run.num_iterations, "
                  "run.ray_address, run.resume, run.wandb_mode, run.wandb_project, search.flush_pairs, search.max_problems_in_flight, trainer.gradient_checkpointing, "
-                 "trainer.max_failures, trainer.num_cpus_per_worker, trainer.zero3_buffer_numel"),
+                 "trainer.max_failures, trainer.num_cpus_per_worker, trainer.share_prompt, trainer.zero3_buffer_numel"),
         BadInput("generate --num-problems 0", ("generate", *tiny, "--num-problems", "0"),
                  "psr-ray generate: --num-problems must be >= 1, got 0"),
         BadInput("eval --limit -1", ("eval", *tiny, "--limit", "-1"), "psr-ray eval: --limit must be >= 0 (0 means "
