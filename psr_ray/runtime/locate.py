@@ -54,18 +54,24 @@ def where_is(names: list[str]) -> str:
 
 
 def _actor_records(name: str) -> list[dict[str, Any]]:
-    """The actors of that name: from Ray's state API (it needs the dashboard), else from the GCS actor table
-    (no resource asks there)."""
+    """The actors of that name in the connected cluster's GCS actor table; a pending one's resource asks come
+    from Ray's state API when the dashboard answers (the table has none; the API alone could reach another
+    cluster's dashboard on this machine, so it never decides which actors exist)."""
     import ray
+    from ray._private import state
 
-    try:
-        from ray.util.state import list_actors
+    records = [{"actor_id": a.get("ActorID"), "state": a.get("State"), "pid": a.get("Pid"),
+                "node_id": (a.get("Address") or {}).get("NodeID")}
+               for a in state.actors().values() if a.get("Name") == name]  # fmt: skip
+    if any(r["state"] in _UNPLACED for r in records):
+        try:
+            from ray.util.state import list_actors
 
-        found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("name", "=", name)],
-                            detail=True, raise_on_missing_output=False)  # fmt: skip
-        return [dict(vars(a)) for a in found]
-    except Exception:  # noqa: BLE001 - no dashboard (a test's Ray, include_dashboard=False)
-        from ray._private import state
-
-        return [{"state": a.get("State"), "node_id": (a.get("Address") or {}).get("NodeID"), "pid": a.get("Pid")}
-                for a in state.actors().values() if a.get("Name") == name]  # fmt: skip
+            found = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("name", "=", name)],
+                                detail=True, raise_on_missing_output=False)  # fmt: skip
+            asks = {a.actor_id: a.required_resources for a in found}
+            for record in records:
+                record["required_resources"] = asks.get(record["actor_id"])
+        except Exception:  # noqa: BLE001 - no dashboard (a test's Ray): the asks stay unnamed
+            pass
+    return records
