@@ -6,6 +6,7 @@ differ from the committed ones."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -303,7 +304,13 @@ def test_a_search_that_fails_mid_fit_ends_the_fit_at_once(monkeypatch, tmp_path)
 
     monkeypatch.setattr(psr_ray.pipeline.search_stage, "generate_pairs", failing_search)
     monkeypatch.setattr(psr_ray.trainer.group, "train_dpo", waiting_fit)
-    started = time.monotonic()
-    with pytest.raises(RuntimeError, match="^rollout engine psr-rollout-0 has been unavailable"):
-        loop._search_and_train(psr, 1)
-    assert time.monotonic() - started < 10
+    # Python's own SIGINT handler, as before any fit: a real fit installs Ray Train's, which aborts that fit's
+    # controller; one left by an earlier test's fit would swallow the interrupt meant for this fake one.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="^rollout engine psr-rollout-0 has been unavailable"):
+            loop._search_and_train(psr, 1)
+        assert time.monotonic() - started < 10
+    finally:
+        signal.signal(signal.SIGINT, previous)
