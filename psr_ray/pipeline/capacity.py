@@ -57,9 +57,9 @@ def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list
 
 def cluster_nodes() -> list[dict[str, float]]:
     """The total resources of every live node of the connected Ray cluster."""
-    import ray
+    from psr_ray.runtime.cluster import live_nodes
 
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    return [dict(node["Resources"]) for node in live_nodes()]
 
 
 def placement_errors(demands: list[Demand], nodes: list[dict[str, float]]) -> list[str]:

@@ -61,9 +61,9 @@ def check_node_paths(cfg: PSRConfig, output_dir: str | os.PathLike | None) -> li
     """Raises a UserError when a folder the run shares across nodes is not the same on every live node; returns
     warnings (a node whose check did not answer in time). A one-node cluster, or
     `run.require_shared_storage=false`, is not checked."""
-    import ray
+    from psr_ray.runtime.node_memory import spans_nodes
 
-    if not cfg.run.require_shared_storage or sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
+    if not cfg.run.require_shared_storage or not spans_nodes():
         return []
     with contextlib.suppress(OSError):  # made now, so a node-local default (~/.cache) is caught before the init
         Path(os.path.expanduser(cfg.run.cache_dir)).mkdir(parents=True, exist_ok=True)
@@ -97,13 +97,14 @@ def node_reports(folders: dict[str, str], name: str, token: str) -> tuple[dict[s
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from psr_ray.runtime.cluster import live_nodes, node_label
+
     probe = ray.remote(num_cpus=0, max_retries=0)(seen_on_node)
     refs = {
-        f"{n.get('NodeManagerAddress', '?')} {n['NodeID'][:8]}": probe.options(
+        node_label(n): probe.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
         ).remote(folders, name, token)
-        for n in ray.nodes()
-        if n.get("Alive")
+        for n in live_nodes()
     }
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=CHECK_TIMEOUT_S)
     reports = {node: ray.get(ref) for node, ref in refs.items() if ref in ready}

@@ -103,13 +103,23 @@ def _gcs_processes() -> frozenset[str]:
     return find_gcs_addresses()
 
 
+def live_nodes() -> list[dict[str, Any]]:
+    """The connected cluster's live nodes, as `ray.nodes()` describes them."""
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def node_label(node: dict[str, Any]) -> str:
+    """`<ip> <node id prefix>`: a node named in reports (nodes of a simulated cluster share one ip)."""
+    return f"{node.get('NodeManagerAddress', '?')} {node['NodeID'][:8]}"
+
+
 def why_unplaceable(ask: dict[str, float]) -> str | None:
     """Why no live node of the connected cluster can take one process asking `ask` (e.g. an engine, a trainer
     worker) right now, as a phrase naming the resource none provides; None when a node has those resources
     in total (in use or not: then something else keeps it off). What a lost node with no replacement shows."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    nodes = [node["Resources"] for node in live_nodes()]
     asks = ", ".join(f"{k}: {v:g}" for k, v in sorted(ask.items()))
     missing = sorted(k for k, v in ask.items() if not any(n.get(k, 0.0) >= v for n in nodes))
     if missing:

@@ -40,10 +40,12 @@ class NodeMemory:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from psr_ray.runtime.cluster import live_nodes, node_label
+
         actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_Sampler)
-        for node in ray.nodes():
-            label = f"{node.get('NodeManagerAddress', '?')} {node['NodeID'][:8]}"
-            if node.get("Alive") and label not in self._samplers:
+        for node in live_nodes():
+            label = node_label(node)
+            if label not in self._samplers:
                 strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
                 self._samplers[label] = actor_cls.options(scheduling_strategy=strategy).remote()
 
@@ -73,9 +75,9 @@ class NodeMemory:
 
 def spans_nodes() -> bool:
     """More than one live node in the connected cluster (one node: the driver's own sampler sees it all)."""
-    import ray
+    from psr_ray.runtime.cluster import live_nodes
 
-    return sum(1 for node in ray.nodes() if node.get("Alive")) > 1
+    return len(live_nodes()) > 1
 
 
 class RunMemory:
