@@ -127,7 +127,7 @@ def _check_resolves(address: str) -> None:
         raise UserError(f"cannot reach a Ray dashboard at {address}: no host named {host!r} resolves") from None
 
 
-def live_nodes(address: str, headers: dict[str, str], *, wait_s: float = 15.0) -> list[dict[str, float]]:
+def dashboard_nodes(address: str, headers: dict[str, str], *, wait_s: float = 15.0) -> list[dict[str, float]]:
     """The total resources of every live node of the cluster behind the dashboard at `address`. A head that
     just started lists no node for a moment (a cluster always has its head), so an empty list is asked again."""
     from ray.util.state.api import StateApiClient
@@ -202,7 +202,7 @@ def submit(
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
     client, address, headers = connect(address)
     if check_cluster is not None:
-        check_cluster(address, live_nodes(address, headers))
+        check_cluster(address, dashboard_nodes(address, headers))
     entrypoint = job_entrypoint(config_paths, overrides)
     env = runtime_env() if env is None else env
     forwarded = sorted(set(env.get("env_vars", {})) & set(FORWARDED_SECRETS))
