@@ -85,6 +85,16 @@ def test_a_command_asks_only_for_what_it_starts():
     assert placement_errors(run_demands(cfg), nodes) != []
 
 
+def test_engine_counts_set_by_scale_replace_the_configured_ones():
+    cfg = load([str(RECIPE)], ["run.autoscaling=false"])  # 4 rollout + 2 judge engines on 8 psr_engine GPUs
+    nodes = [HEAD, gpu_node("psr_engine"), gpu_node("psr_trainer")]
+    scaled = run_demands(cfg, counts={"rollout": 7})
+    assert sum("rollout engine" in d.what for d in scaled) == 7 and sum("judge" in d.what for d in scaled) == 2
+    assert placement_errors(run_demands(cfg, counts={"rollout": 6}), nodes) == []  # 6 + 2 = the node's 8
+    with pytest.raises(ValueError, match="the run asks for 9 psr_engine in all, the cluster has 8"):
+        check_capacity(cfg, nodes, counts={"rollout": 7})  # a resumed run at what scale.json says
+
+
 @pytest.mark.ray
 def test_an_unplaceable_run_fails_against_the_real_clusters_nodes_before_any_engine(ray_cluster):
     ray = ray_cluster

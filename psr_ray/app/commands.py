@@ -141,7 +141,9 @@ def scale(args: argparse.Namespace) -> int:
     targets = {role: n for role in ("rollout", "judge") if (n := getattr(args, role)) is not None}
     if not targets:
         raise UserError("give --rollout N and/or --judge M")
-    now = request_scale(args.run_dir, targets, address=args.address)
+    now, warnings = request_scale(args.run_dir, targets, address=args.address)
     wanted = ", ".join(f"{role}={count}" for role, count in sorted(now.items()))
     print(f"[psr_ray] {args.run_dir}: engines asked for: {wanted} (applied at the search's next turn)")
+    for warning in warnings:
+        print(f"[psr_ray] warning: {warning}", file=sys.stderr)
     return 0

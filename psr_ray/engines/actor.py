@@ -32,6 +32,7 @@ from psr_ray.engines.api import (
     ScoreRequest,
     StepLikelihood,
 )
+from psr_ray.runtime.orphans import exit_when_orphaned
 from psr_ray.weight_sync.cuda_ipc import CudaIpcReceiver
 from psr_ray.weight_sync.export import ExportReceiver
 from psr_ray.weight_sync.nccl import NcclReceiver
@@ -107,6 +108,8 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
     def __init__(self, settings: EngineSettings, *, name: str, policy_version: int = 0):
         os.environ.update(engine_env(settings))  # before the first vLLM import in this process
         from vllm import LLM
+
+        exit_when_orphaned(f"engine {name}")  # its node's raylet gone: free what it holds at once
 
         self.settings = settings
         self.name = name

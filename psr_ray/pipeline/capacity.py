@@ -27,9 +27,12 @@ class Demand:
     resources: dict[str, float]
 
 
-def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list[Demand]:
+def run_demands(
+    cfg: Any, *, engines: bool = True, trainer: bool = True, counts: dict[str, int] | None = None
+) -> list[Demand]:
     """Every bundle the run holds at once: engines (one per tensor-parallel shard) and trainer workers (a
-    command that starts only one of them asks only for those)."""
+    command that starts only one of them asks only for those). `counts` are engine counts per role that
+    replace `<role>.num_engines` (what `psr-ray scale` set: pipeline/elastic.py)."""
     from psr_ray.engines.pool import colocation_bundles, engine_resources
     from psr_ray.trainer.group import scaling_kwargs, trainer_gpu_share
 
@@ -40,7 +43,7 @@ def run_demands(cfg: Any, *, engines: bool = True, trainer: bool = True) -> list
     roles = (("rollout", "judge") if cfg.judge.num_engines > 0 else ("rollout",)) if engines and not colocate else ()
     for role in roles:
         section = getattr(cfg, role)
-        for i in range(section.num_engines):
+        for i in range((counts or {}).get(role, section.num_engines)):
             ask = engine_resources(section)
             if section.tensor_parallel_size > 1:  # vLLM's workers take one bundle per shard
                 demands += [Demand(f"{role} engine {i} shard {s}", ask) for s in range(section.tensor_parallel_size)]
@@ -106,12 +109,13 @@ def check_capacity(
     engines: bool = True,
     trainer: bool = True,
     ask_autoscaler: bool = True,
+    counts: dict[str, int] | None = None,
 ) -> list[str]:
     """Raises a ValueError naming what is missing when the run cannot be placed on the cluster; with
     `run.autoscaling` asks the autoscaler for it instead (`ask_autoscaler`: the job's driver asks, connected;
-    `psr-ray submit` only warns) and returns the warnings."""
+    `psr-ray submit` only warns) and returns the warnings. `counts`: as in `run_demands`."""
     nodes = cluster_nodes() if nodes is None else nodes
-    demands = run_demands(cfg, engines=engines, trainer=trainer)
+    demands = run_demands(cfg, engines=engines, trainer=trainer, counts=counts)
     errors = placement_errors(demands, nodes)
     if not errors:
         return []

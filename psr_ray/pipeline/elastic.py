@@ -247,11 +247,16 @@ def start_elastic(session: Any, folder: str | Path, rollout: EnginePool, judge: 
     return Elastic(pools, RayEngines(launch), read_target=read_target, persist=persist)
 
 
-def request_scale(folder: str, targets: dict[str, int], *, address: str | None = None) -> dict[str, int]:
+def request_scale(
+    folder: str, targets: dict[str, int], *, address: str | None = None
+) -> tuple[dict[str, int], list[str]]:
     """`psr-ray scale`: checks the request against the run's stored config, joins the run's cluster
-    (`address`, else the one in `<folder>/ray.json`) and sets its control actor's targets; returns them all."""
+    (`address`, else the one in `<folder>/ray.json`) and sets its control actor's targets; returns them all,
+    and a warning when the cluster's nodes cannot hold the run at those counts (the new engines then wait,
+    pending, until a node with room joins: an autoscaler's, or one a user adds)."""
     import ray
 
+    from psr_ray.pipeline.capacity import cluster_nodes, describe, placement_errors, run_demands
     from psr_ray.pipeline.run_dir import stored_config
 
     if not (Path(folder) / "state.json").is_file():
@@ -271,13 +276,19 @@ def request_scale(folder: str, targets: dict[str, int], *, address: str | None =
         )
     recorded = json.loads(path.read_text())
     try:
-        ray.init(address=address or recorded["address"], namespace=recorded["namespace"], log_to_driver=False)
+        ray.init(address=address or recorded["address"], namespace=recorded["namespace"], log_to_driver=False,
+                 logging_level=logging.WARNING)  # fmt: skip  # not Ray's "Connecting to ..." lines: one line
         control: Any = ray.get_actor(CONTROL_NAME)
     except (ConnectionError, ValueError) as err:
         raise UserError(
             f"cannot reach the run's control actor ({err}); is the run of {folder} still running?"
         ) from None
     try:
-        return ray.get(control.set.remote(targets), timeout=30)
+        now = ray.get(control.set.remote(targets), timeout=30)
+        nodes = cluster_nodes()
+        errors = placement_errors(run_demands(cfg, counts=now), nodes)
     finally:
         ray.shutdown()
+    warnings = [f"the cluster ({describe(nodes)}) cannot hold the run at these counts yet: {'; '.join(errors)}; "
+                "the new engines start once a node with room joins"] if errors else []  # fmt: skip
+    return now, warnings

@@ -153,7 +153,8 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
 
         check_checkpoint(Path(policy_dir).parent)
     all_problems = session.load_problems()  # before Ray: bad data fails fast
-    session.start_ray()
+    counts = scaled_counts(out) if resuming else {}  # the pools a resumed run starts, checked as they will be
+    session.start_ray(counts=counts)
     init, m0, heldout_pairs = init_for_run(session) if cfg.init.run_first else (None, None, [])
     if init is not None and policy_version == FIRST_POLICY_VERSION:
         policy_dir = init.hf_dir  # PSR starts from M1
@@ -166,7 +167,7 @@ def _start_locked(session: RunSession, out: Path, *, resuming: bool) -> Driver:
     )
     # Engines start on the policy the run has reached, so a resumed run serves the right weights at once, as
     # many as `psr-ray scale` last asked for.
-    rollout, judge = start_pools(session, policy_dir, policy_version, scaled_counts(out) if resuming else {})
+    rollout, judge = start_pools(session, policy_dir, policy_version, counts)
     psr = Driver(
         cfg=cfg,
         out=out,

@@ -76,17 +76,17 @@ class RunSession:
 
         return AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
 
-    def start_ray(self, *, engines: bool = True, trainer: bool = True) -> Any:
+    def start_ray(self, *, engines: bool = True, trainer: bool = True, counts: dict[str, int] | None = None) -> Any:
         """Joins `run.ray_address` or starts a local Ray sized for the run (runtime/cluster.py), then checks
         that the cluster can place what this command starts (its engines, its trainer workers) before any of
-        it starts (pipeline/capacity.py), and that every node sees the run's folders (pipeline/node_paths.py);
-        returns `ray`."""
+        it starts (pipeline/capacity.py; `counts`: engine counts `psr-ray scale` set for a resumed run), and
+        that every node sees the run's folders (pipeline/node_paths.py); returns `ray`."""
         from psr_ray.pipeline.capacity import check_capacity
         from psr_ray.pipeline.node_paths import check_node_paths
         from psr_ray.runtime.cluster import init_ray
 
         ray = init_ray(self.cfg)
-        warnings = check_capacity(self.cfg, engines=engines, trainer=trainer)
+        warnings = check_capacity(self.cfg, engines=engines, trainer=trainer, counts=counts)
         for warning in warnings + check_node_paths(self.cfg, self.folder):
             print(f"[psr_ray] WARNING {warning}", flush=True)
         return ray

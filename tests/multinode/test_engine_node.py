@@ -1,8 +1,9 @@
 """The real `psr-ray run` (tiny config) on a simulated multi-node cluster (issue 26; tests/scenarios/multinode.py):
 a head of 0 CPUs, an engine node {CPU: 2, psr_engine: 2}, a trainer node {CPU: 4, psr_trainer: 2}, the run
 joining it through `run.ray_address` with its engines and trainer pinned to their node groups. One cluster for
-the module, in a process of its own: an undisturbed run, then one that loses its engine node mid-search and
-gets a new one: 9 minutes on 2 cores at load 50 (the undisturbed run alone took 2 minutes on quiet cores)."""
+the module, in a process of its own: an undisturbed run, one that loses its engine node mid-search and gets a
+new one, and one that `psr-ray scale` grows onto a node that joins mid-search, then shrinks: 6 minutes on quiet
+cores (78 s, 89 s and 177 s), 9 or more at load 50."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
-    return run_in_subprocess(tmp_path_factory.mktemp("multinode"), "undisturbed", "engine_replaced")
+    return run_in_subprocess(tmp_path_factory.mktemp("multinode"), "undisturbed", "engine_replaced", "engines_added")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,33 @@ def test_an_engine_node_lost_mid_search_and_replaced_loses_nothing(undisturbed, 
     assert new not in run["nodes"].values()
     assert stages["sync"]["engine_nodes"] == {"psr-rollout-0": new, "psr-judge-0": new}
     assert stages["sync"]["sender_node"] == run["nodes"]["trainer"]
+
+
+def test_scale_adds_engines_on_a_node_that_joins_mid_search_and_removes_one_losing_nothing(seen):
+    run = seen["engines_added"]
+    assert run["returncode"] == 0, run["log_tail"]
+    # Asked for before the node joined: the command says the cluster cannot hold them yet (one line, no Ray
+    # connection chatter), and they wait, pending, instead of failing.
+    assert "engines asked for: judge=1, rollout=3" in run["said"]["grow"]
+    (warning,) = [line for line in run["said"]["grow"].splitlines() if "warning" in line]
+    assert "the run asks for 4 psr_engine in all, the cluster has 2" in warning
+    assert len(run["said"]["grow"].splitlines()) == 2 and len(run["said"]["shrink"].splitlines()) == 1
+    events = run["events"]
+    assert events["scaled_up"] < events["node_added"] < events["joined"] < events["scaled_down"]
+    search = run["state"]["iterations"]["1"]["search"]
+    steps = [(e["event"], e.get("index"), e.get("count"), e.get("policy_version")) for e in search["scale_events"]]
+    assert steps == [("target", None, 3, None), ("added", 1, None, 1), ("added", 2, None, 1),
+                     ("target", None, 2, None), ("removed", 2, None, None)]  # fmt: skip
+    assert search["engines"] == {"rollout": 2, "judge": 1} and search["stale_results"] == 0
+    # The new engines ran on the node that joined; the first ones stayed on theirs.
+    engines = {a["name"]: node_of(run, a["node"]) for a in run["placement"]["actors"] if a["class"] == "EngineActor"}
+    assert engines["psr-rollout-1"] == engines["psr-rollout-2"] == "added"
+    assert engines["psr-rollout-0"] == engines["psr-judge-0"] == "engine"
+    # Exactly once: every problem searched, every committed pair trained once, the engines left at the new policy.
+    outcome = _outcome(run)
+    assert len(outcome.done_problems) == run["problems"]
+    assert outcome.trained == outcome.committed == outcome.num_rows == len(set(outcome.pairs)) > 0
+    assert outcome.sync_versions == [outcome.final_version] * 3  # psr-rollout-0, psr-rollout-1, psr-judge-0
 
 
 def test_no_process_of_the_cluster_outlives_it(seen):

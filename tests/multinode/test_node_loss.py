@@ -1,7 +1,7 @@
 """Nodes lost for good under a running `psr-ray run` (tiny config) on the simulated multi-node cluster (issue 26;
 tests/scenarios/multinode.py): the engine node mid-search, then the trainer node mid-fit, neither replaced.
 Each run must fail within its configured bound with one line that names what is out and the resource no node
-provides. One cluster for the module, in a process of its own: 7.5 minutes on 2 cores at load 50."""
+provides. First, an engine node's raylet dies alone: its engine must not run on. One cluster for the module, in a process of its own: 3.3 minutes on quiet cores, 7.5 at load 50."""
 
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ SLACK_S = 90
 
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
-    return mn.run_in_subprocess(tmp_path_factory.mktemp("multinode"), "engine_lost", "trainer_lost")
+    return mn.run_in_subprocess(tmp_path_factory.mktemp("multinode"), "raylet_lost", "engine_lost", "trainer_lost")
+
+
+def test_an_engine_whose_raylet_died_alone_ends_itself(seen):
+    lost = seen["raylet_lost"]
+    # The product's engine (runtime/orphans.py watches its parent, the raylet) exits within the bound; a plain
+    # actor beside it, without the watch, still ran when the scenario stopped waiting (then it was killed).
+    assert lost["gone_after_s"].get("engine", float("inf")) <= lost["bound_s"], lost
+    assert "plain" not in lost["gone_after_s"], lost
 
 
 def test_an_engine_node_lost_with_no_replacement_fails_the_run_within_its_bound(seen):

@@ -10,6 +10,10 @@ node again):
   undisturbed       the run to the end; where Ray placed every actor and task (its state API)
   engine_replaced   the engine node lost once the search has started, a new one added: the run recovers
   engine_lost       the engine node lost with no replacement: the run fails within its bound, naming why
+  engines_added     `psr-ray scale` adds two rollout engines mid-search, a new engine node takes them, then
+                    removes one: nothing lost or duplicated
+  raylet_lost       the engine node's raylet killed alone: the product's engine ends itself, a plain actor
+                    runs on; the node is then removed and replaced
   trainer_lost      the trainer node lost after the fit's first optimizer step (a worker waits in the
                     `train.after_step` window), no replacement: the run fails within the trainer's bound
 
@@ -156,12 +160,15 @@ def write_config(work: Path, address: str, *extra: str) -> dk.TinyRun:
     return tiny
 
 
-def run_product(tiny: dk.TinyRun, out: Path, kill_dir: Path, *, when: Callable[[], bool] | None = None,
-                then: Callable[[], dict[str, float]] | None = None, timeout_s: float = 800.0) -> Run:  # fmt: skip
-    """`psr-ray run` to its end; once `when()` holds (polled), `then()` runs and its events are recorded, as are
-    the moments the log first shows each of LOG_MARKS."""
+Step = tuple[Callable[[], bool], Callable[[], dict[str, float]]]
+
+
+def run_product(tiny: dk.TinyRun, out: Path, kill_dir: Path, *steps: Step, timeout_s: float = 800.0) -> Run:
+    """`psr-ray run` to its end; each step `(when, then)` in turn: once `when()` holds (polled), `then()` runs
+    and its events are recorded, as are the moments the log first shows each of LOG_MARKS."""
     log_path = out.parent / f"{out.name}.log"
     events: dict[str, float] = {}
+    todo = list(steps)
     marks = dict(LOG_MARKS)
     last_read = 0.0
     started = time.monotonic()
@@ -170,9 +177,8 @@ def run_product(tiny: dk.TinyRun, out: Path, kill_dir: Path, *, when: Callable[[
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=dk._env(kill_dir), stdout=log, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
-                if when is not None and then is not None and when():
-                    events |= then()
-                    when = None
+                if todo and todo[0][0]():
+                    events |= todo.pop(0)[1]()
                 if marks and time.monotonic() - last_read > 0.5:
                     last_read, text = time.monotonic(), log_path.read_text(errors="replace")
                     events |= {name: last_read for name, mark in marks.items() if mark in text}
@@ -256,14 +262,14 @@ def engine_replaced(sim: SimCluster, work: Path) -> dict[str, Any]:
         lost = sim.lose("engine")
         return {"lost": lost, "replaced": sim.replace("engine")}
 
-    run = run_product(tiny, out, work / "kill", when=search_started(out), then=lose_and_replace)
+    run = run_product(tiny, out, work / "kill", (search_started(out), lose_and_replace))
     return summary(run, sim, before) | {"replacement_node": sim.engine_node.node_id}
 
 
 def engine_lost(sim: SimCluster, work: Path) -> dict[str, Any]:
     tiny = write_config(work, sim.address, f"run.engine_unavailable_timeout_s={ENGINE_UNAVAILABLE_TIMEOUT_S}")
     out = work / "engine_lost"
-    run = run_product(tiny, out, work / "kill", when=search_started(out), then=lambda: {"lost": sim.lose("engine")})
+    run = run_product(tiny, out, work / "kill", (search_started(out), lambda: {"lost": sim.lose("engine")}))
     result = summary(run, sim) | {"bound_s": ENGINE_UNAVAILABLE_TIMEOUT_S}
     sim.replace("engine")  # for the next scenario
     return result
@@ -276,13 +282,120 @@ def trainer_lost(sim: SimCluster, work: Path) -> dict[str, Any]:
     kill_dir = work / "kill"
     dk.arm(kill_dir, "train.after_step@1")
     window = kill_windows.ready_file(kill_dir, "train.after_step")
-    run = run_product(tiny, out, kill_dir, when=window.is_file, then=lambda: {"lost": sim.lose("trainer")})
+    run = run_product(tiny, out, kill_dir, (window.is_file, lambda: {"lost": sim.lose("trainer")}))
     result = summary(run, sim) | {"bound_s": TRAINER_START_TIMEOUT_S * (TRAINER_MAX_FAILURES + 1)}
     sim.replace("trainer")
     return result
 
 
-SCENARIOS = {f.__name__: f for f in (undisturbed, engine_replaced, engine_lost, trainer_lost)}
+# engines_added: a search long enough that two new engines load (with a node joining) and serve within it.
+ADDED_PROBLEMS = 96
+
+
+def scale_command(out: Path, rollout: int) -> str:
+    """`psr-ray scale OUT --rollout N` as a user runs it, in a process of its own (it joins through OUT/ray.json);
+    what it printed."""
+    argv = [sys.executable, "-m", "psr_ray.app.cli", "scale", str(out), "--rollout", str(rollout)]
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"psr-ray scale failed: {done.stdout}{done.stderr}")
+    return done.stdout + done.stderr
+
+
+def log_shows(out: Path, text: str) -> Callable[[], bool]:
+    log_path = out.parent / f"{out.name}.log"
+    return lambda: text in log_path.read_text(errors="replace")
+
+
+def engines_added(sim: SimCluster, work: Path) -> dict[str, Any]:
+    """Mid-search, `psr-ray scale --rollout 3` asks for two rollout engines the engine node has no room for
+    (they wait, pending), and a second engine node joins: they start there, load the searched policy and take
+    requests; once both serve, `psr-ray scale --rollout 2` removes one, which drains its calls first."""
+    tiny = write_config(work, sim.address, "data.source=embedded:gsm8k", "search.max_problems_in_flight=2",
+                        f"run.prompts_per_iteration=[{ADDED_PROBLEMS}]", "trainer.global_batch_size=8",
+                        "trainer.micro_batch_size=4")  # fmt: skip  # fewer optimizer steps: the fit keeps pace
+    out = work / "engines_added"
+    said: dict[str, str] = {}
+    added: list[Any] = []
+
+    def grow() -> dict[str, float]:
+        said["grow"] = scale_command(out, 3)
+        asked = time.monotonic()
+        added.append(sim.cluster.add_node(**ENGINE_NODE))
+        return {"scaled_up": asked, "node_added": time.monotonic()}
+
+    def shrink() -> dict[str, float]:
+        joined = time.monotonic()
+        said["shrink"] = scale_command(out, 2)
+        return {"joined": joined, "scaled_down": time.monotonic()}
+
+    run = run_product(tiny, out, work / "kill", (search_started(out), grow),
+                      (log_shows(out, "psr-rollout-2 serves policy"), shrink))  # fmt: skip
+    nodes = sim.node_ids() | ({"added": added[0].node_id} if added else {})
+    result = summary(run, sim, nodes) | {"said": said, "placement": placement(sim), "problems": ADDED_PROBLEMS}
+    for node in added:  # the cluster as the next scenario expects it
+        sim.cluster.remove_node(node, allow_graceful=False)
+    return result
+
+
+# raylet_lost: how long an engine may outlive its node's raylet (runtime/orphans.py polls once a second).
+ORPHAN_BOUND_S = 10.0
+
+
+class Plain:
+    """An actor that does not watch its raylet: what a raylet's death leaves running without the watch."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def raylet_lost(sim: SimCluster, work: Path) -> dict[str, Any]:
+    """The engine node's raylet killed alone (its workers left running): the product's engine (EngineActor,
+    launched as a run launches it) ends itself, a plain actor beside it runs on."""
+    import ray
+    from ray._private import ray_constants
+
+    from psr_ray.engines.pool import launch_engine
+    from psr_ray.testing import build_tiny_model, tiny_cfg
+
+    model = build_tiny_model(str(work.parent / "tiny_model"))
+    cfg = tiny_cfg(model, work / "unused", *MULTI_NODE_OVERRIDES, f"run.ray_address={sim.address}")
+    engine = launch_engine(cfg, "rollout", 0, model, policy_version=1)
+    ray.get(engine.ready.remote(), timeout=600)
+    plain = ray.remote(Plain).options(num_cpus=0, resources={"psr_engine": 1}).remote()
+    pids = {
+        "engine": ray.get(engine.__ray_call__.remote(lambda self: os.getpid())),
+        "plain": ray.get(plain.pid.remote()),
+    }
+    raylet = sim.engine_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    raylet.kill()
+    lost = time.monotonic()
+    gone: dict[str, float] = {}
+    while time.monotonic() - lost < ORPHAN_BOUND_S + 5:
+        gone |= {
+            role: round(time.monotonic() - lost, 1)
+            for role, pid in pids.items()
+            if role not in gone and not _alive(pid)
+        }
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pids["plain"], signal.SIGKILL)
+    sim.cluster.remove_node(sim.engine_node, allow_graceful=False)
+    sim.replace("engine")
+    return {"pids": pids, "gone_after_s": gone, "bound_s": ORPHAN_BOUND_S, "waited_s": ORPHAN_BOUND_S + 5, "events": {}}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+SCENARIOS = {
+    f.__name__: f for f in (undisturbed, engine_replaced, engines_added, raylet_lost, engine_lost, trainer_lost)
+}
 
 
 def main(out: str, names: list[str]) -> None:
@@ -318,7 +431,8 @@ def run_in_subprocess(out_dir: Path, *names: str, timeout_s: float = 850.0) -> d
     assert run.returncode == 0, run.stderr[-4000:]
     seen = json.loads(out.read_text())
     for name in names:  # the timings, shown by `pytest -rP`
-        times = {k: seen[name].get(k) for k in ("scenario_s", "seconds", "ended_after_loss_s", "error_after_loss_s")}
+        keys = ("scenario_s", "seconds", "ended_after_loss_s", "error_after_loss_s", "gone_after_s")
+        times = {k: seen[name][k] for k in keys if seen[name].get(k) is not None}
         print(f"{name}: {times} events {seen[name]['events']}")
     print(f"cluster start {seen['cluster_start_s']} s, all {seen['seconds']} s, leaked {seen['leaked_processes']}")
     return seen
