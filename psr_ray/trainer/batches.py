@@ -78,19 +78,27 @@ def encode_pair(tokenizer: Any, row: dict[str, Any], *, max_seq_len: int) -> tup
 
 def pad_batch(rows: list[Encoded], *, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pads to the longest row (rounded up to `pad_to_multiple_of`): input_ids, attention_mask, loss_mask."""
+    columns = [{"input_ids": r.input_ids, "loss_mask": r.loss_mask} for r in rows]
+    return _pad_columns(columns, {"input_ids": pad_token_id, "loss_mask": 0}, pad_to_multiple_of)
+
+
+def _pad_columns(
+    rows: list[dict[str, list[int]]], pads: dict[str, int], pad_to_multiple_of: int
+) -> dict[str, torch.Tensor]:
+    """Rows of equal-length columns -> [B, T] tensors right-padded with `pads[column]` to the longest row
+    (rounded up to `pad_to_multiple_of`), and `attention_mask` 1 on real tokens."""
     if not rows:
         raise ValueError("cannot pad an empty batch")
-    length = max(len(r.input_ids) for r in rows)
+    length = max(len(r["input_ids"]) for r in rows)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    batch = {key: torch.full((len(rows), length), pad, dtype=torch.long) for key, pad in pads.items()}
+    batch["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        input_ids[i, :n] = torch.tensor(r.input_ids)
-        attention_mask[i, :n] = 1
-        loss_mask[i, :n] = torch.tensor(r.loss_mask)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        n = len(r["input_ids"])
+        for key in pads:
+            batch[key][i, :n] = torch.tensor(r[key])
+        batch["attention_mask"][i, :n] = 1
+    return batch
 
 
 def collate_pairs(
@@ -146,17 +154,8 @@ def collate_shared_pairs(
     """B pairs -> one [B, T] batch of packed rows (`pack_pair`), right-padded, with `attention_mask` 1 on
     real tokens; and the number of truncated sequences (counted as in `collate_pairs`)."""
     encoded = [encode_pair(tokenizer, row, max_seq_len=max_seq_len) for row in rows]
-    packed = [pack_pair(c, r) for c, r in encoded]
-    length = max(len(p["input_ids"]) for p in packed)
-    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     pads = {"input_ids": _pad_id(tokenizer), "loss_mask": 0, "position_ids": 0, "sequence_ids": 0}
-    batch = {key: torch.full((len(rows), length), pad, dtype=torch.long) for key, pad in pads.items()}
-    batch["attention_mask"] = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, p in enumerate(packed):
-        n = len(p["input_ids"])
-        for key in pads:
-            batch[key][i, :n] = torch.tensor(p[key])
-        batch["attention_mask"][i, :n] = 1
+    batch = _pad_columns([pack_pair(c, r) for c, r in encoded], pads, pad_to_multiple_of)
     return batch, sum(s.truncated for pair in encoded for s in pair)
 
 
