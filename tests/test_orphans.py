@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from psr_ray.config import REPO_ROOT
+from tests.scenarios.multinode import alive
 
 CHILD = """
 import sys, time
@@ -26,14 +27,6 @@ child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdou
 assert child.stdout.readline().strip() == "started"
 print(child.pid, flush=True)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status  # a zombie has exited; only its reaping is left
 
 
 def orphan(kind: str, log: Path) -> int:

@@ -374,9 +374,7 @@ def raylet_lost(sim: SimCluster, work: Path) -> dict[str, Any]:
     gone: dict[str, float] = {}
     while time.monotonic() - lost < ORPHAN_BOUND_S + 5:
         gone |= {
-            role: round(time.monotonic() - lost, 1)
-            for role, pid in pids.items()
-            if role not in gone and not _alive(pid)
+            role: round(time.monotonic() - lost, 1) for role, pid in pids.items() if role not in gone and not alive(pid)
         }
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
@@ -386,9 +384,10 @@ def raylet_lost(sim: SimCluster, work: Path) -> dict[str, Any]:
     return {"pids": pids, "gone_after_s": gone, "bound_s": ORPHAN_BOUND_S, "waited_s": ORPHAN_BOUND_S + 5, "events": {}}
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has exited: only its reaping is left)."""
     try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
 

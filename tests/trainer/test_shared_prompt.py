@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sample_rows import ROW
 
 from psr_ray.trainer.batches import (
     CHOSEN,
@@ -23,26 +24,12 @@ from psr_ray.trainer.batches import (
 from psr_ray.trainer.forward import forward_logps
 from psr_ray.trainer.loss import sequence_logps, step_dpo_loss
 
-ROW = {
-    "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
-    "prefix": "Step 1: Tom starts with 3 apples.\n",
-    "step_index": 2,
-    "chosen": "He buys 4 more, so 3 + 4 = 7.",
-    "rejected": "So 3 * 4 = 12 apples.",
-}
 ROWS = [
     ROW,
     dict(ROW, prefix="", step_index=1, chosen="3", rejected="4 apples and then some more apples"),
     dict(ROW, chosen="3 + 4 = 7.", rejected="3 + 4 = 8."),  # steps of one length, their first tokens alike
     dict(ROW, prefix=ROW["prefix"] * 6, step_index=7),  # the longest prompt (218 tokens + the step)
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def test_pack_pair_shares_the_prompt_but_its_last_token():

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sample_rows import ROW
 
 from psr_ray.core.prompts import render_solver_prompt
 from psr_ray.trainer.batches import Encoded, collate_pairs, collate_sft, encode_pair, pad_batch
-
-ROW = {
-    "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
-    "prefix": "Step 1: Tom starts with 3 apples.\n",
-    "step_index": 2,
-    "chosen": "He buys 4 more, so 3 + 4 = 7.",
-    "rejected": "So 3 * 4 = 12 apples.",
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def ids(tokenizer, text):
