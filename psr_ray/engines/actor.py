@@ -4,9 +4,10 @@
 `psr_ray.engines.api`: `propose` candidate steps, `judge` pairs of steps, greedy `generate`, and update its
 weights in place without a restart (mixed in: the transaction every transport shares,
 `weight_sync.receivers.WeightReceiver`, and each transport's receiving end from its module beside its sender;
-one call runs at a time, so an update drains the calls before it, and its gate refuses generation until the
-update commits or rolls back). Prompts and parsing come from the pure modules `prompts` and `steps`; this
-file only batches them through the engine.
+an update first finishes the requests already in the engine, and its gate refuses generation until the
+update commits or rolls back). The generation methods are coroutines: Ray serves the actor as an async actor,
+and the requests of every call in flight share one running vLLM batch (engines/batching.py). Prompts and
+parsing come from the pure modules `prompts` and `steps`; this file only feeds them through the engine.
 
 Engine layout: with `tensor_parallel_size == 1` the engine runs in-process (`distributed_executor_backend=
 "uni"`, `VLLM_ENABLE_V1_MULTIPROCESSING=0`): it starts in seconds and weight tensors reach the worker intact.
@@ -32,6 +33,7 @@ from psr_ray.engines.api import (
     ScoreRequest,
     StepLikelihood,
 )
+from psr_ray.engines.batching import ContinuousBatcher
 from psr_ray.runtime.orphans import exit_when_orphaned
 from psr_ray.weight_sync.cuda_ipc import CudaIpcReceiver
 from psr_ray.weight_sync.export import ExportReceiver
@@ -153,6 +155,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
 
             export_engine_stats(self.llm, role=settings.role, engine_name=name)
         self.tokenizer = self.llm.get_tokenizer()
+        self._batcher = ContinuousBatcher(self.llm)
         self._verdict_token_ids: tuple[list[int], list[int]] | None = None
 
     # ---- the engines.api contract -------------------------------------------------------------------
@@ -182,7 +185,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
                 stats[wanted[metric.name]] += float(metric.value)
         return stats
 
-    def propose(
+    async def propose(
         self,
         requests: list[ProposeRequest],
         *,
@@ -222,22 +225,22 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             )
             for i in range(len(requests))
         ]
-        outputs = self._generate(texts, params, room=max_tokens)
+        outputs, v = await self._generate(texts, params, room=max_tokens)
         result = []
         for out in outputs:
             if out is None:
-                result.append(Candidates(("",) * num_candidates, 0, self._policy_version))
+                result.append(Candidates(("",) * num_candidates, 0, v))
                 continue
             result.append(
                 Candidates(
                     steps=tuple(steps.clean_step(c.text) for c in out.outputs),
                     num_tokens=sum(len(c.token_ids) for c in out.outputs),
-                    policy_version=self._policy_version,
+                    policy_version=v,
                 )
             )
         return result
 
-    def judge(
+    async def judge(
         self, requests: list[JudgeRequest], *, mode: str, temperature: float = 0.0, max_tokens: int = 512
     ) -> list[Judgment]:
         """Which of two steps is better, for every request, in one engine call.
@@ -252,10 +255,10 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             for r in requests
         ]
         if mode is JudgeMode.EXPLAIN:
-            return self._judge_explain(texts, temperature, max_tokens)
-        return self._judge_direct(texts)
+            return await self._judge_explain(texts, temperature, max_tokens)
+        return await self._judge_direct(texts)
 
-    def score_steps(self, requests: list[ScoreRequest]) -> list[StepLikelihood]:
+    async def score_steps(self, requests: list[ScoreRequest]) -> list[StepLikelihood]:
         """The policy's log-probability of each request's step under the solver prompt that proposed it
         (`judge.mode: likelihood`): one prefill per step, read from vLLM's prompt log-probs (engines/likelihood.py).
         An empty step, or one whose prompt does not fit the context, gets 0 tokens."""
@@ -267,25 +270,22 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         # prompt_logprobs=0: each prompt token's own log-prob. vLLM then does not read the prefix cache for the
         # request (positions served from it would have none): every step costs a whole prefill.
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        outputs = self._generate_ids([ids for ids, _ in inputs], [params] * len(inputs), room=1)
-        v = self._policy_version
+        outputs, v = await self._generate_ids([ids for ids, _ in inputs], [params] * len(inputs), room=1)
         return [StepLikelihood(step_logprob(out.prompt_logprobs, ids, n), n, v) if out is not None and n
                 else StepLikelihood(0.0, 0, v) for (ids, n), out in zip(inputs, outputs, strict=True)]  # fmt: skip
 
-    def generate(self, prompt_texts: list[str], *, max_tokens: int) -> list[Generation]:
+    async def generate(self, prompt_texts: list[str], *, max_tokens: int) -> list[Generation]:
         """Greedy completions of ready-made prompts (evaluation)."""
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-        outputs = self._generate(prompt_texts, [params] * len(prompt_texts), room=1)
+        outputs, v = await self._generate(prompt_texts, [params] * len(prompt_texts), room=1)
         return [
-            Generation("", 0, self._policy_version)
-            if out is None
-            else Generation(out.outputs[0].text, len(out.outputs[0].token_ids), self._policy_version)
+            Generation("", 0, v) if out is None else Generation(out.outputs[0].text, len(out.outputs[0].token_ids), v)
             for out in outputs
         ]
 
-    def sample(
+    async def sample(
         self,
         prompt_texts: list[str],
         *,
@@ -304,70 +304,68 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
                            seed=None if seed is None else seed + i * num_samples)
             for i in range(len(prompt_texts))
         ]  # fmt: skip
-        outputs = self._generate(prompt_texts, params, room=max_tokens)
+        outputs, v = await self._generate(prompt_texts, params, room=max_tokens)
         return [
-            [Generation("", 0, self._policy_version)] * num_samples
+            [Generation("", 0, v)] * num_samples
             if out is None
-            else [Generation(c.text, len(c.token_ids), self._policy_version) for c in out.outputs]
+            else [Generation(c.text, len(c.token_ids), v) for c in out.outputs]
             for out in outputs
         ]
 
     # ---- internals ---------------------------------------------------------------------------------
 
-    def _generate(self, texts: list[str], params: list[Any], *, room: int) -> list[Any]:
-        """One `llm.generate` over every prompt that fits the context (prompt + `room` new tokens);
-        None in place of a prompt that does not, so one long problem cannot fail the whole batch. Refused
+    async def _generate(self, texts: list[str], params: list[Any], *, room: int) -> tuple[list[Any], int]:
+        """vLLM's output for every prompt that fits the context (prompt + `room` new tokens), None in place of
+        a prompt that does not, so one long problem cannot fail the whole call; and the policy version that
+        served them (read as they enter the engine: an update drains them before the weights change). Refused
         while the weights are changing (weight_sync/gate.py)."""
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # templates hold specials
-        return self._generate_ids(ids, params, room=room)
+        return await self._generate_ids(ids, params, room=room)
 
-    def _generate_ids(self, ids: list[list[int]], params: list[Any], *, room: int) -> list[Any]:
+    async def _generate_ids(self, ids: list[list[int]], params: list[Any], *, room: int) -> tuple[list[Any], int]:
         """`_generate` of prompts given as token ids."""
         self._gate.check_serving()
+        version = self._policy_version
         limit = self.settings.max_model_len - room
         keep = [i for i, token_ids in enumerate(ids) if len(token_ids) <= limit]
-        outputs = (
-            self.llm.generate([{"prompt_token_ids": ids[i]} for i in keep], [params[i] for i in keep], use_tqdm=False)
-            if keep
-            else []
-        )
+        outputs = await self._batcher.generate([{"prompt_token_ids": ids[i]} for i in keep], [params[i] for i in keep])
         by_index: list[Any] = [None] * len(ids)
         for i, out in zip(keep, outputs, strict=True):
             by_index[i] = out
-        return by_index
+        return by_index, version
 
-    def _judge_explain(self, texts: list[str], temperature: float, max_tokens: int) -> list[Judgment]:
+    async def _judge_explain(self, texts: list[str], temperature: float, max_tokens: int) -> list[Judgment]:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
-        outputs = self._generate(texts, [params] * len(texts), room=max_tokens)
+        outputs, v = await self._generate(texts, [params] * len(texts), room=max_tokens)
         judgments = []
         for out in outputs:
             text = "" if out is None else out.outputs[0].text
             verdict = prompts.parse_verdict(text)
             prob_a = {prompts.Verdict.A: 1.0, prompts.Verdict.B: 0.0}.get(verdict, 0.5)
             num_tokens = 0 if out is None else len(out.outputs[0].token_ids)
-            judgments.append(Judgment(verdict.value, prob_a, text, num_tokens, self._policy_version))
+            judgments.append(Judgment(verdict.value, prob_a, text, num_tokens, v))
         return judgments
 
-    def _judge_direct(self, texts: list[str]) -> list[Judgment]:
+    async def _judge_direct(self, texts: list[str]) -> list[Judgment]:
         from vllm import SamplingParams
 
         a_ids, b_ids = self._verdict_tokens()
         # logprob_token_ids: raw log-probabilities of exactly these tokens, whatever is sampled.
         params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=a_ids + b_ids)
-        outputs = self._generate(texts, [params] * len(texts), room=1)
+        outputs, v = await self._generate(texts, [params] * len(texts), room=1)
         judgments = []
         for out in outputs:
             if out is None:
-                judgments.append(Judgment("unparseable", 0.5, "", 0, self._policy_version))
+                judgments.append(Judgment("unparseable", 0.5, "", 0, v))
                 continue
             logprobs = out.outputs[0].logprobs[0]
             lp_a = _logsumexp([logprobs[t].logprob for t in a_ids if t in logprobs])
             lp_b = _logsumexp([logprobs[t].logprob for t in b_ids if t in logprobs])
             verdict, prob_a = prompts.direct_verdict(lp_a, lp_b)
             text = f"{prompts.DIRECT_VERDICT_PREFIX}{verdict.value}]] p(A)={prob_a:.4f}"
-            judgments.append(Judgment(verdict.value, prob_a, text, 1, self._policy_version))
+            judgments.append(Judgment(verdict.value, prob_a, text, 1, v))
         return judgments
 
     def _verdict_tokens(self) -> tuple[list[int], list[int]]:

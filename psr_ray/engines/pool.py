@@ -19,8 +19,9 @@ from typing import Any
 from psr_ray.config import EnginePoolConfig
 from psr_ray.config.errors import UserError
 
-# Calls one engine holds at once: one running, one queued behind it, so the engine never idles between calls.
-MAX_CALLS_PER_ENGINE = 2
+# Calls one engine holds at once. Engines batch continuously (engines/batching.py), so the scheduler sends a
+# problem per call and its problems in flight bound the work; this only caps what one engine may hold.
+MAX_CALLS_PER_ENGINE = 256
 
 
 class EnginePool:

@@ -3,13 +3,13 @@
 Every problem is a `ProblemSearch` state machine; the scheduler only moves requests, in three moves per turn:
 
   admit     start searches for queued problems, up to `search.max_problems_in_flight`
-  dispatch  batch pending `ProposeRequest`s of all problems to the least-loaded rollout engine, and pending
-            judge rounds (all comparisons of one problem's judge round travel together; `judge.plan: knockout`
-            asks up to 3 rounds per step, each routed back here) to the least-loaded judge
+  dispatch  send each problem's pending `ProposeRequest` to the least-loaded rollout engine, and each pending
+            judge round (all comparisons of one problem's round travel together; `judge.plan: knockout` asks
+            up to 3 rounds per step, each routed back here) to the least-loaded judge, one problem per call
   collect   take every finished call (`ray.wait`) and feed its results back to the searches
 
-Each engine holds at most `MAX_CALLS_PER_ENGINE` calls and a batch at most 1/(that x pool size) of the
-problems in flight, so while one cohort is judged the next is proposed and both pools stay busy.
+Engines batch continuously (engines/batching.py): a call joins the batch already running on its engine, so a
+problem's next request goes out the moment its last result lands and no problem waits for a cohort.
 
 `judge.mode: oracle` (an ablation) decides judge rounds here, without an engine, by the exact step check
 of `psr_ray.oracle.judge`; proposals still go to the rollout engines. `judge.mode: likelihood` (an ablation)
@@ -31,7 +31,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -42,10 +41,9 @@ from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.data.schema import StepPair
 from psr_ray.engines.api import JudgeRequest, ScoreRequest
-from psr_ray.engines.pool import MAX_CALLS_PER_ENGINE, EnginePool
+from psr_ray.engines.pool import EnginePool
 from psr_ray.runtime import metrics
 from psr_ray.runtime.locate import where_is
-from psr_ray.search.plans import first_round_calls
 from psr_ray.search.problem import Outcome, Phase, ProblemSearch
 from psr_ray.search.stats import SearchStats
 
@@ -97,27 +95,11 @@ class SearchScheduler:
         self.rollout, self.judge = rollout, judge
         self.stats = SearchStats()
         self.likelihood = cfg.judge.mode == JudgeMode.LIKELIHOOD
-        self._comparisons = (
-            cfg.rollout.num_candidates
-            if self.likelihood
-            else first_round_calls(cfg.judge.plan, cfg.rollout.num_candidates, both_orders=cfg.judge.both_orders)
-        )
         self._num_proposals: dict[str, int] = {}  # accepted proposals per problem: the seed's attempt number
         self._queue: deque[Problem] = deque()
         self._active: dict[str, ProblemSearch] = {}
         self._want: dict[CallKind, deque[str]] = {CallKind.PROPOSE: deque(), CallKind.JUDGE: deque()}
         self._calls: dict[Any, InFlightCall] = {}
-
-    # The batch bounds follow the engines serving now (`psr-ray scale` may change them between turns).
-    @property
-    def max_propose_batch(self) -> int:
-        in_flight = self.cfg.search.max_problems_in_flight
-        return max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * max(1, self.rollout.serving))))
-
-    @property
-    def max_judge_batch(self) -> int:
-        in_flight = self.cfg.search.max_problems_in_flight * self._comparisons
-        return max(1, math.ceil(in_flight / (MAX_CALLS_PER_ENGINE * max(1, self.judge.serving))))
 
     def valid(self, problem: Problem) -> bool:
         return bool(problem.question.strip()) and len(problem.question) <= self.cfg.data.max_problem_chars
@@ -211,7 +193,7 @@ class SearchScheduler:
         r, j = self.cfg.rollout, self.cfg.judge
         want_propose, want_judge = self._want[CallKind.PROPOSE], self._want[CallKind.JUDGE]
         while want_propose and (engine := self.rollout.pick()) is not None:
-            keys = [want_propose.popleft() for _ in range(min(self.max_propose_batch, len(want_propose)))]
+            keys = [want_propose.popleft()]
             requests = [self._active[k].propose_request() for k in keys]
             # One seed per request (the engine seeds its sample j with seed + j): a rolled-back step proposed
             # again gets new candidates; a re-queued request or a resumed run replays the same ones.
@@ -226,14 +208,8 @@ class SearchScheduler:
             self._send(ref, InFlightCall(self.rollout, engine, CallKind.PROPOSE, tuple(keys)))
             self.stats.batch("propose", len(requests))
         while want_judge and (engine := self.judge.pick()) is not None:
-            keys = []
-            judging: list[JudgeRequest | ScoreRequest] = []
-            while want_judge and (
-                not keys or len(judging) + len(self._round_requests(want_judge[0])) <= self.max_judge_batch
-            ):
-                key = want_judge.popleft()
-                keys.append(key)
-                judging += self._round_requests(key)
+            keys = [want_judge.popleft()]
+            judging: list[JudgeRequest | ScoreRequest] = list(self._round_requests(keys[0]))
             actor = self.judge.actors[engine]
             if self.likelihood:
                 ref = actor.score_steps.remote(judging)

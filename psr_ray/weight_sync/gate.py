@@ -1,9 +1,9 @@
 """An engine's weight-update state: which calls it may serve while its weights change. Pure.
 
-An engine actor runs one call at a time, so the calls queued before an update's first call finish first
-(drain). From `begin` to `commit`/`restored` the engine's layers are on the meta device, half new, or new
-but not yet verified against the trainer: every generation call in that window is refused with an error
-naming the engine (gate), never served from those weights. An engine whose failed update could not be
+An update's first call finishes the requests already in the engine (drain, engines/batching.py). From
+`begin` to `commit`/`restored` the engine's layers are on the meta device, half new, or new but not yet
+verified against the trainer: every generation call in that window is refused with an error naming the
+engine (gate), never served from those weights. An engine whose failed update could not be
 undone is BROKEN: it serves nothing until a whole update succeeds.
 
     SERVING --begin--> LOADING --loaded--> LOADED --commit--> SERVING (new policy version)

@@ -40,6 +40,7 @@ class WeightReceiver:
     settings: Any
     name: str
     _in_process: bool
+    _batcher: Any  # engines/batching.py: the requests in the engine, finished (`drain`) before its weights change
 
     def _init_receiver(self, policy_version: int) -> None:
         self._gate = UpdateGate(self.name, policy_version)
@@ -87,6 +88,7 @@ class WeightReceiver:
         if self._gate.in_update:  # an update whose sender vanished: undo it first
             self.rollback_update()
         self.check_update(plan, policy_version=policy_version)
+        self._batcher.drain()  # the requests already in the engine finish on the weights they started with
         if self._gate.state is UpdateState.ASLEEP:  # colocated: only the weights now, the KV cache once they are in
             self._wake(["weights"])
             self._gate.wake()
@@ -156,6 +158,7 @@ class WeightReceiver:
         weights when it begins and the KV cache once they are loaded (`begin_update`, `end_update`), so the
         two are never both allocated beside the trainer's memory and the weights in flight."""
         self._gate.sleep()
+        self._batcher.drain()
         self.llm.sleep(level=1)
         self._asleep = ["weights", "kv_cache"]
 
@@ -189,6 +192,7 @@ class WeightReceiver:
         (probe.py compares them with the trainer's)."""
         if self._gate.state is not UpdateState.LOADED:
             self._gate.check_serving()
+        self._batcher.drain()  # `LLM.generate` below steps the engine to empty and returns every output it sees
         return self._probe(token_ids, num_top)
 
     # ---- internals ---------------------------------------------------------------------------------

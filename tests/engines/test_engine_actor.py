@@ -151,6 +151,27 @@ def test_generate_is_greedy_and_deterministic(ray_cluster, workers):
     assert all(1 <= g.num_tokens <= 12 and g.policy_version == 0 for g in first)
 
 
+def test_calls_in_flight_share_the_running_batch_and_an_update_finishes_them_first(ray_cluster, workers):
+    """Continuous batching (engines/batching.py) on the real engine: a one-token call sent after a long call
+    returns while the long one still runs (it joined its batch instead of queueing behind it); a weight update
+    sent meanwhile finishes the long call at the old weights and version first, then serves the new version."""
+    rollout, _ = workers
+    long_prompts = [f"Step {i}: Tom has" for i in range(8)]
+    long_call = rollout.sample.remote(long_prompts, num_samples=4, temperature=1.0, max_tokens=256, seed=7)
+    time.sleep(1.0)  # the long call is running
+    short = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=1), timeout=120)
+    assert len(short) == 2 and ray_cluster.wait([long_call], timeout=0)[1] == [long_call]  # long still running
+    version = ray_cluster.get(rollout.policy_version.remote())
+    state = ray_cluster.get(rollout.ready.remote())
+    update = rollout.update_weights_from_path.remote(state["model"], policy_version=version + 1)
+    samples = ray_cluster.get(long_call, timeout=600)
+    ray_cluster.get(update, timeout=600)
+    assert [len(s) for s in samples] == [4] * 8 and all(g.policy_version == version for s in samples for g in s)
+    assert sum(g.num_tokens for s in samples for g in s) > 8 * 4  # it really generated, past the short call
+    after = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=4))
+    assert all(g.policy_version == version + 1 for g in after)
+
+
 def test_update_weights_changes_outputs_and_restores_exactly(ray_cluster, workers, tiny_model_dir):
     import torch
     from safetensors.torch import load_file
