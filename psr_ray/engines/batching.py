@@ -16,6 +16,7 @@ engine core in a separate process.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 
@@ -26,6 +27,7 @@ class ContinuousBatcher:
         self._llm = llm
         self._waiting: dict[str, asyncio.Future[Any]] = {}
         self._stepper: asyncio.Task[None] | None = None
+        self.busy_seconds = 0.0  # time spent in engine steps: the engine's busy fraction over a wall time
 
     @property
     def num_unfinished(self) -> int:
@@ -63,7 +65,10 @@ class ContinuousBatcher:
                     future.set_exception(err)
 
     def _step(self) -> None:
-        for output in self._llm.llm_engine.step():
+        start = time.perf_counter()
+        outputs = self._llm.llm_engine.step()
+        self.busy_seconds += time.perf_counter() - start
+        for output in outputs:
             if output.finished:
                 future = self._waiting.pop(output.request_id, None)
                 if future is not None and not future.done():

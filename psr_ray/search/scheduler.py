@@ -241,6 +241,7 @@ class SearchScheduler:
 
     def _send(self, ref: Any, call: InFlightCall) -> None:
         call.pool.started(call.engine)
+        self.stats.in_flight(call.pool.in_flight[call.engine])
         self._calls[ref] = call
 
     def _seed(self, key: str) -> int:

@@ -51,6 +51,8 @@ class SearchStats:
     judge_batches: int = 0
     judge_requests: int = 0
     largest_judge_batch: int = 0
+    # The most calls of one kind one engine held at once: its running batch served them together.
+    most_calls_on_an_engine: int = 0
     stale_results: int = 0  # requests answered by an engine at another policy_version: discarded, re-queued
     engine_reloads: int = 0  # engines reloaded from policy_dir after coming back on other weights
 
@@ -67,6 +69,10 @@ class SearchStats:
         self.count(f"{kind}_requests", size)
         largest = f"largest_{kind}_batch"
         setattr(self, largest, max(getattr(self, largest), size))
+
+    def in_flight(self, calls: int) -> None:
+        """An engine now holds `calls` calls of one kind."""
+        self.most_calls_on_an_engine = max(self.most_calls_on_an_engine, calls)
 
     @property
     def problems_done(self) -> int:

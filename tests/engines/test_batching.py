@@ -80,7 +80,7 @@ def test_a_call_joins_the_running_batch_and_returns_without_waiting_for_longer_c
     joined = [batch for batch in llm.llm_engine.batches if "s1" in batch]
     assert joined and all({"l1", "l2"} <= set(batch) for batch in joined)  # s1 ran inside the long call's batch
     assert len(llm.llm_engine.batches) == 8  # one stepping loop for both calls, no second pass for the short one
-    assert batcher.num_unfinished == 0
+    assert batcher.num_unfinished == 0 and batcher.busy_seconds > 0
 
 
 def test_drain_finishes_every_request_in_the_engine_and_wakes_its_call():
