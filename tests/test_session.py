@@ -81,23 +81,19 @@ def test_phase_engines_refuse_names_a_running_run_holds(ray_cluster, tmp_path):
         ray_cluster.kill(other)
 
 
-def test_phase_engines_share_this_machines_cores_only_on_a_local_cluster_of_cpu_engines(monkeypatch):
-    from psr_ray.engines.actor import engine_env, engine_settings
-    from psr_ray.pipeline.session import temporary_engine_cpus
+def test_phase_engines_fill_this_machines_cores_only_on_a_local_cluster_of_cpu_engines(monkeypatch):
+    from psr_ray.pipeline.session import phase_engine_count
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    cfg = C.load([], ["rollout.num_engines=1", "judge.num_engines=0"])
-    assert temporary_engine_cpus(cfg, 1, 2) == 2.0  # the embedded run's one engine: both cores, not one
-    assert temporary_engine_cpus(cfg, 2, 2) == 1.0 and temporary_engine_cpus(cfg, 3, 2) == 1.0  # never below 1
-    assert temporary_engine_cpus(C.load([], ["rollout.num_cpus_per_engine=4"]), 2, 2) == 4.0  # never below config
-    assert temporary_engine_cpus(C.load([], ["run.ray_address=auto"]), 1, 16) is None  # a cluster: as configured
-    assert temporary_engine_cpus(C.load([], ["rollout.num_gpus_per_engine=1"]), 1, 16) is None
+    one = C.load([], ["rollout.num_engines=1", "judge.num_engines=0"])
+    assert phase_engine_count(one, 2) == 2  # the embedded run's one engine would leave a core idle
+    assert phase_engine_count(one, 1) == 1
+    assert phase_engine_count(C.load([], ["rollout.num_engines=2", "judge.num_engines=1"]), 2) == 3  # never fewer
+    assert phase_engine_count(C.load([], ["rollout.num_engines=1", "judge.num_engines=0",
+                                          "rollout.num_cpus_per_engine=2"]), 8) == 4  # fmt: skip
+    assert phase_engine_count(C.load([], ["rollout.num_engines=1", "judge.num_engines=0", "run.ray_address=auto"]),
+                              16) == 1  # fmt: skip  # a cluster's engines are as configured
+    gpu = C.load([], ["rollout.num_engines=1", "judge.num_engines=0", "rollout.num_gpus_per_engine=1"])
+    assert phase_engine_count(gpu, 16) == 1
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # a submitted job
-    assert temporary_engine_cpus(cfg, 1, 2) is None
-    # The engine's torch threads follow its CPUs (whole ones); a GPU engine's are left to vLLM.
-    two = C.load([], ["rollout.num_cpus_per_engine=2"])
-    assert engine_env(engine_settings(two, "rollout", "m"))["OMP_NUM_THREADS"] == "2"
-    assert engine_env(engine_settings(C.load([], ["rollout.num_cpus_per_engine=0.5"]), "rollout", "m"))[
-        "OMP_NUM_THREADS"] == "1"  # fmt: skip
-    gpu = C.load([], ["rollout.num_gpus_per_engine=1"])
-    assert "OMP_NUM_THREADS" not in engine_env(engine_settings(gpu, "rollout", "m"))
+    assert phase_engine_count(one, 2) == 1

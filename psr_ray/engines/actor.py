@@ -57,8 +57,6 @@ class EngineSettings:
     use_gpu: bool = False
     gpu_memory_utilization: float = 0.45
     cpu_kv_cache_gib: float = 1.0
-    # CPU engines: torch threads, one per CPU the engine asks Ray for (`num_cpus_per_engine`, whole CPUs).
-    num_threads: int = 1
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     seed: int = 0
@@ -89,7 +87,6 @@ def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
         use_gpu=use_gpu,
         gpu_memory_utilization=section.gpu_memory_utilization,
         cpu_kv_cache_gib=section.cpu_kv_cache_gib,
-        num_threads=max(1, int(section.num_cpus_per_engine)),
         enable_prefix_caching=section.enable_prefix_caching,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
@@ -101,8 +98,6 @@ def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
 def engine_env(settings: EngineSettings) -> dict[str, str]:
     """Environment the engine needs before vLLM is imported (also given to the actor's runtime_env)."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    if not settings.use_gpu:  # torch reads it once; vLLM's CPU worker then forbids torch.set_num_threads
-        env["OMP_NUM_THREADS"] = str(settings.num_threads)
     if settings.tensor_parallel_size == 1:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process engine: fast start, tensors pass intact
     return env

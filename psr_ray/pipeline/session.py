@@ -92,17 +92,13 @@ class RunSession:
         return ray
 
     def start_pool(self, role: str, model_path: str | None = None, *, policy_version: int = 0,
-                   num_engines: int | None = None, num_cpus: float | None = None) -> EnginePool:  # fmt: skip
+                   num_engines: int | None = None) -> EnginePool:  # fmt: skip
         """The `role` engine pool (engines/pool.py) on `model_path` (default: the configured model), started
-        or found running; `num_engines` and `num_cpus` override `<role>.num_engines` and `.num_cpus_per_engine`."""
+        or found running; `num_engines` overrides `<role>.num_engines`."""
         cfg = self.cfg
-        key = "rollout" if role == "judge" and cfg.judge.num_engines == 0 else role  # a judge on the rollout engines
-        section = getattr(cfg, key)
-        if num_engines is not None:
-            section = dataclasses.replace(section, num_engines=num_engines)
-        if num_cpus is not None:
-            section = dataclasses.replace(section, num_cpus_per_engine=num_cpus)
-        cfg = dataclasses.replace(cfg, **{key: section})
+        if num_engines is not None:  # a judge on the rollout engines (judge.num_engines: 0) counts theirs
+            key = "rollout" if role == "judge" and cfg.judge.num_engines == 0 else role
+            cfg = dataclasses.replace(cfg, **{key: dataclasses.replace(getattr(cfg, key), num_engines=num_engines)})
         return start_engine_pool(cfg, role, model_path or self.model_path, policy_version=policy_version)
 
     def start_engine(self, role: str, index: int, model_path: str, *, policy_version: int) -> Any:
@@ -114,18 +110,17 @@ class RunSession:
 
     @contextlib.contextmanager
     def temporary_engines(self, role: str, model_path: str, policy_version: int) -> Iterator[list[Any]]:
-        """Engines on `model_path` for one phase, killed after it (their names are then free again). As many as
-        the run has engines of both roles: no trainer runs meanwhile, and each engine uses its own CPUs; on a
-        local cluster of CPU engines they share all of this machine's cores (`temporary_engine_cpus`)."""
+        """Engines on `model_path` for one phase, killed after it (their names are then free again). No trainer
+        runs meanwhile: as many as the run has engines of both roles, each on its own CPUs, or on a local
+        cluster of CPU engines as many as this machine's cores hold (`phase_engine_count`)."""
         import ray
 
-        count = self.cfg.rollout.num_engines + self.cfg.judge.num_engines
+        count = phase_engine_count(self.cfg, os.cpu_count() or 1)
         names = [engine_name(role, i) for i in range(count)]
         busy = sorted(set(names) & set(ray.util.list_named_actors()))
         if busy:  # a running PSR run's engines serve another model: neither borrow nor stop them
             raise UserError(f"engines {busy} are already running in this Ray namespace; stop that run first")
-        engines = self.start_pool(role, model_path, policy_version=policy_version, num_engines=count,
-                                  num_cpus=temporary_engine_cpus(self.cfg, count, os.cpu_count() or 1)).actors  # fmt: skip
+        engines = self.start_pool(role, model_path, policy_version=policy_version, num_engines=count).actors
         try:
             yield engines
         finally:
@@ -144,11 +139,13 @@ class RunSession:
         write_atomic(path, text)
 
 
-def temporary_engine_cpus(cfg: Any, count: int, cores: int) -> float | None:
-    """CPUs (and so threads) per engine for a phase whose `count` engines run with no trainer: this machine's
-    `cores` split between them on a local cluster of CPU engines (a core would idle otherwise), never less
-    than configured; None (as configured) on a remote cluster or GPU engines."""
-    section = cfg.rollout
-    if (cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or "local") != "local" or section.num_gpus_per_engine > 0:
-        return None
-    return max(section.num_cpus_per_engine, float(max(1, cores // count)))
+def phase_engine_count(cfg: Any, cores: int) -> int:
+    """Engines for a phase with no trainer (the init's candidates, held-out pairs and scores): the run's engines
+    of both roles, or on a local cluster of CPU engines one per `rollout.num_cpus_per_engine` of this machine's
+    `cores` if that is more, so no core idles (engines run one thread each: vLLM's CPU serving is fastest at one
+    thread a process, and two threads measured slower than one on a loaded 2-core machine)."""
+    count = cfg.rollout.num_engines + cfg.judge.num_engines
+    local = (cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local"
+    if not local or cfg.rollout.num_gpus_per_engine > 0:
+        return count
+    return max(count, int(cores // max(1.0, cfg.rollout.num_cpus_per_engine)))
