@@ -116,6 +116,7 @@ def test_load_rejects_missing_file_and_bad_override():
         ("data.source=/no/such.jsonl", "data.source"),
         ("init.num_ift_examples=0", "init.num_ift_examples"),
         ("init.num_eft_pairs=-2", "init.num_eft_pairs"),
+        ("init.max_eft_problems=-1", "init.max_eft_problems"),
         ("init.num_candidates=1", "init.num_candidates"),
     ],
 )

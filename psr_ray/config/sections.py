@@ -233,6 +233,9 @@ class InitConfig:
     # its own right steps). The paper's ~4.2k EFT rows to 28.9k IFT; the init reports both ratios. 0: no EFT,
     # M1 is SFT on IFT alone (and no M_ift is trained).
     num_eft_pairs: int = 2100
+    # EFT problems scanned for those pairs at most (the source's problems after the held-out and IFT ones, in
+    # order); 0: all of them. Bounds the scan where M_ift's candidates seldom mix right and wrong.
+    max_eft_problems: int = 0
     # Candidates the model proposes per EFT (M0) or held-out (M1) step, and their sampling temperature (high:
     # a model sure of a step proposes it 8 times, and only a step with a right and a wrong candidate gives a pair).
     num_candidates: int = 8

@@ -52,8 +52,9 @@ def load_worked_problems(
     return worked
 
 
-def split_problems(problems: list[Problem], *, num_heldout: int, num_ift: int) -> InitSplit:
-    """Held-out problems first, then `num_ift` IFT problems, then the rest for EFT (all with worked steps)."""
+def split_problems(problems: list[Problem], *, num_heldout: int, num_ift: int, max_eft: int = 0) -> InitSplit:
+    """Held-out problems first, then `num_ift` IFT problems, then the rest for EFT (all with worked steps; the
+    first `max_eft` of them when it is not 0)."""
     if num_ift < 1:
         raise UserError(f"init.num_ift_examples must be >= 1, got {num_ift}")
     if len(problems) < num_heldout + num_ift + 1:
@@ -61,8 +62,9 @@ def split_problems(problems: list[Problem], *, num_heldout: int, num_ift: int) -
             f"the source has {len(problems)} problems with worked solutions, fewer than {num_heldout + num_ift + 1} "
             f"(held out + IFT + at least one for EFT); lower init.num_ift_examples or init.num_heldout_problems"
         )
+    eft = problems[num_heldout + num_ift :]
     return InitSplit(problems[:num_heldout], problems[num_heldout : num_heldout + num_ift],
-                     problems[num_heldout + num_ift :])  # fmt: skip
+                     eft[:max_eft] if max_eft else eft)  # fmt: skip
 
 
 def ift_rows(tokenizer: Any, problems: list[Problem]) -> list[dict[str, Any]]:

@@ -39,6 +39,12 @@ def format_digest() -> str:
 # Trainer settings that change only memory, never M1: keyed at their defaults (an added one not at all), so
 # caches built before they existed, or with other values, stay valid.
 MEMORY_ONLY = {"gradient_checkpointing": False}
+# Init settings added since caches were first built, keyed only away from these defaults (the M1 they built).
+ADDED_INIT = {"max_eft_problems": 0}
+
+
+def _init_settings(init: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in init.items() if k != "run_first" and not (k in ADDED_INIT and v == ADDED_INIT[k])}
 
 
 def init_key(cfg: PSRConfig) -> str:
@@ -48,7 +54,7 @@ def init_key(cfg: PSRConfig) -> str:
                if k not in ("learning_rate", "beta", "num_epochs", "zero3_buffer_numel", "share_prompt",
                              "heldout_accuracy_ci")}  # fmt: skip
     return _digest({
-        "model": plain["model"], "data": plain["data"], "init": {k: v for k, v in plain["init"].items() if k != "run_first"},
+        "model": plain["model"], "data": plain["data"], "init": _init_settings(plain["init"]),
         "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,
         "rollout": {k: plain["rollout"][k] for k in ("top_p", "max_step_tokens")}, "format": format_digest(),
         "recipe": RECIPE,

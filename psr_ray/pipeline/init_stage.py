@@ -98,7 +98,8 @@ def initialize(session: RunSession, *, output_dir: str, evaluate: tuple[str, ...
     problems = load_worked_problems(
         cfg.data.source, split=cfg.data.split, seed=cfg.data.shuffle_seed, max_chars=cfg.data.max_problem_chars
     )
-    split = split_problems(problems, num_heldout=icfg.num_heldout_problems, num_ift=icfg.num_ift_examples)
+    split = split_problems(problems, num_heldout=icfg.num_heldout_problems, num_ift=icfg.num_ift_examples,
+                           max_eft=icfg.max_eft_problems)  # fmt: skip
     mode = eft_mode(cfg)
     sampling = Sampling(num_candidates=icfg.num_candidates, temperature=icfg.temperature, top_p=cfg.rollout.top_p,
                         max_tokens=cfg.rollout.max_step_tokens, num_rollouts=icfg.num_rollouts, seed=cfg.run.seed)  # fmt: skip

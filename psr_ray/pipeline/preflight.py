@@ -155,6 +155,7 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
     i = cfg.init
     need(i.num_ift_examples >= 1, f"init.num_ift_examples must be >= 1, got {i.num_ift_examples}")
     need(i.num_eft_pairs >= 0, f"init.num_eft_pairs must be >= 0 (0: no EFT), got {i.num_eft_pairs}")
+    need(i.max_eft_problems >= 0, f"init.max_eft_problems must be >= 0 (0: all), got {i.max_eft_problems}")
     need(i.num_candidates >= 2, f"init.num_candidates must be >= 2 to form a pair, got {i.num_candidates}")
     need(i.temperature > 0, f"init.temperature must be > 0 (candidates must differ), got {i.temperature}")
     need(i.num_rollouts >= 1, f"init.num_rollouts must be >= 1, got {i.num_rollouts}")

@@ -172,6 +172,28 @@ def test_held_out_split_shares_no_problem_and_ift_targets_are_the_solutions():
         split_problems(problems[:20], num_heldout=10, num_ift=50)
 
 
+def test_max_eft_keeps_the_first_eft_problems_and_the_rest_of_the_split():
+    problems = load_worked_problems("embedded:arith", seed=1)[:200]
+    full = split_problems(problems, num_heldout=40, num_ift=50)
+    capped = split_problems(problems, num_heldout=40, num_ift=50, max_eft=7)
+    assert (capped.heldout, capped.ift, capped.eft) == (full.heldout, full.ift, full.eft[:7])
+    assert split_problems(problems, num_heldout=40, num_ift=50, max_eft=1000).eft == full.eft  # fewer there: all
+
+
+def test_max_eft_problems_keys_the_init_cache_only_when_set(monkeypatch):
+    from psr_ray import config as C
+    from psr_ray.pipeline.init_cache import init_key
+
+    default, capped = C.load([], []), C.load([], ["init.max_eft_problems=8"])
+    assert init_key(default) != init_key(capped)
+    # At its default the key is the one computed before the setting existed: caches built then stay valid.
+    plain = default.to_dict()
+    del plain["init"]["max_eft_problems"]
+    before = init_key(default)
+    monkeypatch.setattr(type(default), "to_dict", lambda self: plain)
+    assert init_key(default) == before
+
+
 def one_right_of_three(request, right: str) -> tuple[str, ...]:
     """The reference step's result off by one, a step with no equation, the reference step."""
     return (off_by_one(right), "We need to think.", right)
@@ -259,8 +281,8 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
         "trainer.num_workers=2", "trainer.global_batch_size=2", "trainer.micro_batch_size=1",
         "trainer.max_seq_len=512", "trainer.sft_learning_rate=1e-3", "trainer.sft_num_epochs=1",
         "init.num_ift_examples=4", "init.num_candidates=2", "init.num_heldout_problems=3", "init.num_heldout_pairs=2",
-        "init.num_eft_pairs=3", "run.wandb_mode=disabled",
-    ]), gpu_available=False)  # fmt: skip
+        "init.num_eft_pairs=3", "init.max_eft_problems=8", "run.wandb_mode=disabled",
+    ]), gpu_available=False)  # fmt: skip  # 8 EFT problems: the tiny model gives no pair, the scan would walk all
     try:
         result = initialize(RunSession(cfg), output_dir=str(tmp_path / "init"))
     finally:
@@ -275,6 +297,7 @@ def test_run_init_end_to_end_on_the_tiny_model(ray_cluster, tiny_model_dir, tmp_
     # end at once here: no right step); M1 is trained from M0, not from M_ift.
     assert len(result.ift_train_metrics) == 2 and "/init/ift_sft/" in result.ift_hf_dir
     assert result.eft_counts["own_sites"] > 0 and result.eft_counts["own_mixed_sites"] == 0
+    assert result.eft_counts["sites"] == 2 * 8  # init.max_eft_problems bounds the scan: a site and a walk each
     assert list(result.seconds)[:3] == ["ift_sft", "eft_candidates", "sft"]
     assert (result.configured_eft_pairs, result.eft_ift_ratio) == (3, 0.0)
     assert result.paper_eft_ift_ratio == pytest.approx(4200 / 28900)

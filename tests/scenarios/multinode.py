@@ -288,7 +288,8 @@ def trainer_lost(sim: SimCluster, work: Path) -> dict[str, Any]:
     return result
 
 
-# engines_added: a search long enough that two new engines load (with a node joining) and serve within it.
+# engines_added: a search long enough that two new engines load (with a node joining) and serve within it (at
+# load 12 the search ended 17 s after the scale-down: fewer problems would end it before the engines serve).
 ADDED_PROBLEMS = 96
 
 
@@ -313,8 +314,8 @@ def engines_added(sim: SimCluster, work: Path) -> dict[str, Any]:
     (they wait, pending), and a second engine node joins: they start there, load the searched policy and take
     requests; once both serve, `psr-ray scale --rollout 2` removes one, which drains its calls first."""
     tiny = write_config(work, sim.address, "data.source=embedded:gsm8k", "search.max_problems_in_flight=2",
-                        f"run.prompts_per_iteration=[{ADDED_PROBLEMS}]", "trainer.global_batch_size=8",
-                        "trainer.micro_batch_size=4")  # fmt: skip  # fewer optimizer steps: the fit keeps pace
+                        f"run.prompts_per_iteration=[{ADDED_PROBLEMS}]", "trainer.global_batch_size=32",
+                        "trainer.micro_batch_size=16")  # fmt: skip  # 9 optimizer steps: the fit ends soon after the search
     out = work / "engines_added"
     said: dict[str, str] = {}
     added: list[Any] = []
