@@ -86,7 +86,9 @@ def test_a_command_asks_only_for_what_it_starts():
 
 
 def test_engine_counts_set_by_scale_replace_the_configured_ones():
-    cfg = load([str(RECIPE)], ["run.autoscaling=false"])  # 4 rollout + 2 judge engines on 8 psr_engine GPUs
+    # The recipe with separate pools, 4 rollout + 2 judge engines on 8 psr_engine GPUs (its default is one pool).
+    cfg = load([str(RECIPE)], ["run.autoscaling=false", "rollout.num_engines=4", "judge.num_engines=2",
+                               "judge.num_gpus_per_engine=1", "judge.node_resource=psr_engine"])  # fmt: skip
     nodes = [HEAD, gpu_node("psr_engine"), gpu_node("psr_trainer")]
     scaled = run_demands(cfg, counts={"rollout": 7})
     assert sum("rollout engine" in d.what for d in scaled) == 7 and sum("judge" in d.what for d in scaled) == 2

@@ -115,10 +115,10 @@ def test_node_groups_declare_what_the_recipe_asks_for():
 
     cfg = recipe()
     engine_units = sum(section.num_engines * node_group_request(section)[section.node_resource]
-                       for section in (cfg.rollout, cfg.judge))  # fmt: skip
+                       for section in (cfg.rollout, cfg.judge) if section.num_engines)  # fmt: skip
     trainer = scaling_kwargs(cfg.trainer)
     trainer_units = trainer["num_workers"] * trainer["resources_per_worker"][cfg.trainer.node_resource]
-    assert cfg.rollout.node_resource == cfg.judge.node_resource == "psr_engine"
+    assert cfg.rollout.node_resource == "psr_engine" and cfg.judge.num_engines == 0  # one pool serves both roles
     assert cfg.trainer.node_resource == "psr_trainer"
     aws = load("cluster/aws.yaml")["available_node_types"]
     groups = {"engines": (aws["engine_gpu"]["resources"], aws["engine_gpu"]["max_workers"]),

@@ -98,12 +98,23 @@ class FakeLLM:
         self.calls.append(("reset_prefix_cache",))
 
 
+class FakeBatcher:
+    """engines/batching.py's drain, recorded in the engine's call log."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def drain(self):
+        self.llm.calls.append(("drain",))
+
+
 def receiver(tiny_model_dir):
     from psr_ray.engines.actor import EngineSettings
     from psr_ray.weight_sync.receivers import WeightReceiver
 
     engine = WeightReceiver()
     engine.llm, engine.name, engine._in_process = FakeLLM(), "psr-rollout-0", True
+    engine._batcher = FakeBatcher(engine.llm)
     engine.settings = EngineSettings(model_path=tiny_model_dir, role="rollout")
     engine._init_receiver(1)
     return engine
@@ -117,8 +128,9 @@ def test_a_colocated_engine_wakes_its_weights_for_the_sync_and_its_kv_cache_once
     assert engine.update_state() == "asleep"
     engine.update_weights(load_safetensors_dir(tiny_model_dir), policy_version=2)
     calls = [c for c in engine.llm.calls if c[0] != "rpc" or c[1] != "load_bucket"]
-    assert calls == [("sleep", 1), ("wake_up", ("weights",)), ("rpc", "begin_update"), ("rpc", "end_update"),
-                     ("wake_up", ("kv_cache",)), ("reset_prefix_cache",)]  # fmt: skip
+    # The requests in the engine finish (drain) before it sleeps and before its weights change.
+    assert calls == [("drain",), ("sleep", 1), ("drain",), ("wake_up", ("weights",)), ("rpc", "begin_update"),
+                     ("rpc", "end_update"), ("wake_up", ("kv_cache",)), ("reset_prefix_cache",)]  # fmt: skip
     assert engine.update_state() == "serving" and engine.policy_version() == 2
 
 
@@ -126,7 +138,7 @@ def test_an_engine_whose_sync_never_came_wakes_whole_weights_first(tiny_model_di
     engine = receiver(tiny_model_dir)
     engine.sleep()
     engine.wake_up()
-    assert engine.llm.calls[1:] == [("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
+    assert engine.llm.calls[2:] == [("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
     assert engine.update_state() == "serving"
 
 
@@ -135,7 +147,7 @@ def test_a_refused_plan_leaves_a_sleeping_engine_asleep(tiny_model_dir):
     engine.sleep()
     with pytest.raises(ValueError, match="refused"):
         engine.begin_update([("nope", (1,), "float32")], policy_version=2)
-    assert engine.update_state() == "asleep" and engine.llm.calls == [("sleep", 1)]
+    assert engine.update_state() == "asleep" and engine.llm.calls == [("drain",), ("sleep", 1)]
 
 
 # ---- every topology, placed by the real pools and Ray Train on logical GPUs ------------------------------

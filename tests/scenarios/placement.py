@@ -30,6 +30,8 @@ from typing import Any
 from psr_ray.engines.actor import EngineActor, engine_env
 
 RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "qwen2.5-math-7b.yaml"
+# The recipe's judge runs on its rollout engines (one pool); these give it a pool of its own GPU engines.
+_JUDGE_POOL = ("judge.num_gpus_per_engine=1", "judge.node_resource=psr_engine")
 _SMALL = ("rollout.num_cpus_per_engine=1", "judge.num_cpus_per_engine=1", "trainer.num_cpus_per_worker=1")
 _GPU_TRAINER = ("trainer.use_gpu=true",)
 
@@ -46,13 +48,13 @@ class Topology:
 TOPOLOGIES = (
     Topology(
         "recipe",
-        "the 7B recipe's node groups (4 rollout + 2 judge engines, 8 trainer GPUs), scaled to 2 + 1 "
-        "engines and 2 trainer workers",
+        "the 7B recipe's node groups (6 engines, 8 trainer GPUs) with separate pools, scaled to 2 rollout + "
+        "1 judge engines and 2 trainer workers",
         (
             ("engine node", {"num_cpus": 4, "num_gpus": 3, "resources": {"psr_engine": 3}}),
             ("trainer node", {"num_cpus": 4, "num_gpus": 2, "resources": {"psr_trainer": 2}}),
         ),
-        ("rollout.num_engines=2", "judge.num_engines=1", "trainer.num_workers=2", *_SMALL),
+        ("rollout.num_engines=2", "judge.num_engines=1", *_JUDGE_POOL, "trainer.num_workers=2", *_SMALL),
         recipe=True,
     ),
     Topology(
@@ -101,6 +103,7 @@ TOPOLOGIES = (
             "judge.tensor_parallel_size=2",
             "rollout.num_gpus_per_engine=2",
             "judge.num_gpus_per_engine=2",
+            "judge.node_resource=psr_engine",
             "trainer.num_workers=2",
             *_SMALL,
         ),
