@@ -22,6 +22,7 @@ from typing import Any
 from psr_ray.config import PSRConfig, UserError
 from psr_ray.engines.pool import EnginePool, engine_name, start_engine_pool
 from psr_ray.pipeline.run_dir import RunDirLock, check_writable
+from psr_ray.runtime.cluster import cluster_address
 
 
 @dataclasses.dataclass
@@ -145,7 +146,6 @@ def phase_engine_count(cfg: Any, cores: int) -> int:
     `cores` if that is more, so no core idles (engines run one thread each: vLLM's CPU serving is fastest at one
     thread a process, and two threads measured slower than one on a loaded 2-core machine)."""
     count = cfg.rollout.num_engines + cfg.judge.num_engines
-    local = (cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local"
-    if not local or cfg.rollout.num_gpus_per_engine > 0:
+    if cluster_address(cfg) is not None or cfg.rollout.num_gpus_per_engine > 0:
         return count
     return max(count, int(cores // max(1.0, cfg.rollout.num_cpus_per_engine)))

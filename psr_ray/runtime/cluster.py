@@ -29,6 +29,13 @@ def required_cpus(cfg: PSRConfig) -> int:
     return math.ceil(engines + trainer) + 2
 
 
+def cluster_address(cfg: PSRConfig) -> str | None:
+    """The Ray cluster the run joins: `run.ray_address`, else $RAY_ADDRESS (set inside a submitted job); None
+    (or "local") for a local Ray started on this machine."""
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address
+
+
 def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
     """Joins `run.ray_address` (or the cluster of a submitted job), or starts a local Ray sized for the run
     (see the module doc). Inside a submitted job Ray is already reachable and its runtime_env is left alone."""
@@ -38,9 +45,9 @@ def init_ray(cfg: PSRConfig, **kwargs: Any) -> Any:
 
     if ray.is_initialized():
         return ray
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = console.ray_init_kwargs(local=address in (None, "local")) | kwargs  # quiet console unless --verbose
-    if address is not None and address != "local":
+    address = cluster_address(cfg)
+    kwargs = console.ray_init_kwargs(local=address is None) | kwargs  # quiet console unless --verbose
+    if address is not None:
         _join(ray, address, "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS", **kwargs)
         console.after_ray_init()
         return ray
