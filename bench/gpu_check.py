@@ -625,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown phases {unknown}; phases are {', '.join(PHASES)}")
     budgets = parse_budgets(args.budgets, DRY_BUDGETS_S if args.dry_run else BUDGETS_S)
+    # The phases' heavy imports before any phase clock starts: a budget's alarm raised inside a C extension's
+    # import leaves it half-initialised, and the interpreter then crashed at exit (SIGSEGV, seen in CI).
+    import torch  # noqa: F401
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: F401
+
     total_s = args.total_s if args.total_s is not None else sum(budgets[p] for p in selected)
     deadline = time.monotonic() + total_s
     work = Path(args.work or (Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_{os.getpid()}")).resolve()
