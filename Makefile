@@ -17,7 +17,7 @@ run: $(STAMP)
 	$(VENV)/bin/psr-ray run $(ARGS)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

@@ -97,6 +97,8 @@ def test_load_rejects_missing_file_and_bad_override():
         ("judge.num_engines=-1", "judge.num_engines"),
         ("rollout.num_engines=0", "rollout.num_engines"),
         ("judge.cpu_kv_cache_gib=0", "judge.cpu_kv_cache_gib"),
+        ("rollout.cpu_kv_block_size=48", "rollout.cpu_kv_block_size"),
+        ("judge.cpu_kv_block_size=0", "judge.cpu_kv_block_size"),
         ("trainer.zero3_buffer_numel=-1", "trainer.zero3_buffer_numel"),
         ("trainer.heldout_accuracy_ci=0.5", "trainer.heldout_accuracy_ci"),
         ("run.malloc_mmap_threshold_mib=64", "run.malloc_mmap_threshold_mib"),

@@ -57,6 +57,7 @@ class EngineSettings:
     use_gpu: bool = False
     gpu_memory_utilization: float = 0.45
     cpu_kv_cache_gib: float = 1.0
+    cpu_kv_block_size: int = 128
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     seed: int = 0
@@ -87,6 +88,7 @@ def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
         use_gpu=use_gpu,
         gpu_memory_utilization=section.gpu_memory_utilization,
         cpu_kv_cache_gib=section.cpu_kv_cache_gib,
+        cpu_kv_block_size=section.cpu_kv_block_size,
         enable_prefix_caching=section.enable_prefix_caching,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
@@ -129,6 +131,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             # Not VLLM_CPU_KVCACHE_SPACE: it takes whole GiB only, and overrides this when set.
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             kwargs["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gib * 2**30)
+            kwargs["block_size"] = settings.cpu_kv_block_size
         if settings.sleep_mode:
             kwargs["enable_sleep_mode"] = True
         if settings.weight_transfer_backend is not None:

@@ -45,6 +45,11 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
         )
         need(0 < sub.gpu_memory_utilization <= 1, f"{section}.gpu_memory_utilization must be in (0, 1]")
         need(sub.cpu_kv_cache_gib > 0, f"{section}.cpu_kv_cache_gib must be > 0")
+        need(
+            sub.cpu_kv_block_size > 0 and sub.cpu_kv_block_size % 32 == 0,
+            f"{section}.cpu_kv_block_size must be a positive multiple of 32 (vLLM's CPU kernels), "
+            f"got {sub.cpu_kv_block_size}",
+        )
         need(sub.max_restarts >= 0, f"{section}.max_restarts must be >= 0")
 
     context = cfg.model.max_model_len

@@ -34,6 +34,7 @@ RESUMABLE = frozenset({
     "run.cache_dir", "run.engine_start_timeout_s", "run.engine_call_timeout_s", "run.engine_unavailable_timeout_s",
     "run.autoscaling", "run.malloc_mmap_threshold_mib",
     "rollout.num_engines", "rollout.num_cpus_per_engine", "rollout.cpu_kv_cache_gib", "rollout.max_restarts",
+    "rollout.cpu_kv_block_size", "judge.cpu_kv_block_size",
     "rollout.gpu_memory_utilization", "judge.num_engines", "judge.num_cpus_per_engine", "judge.cpu_kv_cache_gib",
     "judge.max_restarts", "judge.gpu_memory_utilization", "search.max_problems_in_flight", "search.flush_pairs",
     "trainer.max_failures", "trainer.num_cpus_per_worker", "trainer.gradient_checkpointing", "trainer.zero3_buffer_numel",

@@ -23,7 +23,10 @@ GREEDY_PROMPTS = ["Step 1: Tom has", "The answer is"]
 
 @pytest.fixture(scope="module")
 def cfg() -> PSRConfig:
-    return dataclasses.replace(PSRConfig(), model=ModelConfig(max_model_len=512))
+    # The judge engine with 32-token KV blocks, the rollout engine at vLLM's CPU default of 128.
+    base = PSRConfig()
+    return dataclasses.replace(base, model=ModelConfig(max_model_len=512),
+                               judge=dataclasses.replace(base.judge, cpu_kv_block_size=32))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +152,27 @@ def test_generate_is_greedy_and_deterministic(ray_cluster, workers):
     again = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=12))
     assert first == again
     assert all(1 <= g.num_tokens <= 12 and g.policy_version == 0 for g in first)
+
+
+def test_the_prefix_cache_reuses_whole_blocks_so_smaller_blocks_reuse_a_shorter_shared_prefix(
+    ray_cluster, workers, tiny_model_dir
+):
+    """Two prompts sharing 80-110 tokens, as two judge prompts of one step share the question and the prefix:
+    the engine with 32-token blocks (`cpu_kv_block_size`) reuses the shared whole blocks, the one at 128 none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shared = "Tom counts his apples:"
+    while len(tokenizer.encode(shared, add_special_tokens=False)) < 80:
+        shared += f" {len(shared)} apples,"
+    assert len(tokenizer.encode(shared, add_special_tokens=False)) <= 110
+    hits = {}
+    for name, engine in zip(("rollout", "judge"), workers, strict=True):
+        before = ray_cluster.get(engine.engine_stats.remote())["prefix_cache_hits"]
+        for ending in (" Which is first?", " Which is second?"):
+            ray_cluster.get(engine.generate.remote([f"{name}: {shared}{ending}"], max_tokens=1))
+        hits[name] = ray_cluster.get(engine.engine_stats.remote())["prefix_cache_hits"] - before
+    assert hits == {"rollout": 0, "judge": 64}, hits
 
 
 def test_calls_in_flight_share_the_running_batch_and_an_update_finishes_them_first(ray_cluster, workers):

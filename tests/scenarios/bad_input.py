@@ -180,8 +180,9 @@ def cases(work: Path, model_dir: str) -> list[BadInput]:
         BadInput("--resume with an override that changes results", ("run", "--resume", str(stored), "trainer.beta=0.1"),
                  f"psr-ray run: --resume {stored}: trainer.beta cannot change in a resumed run (it would change "
                  "what the run's finished stages computed); start a new run, or change only: "
-                 "judge.cpu_kv_cache_gib, judge.gpu_memory_utilization, judge.max_restarts, judge.num_cpus_per_engine, "
-                 "judge.num_engines, rollout.cpu_kv_cache_gib, rollout.gpu_memory_utilization, rollout.max_restarts, "
+                 "judge.cpu_kv_block_size, judge.cpu_kv_cache_gib, judge.gpu_memory_utilization, judge.max_restarts, "
+                 "judge.num_cpus_per_engine, judge.num_engines, rollout.cpu_kv_block_size, rollout.cpu_kv_cache_gib, "
+                 "rollout.gpu_memory_utilization, rollout.max_restarts, "
                  "rollout.num_cpus_per_engine, rollout.num_engines, run.autoscaling, run.cache_dir, "
                  "run.engine_call_timeout_s, run.engine_start_timeout_s, run.engine_unavailable_timeout_s, "
                  "run.malloc_mmap_threshold_mib, run.name, run.num_iterations, "
