@@ -542,20 +542,26 @@ def _copy_gbps(num_bytes: int, device: Any) -> float:
     return size / best / 1e9
 
 
-def _alarm(signum: int, frame: Any) -> None:
-    raise PhaseTimeout()
-
-
 def run_phase(name: str, budget_s: float, body: Any, recorder: Recorder) -> dict[str, Any]:
-    """Runs `body()` under `budget_s`: a stack dump of every thread shortly before the budget ends, then
-    PhaseTimeout raised in the main thread (Ray's waits check for signals). Records and returns the line."""
+    """Runs `body()` under `budget_s`: at the budget a stack dump of every thread, then PhaseTimeout raised in
+    the main thread (Ray's waits check for signals). Records and returns the line. The dumps are taken by
+    threads holding the GIL (the alarm's handler, the hang timer): faulthandler's own watchdog thread reads
+    running threads' frames without it, and crashed the interpreter doing so (SIGSEGV, seen in CI); it is only
+    the last resort, after the hang timer, for a C call that never releases the GIL."""
     stacks = recorder.out / "stacks"
     stacks.mkdir(exist_ok=True)
     dump_path = stacks / f"{name}.txt"
     started = time.perf_counter()
     print(f"[gpu_check] {name}: starting (budget {budget_s:g} s)", flush=True)
 
+    def alarm(signum: int, frame: Any) -> None:
+        faulthandler.dump_traceback(file=dump, all_threads=True)
+        dump.flush()
+        raise PhaseTimeout()
+
     def hung() -> None:  # the alarm could not stop it (a C call that never returns to Python): give up
+        faulthandler.dump_traceback(file=dump, all_threads=True)
+        dump.flush()
         recorder.record({"phase": name, "status": "hung", "budget_s": round(budget_s, 2),
                          "seconds": round(time.perf_counter() - started, 2),
                          "error": f"{name} did not stop within {HUNG_S:g} s after its budget (stacks/{name}.txt)"})  # fmt: skip
@@ -564,8 +570,8 @@ def run_phase(name: str, budget_s: float, body: Any, recorder: Recorder) -> dict
     watchdog = threading.Timer(budget_s + HUNG_S, hung)
     watchdog.daemon = True
     with open(dump_path, "w") as dump:
-        faulthandler.dump_traceback_later(max(budget_s - min(5.0, budget_s / 4), 0.001), file=dump)
-        signal.signal(signal.SIGALRM, _alarm)
+        faulthandler.dump_traceback_later(budget_s + 2 * HUNG_S, file=dump, exit=True)
+        signal.signal(signal.SIGALRM, alarm)
         signal.setitimer(signal.ITIMER_REAL, budget_s)
         watchdog.start()
         line: dict[str, Any] = {"phase": name, "budget_s": round(budget_s, 2)}
@@ -625,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown phases {unknown}; phases are {', '.join(PHASES)}")
     budgets = parse_budgets(args.budgets, DRY_BUDGETS_S if args.dry_run else BUDGETS_S)
-    # The phases' heavy imports before any phase clock starts: a budget's alarm raised inside a C extension's
-    # import leaves it half-initialised, and the interpreter then crashed at exit (SIGSEGV, seen in CI).
+    # The phases' heavy imports before any phase clock starts: a budget's alarm raised inside an import would
+    # leave that module half-imported for every later phase.
     import torch  # noqa: F401
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM  # noqa: F401
 

@@ -148,7 +148,7 @@ def test_a_phase_over_budget_dumps_its_stacks_and_what_needs_it_is_skipped(tmp_p
     assert done.returncode == 1, done.stdout + done.stderr
     lines = lines_of(out)
     assert lines["model"]["status"] == "timeout" and "past its budget of 0.05 s" in lines["model"]["error"]
-    assert "File " in (out / "stacks" / "model.txt").read_text()  # faulthandler's dump, before the timeout
+    assert "File " in (out / "stacks" / "model.txt").read_text()  # every thread's stack, dumped at the budget
     for name in ("engines", "sync"):
         assert lines[name]["status"] == "skipped" and "needs phase model" in lines[name]["error"]
     assert "| engines | skipped |" in (out / "gpu.md").read_text()
