@@ -149,7 +149,8 @@ def main() -> int:
         "## Engines per core: the init's greedy evaluation",
         "",
         f"`evaluate` on the first {args.eval_limit} problems of {', '.join(cfg.eval.benchmarks)}, "
-        f"max_tokens {cfg.eval.max_tokens}, arms in the order run.",
+        f"max_tokens {cfg.eval.max_tokens}, KV blocks of {cfg.rollout.cpu_kv_block_size} tokens, arms in the order "
+        "run.",
         "",
         "| run | engines | problems | generated tokens | seconds | tokens / s |",
         "|---|---|---|---|---|---|",

@@ -52,10 +52,11 @@ class EnginePoolConfig:
     # fraction is fine: SmolLM2-135M's KV is 45 KiB a token, so 0.5 GiB holds about 11,600 tokens).
     gpu_memory_utilization: float = 0.45
     cpu_kv_cache_gib: float = 1.0
-    # CPU: tokens per KV-cache block (vLLM's CPU default is 128; its kernels take multiples of 32). The prefix
-    # cache reuses whole blocks only, so a judge prompt that shares 120 tokens with an earlier one reuses none
-    # of them at 128 and 96 at 32 (bench/results/cpu_engines.md measures the search at both).
-    cpu_kv_block_size: int = 128
+    # CPU: tokens per KV-cache block (vLLM's CPU kernels take multiples of 32; its own default is 128). The
+    # prefix cache reuses whole blocks only, so a judge prompt that shares 120 tokens with an earlier one reuses
+    # none of them at 128 and 96 at 32: the search computed 0.54x the prompt tokens in 0.64x the time at 32
+    # (bench/results/cpu_engines.md).
+    cpu_kv_block_size: int = 32
     # Every candidate and judge prompt repeats the question and the previous steps.
     enable_prefix_caching: bool = True
     # Ray restarts a dead engine this often; its in-flight requests are re-queued on a live one.

@@ -57,7 +57,7 @@ class EngineSettings:
     use_gpu: bool = False
     gpu_memory_utilization: float = 0.45
     cpu_kv_cache_gib: float = 1.0
-    cpu_kv_block_size: int = 128
+    cpu_kv_block_size: int = 32
     enable_prefix_caching: bool = True
     trust_remote_code: bool = False
     seed: int = 0
@@ -174,8 +174,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         }
 
     def engine_stats(self) -> dict[str, float]:
-        """vLLM's counters so far (needs `log_stats`, the default): prefix-cache queries and hits, prompt and
-        generation tokens; and the seconds spent in engine steps. Used by bench/search_throughput.py."""
+        """vLLM's counters so far (needs `log_stats`): prefix-cache queries and hits, prompt and generated tokens."""
         wanted = {
             "vllm:prefix_cache_queries": "prefix_cache_queries",
             "vllm:prefix_cache_hits": "prefix_cache_hits",

@@ -23,10 +23,10 @@ GREEDY_PROMPTS = ["Step 1: Tom has", "The answer is"]
 
 @pytest.fixture(scope="module")
 def cfg() -> PSRConfig:
-    # The judge engine with 32-token KV blocks, the rollout engine at vLLM's CPU default of 128.
+    # The judge engine with 32-token KV blocks (the default), the rollout engine at vLLM's CPU default of 128.
     base = PSRConfig()
     return dataclasses.replace(base, model=ModelConfig(max_model_len=512),
-                               judge=dataclasses.replace(base.judge, cpu_kv_block_size=32))  # fmt: skip
+                               rollout=dataclasses.replace(base.rollout, cpu_kv_block_size=128))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
