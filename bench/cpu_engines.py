@@ -33,9 +33,8 @@ ONE_THREAD = ("rollout.num_cpus_per_engine=1", "judge.num_engines=0", "rollout.m
 
 def eval_arm(session, num_engines: int, limit: int) -> dict:
     """Greedy evaluation of `limit` problems per benchmark on `num_engines` fresh engines (start excluded)."""
-    import ray
-
     from psr_ray.evaluation.benchmarks import evaluate
+    from psr_ray.pipeline.session import stop_engines
 
     cfg = session.cfg
     pool = session.start_pool("rollout", num_engines=num_engines)
@@ -43,20 +42,10 @@ def eval_arm(session, num_engines: int, limit: int) -> dict:
         result = evaluate(pool.actors, session.tokenizer, list(cfg.eval.benchmarks), limit=limit,
                           max_tokens=cfg.eval.max_tokens)  # fmt: skip
     finally:
-        for actor in pool.actors:
-            ray.kill(actor)
-        wait_names_free(pool.names)
+        stop_engines(pool.actors, pool.names)
     answers = [s.predicted for b in result.benchmarks for s in b.scores]
     return {"engines": num_engines, "seconds": result.elapsed_s, "tokens": result.num_tokens,
             "problems": result.num_problems, "answers": answers}  # fmt: skip
-
-
-def wait_names_free(names: list[str]) -> None:
-    import ray
-
-    deadline = time.monotonic() + 60
-    while set(names) & set(ray.util.list_named_actors()) and time.monotonic() < deadline:
-        time.sleep(0.2)
 
 
 def search_arm(session, block: int, problems: list, work: Path) -> dict:
@@ -67,7 +56,7 @@ def search_arm(session, block: int, problems: list, work: Path) -> dict:
     from search_throughput import engine_counts, one_pool, phase
 
     import psr_ray.pipeline.search_stage as search_stage
-    from psr_ray.pipeline.session import RunSession
+    from psr_ray.pipeline.session import RunSession, stop_engines
 
     cfg = session.cfg
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, cpu_kv_block_size=block, num_engines=1),
@@ -83,9 +72,7 @@ def search_arm(session, block: int, problems: list, work: Path) -> dict:
                                               judge=pool_judge, output_dir=str(out_dir))  # fmt: skip
         tokens = phase(before, engine_counts(ray, actors), summary.seconds)
     finally:
-        for actor in actors:
-            ray.kill(actor)
-        wait_names_free(rollout.names + judge.names)
+        stop_engines(actors, rollout.names + judge.names)
     return {"block": block, "summary": summary, "tokens": tokens, "out_dir": out_dir}
 
 

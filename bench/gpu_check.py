@@ -554,14 +554,16 @@ def run_phase(name: str, budget_s: float, body: Any, recorder: Recorder) -> dict
     started = time.perf_counter()
     print(f"[gpu_check] {name}: starting (budget {budget_s:g} s)", flush=True)
 
-    def alarm(signum: int, frame: Any) -> None:
+    def dump_stacks() -> None:  # from a thread holding the GIL
         faulthandler.dump_traceback(file=dump, all_threads=True)
         dump.flush()
+
+    def alarm(signum: int, frame: Any) -> None:
+        dump_stacks()
         raise PhaseTimeout()
 
     def hung() -> None:  # the alarm could not stop it (a C call that never returns to Python): give up
-        faulthandler.dump_traceback(file=dump, all_threads=True)
-        dump.flush()
+        dump_stacks()
         recorder.record({"phase": name, "status": "hung", "budget_s": round(budget_s, 2),
                          "seconds": round(time.perf_counter() - started, 2),
                          "error": f"{name} did not stop within {HUNG_S:g} s after its budget (stacks/{name}.txt)"})  # fmt: skip

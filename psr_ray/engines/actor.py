@@ -174,7 +174,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         }
 
     def engine_stats(self) -> dict[str, float]:
-        """vLLM's counters so far (needs `log_stats`): prefix-cache queries and hits, prompt and generated tokens."""
+        """vLLM's counters (needs `log_stats`): prefix-cache queries, hits, prompt, generated tokens; step seconds."""
         wanted = {
             "vllm:prefix_cache_queries": "prefix_cache_queries",
             "vllm:prefix_cache_hits": "prefix_cache_hits",

@@ -125,11 +125,7 @@ class RunSession:
         try:
             yield engines
         finally:
-            for engine in engines:
-                ray.kill(engine)
-            deadline = time.monotonic() + 60
-            while set(names) & set(ray.util.list_named_actors()) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            stop_engines(engines, names)
 
     @staticmethod
     def commit(path: str | os.PathLike, text: str) -> None:
@@ -138,6 +134,17 @@ class RunSession:
         from psr_ray.runtime.durable import write_atomic
 
         write_atomic(path, text)
+
+
+def stop_engines(engines: list[Any], names: list[str]) -> None:
+    """Kills `engines` and waits (up to 60 s) until their `names` are free for new engines."""
+    import ray
+
+    for engine in engines:
+        ray.kill(engine)
+    deadline = time.monotonic() + 60
+    while set(names) & set(ray.util.list_named_actors()) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def phase_engine_count(cfg: Any, cores: int) -> int:
