@@ -180,9 +180,15 @@ def test_calls_in_flight_share_the_running_batch_and_an_update_finishes_them_fir
     returns while the long one still runs (it joined its batch instead of queueing behind it); a weight update
     sent meanwhile finishes the long call at the old weights and version first, then serves the new version."""
     rollout, _ = workers
-    long_prompts = [f"Step {i}: Tom has" for i in range(8)]
-    long_call = rollout.sample.remote(long_prompts, num_samples=4, temperature=1.0, max_tokens=256, seed=7)
-    time.sleep(1.0)  # the long call is running
+    # 128 sequences of up to 448 tokens: on a quiet machine the tiny model finished 32 x 256 within the
+    # second the test used to wait, before the short call was sent.
+    long_prompts = [f"Step {i}: Tom has" for i in range(16)]
+    long_call = rollout.sample.remote(long_prompts, num_samples=8, temperature=1.0, max_tokens=448, seed=7)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ray_cluster.get(
+        rollout.__ray_call__.remote(lambda actor: actor._batcher.num_unfinished)
+    ):
+        time.sleep(0.05)  # until the long call's requests are in the engine
     short = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=1), timeout=120)
     assert len(short) == 2 and ray_cluster.wait([long_call], timeout=0)[1] == [long_call]  # long still running
     version = ray_cluster.get(rollout.policy_version.remote())
@@ -190,8 +196,8 @@ def test_calls_in_flight_share_the_running_batch_and_an_update_finishes_them_fir
     update = rollout.update_weights_from_path.remote(state["model"], policy_version=version + 1)
     samples = ray_cluster.get(long_call, timeout=600)
     ray_cluster.get(update, timeout=600)
-    assert [len(s) for s in samples] == [4] * 8 and all(g.policy_version == version for s in samples for g in s)
-    assert sum(g.num_tokens for s in samples for g in s) > 8 * 4  # it really generated, past the short call
+    assert [len(s) for s in samples] == [8] * 16 and all(g.policy_version == version for s in samples for g in s)
+    assert sum(g.num_tokens for s in samples for g in s) > 16 * 8  # it really generated, past the short call
     after = ray_cluster.get(rollout.generate.remote(GREEDY_PROMPTS, max_tokens=4))
     assert all(g.policy_version == version + 1 for g in after)
 
