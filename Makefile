@@ -16,8 +16,11 @@ TORCH_LOG := $(VENV)/setup-torch.log
 run: $(STAMP)
 	$(VENV)/bin/psr-ray run $(ARGS)
 
+# Two workers (pytest-xdist), a test file on one of them, the longest files first (tests/conftest.py): the
+# suite alone keeps about one core of two busy (engine and trainer start-ups, waits on timeouts). `-n 0` runs it
+# in this one process.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=20 -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

@@ -19,6 +19,39 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# The files that take longest (minutes each, from `make test`'s --durations), longest first. `make test` runs files
+# on two workers in the order collected: these go first, the unit files last, so that no worker ends alone on one.
+LONGEST_FILES = (
+    "tests/test_driver_kills.py",
+    "tests/multinode/test_engine_node.py",
+    "tests/multinode/test_node_loss.py",
+    "tests/init_data/test_init_data.py",
+    "tests/test_gpu_check.py",
+    "tests/test_loop.py",
+    "tests/test_gpu_placement.py",
+    "tests/test_submit.py",
+    "tests/test_faults.py",
+)
+
+
+def _longest_first(items) -> None:
+    """Sorts the items by file: LONGEST_FILES, then files with a ray or slow test, then the rest; a file's tests
+    stay together and in their order."""
+
+    def path(item) -> str:
+        return item.nodeid.partition("::")[0]
+
+    heavy = {path(item) for item in items if {"ray", "slow"} & set(item.keywords)}
+
+    def key(item) -> tuple[int, int]:
+        file = path(item)
+        if file in LONGEST_FILES:
+            return 0, LONGEST_FILES.index(file)
+        return (1, 0) if file in heavy else (2, 0)
+
+    items.sort(key=key)  # stable
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the ray marks added here count
 def pytest_collection_modifyitems(config, items):
     # The tiers: `pytest -m "not ray and not slow"` is the unit tier. A test that uses the local Ray cluster,
@@ -26,6 +59,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+    _longest_first(items)
     if any("gpu" in item.keywords for item in items) and not _cuda_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

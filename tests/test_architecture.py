@@ -153,3 +153,9 @@ def test_tests_never_import_bench_and_bench_only_the_shared_scenarios():
 def test_test_scenarios_are_not_packaged():
     assert not (PACKAGE / "testing" / "faults.py").exists()
     assert (ROOT / "tests" / "scenarios" / "bad_input.py").is_file()
+
+
+def test_the_longest_test_files_named_for_the_suites_order_exist():
+    from tests.conftest import LONGEST_FILES
+
+    assert [f for f in LONGEST_FILES if not (ROOT / f).is_file()] == []

@@ -49,7 +49,10 @@ def ray_init_kwargs(*, local: bool) -> dict[str, Any]:
         return {}
     path = Path(tempfile.gettempdir()) / "psr_ray_ray_data_logging.yaml"
     if not path.is_file() or path.read_text() != RAY_DATA_LOGGING:
-        path.write_text(RAY_DATA_LOGGING)
+        # Written aside, then renamed: another run starting on this machine may be reading it.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(RAY_DATA_LOGGING)
+        os.replace(tmp, path)
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(path))
     if local:
         # Ray 2.60 turns token auth on for a new local cluster and says so in a warning; auth stays on. (Setting

@@ -2,7 +2,8 @@
 
 Each scenario kills an engine (or feeds garbage) mid-search and returns what came out, to compare with an
 undisturbed search with the same seeds. Driver and trainer kills are in `driver_kills.py`, bad input in
-`bad_input.py`. bench/fault_injection.py tabulates them; tests/test_faults.py asserts on them.
+`bad_input.py`. bench/fault_injection.py tabulates them; tests/test_faults.py and
+tests/test_driver_kills.py assert on them.
 """
 
 from __future__ import annotations

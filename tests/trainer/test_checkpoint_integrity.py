@@ -1,7 +1,7 @@
 """Checkpoint integrity: the marker is written only after the contents check out, records every file's size,
 and `check_checkpoint` names each kind of damage. Real files in DeepSpeed's and HF's formats (torch.save
 archives, safetensors, JSON), laid out as a 2-rank ZeRO-3 checkpoint; the whole trainer writes them in
-tests/test_faults.py and tests/trainer/test_trainer_group.py."""
+tests/test_driver_kills.py and tests/trainer/test_trainer_group.py."""
 
 from __future__ import annotations
 
