@@ -54,7 +54,8 @@ def rows(seen: dict[str, Any]) -> list[list[str]]:
 def report(results: dict[str, Any]) -> tuple[str, bool]:
     """The markdown, and whether every topology placed as configured."""
     lines = ["# GPU placement on logical GPUs (issue 23, defect 2)", "",
-             f"Written by `bench/gpu_placement.py` (placing took {results['seconds']:.0f} s on 2 busy cores): a `ray.cluster_utils.Cluster` whose nodes declare "
+             f"Written by `bench/gpu_placement.py` (placing took {results['seconds']:.0f} s on {os.cpu_count()} cores, 1-minute "
+             f"load average {os.getloadavg()[0]:.2f} at the end): a `ray.cluster_utils.Cluster` whose nodes declare "
              "GPUs (and the recipe's `psr_engine` / `psr_trainer`), the real engine pools (`start_engine_pool`) and "
              "the real Ray Train worker group (`scaling_kwargs` with `trainer_gpu_share`, `start_bound`). Stubbed "
              "where CUDA starts: the engine's constructor stops before `vllm.LLM` (tensor-parallel engines start one "
