@@ -53,9 +53,11 @@ def rows(seen: dict[str, Any]) -> list[list[str]]:
 
 def report(results: dict[str, Any]) -> tuple[str, bool]:
     """The markdown, and whether every topology placed as configured."""
+    load = (f"1-minute load average {results['load_average_1m']:.2f} at the end" if "load_average_1m" in results
+            else "load not measured: replayed from --json")  # fmt: skip
     lines = ["# GPU placement on logical GPUs (issue 23, defect 2)", "",
-             f"Written by `bench/gpu_placement.py` (placing took {results['seconds']:.0f} s on {os.cpu_count()} cores, 1-minute "
-             f"load average {os.getloadavg()[0]:.2f} at the end): a `ray.cluster_utils.Cluster` whose nodes declare "
+             f"Written by `bench/gpu_placement.py` (placing took {results['seconds']:.0f} s on {os.cpu_count()} cores, {load}): "
+             "a `ray.cluster_utils.Cluster` whose nodes declare "
              "GPUs (and the recipe's `psr_engine` / `psr_trainer`), the real engine pools (`start_engine_pool`) and "
              "the real Ray Train worker group (`scaling_kwargs` with `trainer_gpu_share`, `start_bound`). Stubbed "
              "where CUDA starts: the engine's constructor stops before `vllm.LLM` (tensor-parallel engines start one "
@@ -96,6 +98,8 @@ def main() -> None:
         env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         subprocess.run([sys.executable, "-m", "tests.scenarios.placement", path], check=True, cwd=ROOT, env=env)
     results = json.loads(Path(path).read_text())
+    if args.json is None:  # the load while placing, read as it ended (not when a saved observation is replayed)
+        results["load_average_1m"] = os.getloadavg()[0]
     assert [t["topology"] for t in results["topologies"]] == [t.name for t in TOPOLOGIES]
     text, ok = report(results)
     Path(args.out).write_text(text)
