@@ -60,6 +60,18 @@ def _eval(tiny_model_dir: str, *flags: str) -> str:
 
 
 @pytest.mark.ray
+def test_ray_notices_during_a_short_command_go_to_its_log_not_under_its_line(capsys, caplog):
+    import logging
+
+    log = logging.getLogger("psr_ray.test_notices")
+    with caplog.at_level(logging.DEBUG, logger=log.name), console.ray_notices_to_log(log):
+        print("(raylet) WARNING: 4 PYTHON worker processes have been started on node", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records] == [
+        "ray: (raylet) WARNING: 4 PYTHON worker processes have been started on node"
+    ]
+
+
 def test_worker_output_goes_to_the_printed_log_folder_and_verbose_brings_it_back(tiny_model_dir):
     quiet = _eval(tiny_model_dir)
     assert "(EngineActor" not in quiet and "Initializing a V1 LLM engine" not in quiet

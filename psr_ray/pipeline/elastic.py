@@ -32,6 +32,7 @@ from typing import Any
 
 from psr_ray.config import UserError
 from psr_ray.engines.pool import EnginePool, engine_name
+from psr_ray.runtime import console
 
 log = logging.getLogger(__name__)
 
@@ -275,20 +276,21 @@ def request_scale(
             f"{path} not found: is a `psr-ray run` of {folder} running (it writes it once its engines start)?"
         )
     recorded = json.loads(path.read_text())
-    try:
-        ray.init(address=address or recorded["address"], namespace=recorded["namespace"], log_to_driver=False,
-                 logging_level=logging.WARNING)  # fmt: skip  # not Ray's "Connecting to ..." lines: one line
-        control: Any = ray.get_actor(CONTROL_NAME)
-    except (ConnectionError, ValueError) as err:
-        raise UserError(
-            f"cannot reach the run's control actor ({err}); is the run of {folder} still running?"
-        ) from None
-    try:
-        now = ray.get(control.set.remote(targets), timeout=30)
-        nodes = cluster_nodes()
-        errors = placement_errors(run_demands(cfg, counts=now), nodes)
-    finally:
-        ray.shutdown()
+    with console.ray_notices_to_log(log):  # not Ray's node-wide notices under the command's one line
+        try:
+            ray.init(address=address or recorded["address"], namespace=recorded["namespace"], log_to_driver=False,
+                     logging_level=logging.WARNING)  # fmt: skip  # not Ray's "Connecting to ..." lines: one line
+            control: Any = ray.get_actor(CONTROL_NAME)
+        except (ConnectionError, ValueError) as err:
+            raise UserError(
+                f"cannot reach the run's control actor ({err}); is the run of {folder} still running?"
+            ) from None
+        try:
+            now = ray.get(control.set.remote(targets), timeout=30)
+            nodes = cluster_nodes()
+            errors = placement_errors(run_demands(cfg, counts=now), nodes)
+        finally:
+            ray.shutdown()
     warnings = [f"the cluster ({describe(nodes)}) cannot hold the run at these counts yet: {'; '.join(errors)}; "
                 "the new engines start once a node with room joins"] if errors else []  # fmt: skip
     return now, warnings

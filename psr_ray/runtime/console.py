@@ -61,6 +61,22 @@ def ray_init_kwargs(*, local: bool) -> dict[str, Any]:
     return {"log_to_driver": False}
 
 
+@contextlib.contextmanager
+def ray_notices_to_log(log: logging.Logger) -> Iterator[None]:
+    """For a short command that joins a running cluster (`psr-ray scale`): what Ray's error listener prints on
+    the driver's stderr meanwhile (node-wide notices such as the raylet's "N worker processes have been started"
+    about the run's own workers) goes to `log` at debug level instead of under the command's one line."""
+    import io
+
+    caught = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(caught):
+            yield
+    finally:
+        for line in caught.getvalue().splitlines():
+            log.debug("ray: %s", line)
+
+
 def after_ray_init() -> None:
     """Turns off the driver's Ray Data progress bars (captured by every Trainer built after this) and prints
     where the workers' logs are."""
