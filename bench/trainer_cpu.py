@@ -1,13 +1,14 @@
 """The CPU trainer against a plain single-process torch loop (issue 17 section 4), and the trainer's shared
 prompt against two separate rows per pair (issue 25 item 5): same model, same pairs, one run.
 
-Arms, run in alternation (a, b, c, a, b, c, ...) in one invocation, each a full fit on the same step pairs:
-  (a) trainer: the product's `train_dpo` (Ray Train, 2 workers, DeepSpeed ZeRO-3, gloo, fp32) with the
-      embedded preset's trainer settings (psr_ray/configs/embedded_cpu.yaml), reading the pairs through the
+Arms, run in alternation (a, b, c, d, a, b, ...) in one invocation, each a full fit on the same step pairs:
+  (a) trainer: the product's `train_dpo` (Ray Train, DeepSpeed ZeRO-3, gloo, fp32) with the
+      embedded preset's trainer settings (one worker on two CPUs) (psr_ray/configs/embedded_cpu.yaml), reading the pairs through the
       loop's streamed pairs dataset (Parquet parts + manifest, `stream_pairs_dataset`); a pair's chosen and
       rejected step packed in one row, their prompt computed once (`trainer.share_prompt`, the default);
   (b) separate: the same with `trainer.share_prompt=false` (chosen and rejected as two rows, as before);
-  (c) plain: one process, `torch.set_num_threads(os.cpu_count())`, the same HF model loaded twice (policy and
+  (c) two_workers: the trainer as the preset had it before: two workers of one CPU (one torch thread) each;
+  (d) plain: one process, `torch.set_num_threads(os.cpu_count())`, the same HF model loaded twice (policy and
       frozen reference), the same tokenization (`collate_pairs`), step-DPO loss, micro and global batch,
       AdamW settings and gradient clipping: the loop a user would write.
 Pairs: SmolLM2-135M-Instruct (fp32) on step pairs of the built-in arithmetic task (the reference step chosen,
@@ -42,7 +43,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 GOAL = 0.8
-ARMS = ("trainer", "separate", "plain")
+ARMS = ("trainer", "separate", "two_workers", "plain")
 
 
 def pair_rows(num_pairs: int, seed: int) -> list[dict[str, Any]]:
@@ -199,7 +200,13 @@ def summarize(fits: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
            for arm, runs in fits.items()}  # fmt: skip
     ratio = med["trainer"]["steady_tokens_per_s"] / med["plain"]["steady_tokens_per_s"]
     gain = med["trainer"]["steady_tokens_per_s"] / med["separate"]["steady_tokens_per_s"]
-    return {"ratio": ratio, "shared_gain": gain, **{f"{arm}_{k}": v for arm, m in med.items() for k, v in m.items()}}
+    one_worker = med["trainer"]["steady_tokens_per_s"] / med["two_workers"]["steady_tokens_per_s"]
+    return {
+        "ratio": ratio,
+        "shared_gain": gain,
+        "one_worker_gain": one_worker,
+        **{f"{arm}_{k}": v for arm, m in med.items() for k, v in m.items()},
+    }
 
 
 def machine() -> str:
@@ -225,7 +232,8 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
         f"trainer: `train_dpo`, {tcfg.num_workers} Ray Train workers x {tcfg.num_cpus_per_worker} CPU, DeepSpeed "
         f"ZeRO-{tcfg.zero_stage}, gloo, the loop's streamed pairs dataset, a pair's prompt computed once "
         "(`trainer.share_prompt`). separate: the same with `trainer.share_prompt=false` (chosen and rejected as "
-        f"two rows). plain: one process, torch.set_num_threads({os.cpu_count()}), policy and reference as plain "
+        "two rows). two_workers: the same as trainer on 2 workers x 1 CPU (one torch thread each). "
+        f"plain: one process, torch.set_num_threads({os.cpu_count()}), policy and reference as plain "
         "HF models, two rows per pair.",
         "",
         "Steady tokens/s: real tokens of the chosen + rejected sequences over the optimizer steps after the first, "
@@ -246,7 +254,7 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
 
 
 def findings(fits: dict[str, list[dict[str, Any]]], computed: float) -> list[str]:
-    if not all(fits[arm] for arm in ARMS):
+    if not all(fits.get(arm) for arm in ARMS):
         return ["Not finished: this table holds the fits done so far."]
     s = summarize(fits)
     verdict = (f"met by {s['ratio'] / GOAL - 1:+.0%} of the goal" if s["ratio"] >= GOAL
@@ -255,13 +263,15 @@ def findings(fits: dict[str, list[dict[str, Any]]], computed: float) -> list[str
     breakdown = {k: statistics.median(f["breakdown"][k] for f in trainer) for k in trainer[0]["breakdown"]}
     threads = trainer[-1]["threads"]
     return [
-        f"Medians over {len(trainer)} trainer, {len(fits['separate'])} separate and {len(fits['plain'])} plain fits:",
+        f"Medians over {len(trainer)} fits per arm:",
         "",
         f"- steady tokens/s: trainer {s['trainer_steady_tokens_per_s']:.1f}, plain "
         f"{s['plain_steady_tokens_per_s']:.1f}; ratio **{s['ratio']:.2f}x** against the {GOAL}x goal: {verdict}.",
         f"- shared prompt: trainer {s['trainer_steady_tokens_per_s']:.1f} against separate "
         f"{s['separate_steady_tokens_per_s']:.1f} tokens/s, a gain of **{s['shared_gain']:.2f}x**; the packed rows "
         f"compute {computed:.0%} of the sequences' tokens (at most {1 / computed:.2f}x if time went by tokens).",
+        f"- one worker on both CPUs against two workers of one: trainer {s['trainer_steady_tokens_per_s']:.1f} "
+        f"against two_workers {s['two_workers_steady_tokens_per_s']:.1f} tokens/s, **{s['one_worker_gain']:.2f}x**.",
         f"- trainer start-up per fit: **{s['trainer_startup_s']:.1f} s** (worker group {breakdown['group_s']:.1f} s, "
         f"DeepSpeed init + policy + reference engines {breakdown['engines_s']:.1f} s, the first step's extra "
         f"{breakdown['first_step_extra_s']:.1f} s); teardown {s['trainer_teardown_s']:.1f} s. The plain loop's "
@@ -277,7 +287,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results" / "trainer_cpu.md"))
     parser.add_argument("--tiny", action="store_true", help="the tiny test model instead (proves the script runs)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ARMS)}")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides for the trainer arms, e.g. trainer.num_workers=1"
+    )
     args = parser.parse_args()
+    arms = [arm for arm in ARMS if arm in args.arms.split(",")]
+    if not arms or set(args.arms.split(",")) - set(ARMS):
+        parser.error(f"--arms {args.arms}: give some of {','.join(ARMS)}")
 
     from transformers import AutoTokenizer
 
@@ -287,11 +304,11 @@ def main() -> None:
     from psr_ray.runtime.models import resolve_model_path
 
     rows = pair_rows(args.pairs, args.seed)
-    fits: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    fits: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     order: list[tuple[str, int, float]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="psr_trainer_cpu_") as tmp:
-        overrides = [f"run.output_dir={tmp}", "run.wandb_mode=disabled"]
+        overrides = [*args.overrides, f"run.output_dir={tmp}", "run.wandb_mode=disabled"]
         cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], overrides))
         model = resolve_model_path(cfg.model.path, cfg.run.cache_dir)
         if args.tiny:
@@ -299,17 +316,20 @@ def main() -> None:
 
             model = build_tiny_model(f"{tmp}/tiny_model")
             cfg = preflight.validate(C.load([C.DEFAULT_CONFIG], [*overrides, f"model.path={model}"]))
-        separate = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, share_prompt=False))
+        variants = {"trainer": cfg,
+                    "separate": dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, share_prompt=False)),
+                    "two_workers": dataclasses.replace(cfg, trainer=dataclasses.replace(
+                        cfg.trainer, num_workers=2, num_cpus_per_worker=1.0))}  # fmt: skip
         computed = computed_share(AutoTokenizer.from_pretrained(model), rows, max_seq_len=cfg.trainer.max_seq_len,
                                   micro=cfg.trainer.micro_batch_size)  # fmt: skip
         write_pairs(tmp, rows)
         init_ray(cfg)
         for rep in range(args.repeats):
-            for arm in ARMS:
+            for arm in arms:
                 if arm == "plain":
                     fit = plain_fit(cfg, model, rows)
                 else:
-                    fit = trainer_fit(cfg if arm == "trainer" else separate, model, tmp, f"{tmp}/{arm}_{rep}")
+                    fit = trainer_fit(variants[arm], model, tmp, f"{tmp}/{arm}_{rep}")
                 gc.collect()
                 fits[arm].append(fit)
                 order.append((arm, len(fits[arm]) - 1, os.getloadavg()[0]))

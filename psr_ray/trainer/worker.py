@@ -273,6 +273,11 @@ def worker_memory(policy: Any, tcfg: Any, world_size: int, last: dict[str, float
     return memory_metrics(budget, runtime_bytes=runtime_bytes, measured=measured)
 
 
+def cpu_threads(num_cpus_per_worker: float) -> int:
+    """A CPU worker's torch threads: the whole CPUs it reserved, at least one."""
+    return max(1, int(num_cpus_per_worker))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Builds the engines, trains, then writes and reports one checkpoint (shards + HF export + metadata)."""
     import ray.train
@@ -291,6 +296,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     phases: dict[str, float] = {}
     clock = time.perf_counter()
     prepare_deepspeed(tcfg.use_gpu)
+    if not tcfg.use_gpu:  # a local cluster starts every process at OMP_NUM_THREADS=1 (runtime/cluster.py)
+        torch.set_num_threads(cpu_threads(tcfg.num_cpus_per_worker))
     phases["init_distributed"] = time.perf_counter() - clock
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
