@@ -253,7 +253,7 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
     path.write_text("\n".join(out + [""] + lines_after) + "\n")
 
 
-def findings(fits: dict[str, list[dict[str, Any]]], computed: float) -> list[str]:
+def findings(fits: dict[str, list[dict[str, Any]]], computed: float, cfg_ckpt: bool) -> list[str]:
     if not all(fits.get(arm) for arm in ARMS):
         return ["Not finished: this table holds the fits done so far."]
     s = summarize(fits)
@@ -270,6 +270,9 @@ def findings(fits: dict[str, list[dict[str, Any]]], computed: float) -> list[str
         f"- shared prompt: trainer {s['trainer_steady_tokens_per_s']:.1f} against separate "
         f"{s['separate_steady_tokens_per_s']:.1f} tokens/s, a gain of **{s['shared_gain']:.2f}x**; the packed rows "
         f"compute {computed:.0%} of the sequences' tokens (at most {1 / computed:.2f}x if time went by tokens).",
+        f"- per row, without the shared prompt: separate {s['separate_steady_tokens_per_s']:.1f} against plain "
+        f"{s['plain_steady_tokens_per_s']:.1f} tokens/s ({s['separate_steady_tokens_per_s'] / s['plain_steady_tokens_per_s']:.2f}x; "
+        f"the trainer recomputes activations in the backward, trainer.gradient_checkpointing={cfg_ckpt}, the plain loop does not).",
         f"- one worker on both CPUs against two workers of one: trainer {s['trainer_steady_tokens_per_s']:.1f} "
         f"against two_workers {s['two_workers_steady_tokens_per_s']:.1f} tokens/s, **{s['one_worker_gain']:.2f}x**.",
         f"- trainer start-up per fit: **{s['trainer_startup_s']:.1f} s** (worker group {breakdown['group_s']:.1f} s, "
@@ -338,7 +341,14 @@ def main() -> None:
                       f"{t.steady_tokens_per_s:.1f} tokens/s, start-up {t.startup_s:.1f} s, teardown "
                       f"{t.teardown_s:.1f} s", flush=True)  # fmt: skip
                 took = f"- the whole run took {(time.perf_counter() - started) / 60:.1f} min."
-                write_table(Path(args.out), args, cfg, fits, order, [*findings(fits, computed), took])
+                write_table(
+                    Path(args.out),
+                    args,
+                    cfg,
+                    fits,
+                    order,
+                    [*findings(fits, computed, cfg.trainer.gradient_checkpointing), took],
+                )
     print(Path(args.out).read_text())
 
 
