@@ -82,3 +82,17 @@ def test_worker_output_goes_to_the_printed_log_folder_and_verbose_brings_it_back
     verbose = _eval(tiny_model_dir, "--verbose")
     assert "(EngineActor" in verbose and "Initializing a V1 LLM engine" in verbose
     assert "engine, trainer and Ray Data logs" not in verbose
+
+
+def test_the_model_conversion_is_one_line_and_keeps_what_stderr_got_when_it_fails(capsys, monkeypatch):
+    from psr_ray.runtime import models
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    with models._quiet_conversion():
+        print("Converting and de-quantizing GGUF tensors...: 100%|", file=sys.stderr)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(OSError), models._quiet_conversion():
+        print("the reason, as the library said it", file=sys.stderr)
+        raise OSError("disk full")
+    assert capsys.readouterr().err == "the reason, as the library said it\n"
+    assert "DS_ACCELERATOR" not in os.environ

