@@ -35,11 +35,14 @@ TINY_RUN = ("model.max_model_len=1024", "init.run_first=false", "data.source=emb
             "trainer.max_seq_len=256", "eval.limit=2", "eval.max_tokens=8", "run.num_iterations=1",
             "run.prompts_per_iteration=[2]", "run.wandb_mode=disabled")  # fmt: skip
 # judge.num_engines=1: the embedded preset judges on the rollout engine; this test pins a judge engine of its own.
+# Two trainer workers (the preset has one on two CPUs): each must land on the trainer node group.
 PINNED = (
     "rollout.node_resource=psr_engine",
     "judge.num_engines=1",
     "judge.node_resource=psr_engine",
     "trainer.node_resource=psr_trainer",
+    "trainer.num_workers=2",
+    "trainer.num_cpus_per_worker=1",
 )
 
 
