@@ -43,7 +43,7 @@ def test_an_engine_node_lost_with_no_replacement_fails_the_run_within_its_bound(
     assert bound <= seconds <= bound + 10  # checked at each lost call (re-sent about every second)
     # The failed search interrupted the fit (no retries of a trainer whose data will never come), and the error
     # came within the bound.
-    assert run["events"]["fit_interrupted"] < run["events"]["error_line"]
+    assert run["events"]["fit_interrupted"] <= run["events"]["error_line"]  # stamped to 0.1 s: may tie
     assert bound < run["error_after_loss_s"] < bound + SLACK_S, run["error_after_loss_s"]
 
 
