@@ -59,7 +59,6 @@ def _eval(tiny_model_dir: str, *flags: str) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.mark.ray
 def test_ray_notices_during_a_short_command_go_to_its_log_not_under_its_line(capsys, caplog):
     import logging
 
@@ -72,6 +71,7 @@ def test_ray_notices_during_a_short_command_go_to_its_log_not_under_its_line(cap
     ]
 
 
+@pytest.mark.ray
 def test_worker_output_goes_to_the_printed_log_folder_and_verbose_brings_it_back(tiny_model_dir):
     quiet = _eval(tiny_model_dir)
     assert "(EngineActor" not in quiet and "Initializing a V1 LLM engine" not in quiet
