@@ -10,7 +10,9 @@ Stages (the embedded config, `--config`/overrides change it; outputs under --wor
   self     `psr-ray run`'s loop from M1 with the configured self-judge: M2 (and M3 with --iterations 2), or
            with --self-run DIR the record of a `psr-ray run` already made with this config (e.g. `make run`'s)
   oracle   the same loop with `judge.mode: oracle` (the ablation): M2 from oracle-judged pairs
-  random   the control: step-DPO from M1 on the oracle run's stored candidates with random preferences
+  random-self, random-oracle
+           the controls, one per arm: step-DPO from M1 on that arm's own stored candidates (iteration 1) with
+           random preferences, so each arm's gain is measured against a control with its candidates
   mc       the Monte-Carlo oracle (rollouts) against the exact check on stored candidates
   report   the table and the plot from the stages' records
 Each model is evaluated greedily on the same `eval.limit` held-out problems (the paper's boxed rule and the
@@ -29,10 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fidelity_report import CONTROLS  # bench/fidelity_report.py: the control stages and their arms
+
 from psr_ray.runtime.memory import PeakMemory
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("init", "self", "oracle", "random", "mc", "report")
+STAGES = ("init", "self", "oracle", *CONTROLS, "mc", "report")
 
 
 def load_cfg(args: argparse.Namespace, *extra: str) -> Any:
@@ -163,7 +167,12 @@ def random_preferences(rows: list[dict[str, Any]], seed: int) -> list[dict[str, 
     return out
 
 
-def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def arm_folder(work: Path, arm: str) -> Path:
+    """Where an arm's run is: its own folder, or the `psr-ray run` folder it was taken from (--self-run)."""
+    return Path((recorded(work, arm) or {}).get("output_dir", work / arm))
+
+
+def stage_random(args: argparse.Namespace, work: Path, control: str) -> dict[str, Any]:
     import pyarrow as pa
     import ray.data
     from transformers import AutoTokenizer
@@ -178,25 +187,29 @@ def stage_random(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from psr_ray.pipeline.session import RunSession
     from psr_ray.trainer.group import train_dpo
 
-    cfg = load_cfg(args, f"run.output_dir={work / 'random'}")
+    arm = CONTROLS[control][0]
+    folder = arm_folder(work, arm)
+    if not (folder / "state.json").is_file():
+        raise SystemExit(f"--stage {control}: the {arm} arm has no run in {folder} (run --stage {arm} first)")
+    cfg = load_cfg(args, f"run.output_dir={work / control}")
     session = RunSession(cfg)
     session.start_ray()
     m1 = read_result(init_dir(cfg))
-    oracle_rows = read_pairs(str(work / "oracle"), 1).to_pylist()
-    rows = random_preferences(oracle_rows, cfg.run.seed)
+    rows = random_preferences(read_pairs(str(folder), 1).to_pylist(), cfg.run.seed)
     problems = {p.problem_id: p for p in load_problems(cfg.data.source, split=cfg.data.split, seed=None).problems}
     start = time.perf_counter()
     with PeakMemory() as memory:
         trained = train_dpo(cfg, policy_path=m1.hf_dir, reference_path=m1.hf_dir,
                             dataset=ray.data.from_arrow(pa.Table.from_pylist(rows, schema=STEP_PAIR_SCHEMA)),
-                            output_dir=str(work / "random" / "checkpoints"), policy_version=2)  # fmt: skip
+                            output_dir=str(work / control / "checkpoints"), policy_version=2)  # fmt: skip
         train_s = time.perf_counter() - start
         tokenizer = AutoTokenizer.from_pretrained(m1.hf_dir)
         pairs = [p.pair for p in read_judge_pairs(m1.data_files["heldout_pairs"])]
         with session.temporary_engines("rollout", trained.hf_dir, 2) as engines:
             scores = score_model(cfg, engines, tokenizer, pairs, _eft_mode(cfg))
     precision = pairs_precision(rows, problems)
-    return {"hf_dir": trained.hf_dir, "num_pairs": len(rows), "scores": scores, "train_s": train_s,
+    return {"arm": arm, "candidates_from": str(folder), "hf_dir": trained.hf_dir, "num_pairs": len(rows),
+            "scores": scores, "train_s": train_s,
             "train_metrics": trained.metrics, "pair_precision": None if precision is None else precision.to_dict(),
             "seconds": time.perf_counter() - start, "peak_gib": memory.peak_gib}  # fmt: skip
 
@@ -225,7 +238,7 @@ def stage_mc(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     m1 = read_result(init_dir(cfg))
     problems = {p.problem_id: p for p in load_problems(cfg.data.source, split=cfg.data.split, seed=None).problems}
     items, exact = [], []
-    for row in read_pairs(str(work / "oracle"), 1).to_pylist():
+    for row in read_pairs(str(arm_folder(work, "oracle")), 1).to_pylist():
         problem = problems[row["problem_id"]]
         texts = sorted({c.strip() for c in row["candidates"] if c.strip()})
         for text, label in zip(texts, label_steps(problem, row["prefix"], texts), strict=True):
@@ -271,7 +284,9 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     run_self = stage_self_run if args.self_run else (lambda a, w: stage_loop(a, w, "self"))
     runners = {"init": stage_init, "self": run_self,
-               "oracle": lambda a, w: stage_loop(a, w, "oracle"), "random": stage_random, "mc": stage_mc}  # fmt: skip
+               "oracle": lambda a, w: stage_loop(a, w, "oracle"), "mc": stage_mc}  # fmt: skip
+    for control in CONTROLS:
+        runners[control] = lambda a, w, control=control: stage_random(a, w, control)
     for stage in args.stage or STAGES:
         if stage == "report":
             from fidelity_report import write_fidelity_report  # bench/fidelity_report.py

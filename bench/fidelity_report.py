@@ -11,6 +11,20 @@ from typing import Any
 from psr_ray.core.stats import format_p, mcnemar
 from psr_ray.evaluation.tables import compare, format_run_table, pct, plot_models
 
+# bench/fidelity.py's control stages: the arm whose candidates each took, and its model's name in the tables.
+CONTROLS = {"random-self": ("self", "M2 random (self)"), "random-oracle": ("oracle", "M2 random (oracle)")}
+# The comparisons the report tests, each an exact McNemar on the same problems (first against second).
+COMPARISONS = (
+    ("M1", "M0"),
+    ("M2", "M1"),
+    ("M3", "M2"),
+    ("M2 oracle", "M1"),
+    ("M2 random (self)", "M1"),
+    ("M2", "M2 random (self)"),
+    ("M2 random (oracle)", "M1"),
+    ("M2 oracle", "M2 random (oracle)"),
+)
+
 
 def _load(work: Path, stage: str) -> dict[str, Any] | None:
     path = work / f"stage_{stage}.json"
@@ -23,7 +37,7 @@ def _eval(state: dict[str, Any], k: int) -> dict[str, Any] | None:
 
 def build_models(work: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """The report entries (report.write_run_report's shape) and the stage records they came from."""
-    stages = {s: r for s in ("init", "self", "oracle", "random", "mc") if (r := _load(work, s)) is not None}
+    stages = {s: r for s in ("init", "self", "oracle", *CONTROLS, "mc") if (r := _load(work, s)) is not None}
     models: list[dict[str, Any]] = []
     init = stages.get("init")
     if init:
@@ -52,12 +66,12 @@ def build_models(work: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, 
                            "pairs": search.get("pairs_total"),
                            "seconds": {"search": search.get("seconds"), "search+train": train.get("seconds"),
                                        "eval": done.get("seconds")}})  # fmt: skip
-    rnd = stages.get("random")
-    if rnd:
-        models.append({"model": "M2 random", "baseline": "M1", "trained_on": "M1 + oracle run's candidates, random preferences",
-                       "rows": rnd["scores"]["benchmarks"], "judge": rnd["scores"]["judge"],
-                       "pair_precision": rnd.get("pair_precision"), "pairs": rnd["num_pairs"],
-                       "seconds": {"train": rnd.get("train_s"), "eval": rnd["scores"].get("eval_s")}})  # fmt: skip
+    for control, (arm, name) in CONTROLS.items():
+        if rnd := stages.get(control):
+            models.append({"model": name, "baseline": "M1", "trained_on": f"M1 + the {arm} run's candidates, random preferences",
+                           "rows": rnd["scores"]["benchmarks"], "judge": rnd["scores"]["judge"],
+                           "pair_precision": rnd.get("pair_precision"), "pairs": rnd["num_pairs"],
+                           "seconds": {"train": rnd.get("train_s"), "eval": rnd["scores"].get("eval_s")}})  # fmt: skip
     return models, stages
 
 
@@ -69,16 +83,34 @@ def _row(model: dict[str, Any] | None) -> dict[str, Any] | None:
     return model["rows"][0] if model and model["rows"] else None
 
 
-def _diff_line(models: dict[str, dict[str, Any]], a: str, b: str) -> str:
-    """`a` against `b` on the same problems: accuracy difference and exact McNemar."""
+def _diff_line(models: dict[str, dict[str, Any]], a: str, b: str) -> tuple[str, float | None]:
+    """`a` against `b` on the same problems: accuracy difference and exact McNemar (the line, and its p-value
+    when the test ran)."""
     ra, rb = _row(models.get(a)), _row(models.get(b))
     if ra is None or rb is None or ra.get("problems_digest") != rb.get("problems_digest"):
-        return f"- {a} vs {b}: not both measured on the same problems."
+        return f"- {a} vs {b}: not both measured on the same problems.", None
     test = mcnemar([x == "1" for x in rb["boxed_bits"]], [x == "1" for x in ra["boxed_bits"]])
     delta = 100 * (ra["accuracy_boxed"] - rb["accuracy_boxed"])
-    return (f"- {a} vs {b}: {pct(ra['accuracy_boxed'])}% vs {pct(rb['accuracy_boxed'])}% = {delta:+.1f} points on "
+    return ((f"- {a} vs {b}: {pct(ra['accuracy_boxed'])}% vs {pct(rb['accuracy_boxed'])}% = {delta:+.1f} points on "
             f"{ra['n']} problems; {test.only_after} problems only {a} solves, {test.only_before} only {b}; exact "
-            f"McNemar p = {format_p(test.p_value)} ({'p < 0.05' if test.p_value < 0.05 else 'not significant at 0.05'}).")  # fmt: skip
+            f"McNemar p = {format_p(test.p_value)} ({'p < 0.05' if test.p_value < 0.05 else 'not significant at 0.05'})."),
+            test.p_value)  # fmt: skip
+
+
+def _tests_run(tested: list[tuple[str, float]]) -> str:
+    """How many tests the p-values above come from, and which survive a Bonferroni correction over them: a
+    reader weighing one p < 0.05 needs to know how many chances it had."""
+    if not tested:
+        return "No test ran (no two models were measured on the same problems)."
+    bound = 0.05 / len(tested)
+    held = [name for name, p in tested if p < bound]
+    return (
+        f"Tests run: {len(tested)} exact McNemar tests (the lines above; the results table's McNemar column "
+        f"repeats those against each model's baseline). Each p-value is the test's own, unadjusted; over "
+        f"{len(tested)} tests a family-wise 0.05 (Bonferroni) needs p < {bound:.4f}: "
+        + (", ".join(held) + " " + ("holds" if len(held) == 1 else "hold") if held else "none holds")
+        + "."
+    )
 
 
 def _model_table(models: list[dict[str, Any]], key: str, header: list[str],
@@ -126,10 +158,10 @@ def _times(stages: dict[str, dict[str, Any]]) -> list[str]:
             taken = f"; stage seconds of the run in {run['taken_from']}" if run.get("taken_from") else ""
             lines.append(f"| loop, {arm} judge | {_arm_seconds(run):.0f} | {run['peak_gib']:.1f} | {'; '.join(parts)} "
                          f"(train = search + step-DPO, overlapped){taken} |")  # fmt: skip
-    rnd = stages.get("random")
-    if rnd:
-        lines.append(f"| random-preference control | {rnd['wall_s']:.0f} | {rnd['peak_gib']:.1f} | step-DPO "
-                     f"{rnd['train_s']:.0f} s, eval {rnd['scores']['eval_s']:.0f} s |")  # fmt: skip
+    for control, (arm, _) in CONTROLS.items():
+        if rnd := stages.get(control):
+            lines.append(f"| random-preference control on the {arm} run's candidates | {rnd['wall_s']:.0f} | "
+                         f"{rnd['peak_gib']:.1f} | step-DPO {rnd['train_s']:.0f} s, eval {rnd['scores']['eval_s']:.0f} s |")  # fmt: skip
     if init and stages.get("self"):
         run = stages["self"]
         built = float(init["result"]["seconds"].get("total", init["wall_s"]))  # a cached init's time to build it
@@ -156,11 +188,14 @@ def write_fidelity_report(work: Path, out: Path, *, command: str, machine: str) 
              "number. McNemar: exact two-sided, against the model named (+: problems only this model solves, -: only "
              "the other). The ORACLE-judged model is an ablation: the exact step check replaced the self-judge.", "",
              "## The targets", ""]  # fmt: skip
-    for a, b in (("M1", "M0"), ("M2", "M1"), ("M3", "M2"), ("M2 oracle", "M1"), ("M2 random", "M1"),
-                 ("M2 oracle", "M2 random")):  # fmt: skip
+    tested = []
+    for a, b in COMPARISONS:
         if a in by_name and b in by_name:
-            lines.append(_diff_line(by_name, a, b))
-    lines += ["", "## Pair precision (oracle labels of the pairs a model was trained on)", "", *_precision_table(models),
+            line, p_value = _diff_line(by_name, a, b)
+            lines.append(line)
+            if p_value is not None:
+                tested.append((f"{a} vs {b}", p_value))
+    lines += ["", _tests_run(tested), "", "## Pair precision (oracle labels of the pairs a model was trained on)", "", *_precision_table(models),
               "", "## Judge pair accuracy on held-out oracle-labelled pairs (M1's candidates, both orders)", "",
               *_judge_table(models), ""]  # fmt: skip
     if init:

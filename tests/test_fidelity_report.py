@@ -43,6 +43,11 @@ def write_stages(work: Path) -> None:
     (work / "stage_self.json").write_text(
         json.dumps({"state": {"iterations": iterations}, "wall_s": 300, "peak_gib": 11.0})
     )
+    # The self arm's own control: random preferences on its candidates.
+    control = {"arm": "self", "num_pairs": 6, "pair_precision": precision | {"precision": 0.25, "num_reversed": 3},
+               "scores": {"benchmarks": [eval_row("0100")], "judge": judge(0.5, 8), "eval_s": 20},
+               "train_s": 40, "wall_s": 70, "peak_gib": 8.5}  # fmt: skip
+    (work / "stage_random-self.json").write_text(json.dumps(control))
 
 
 def test_report_tables_come_from_the_stage_records(tmp_path):
@@ -62,6 +67,8 @@ def test_report_tables_come_from_the_stage_records(tmp_path):
         "| pairs of | pairs | precision % [95% CI] | random pick % | CI excludes random pick | reversed |",
         "|---|---|---|---|---|---|",
         "| M1's self-judged pairs (-> M2) | 6 | 50.0 [20.0, 80.0] | 25.0 | no | 1 |",
+        "| M1 + the self run's candidates, random preferences (-> M2 random (self)) | 6 | 25.0 [20.0, 80.0] | 25.0 "
+        "| no | 3 |",
     ]
     # M1 has no judge record (no held-out pairs at iteration 0 here): no row.
     # Pair accuracy over both orders is the headline column; single judgments and the share of "A" beside it.
@@ -71,6 +78,7 @@ def test_report_tables_come_from_the_stage_records(tmp_path):
         "|---|---|---|---|---|---|---|",
         "| M0 | direct | 4 | 50.0 [20.0, 80.0] | 8 | 62.5 [30.0, 90.0] | 37.5 |",
         "| M2 | direct | 4 | 50.0 [20.0, 80.0] | 8 | 75.0 [30.0, 90.0] | 37.5 |",
+        "| M2 random (self) | direct | 4 | 50.0 [20.0, 80.0] | 8 | 50.0 [30.0, 90.0] | 37.5 |",
     ]
     results = table("## Accuracy, judge pair accuracy, pair precision")
     assert (
@@ -90,3 +98,12 @@ def test_report_tables_come_from_the_stage_records(tmp_path):
         "- M2 vs M1: 50.0% vs 25.0% = +25.0 points on 4 problems; 1 problems only M2 solves, 0 only M1;"
         in "\n".join(lines)
     )
+    # Each claimed arm has its own control, and the number of tests stands beside the p-values.
+    targets = table("## The targets")
+    assert [t.split(":")[0] for t in targets if t.startswith("- ")] == [
+        "- M1 vs M0", "- M2 vs M1", "- M2 random (self) vs M1", "- M2 vs M2 random (self)"
+    ]  # fmt: skip
+    assert "- M2 vs M2 random (self): 50.0% vs 25.0% = +25.0 points on 4 problems;" in targets[3]
+    tests_run = lines[lines.index(targets[-1]) + 2]
+    assert tests_run.startswith("Tests run: 4 exact McNemar tests (the lines above;")
+    assert tests_run.endswith("over 4 tests a family-wise 0.05 (Bonferroni) needs p < 0.0125: none holds.")
