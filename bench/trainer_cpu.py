@@ -1,13 +1,15 @@
 """The CPU trainer against a plain single-process torch loop (issue 17 section 4), and the trainer's shared
 prompt against two separate rows per pair (issue 25 item 5): same model, same pairs, one run.
 
-Arms, run in alternation (a, b, c, d, a, b, ...) in one invocation, each a full fit on the same step pairs:
+Arms, run in alternation (a, b, c, d, e, a, b, ...) in one invocation, each a full fit on the same step pairs:
   (a) trainer: the product's `train_dpo` (Ray Train, DeepSpeed ZeRO-3, gloo, fp32) with the
       embedded preset's trainer settings (one worker on two CPUs) (psr_ray/configs/embedded_cpu.yaml), reading the pairs through the
       loop's streamed pairs dataset (Parquet parts + manifest, `stream_pairs_dataset`); a pair's chosen and
       rejected step packed in one row, their prompt computed once (`trainer.share_prompt`, the default);
   (b) separate: the same with `trainer.share_prompt=false` (chosen and rejected as two rows, as before);
   (c) two_workers: the trainer as the preset had it before: two workers of one CPU (one torch thread) each;
+  (e) bf16_autocast: the same as trainer with `trainer.cpu_bf16_autocast=true` (bf16 matmuls on fp32
+      weights, gradients and optimizer state);
   (d) plain: one process, `torch.set_num_threads(os.cpu_count())`, the same HF model loaded twice (policy and
       frozen reference), the same tokenization (`collate_pairs`), step-DPO loss, micro and global batch,
       AdamW settings and gradient clipping: the loop a user would write.
@@ -43,7 +45,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 GOAL = 0.8
-ARMS = ("trainer", "separate", "two_workers", "plain")
+ARMS = ("trainer", "separate", "two_workers", "plain", "bf16_autocast")
 
 
 def pair_rows(num_pairs: int, seed: int) -> list[dict[str, Any]]:
@@ -193,20 +195,22 @@ def computed_share(tokenizer: Any, rows: list[dict[str, Any]], *, max_seq_len: i
 
 
 def summarize(fits: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
-    """Medians over the repeats; the trainer/plain ratio of steady tokens/s against the goal and the
-    shared-prompt gain (trainer/separate)."""
+    """Medians over the repeats of the arms that ran; against the trainer: plain's ratio (the goal), the
+    shared-prompt gain (over separate), one worker's gain (over two_workers) and bf16 autocast's gain."""
     med = {arm: {key: statistics.median(getattr(f["timing"], key) for f in runs)
                  for key in ("steady_tokens_per_s", "startup_s", "teardown_s")}
-           for arm, runs in fits.items()}  # fmt: skip
-    ratio = med["trainer"]["steady_tokens_per_s"] / med["plain"]["steady_tokens_per_s"]
-    gain = med["trainer"]["steady_tokens_per_s"] / med["separate"]["steady_tokens_per_s"]
-    one_worker = med["trainer"]["steady_tokens_per_s"] / med["two_workers"]["steady_tokens_per_s"]
-    return {
-        "ratio": ratio,
-        "shared_gain": gain,
-        "one_worker_gain": one_worker,
-        **{f"{arm}_{k}": v for arm, m in med.items() for k, v in m.items()},
-    }
+           for arm, runs in fits.items() if runs}  # fmt: skip
+    out = {f"{arm}_{k}": v for arm, m in med.items() for k, v in m.items()}
+    if "trainer" not in med:
+        return out
+    rate = med["trainer"]["steady_tokens_per_s"]
+    # bf16_autocast over trainer: the trainer is the denominator there (the gain of turning it on).
+    for name, arm in (("ratio", "plain"), ("shared_gain", "separate"), ("one_worker_gain", "two_workers"),
+                      ("bf16_gain", "bf16_autocast")):  # fmt: skip
+        if arm in med:
+            other = med[arm]["steady_tokens_per_s"]
+            out[name] = other / rate if arm == "bf16_autocast" else rate / other
+    return out
 
 
 def machine() -> str:
@@ -233,6 +237,7 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
         f"ZeRO-{tcfg.zero_stage}, gloo, the loop's streamed pairs dataset, a pair's prompt computed once "
         "(`trainer.share_prompt`). separate: the same with `trainer.share_prompt=false` (chosen and rejected as "
         "two rows). two_workers: the same as trainer on 2 workers x 1 CPU (one torch thread each). "
+        "bf16_autocast: the same as trainer with `trainer.cpu_bf16_autocast=true`. "
         f"plain: one process, torch.set_num_threads({os.cpu_count()}), policy and reference as plain "
         "HF models, two rows per pair.",
         "",
@@ -253,34 +258,62 @@ def write_table(path: Path, args: argparse.Namespace, cfg: Any, fits: dict, orde
     path.write_text("\n".join(out + [""] + lines_after) + "\n")
 
 
-def findings(fits: dict[str, list[dict[str, Any]]], computed: float, cfg_ckpt: bool) -> list[str]:
-    if not all(fits.get(arm) for arm in ARMS):
-        return ["Not finished: this table holds the fits done so far."]
+def findings(fits: dict[str, list[dict[str, Any]]], computed: float, cfg_ckpt: bool, arms: list[str]) -> list[str]:
+    if not all(fits.get(arm) for arm in arms) or "trainer" not in arms:
+        return ["Not finished (or no trainer arm): this table holds the fits done so far."]
     s = summarize(fits)
-    verdict = (f"met by {s['ratio'] / GOAL - 1:+.0%} of the goal" if s["ratio"] >= GOAL
-               else f"missed: {1 - s['ratio'] / GOAL:.0%} short of the goal")  # fmt: skip
     trainer = fits["trainer"]
     breakdown = {k: statistics.median(f["breakdown"][k] for f in trainer) for k in trainer[0]["breakdown"]}
-    threads = trainer[-1]["threads"]
-    return [
-        f"Medians over {len(trainer)} fits per arm:",
-        "",
-        f"- steady tokens/s: trainer {s['trainer_steady_tokens_per_s']:.1f}, plain "
-        f"{s['plain_steady_tokens_per_s']:.1f}; ratio **{s['ratio']:.2f}x** against the {GOAL}x goal: {verdict}.",
-        f"- shared prompt: trainer {s['trainer_steady_tokens_per_s']:.1f} against separate "
-        f"{s['separate_steady_tokens_per_s']:.1f} tokens/s, a gain of **{s['shared_gain']:.2f}x**; the packed rows "
-        f"compute {computed:.0%} of the sequences' tokens (at most {1 / computed:.2f}x if time went by tokens).",
-        f"- per row, without the shared prompt: separate {s['separate_steady_tokens_per_s']:.1f} against plain "
-        f"{s['plain_steady_tokens_per_s']:.1f} tokens/s ({s['separate_steady_tokens_per_s'] / s['plain_steady_tokens_per_s']:.2f}x; "
-        f"the trainer recomputes activations in the backward, trainer.gradient_checkpointing={cfg_ckpt}, the plain loop does not).",
-        f"- one worker on both CPUs against two workers of one: trainer {s['trainer_steady_tokens_per_s']:.1f} "
-        f"against two_workers {s['two_workers_steady_tokens_per_s']:.1f} tokens/s, **{s['one_worker_gain']:.2f}x**.",
+    lines = [f"Medians over {len(trainer)} fits per arm:", ""]
+    if "ratio" in s:
+        verdict = (f"met by {s['ratio'] / GOAL - 1:+.0%} of the goal" if s["ratio"] >= GOAL
+                   else f"missed: {1 - s['ratio'] / GOAL:.0%} short of the goal")  # fmt: skip
+        lines.append(f"- steady tokens/s: trainer {s['trainer_steady_tokens_per_s']:.1f}, plain "
+                     f"{s['plain_steady_tokens_per_s']:.1f}; ratio **{s['ratio']:.2f}x** against the {GOAL}x goal: {verdict}.")  # fmt: skip
+    if "shared_gain" in s:
+        lines.append(f"- shared prompt: trainer {s['trainer_steady_tokens_per_s']:.1f} against separate "
+                     f"{s['separate_steady_tokens_per_s']:.1f} tokens/s, a gain of **{s['shared_gain']:.2f}x**; the packed "
+                     f"rows compute {computed:.0%} of the sequences' tokens (at most {1 / computed:.2f}x if time went by tokens).")  # fmt: skip
+    if "shared_gain" in s and "ratio" in s:
+        lines.append(f"- per row, without the shared prompt: separate {s['separate_steady_tokens_per_s']:.1f} against plain "
+                     f"{s['plain_steady_tokens_per_s']:.1f} tokens/s ({s['separate_steady_tokens_per_s'] / s['plain_steady_tokens_per_s']:.2f}x; "
+                     f"the trainer recomputes activations in the backward, trainer.gradient_checkpointing={cfg_ckpt}, "
+                     "the plain loop does not).")  # fmt: skip
+    if "one_worker_gain" in s:
+        lines.append(f"- one worker on both CPUs against two workers of one: trainer {s['trainer_steady_tokens_per_s']:.1f} "
+                     f"against two_workers {s['two_workers_steady_tokens_per_s']:.1f} tokens/s, **{s['one_worker_gain']:.2f}x**.")  # fmt: skip
+    if "bf16_gain" in s:
+        lines += bf16_findings(fits, s)
+    lines += [
         f"- trainer start-up per fit: **{s['trainer_startup_s']:.1f} s** (worker group {breakdown['group_s']:.1f} s, "
         f"DeepSpeed init + policy + reference engines {breakdown['engines_s']:.1f} s, the first step's extra "
-        f"{breakdown['first_step_extra_s']:.1f} s); teardown {s['trainer_teardown_s']:.1f} s. The plain loop's "
-        f"start-up (loading the two models) is {s['plain_startup_s']:.1f} s.",
-        f"- what a trainer worker's torch ran with (rank 0): {threads}.",
-    ]
+        f"{breakdown['first_step_extra_s']:.1f} s); teardown {s['trainer_teardown_s']:.1f} s."
+        + (f" The plain loop's start-up (loading the two models) is {s['plain_startup_s']:.1f} s." if "ratio" in s else ""),
+        f"- what a trainer worker's torch ran with (rank 0): {trainer[-1]['threads']}.",
+    ]  # fmt: skip
+    return lines
+
+
+def bf16_findings(fits: dict[str, list[dict[str, Any]]], s: dict[str, float]) -> list[str]:
+    """bf16 autocast against fp32: speed, and what it does to the numbers DPO reads. At step 1 the policy is
+    the reference, so both arms score the same pairs (the same seeded order) with the same weights: the
+    difference of their mean chosen log-probabilities is bf16's rounding alone."""
+
+    def med(arm: str, key: str, step: int) -> float:
+        return statistics.median(f["history"][step][key] for f in fits[arm])
+
+    first = {arm: med(arm, "train/chosen_logps", 0) for arm in ("trainer", "bf16_autocast")}
+    last = {
+        arm: (med(arm, "train/loss", -1), med(arm, "train/reward_accuracy", -1)) for arm in ("trainer", "bf16_autocast")
+    }
+    return [
+        f"- bf16 autocast (`trainer.cpu_bf16_autocast=true`) against the fp32 trainer: "
+        f"{s['bf16_autocast_steady_tokens_per_s']:.1f} against {s['trainer_steady_tokens_per_s']:.1f} tokens/s, "
+        f"**{s['bf16_gain']:.2f}x**. Step 1's mean chosen-step log-probability (policy = reference, same pairs): "
+        f"{first['bf16_autocast']:.4f} against {first['trainer']:.4f} ({first['bf16_autocast'] - first['trainer']:+.4f}). "
+        f"Last step's loss and reward accuracy: {last['bf16_autocast'][0]:.4f} and {last['bf16_autocast'][1]:.3f} against "
+        f"{last['trainer'][0]:.4f} and {last['trainer'][1]:.3f}.",
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -322,7 +355,9 @@ def main() -> None:
         variants = {"trainer": cfg,
                     "separate": dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, share_prompt=False)),
                     "two_workers": dataclasses.replace(cfg, trainer=dataclasses.replace(
-                        cfg.trainer, num_workers=2, num_cpus_per_worker=1.0))}  # fmt: skip
+                        cfg.trainer, num_workers=2, num_cpus_per_worker=1.0)),
+                    "bf16_autocast": dataclasses.replace(cfg, trainer=dataclasses.replace(
+                        cfg.trainer, cpu_bf16_autocast=True))}  # fmt: skip
         computed = computed_share(AutoTokenizer.from_pretrained(model), rows, max_seq_len=cfg.trainer.max_seq_len,
                                   micro=cfg.trainer.micro_batch_size)  # fmt: skip
         write_pairs(tmp, rows)
@@ -347,7 +382,7 @@ def main() -> None:
                     cfg,
                     fits,
                     order,
-                    [*findings(fits, computed, cfg.trainer.gradient_checkpointing), took],
+                    [*findings(fits, computed, cfg.trainer.gradient_checkpointing, arms), took],
                 )
     print(Path(args.out).read_text())
 

@@ -177,6 +177,11 @@ class TrainerConfig:
     # for GPUs: a 5e8-element bucket, and a reuse distance of 1e9 that keeps a small model whole on every
     # worker through each step). Memory only.
     zero3_buffer_numel: int = 0
+    # CPU workers run the model's forward under torch.autocast(bfloat16): matmuls take bf16 inputs and sum in
+    # fp32, while weights, gradients, optimizer state, norms, the residual stream and the loss stay fp32 (the
+    # mixed precision GPU trainers use). Pays on CPUs with bf16 instructions (AVX512-BF16, AMX;
+    # bench/results/trainer_cpu.md); GPU workers ignore it (they train in bf16).
+    cpu_bf16_autocast: bool = False
     # Initialization SFT (M0 -> M1): 3 epochs at lr 1e-6 in the paper.
     sft_learning_rate: float = 1e-6
     sft_num_epochs: int = 3

@@ -39,8 +39,9 @@ def format_digest() -> str:
 # Trainer settings that change only memory, never M1: keyed at their defaults (an added one not at all), so
 # caches built before they existed, or with other values, stay valid.
 MEMORY_ONLY = {"gradient_checkpointing": False}
-# Init settings added since caches were first built, keyed only away from these defaults (the M1 they built).
+# Settings added since caches were first built, keyed only away from these defaults (the M1 they built).
 ADDED_INIT = {"max_eft_problems": 0}
+ADDED_TRAINER = {"cpu_bf16_autocast": False}
 
 
 def _init_settings(init: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +53,7 @@ def init_key(cfg: PSRConfig) -> str:
     plain = cfg.to_dict()
     trainer = {k: MEMORY_ONLY.get(k, v) for k, v in plain["trainer"].items()
                if k not in ("learning_rate", "beta", "num_epochs", "zero3_buffer_numel", "share_prompt",
-                             "heldout_accuracy_ci")}  # fmt: skip
+                             "heldout_accuracy_ci") and not (k in ADDED_TRAINER and v == ADDED_TRAINER[k])}  # fmt: skip
     return _digest({
         "model": plain["model"], "data": plain["data"], "init": _init_settings(plain["init"]),
         "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,

@@ -77,8 +77,12 @@ def ds_config(
     return config
 
 
-def load_model(model_path: str, config: dict[str, Any], *, gradient_checkpointing: bool = False) -> torch.nn.Module:
-    """The HF causal LM, built under `zero.Init` for stage 3 so each rank only ever holds its partition."""
+def load_model(
+    model_path: str, config: dict[str, Any], *, gradient_checkpointing: bool = False, cpu_bf16_autocast: bool = False
+) -> torch.nn.Module:
+    """The HF causal LM, built under `zero.Init` for stage 3 so each rank only ever holds its partition.
+    `cpu_bf16_autocast` (fp32 CPU models only): every forward runs under CPU bf16 autocast; the backward
+    follows the forward's dtypes, and checkpointed layers recompute under the autocast state they ran in."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -90,6 +94,9 @@ def load_model(model_path: str, config: dict[str, Any], *, gradient_checkpointin
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cpu_bf16_autocast and dtype == torch.float32:
+        # On the instance: DeepSpeed's hooks run around `forward` through `__call__` as before.
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # type: ignore[method-assign]
     return model
 
 
@@ -107,7 +114,8 @@ def build_policy(
     from torch.optim.lr_scheduler import LambdaLR
 
     config = ds_config(tcfg, use_gpu=use_gpu, world_size=world_size, learning_rate=learning_rate)
-    model = load_model(model_path, config, gradient_checkpointing=tcfg.gradient_checkpointing)
+    model = load_model(model_path, config, gradient_checkpointing=tcfg.gradient_checkpointing,
+                       cpu_bf16_autocast=tcfg.cpu_bf16_autocast)  # fmt: skip
     multiplier = functools.partial(
         lr_multiplier, schedule=tcfg.lr_schedule, warmup_steps=tcfg.warmup_steps, decay_steps=tcfg.lr_decay_steps,
         min_lr_ratio=tcfg.min_lr_ratio,
@@ -141,7 +149,7 @@ def build_reference(model_path: str, tcfg: TrainerConfig, *, use_gpu: bool, worl
     import deepspeed
 
     config = ds_config(tcfg, use_gpu=use_gpu, world_size=world_size, learning_rate=0.0, with_optimizer=False)
-    model = load_model(model_path, config)
+    model = load_model(model_path, config, cpu_bf16_autocast=tcfg.cpu_bf16_autocast)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()

@@ -194,6 +194,19 @@ def test_max_eft_problems_keys_the_init_cache_only_when_set(monkeypatch):
     assert init_key(default) == before
 
 
+def test_cpu_bf16_autocast_keys_the_init_cache_only_when_on(monkeypatch):
+    from psr_ray import config as C
+    from psr_ray.pipeline.init_cache import init_key
+
+    default, autocast = C.load([], []), C.load([], ["trainer.cpu_bf16_autocast=true"])
+    assert init_key(default) != init_key(autocast)  # bf16 matmuls train another M1
+    plain = default.to_dict()
+    del plain["trainer"]["cpu_bf16_autocast"]
+    before = init_key(default)
+    monkeypatch.setattr(type(default), "to_dict", lambda self: plain)
+    assert init_key(default) == before
+
+
 def one_right_of_three(request, right: str) -> tuple[str, ...]:
     """The reference step's result off by one, a step with no equation, the reference step."""
     return (off_by_one(right), "We need to think.", right)
