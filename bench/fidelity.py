@@ -70,6 +70,11 @@ def recorded(work: Path, stage: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def arm_folder(work: Path, arm: str) -> Path:
+    """Where an arm's run is: its own folder, or the `psr-ray run` folder it was taken from (--self-run)."""
+    return Path((recorded(work, arm) or {}).get("output_dir", work / arm))
+
+
 def stage_init(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from psr_ray.pipeline.init_cache import init_dir, initialize_first
     from psr_ray.pipeline.session import RunSession
@@ -138,7 +143,7 @@ def _share_m1_eval(work: Path, arm: str, cfg: Any) -> None:
     from psr_ray.pipeline.run_state import RunState
 
     for other in ("self", "oracle"):
-        state = Path((recorded(work, other) or {}).get("output_dir", work / other)) / "state.json"
+        state = arm_folder(work, other) / "state.json"
         if other == arm or not state.is_file():
             continue
         first = json.loads(state.read_text())["iterations"].get("0", {}).get("eval")
@@ -165,11 +170,6 @@ def random_preferences(rows: list[dict[str, Any]], seed: int) -> list[dict[str, 
         out.append(row | {"chosen": chosen, "rejected": rng.choice(others), "judge_mode": "random",
                           "chosen_score": 0.0, "rejected_score": 0.0})  # fmt: skip
     return out
-
-
-def arm_folder(work: Path, arm: str) -> Path:
-    """Where an arm's run is: its own folder, or the `psr-ray run` folder it was taken from (--self-run)."""
-    return Path((recorded(work, arm) or {}).get("output_dir", work / arm))
 
 
 def stage_random(args: argparse.Namespace, work: Path, control: str) -> dict[str, Any]:

@@ -13,7 +13,6 @@ same value. Rows right = P(label) > 0.5.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import statistics
 import sys
@@ -60,24 +59,25 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
+    from psr_ray.pipeline.init_stage import read_result
     from psr_ray.runtime.models import resolve_model_path
 
     torch.set_num_threads(os.cpu_count() or 1)
     init = Path(args.init_dir).expanduser()
-    rows = pq.read_table(init / "eft_train.parquet").to_pylist()
+    result = read_result(init)
+    if result is None:
+        raise SystemExit(f"{init}: no finished init there (its init.json is missing)")
+    rows = pq.read_table(result.data_files["eft_train"]).to_pylist()
     if not rows:
-        raise SystemExit(f"{init / 'eft_train.parquet'}: no EFT rows")
+        raise SystemExit(f"{result.data_files['eft_train']}: no EFT rows")
     labels = [row["target_text"].startswith("A") for row in rows]
-    m1 = sorted(glob.glob(str(init / "sft" / "sft_v*" / "checkpoint_*" / "hf")))
-    if not m1:
-        raise SystemExit(f"{init}: no SFT export (sft/sft_v*/checkpoint_*/hf): is the init built?")
     m0 = args.m0 or resolve_model_path("embedded:smollm2-135m-instruct", "~/.cache/psr_ray")
     started = time.perf_counter()
-    lines = [summary(name, verdict_probs(path, rows), labels) for name, path in (("M0", m0), ("M1", m1[-1]))]
+    lines = [summary(name, verdict_probs(path, rows), labels) for name, path in (("M0", m0), ("M1", result.hf_dir))]
     text = "\n".join([
         "# Did the init's SFT fit its own EFT verdicts? (bench/judge_fit.py)", "",
         f"Command: `{' '.join(['bench/judge_fit.py', *sys.argv[1:]])}`. Init: `{init}` "
-        f"({len(rows)} EFT rows, {sum(labels)} with the verdict \"A\"). M1: `{m1[-1]}`. See the script's docstring "
+        f"({len(rows)} EFT rows, {sum(labels)} with the verdict \"A\"). M1: `{result.hf_dir}`. See the script's docstring "
         f"for what is read. {time.perf_counter() - started:.0f} s.", "",
         "| model | rows | rows right [95% CI] | mean P(A) on \"A\" rows | mean P(A) on \"B\" rows | min P(A) | max P(A) |",
         "|---|---|---|---|---|---|---|", *lines, "",

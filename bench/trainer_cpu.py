@@ -203,13 +203,12 @@ def summarize(fits: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     out = {f"{arm}_{k}": v for arm, m in med.items() for k, v in m.items()}
     if "trainer" not in med:
         return out
-    rate = med["trainer"]["steady_tokens_per_s"]
-    # bf16_autocast over trainer: the trainer is the denominator there (the gain of turning it on).
-    for name, arm in (("ratio", "plain"), ("shared_gain", "separate"), ("one_worker_gain", "two_workers"),
-                      ("bf16_gain", "bf16_autocast")):  # fmt: skip
-        if arm in med:
-            other = med[arm]["steady_tokens_per_s"]
-            out[name] = other / rate if arm == "bf16_autocast" else rate / other
+    rate = {arm: m["steady_tokens_per_s"] for arm, m in med.items()}
+    for name, arm in (("ratio", "plain"), ("shared_gain", "separate"), ("one_worker_gain", "two_workers")):
+        if arm in rate:
+            out[name] = rate["trainer"] / rate[arm]
+    if "bf16_autocast" in rate:  # the gain of turning it on: the trainer is the denominator
+        out["bf16_gain"] = rate["bf16_autocast"] / rate["trainer"]
     return out
 
 

@@ -39,23 +39,26 @@ def format_digest() -> str:
 # Trainer settings that change only memory, never M1: keyed at their defaults (an added one not at all), so
 # caches built before they existed, or with other values, stay valid.
 MEMORY_ONLY = {"gradient_checkpointing": False}
-# Settings added since caches were first built, keyed only away from these defaults (the M1 they built).
-ADDED_INIT = {"max_eft_problems": 0}
-ADDED_TRAINER = {"cpu_bf16_autocast": False}
+# Settings added since caches were first built, per section, keyed only away from these defaults (the M1
+# they built).
+ADDED: dict[str, dict[str, Any]] = {"init": {"max_eft_problems": 0}, "trainer": {"cpu_bf16_autocast": False}}
 
 
-def _init_settings(init: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in init.items() if k != "run_first" and not (k in ADDED_INIT and v == ADDED_INIT[k])}
+def _keyed(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` of config `section` without its added settings left at their defaults."""
+    added = ADDED.get(section, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
 
 
 def init_key(cfg: PSRConfig) -> str:
     """The digest of every setting M1 and its held-out pairs depend on, and of the prompt formats."""
     plain = cfg.to_dict()
-    trainer = {k: MEMORY_ONLY.get(k, v) for k, v in plain["trainer"].items()
+    trainer = {k: MEMORY_ONLY.get(k, v) for k, v in _keyed("trainer", plain["trainer"]).items()
                if k not in ("learning_rate", "beta", "num_epochs", "zero3_buffer_numel", "share_prompt",
-                             "heldout_accuracy_ci") and not (k in ADDED_TRAINER and v == ADDED_TRAINER[k])}  # fmt: skip
+                             "heldout_accuracy_ci")}  # fmt: skip
+    init = {k: v for k, v in _keyed("init", plain["init"]).items() if k != "run_first"}
     return _digest({
-        "model": plain["model"], "data": plain["data"], "init": _init_settings(plain["init"]),
+        "model": plain["model"], "data": plain["data"], "init": init,
         "trainer": trainer, "seed": cfg.run.seed, "eft_mode": eft_mode(cfg).value,
         "rollout": {k: plain["rollout"][k] for k in ("top_p", "max_step_tokens")}, "format": format_digest(),
         "recipe": RECIPE,

@@ -180,28 +180,18 @@ def test_max_eft_keeps_the_first_eft_problems_and_the_rest_of_the_split():
     assert split_problems(problems, num_heldout=40, num_ift=50, max_eft=1000).eft == full.eft  # fewer there: all
 
 
-def test_max_eft_problems_keys_the_init_cache_only_when_set(monkeypatch):
+# Settings added after caches were first built: a changed value keys another M1 (bf16 matmuls train another
+# one), and at the default the key is the one computed before the setting existed, so those caches stay valid.
+@pytest.mark.parametrize(("section", "name", "value"),
+                         [("init", "max_eft_problems", "8"), ("trainer", "cpu_bf16_autocast", "true")])  # fmt: skip
+def test_an_added_setting_keys_the_init_cache_only_away_from_its_default(monkeypatch, section, name, value):
     from psr_ray import config as C
     from psr_ray.pipeline.init_cache import init_key
 
-    default, capped = C.load([], []), C.load([], ["init.max_eft_problems=8"])
-    assert init_key(default) != init_key(capped)
-    # At its default the key is the one computed before the setting existed: caches built then stay valid.
+    default, changed = C.load([], []), C.load([], [f"{section}.{name}={value}"])
+    assert init_key(default) != init_key(changed)
     plain = default.to_dict()
-    del plain["init"]["max_eft_problems"]
-    before = init_key(default)
-    monkeypatch.setattr(type(default), "to_dict", lambda self: plain)
-    assert init_key(default) == before
-
-
-def test_cpu_bf16_autocast_keys_the_init_cache_only_when_on(monkeypatch):
-    from psr_ray import config as C
-    from psr_ray.pipeline.init_cache import init_key
-
-    default, autocast = C.load([], []), C.load([], ["trainer.cpu_bf16_autocast=true"])
-    assert init_key(default) != init_key(autocast)  # bf16 matmuls train another M1
-    plain = default.to_dict()
-    del plain["trainer"]["cpu_bf16_autocast"]
+    del plain[section][name]
     before = init_key(default)
     monkeypatch.setattr(type(default), "to_dict", lambda self: plain)
     assert init_key(default) == before
