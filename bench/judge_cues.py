@@ -33,6 +33,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,9 @@ def measure(model: str, pairs_json: str, modes: list[str], max_tokens: int, kv_c
 
 
 def train(model: str, rows_json: str, out_dir: str, *, lr: float, epochs: int, batch: int, seed: int,
-          max_steps: int | None) -> dict[str, Any]:  # fmt: skip
-    """SFT of `model` on the rows (prompt_text, target_text); saves an HF folder to `out_dir`."""
+          max_steps: int | None, on_epoch: Callable[[int, Any, Any], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """SFT of `model` on the rows (prompt_text, target_text); saves an HF folder to `out_dir`. `on_epoch(epoch,
+    policy, tokenizer)` runs after each full epoch (bench/judge_phase.py measures there)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,6 +183,10 @@ def train(model: str, rows_json: str, out_dir: str, *, lr: float, epochs: int, b
         print(
             f"step {step + 1}/{len(batches)} loss {float(loss.detach()):.3f} {history[-1]['step_s']:.1f} s", flush=True
         )
+        if on_epoch is not None and ((step + 1) * batch) % len(rows) < batch:
+            policy.eval()
+            on_epoch(((step + 1) * batch) // len(rows), policy, tokenizer)
+            policy.train()
     wall_s = time.perf_counter() - started
     policy.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -108,6 +108,9 @@ def test_load_rejects_missing_file_and_bad_override():
         ("trainer.beta=-0.1", "trainer.beta"),
         ("trainer.global_batch_size=3", "trainer.global_batch_size"),
         ("trainer.zero_stage=4", "trainer.zero_stage"),
+        ("trainer.sft_zero_stage=5", "trainer.sft_zero_stage"),
+        ("trainer.sft_micro_batch_size=3", "trainer.sft_micro_batch_size"),
+        ("trainer.sft_micro_batch_size=-1", "trainer.sft_micro_batch_size"),
         ("weight_sync.backend=carrier_pigeon", "weight_sync.backend"),
         ("run.num_iterations=0", "run.num_iterations"),
         ("run.prompts_per_iteration=[0]", "run.prompts_per_iteration"),
@@ -259,3 +262,13 @@ def test_a_hub_dataset_this_machine_cannot_load_is_refused_before_start(tmp_path
         preflight.validate(bench, gpu_available=False)
     (tmp_path / "datasets" / "Hothan___OlympiadBench").mkdir(parents=True)  # loaded once before: cached
     preflight.validate(bench, gpu_available=False)
+
+
+def test_sft_fits_take_the_sft_memory_settings_where_set():
+    dpo = ["trainer.micro_batch_size=2", "trainer.gradient_checkpointing=true", "trainer.zero_stage=3"]
+    same = C.load([], dpo).trainer.for_sft()
+    assert (same.micro_batch_size, same.gradient_checkpointing, same.zero_stage) == (2, True, 3)
+    sft = C.load([], [*dpo, "trainer.sft_micro_batch_size=8", "trainer.sft_gradient_checkpointing=false",
+                      "trainer.sft_zero_stage=0"]).trainer.for_sft()  # fmt: skip
+    assert (sft.micro_batch_size, sft.gradient_checkpointing, sft.zero_stage) == (8, False, 0)
+    assert sft.sft_micro_batch_size == 8 and sft.learning_rate == same.learning_rate  # the rest as it was

@@ -185,6 +185,11 @@ class TrainerConfig:
     # Initialization SFT (M0 -> M1): 3 epochs at lr 1e-6 in the paper.
     sft_learning_rate: float = 1e-6
     sft_num_epochs: int = 3
+    # The init's SFTs run with no engine beside them, so they may spend memory on speed (bench/results/sft_cpu.md):
+    # their micro batch, checkpointing and ZeRO stage. 0 / None: the step-DPO fits' own settings.
+    sft_micro_batch_size: int = 0
+    sft_gradient_checkpointing: bool | None = None
+    sft_zero_stage: int | None = None
     # Ray Train restarts the worker group this often after a worker dies; the retry starts from the last
     # complete checkpoint (the previous iteration's) and re-reads the iteration's pairs from the first.
     max_failures: int = 2
@@ -194,6 +199,16 @@ class TrainerConfig:
     # A custom Ray resource only the trainer node group has (cluster/ files declare `psr_trainer`, one unit
     # per GPU): every worker takes one unit, so the ZeRO-3 group stays on trainer nodes. "" places freely.
     node_resource: str = ""
+
+    def for_sft(self) -> TrainerConfig:
+        """These settings with the `sft_*` memory settings in place of the step-DPO fits' (where set)."""
+        return dataclasses.replace(
+            self,
+            micro_batch_size=self.sft_micro_batch_size or self.micro_batch_size,
+            gradient_checkpointing=self.gradient_checkpointing if self.sft_gradient_checkpointing is None
+            else self.sft_gradient_checkpointing,
+            zero_stage=self.zero_stage if self.sft_zero_stage is None else self.sft_zero_stage,
+        )  # fmt: skip
 
 
 class WeightSyncBackend(enum.StrEnum):

@@ -38,10 +38,14 @@ def format_digest() -> str:
 
 # Trainer settings that change only memory, never M1: keyed at their defaults (an added one not at all), so
 # caches built before they existed, or with other values, stay valid.
-MEMORY_ONLY = {"gradient_checkpointing": False}
+MEMORY_ONLY = {"gradient_checkpointing": False, "sft_gradient_checkpointing": None}
 # Settings added since caches were first built, per section, keyed only away from these defaults (the M1
 # they built).
-ADDED: dict[str, dict[str, Any]] = {"init": {"max_eft_problems": 0}, "trainer": {"cpu_bf16_autocast": False}}
+ADDED: dict[str, dict[str, Any]] = {
+    "init": {"max_eft_problems": 0},
+    "trainer": {"cpu_bf16_autocast": False, "sft_micro_batch_size": 0, "sft_gradient_checkpointing": None,
+                "sft_zero_stage": None},
+}  # fmt: skip
 
 
 def _keyed(section: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +57,8 @@ def _keyed(section: str, values: dict[str, Any]) -> dict[str, Any]:
 def init_key(cfg: PSRConfig) -> str:
     """The digest of every setting M1 and its held-out pairs depend on, and of the prompt formats."""
     plain = cfg.to_dict()
-    trainer = {k: MEMORY_ONLY.get(k, v) for k, v in _keyed("trainer", plain["trainer"]).items()
+    memory_keyed = {k: MEMORY_ONLY.get(k, v) for k, v in plain["trainer"].items()}
+    trainer = {k: v for k, v in _keyed("trainer", memory_keyed).items()
                if k not in ("learning_rate", "beta", "num_epochs", "zero3_buffer_numel", "share_prompt",
                              "heldout_accuracy_ci")}  # fmt: skip
     init = {k: v for k, v in _keyed("init", plain["init"]).items() if k != "run_first"}

@@ -16,6 +16,7 @@ so on a multi-node cluster it must be a shared filesystem.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ def train_sft(
     at `cfg.trainer.sft_learning_rate` (the initialization stage: IFT and EFT data together); `weight_sender`
     as in `train_dpo`."""
     _require_columns(dataset, SFT_COLUMNS, "train_sft")
+    cfg = dataclasses.replace(cfg, trainer=cfg.trainer.for_sft())  # what the fit runs with and its checkpoint records
     # Small blocks, so the unequal split (data_split.py) gives every worker a share of a one-block table.
     dataset = dataset.repartition(target_num_rows_per_block=cfg.trainer.micro_batch_size)
     return _fit(

@@ -183,7 +183,8 @@ def test_max_eft_keeps_the_first_eft_problems_and_the_rest_of_the_split():
 # Settings added after caches were first built: a changed value keys another M1 (bf16 matmuls train another
 # one), and at the default the key is the one computed before the setting existed, so those caches stay valid.
 @pytest.mark.parametrize(("section", "name", "value"),
-                         [("init", "max_eft_problems", "8"), ("trainer", "cpu_bf16_autocast", "true")])  # fmt: skip
+                         [("init", "max_eft_problems", "8"), ("trainer", "cpu_bf16_autocast", "true"),
+                          ("trainer", "sft_micro_batch_size", "4"), ("trainer", "sft_zero_stage", "2")])  # fmt: skip
 def test_an_added_setting_keys_the_init_cache_only_away_from_its_default(monkeypatch, section, name, value):
     from psr_ray import config as C
     from psr_ray.pipeline.init_cache import init_key
@@ -195,6 +196,15 @@ def test_an_added_setting_keys_the_init_cache_only_away_from_its_default(monkeyp
     before = init_key(default)
     monkeypatch.setattr(type(default), "to_dict", lambda self: plain)
     assert init_key(default) == before
+
+
+def test_sft_checkpointing_is_memory_only_in_the_init_key():
+    from psr_ray import config as C
+    from psr_ray.pipeline.init_cache import init_key
+
+    keys = {init_key(C.load([], overrides)) for overrides in ([], ["trainer.sft_gradient_checkpointing=false"],
+                                                              ["trainer.sft_gradient_checkpointing=true"])}  # fmt: skip
+    assert len(keys) == 1
 
 
 def one_right_of_three(request, right: str) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ round trips), one runs `train_dpo` end to end from a Parquet directory, one `tra
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -323,3 +324,26 @@ def test_train_sft_resumes_from_latest_checkpoint(dpo_result, tiny_model_dir, ra
         dataset=ray_cluster.data.from_items(pair_rows(2)), output_dir=str(root / "trainer"), policy_version=2,
     )  # fmt: skip
     assert again.resumed and again.checkpoint_dir == result.checkpoint_dir and again.metrics == result.metrics
+
+
+def test_train_sft_runs_with_its_own_memory_settings(tiny_model_dir, ray_cluster, tmp_path):
+    # The init's SFTs may run another ZeRO stage, micro batch and checkpointing than the DPO fits; the
+    # checkpoint records what the fit ran with, and passes the integrity check for that stage.
+    from transformers import AutoTokenizer
+
+    from psr_ray.core.prompts import render_solution_prompt
+    from psr_ray.trainer import checkpoint as ckpt
+    from psr_ray.trainer.group import train_sft
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"prompt_text": render_solution_prompt(tokenizer, r["question"]), "target_text": r["chosen"]}
+            for r in pair_rows(8)]  # fmt: skip
+    trainer = dataclasses.replace(TRAINER, gradient_checkpointing=True, sft_micro_batch_size=2,
+                                  sft_gradient_checkpointing=False, sft_zero_stage=2)  # fmt: skip
+    result = train_sft(PSRConfig(trainer=trainer), model_path=tiny_model_dir,
+                       dataset=ray_cluster.data.from_items(rows), output_dir=str(tmp_path / "sft"))  # fmt: skip
+    assert sum(m["train/num_rows"] for m in result.metrics) == result.num_trained_rows == 16
+    assert result.metrics[-1]["train/loss"] < result.metrics[0]["train/loss"]
+    ckpt.check_checkpoint(Path(result.checkpoint_dir))
+    recorded = json.loads((Path(result.checkpoint_dir) / ckpt.CONFIG_FILE).read_text())["trainer"]
+    assert (recorded["zero_stage"], recorded["gradient_checkpointing"], recorded["micro_batch_size"]) == (2, False, 2)
