@@ -272,3 +272,6 @@ def test_sft_fits_take_the_sft_memory_settings_where_set():
                       "trainer.sft_zero_stage=0"]).trainer.for_sft()  # fmt: skip
     assert (sft.micro_batch_size, sft.gradient_checkpointing, sft.zero_stage) == (8, False, 0)
     assert sft.sft_micro_batch_size == 8 and sft.learning_rate == same.learning_rate  # the rest as it was
+    # At most a worker's share of the global batch: the preset on two workers runs micro batches of 4.
+    two = preflight.validate(C.load([str(C.DEFAULT_CONFIG)], ["trainer.num_workers=2"]), gpu_available=False)
+    assert two.trainer.for_sft().micro_batch_size == two.trainer.global_batch_size // 2

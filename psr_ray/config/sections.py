@@ -186,7 +186,8 @@ class TrainerConfig:
     sft_learning_rate: float = 1e-6
     sft_num_epochs: int = 3
     # The init's SFTs run with no engine beside them, so they may spend memory on speed (bench/results/sft_cpu.md):
-    # their micro batch, checkpointing and ZeRO stage. 0 / None: the step-DPO fits' own settings.
+    # their micro batch (at most a worker's share of global_batch_size), checkpointing and ZeRO stage. 0 / None:
+    # the step-DPO fits' own settings.
     sft_micro_batch_size: int = 0
     sft_gradient_checkpointing: bool | None = None
     sft_zero_stage: int | None = None
@@ -204,7 +205,9 @@ class TrainerConfig:
         """These settings with the `sft_*` memory settings in place of the step-DPO fits' (where set)."""
         return dataclasses.replace(
             self,
-            micro_batch_size=self.sft_micro_batch_size or self.micro_batch_size,
+            # At most a worker's share of the global batch: the preset's 8 is one micro batch on one worker, 4 on two.
+            micro_batch_size=min(self.sft_micro_batch_size, max(1, self.global_batch_size // max(1, self.num_workers)))
+            if self.sft_micro_batch_size else self.micro_batch_size,
             gradient_checkpointing=self.gradient_checkpointing if self.sft_gradient_checkpointing is None
             else self.sft_gradient_checkpointing,
             zero_stage=self.zero_stage if self.sft_zero_stage is None else self.sft_zero_stage,

@@ -103,10 +103,11 @@ def validate(cfg: PSRConfig, *, gpu_available: bool | None = None, check_paths: 
             f"micro_batch_size x num_workers ({t.micro_batch_size} x {t.num_workers})",
         )
     need(t.sft_micro_batch_size >= 0, f"trainer.sft_micro_batch_size must be >= 0, got {t.sft_micro_batch_size}")
-    if t.sft_micro_batch_size >= 1 and t.num_workers >= 1:
+    if t.sft_micro_batch_size >= 1 and t.num_workers >= 1 and t.global_batch_size >= 1:
+        sft_micro = t.for_sft().micro_batch_size
         need(
-            t.global_batch_size % (t.sft_micro_batch_size * t.num_workers) == 0,
-            f"trainer.sft_micro_batch_size ({t.sft_micro_batch_size}) x num_workers ({t.num_workers}) must divide "
+            t.global_batch_size % (sft_micro * t.num_workers) == 0,
+            f"trainer.sft_micro_batch_size ({sft_micro} a worker) x num_workers ({t.num_workers}) must divide "
             f"trainer.global_batch_size ({t.global_batch_size})",
         )
     need(t.sft_zero_stage in (None, 0, 1, 2, 3), f"trainer.sft_zero_stage must be 0-3, got {t.sft_zero_stage}")
