@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,11 +30,18 @@ def verdict_probs(model_dir: str, rows: list[dict]) -> list[float]:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return judge_probs(model, tokenizer, [row["prompt_text"] for row in rows])
+
+
+def judge_probs(model: Any, tokenizer: Any, prompts: list[str]) -> list[float]:
+    """P(A) / (P(A) + P(B)) at the end of each prompt (the direct judge's verdict position)."""
+    import torch
+
     a, b = (tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B"))
     out = []
     with torch.no_grad():
-        for row in rows:
-            ids = tokenizer(row["prompt_text"], return_tensors="pt", add_special_tokens=False).input_ids
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
             logps = model(ids).logits[0, -1].log_softmax(-1)
             out.append(float(torch.sigmoid(logps[a] - logps[b])))
     return out

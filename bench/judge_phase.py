@@ -31,20 +31,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def judge_probs(model: Any, tokenizer: Any, prompts: list[str]) -> list[float]:
-    """P(A) / (P(A) + P(B)) at the end of each prompt (the direct judge's verdict position)."""
-    import torch
-
-    a, b = (tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B"))
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-            logps = model(ids).logits[0, -1].log_softmax(-1)
-            out.append(float(torch.sigmoid(logps[a] - logps[b])))
-    return out
-
-
 def solver_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float:
     """Mean per-token NLL of the rows' targets (IFT format: reference solutions)."""
     import torch
@@ -63,6 +49,8 @@ def solver_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> float:
 
 
 def measure(model: Any, tokenizer: Any, data: dict[str, Any]) -> dict[str, Any]:
+    from judge_fit import judge_probs
+
     from psr_ray.core.stats import wilson
 
     started = time.perf_counter()
