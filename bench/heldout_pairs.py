@@ -15,8 +15,9 @@ from pathlib import Path
 
 from psr_ray.config import EMBEDDED_MODEL, InitConfig, RolloutConfig
 from psr_ray.data.problems import load_problems
-from psr_ray.engines.actor import EngineActor, EngineSettings
+from psr_ray.engines.actor import EngineActor
 from psr_ray.engines.api import ProposeRequest
+from psr_ray.engines.settings import EngineSettings
 from psr_ray.init_data.build import pair_rows, write_parquet
 from psr_ray.init_data.candidates import OraclePair, best_and_worst, step_sites
 from psr_ray.init_data.labelled import LabelledPair

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from psr_ray.config import EMBEDDED_MODEL, JudgeConfig
 from psr_ray.data.problems import read_jsonl
-from psr_ray.engines.actor import EngineActor, EngineSettings
+from psr_ray.engines.actor import EngineActor
+from psr_ray.engines.settings import EngineSettings
 from psr_ray.init_data.labelled import (
     build_corrupted_pairs,
     judge_requests,

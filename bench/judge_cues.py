@@ -116,7 +116,8 @@ def train_pairs(num_pairs: int, seed: int, exclude_ids: set[str], exclude_questi
 
 def measure(model: str, pairs_json: str, modes: list[str], max_tokens: int, kv_cache_gib: int) -> dict[str, Any]:
     """Judgments of `model` on the pairs (both orders) in each mode, with wall times."""
-    from psr_ray.engines.actor import EngineActor, EngineSettings
+    from psr_ray.engines.actor import EngineActor
+    from psr_ray.engines.settings import EngineSettings
     from psr_ray.init_data.labelled import LabelledPair, judge_requests
 
     pairs = [LabelledPair(**p) for p in json.loads(Path(pairs_json).read_text())]

@@ -171,7 +171,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from psr_ray.engines.actor import EngineActor, EngineSettings
+    from psr_ray.engines.actor import EngineActor
+    from psr_ray.engines.settings import EngineSettings
     from psr_ray.runtime.models import load_safetensors_dir
     from psr_ray.weight_sync.probe import ProbeSpec, reference_logprobs
 

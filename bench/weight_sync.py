@@ -74,7 +74,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from psr_ray import config as C
-    from psr_ray.engines.actor import engine_settings
+    from psr_ray.engines.settings import engine_settings
     from psr_ray.runtime.models import load_safetensors_dir, resolve_model_path
     from psr_ray.testing import build_tiny_model
     from psr_ray.weight_sync.base import state_dict_bytes

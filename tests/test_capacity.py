@@ -70,7 +70,7 @@ def test_the_embedded_preset_fits_the_local_ray_of_this_machine():
     local = {"CPU": 4.0, "memory": 1.6e10, "object_store_memory": 7e9, "node:__internal_head__": 1.0}
     assert check_capacity(cfg, [local]) == []
     bigger = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, num_workers=8, num_cpus_per_worker=1))
-    with pytest.raises(ValueError, match="the run asks for 9 CPU in all, the cluster has 4"):
+    with pytest.raises(ValueError, match="the run asks for 10 CPU in all, the cluster has 4"):
         check_capacity(bigger, [local])
     assert describe([local]) == "1 node: 4 CPU"
 

@@ -109,7 +109,7 @@ class FakeBatcher:
 
 
 def receiver(tiny_model_dir):
-    from psr_ray.engines.actor import EngineSettings
+    from psr_ray.engines.settings import EngineSettings
     from psr_ray.weight_sync.receivers import WeightReceiver
 
     engine = WeightReceiver()

@@ -48,7 +48,8 @@ def test_every_engine_serves_the_last_policy(ray_cluster, finished_run):
 
 
 def test_synced_engines_match_a_fresh_load_of_the_export(ray_cluster, finished_run):
-    from psr_ray.engines.actor import EngineActor, engine_settings
+    from psr_ray.engines.actor import EngineActor
+    from psr_ray.engines.settings import engine_settings
 
     cfg, out, _ = finished_run
     state = json.loads((out / "state.json").read_text())

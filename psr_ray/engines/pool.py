@@ -257,7 +257,8 @@ def launch_engine(
     and returns its handle at once (its `ready()` answers once its model is loaded); see `start_engine_pool`."""
     import ray
 
-    from psr_ray.engines.actor import EngineActor, engine_env, engine_settings
+    from psr_ray.engines.actor import EngineActor
+    from psr_ray.engines.settings import engine_env, engine_settings
     from psr_ray.runtime.memory import ENGINE_NAME_ENV
 
     settings = engine_settings(cfg, role, model_path)

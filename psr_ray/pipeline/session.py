@@ -150,8 +150,8 @@ def stop_engines(engines: list[Any], names: list[str]) -> None:
 def phase_engine_count(cfg: Any, cores: int) -> int:
     """Engines for a phase with no trainer (the init's candidates, held-out pairs and scores): the run's engines
     of both roles, or on a local cluster of CPU engines one per `rollout.num_cpus_per_engine` of this machine's
-    `cores` if that is more, so no core idles (engines run one thread each: vLLM's CPU serving is fastest at one
-    thread a process, and two threads measured slower than one on a loaded 2-core machine)."""
+    `cores` if that is more, so no core idles (an engine's threads are the CPUs it reserves: two one-thread engines
+    and one two-thread engine evaluate at the same speed, bench/results/engine_threads.md)."""
     count = cfg.rollout.num_engines + cfg.judge.num_engines
     if cluster_address(cfg) is not None or cfg.rollout.num_gpus_per_engine > 0:
         return count

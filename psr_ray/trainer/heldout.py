@@ -84,15 +84,14 @@ def heldout_metrics(
                 pad_to_multiple_of=pad_to_multiple_of,
             )  # fmt: skip
             batch = {k: v.to(policy.device) for k, v in batch.items()}
-            ref_logits, positions = scored_logits(reference, batch)
-            logits, _ = scored_logits(policy, batch)
+            ref_scored, scored = scored_logits(reference, batch), scored_logits(policy, batch)
             if not real:
                 continue
-            logps, ref = batch_logps(logits, positions, batch), batch_logps(ref_logits, positions, batch)
+            logps, ref = batch_logps(scored, batch), batch_logps(ref_scored, batch)
             b = logps.shape[0] // 2
             out = step_dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=beta)
             margin = out.chosen_rewards - out.rejected_rewards
-            kl_sum, kl_tokens = token_kl(logits, ref_logits, batch["loss_mask"], positions=positions)
+            kl_sum, kl_tokens = token_kl(scored.logits, ref_scored.logits)
             found = [(margin > 0).sum(), margin.sum(), torch.tensor(b), kl_sum, kl_tokens]
             sums += torch.stack([x.to(sums) for x in found])
     if was_training:

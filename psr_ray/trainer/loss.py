@@ -42,55 +42,45 @@ def step_dpo_loss(
     return DPOOutput(loss, chosen.detach(), rejected.detach())
 
 
-def scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
-    """Positions t whose logits some row scores (the token at t+1 is a step token in some row): the only
-    positions `sequence_logps` reads, so the model's head need not compute the others (`logits_to_keep`)."""
-    return loss_mask[:, 1:].bool().any(0).nonzero().squeeze(-1)
+def scored_mask(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: position t is scored, its row's token at t + 1 a target (`loss_mask` 1 there). The only
+    positions whose logits the losses read, so the model's head computes no others (`forward.scored_logits`)."""
+    return F.pad(loss_mask[:, 1:].bool(), (0, 1))
 
 
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, *, positions: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Sum of log p(label_t | tokens < t) over positions where `loss_mask` is 1.
+def next_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N]: the token each of the N scored positions of `mask` (`scored_mask`) predicts, in row-major order."""
+    return F.pad(input_ids[:, 1:], (0, 1))[mask]
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N]: log p(target) under each of the N rows of `logits` [N, V] (softmaxed in float32)."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label_t | tokens < t) over positions where `loss_mask` is 1, one per row.
 
     `logits` [B, T, V] predicts the token at t+1 from position t; `labels`, `loss_mask` are [B, T] aligned
-    with the input ids. With `positions` (`scored_positions(loss_mask)`), `logits` is [B, K, V] for those K
-    positions only. Only the masked (step) positions are gathered, so the log-softmax never
-    materializes a float32 [B, T, V] tensor of the whole vocabulary.
+    with the input ids. Only the masked (step) positions are gathered, so the log-softmax never
+    materializes a float32 [B, T, V] tensor of the whole vocabulary. (The trainer's head computes the scored
+    positions only: `forward.scored_logits`.)
     """
-    if positions is None:
-        logits, labels, mask = logits[:, :-1], labels[:, 1:], loss_mask[:, 1:].bool()
-    else:
-        labels, mask = labels[:, positions + 1], loss_mask[:, positions + 1].bool()
-    # logsumexp over the vocabulary only where needed: [N, V] for the N step tokens.
-    picked = logits[mask]
-    token_logps = picked.float().gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(
-        picked.float(), dim=-1
-    )
+    mask = scored_mask(loss_mask)
     rows = mask.nonzero(as_tuple=True)[0]
-    out = torch.zeros(logits.shape[0], dtype=token_logps.dtype, device=logits.device)
-    return out.index_add(0, rows, token_logps)
+    picked = token_logps(logits[mask], next_tokens(labels, mask))
+    return torch.zeros(logits.shape[0], dtype=picked.dtype, device=logits.device).index_add(0, rows, picked)
 
 
-def token_kl(
-    policy_logits: torch.Tensor,
-    reference_logits: torch.Tensor,
-    loss_mask: torch.Tensor,
-    *,
-    positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, count) over the positions where `loss_mask` is 1 of the exact full-vocabulary
-    KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v)) of the next-token distributions that predict
-    those tokens (aligned like `sequence_logps`, `positions` too). Only the masked positions are softmaxed."""
-    if positions is None:
-        mask = loss_mask[:, 1:].bool()
-        policy_logits, reference_logits = policy_logits[:, :-1], reference_logits[:, :-1]
-    else:
-        mask = loss_mask[:, positions + 1].bool()
-    log_p = policy_logits[mask].float().log_softmax(-1)
-    log_q = reference_logits[mask].float().log_softmax(-1)
+def token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) over the N rows of `policy_logits` and `reference_logits` ([N, V], the scored positions of
+    `forward.scored_logits`) of the exact full-vocabulary KL(pi || pi_ref) = sum_v pi(v) (log pi(v) - log pi_ref(v))
+    of the next-token distributions that predict those tokens."""
+    log_p = policy_logits.float().log_softmax(-1)
+    log_q = reference_logits.float().log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return kl.sum(), mask.sum()
+    return kl.sum(), torch.tensor(kl.shape[0], device=kl.device)
 
 
 def sft_row_losses(target_logps: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

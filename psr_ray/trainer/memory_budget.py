@@ -16,7 +16,7 @@ Per worker, for N parameters on W workers at b bytes a value (fp32 on CPU: 4):
                 the MLP width: counted from autograd's saved tensors of HF's Llama, tests/trainer), the model
                 3h more; with gradient checkpointing a layer keeps only its input (h), and one layer is
                 recomputed at a time in the backward
-  logits        the head's output at the scored positions and its gradient: 2 x rows x positions x vocab
+  logits        the head's output at the scored positions and its gradient: 2 x scored positions x vocab
 The worker's runtime (Python, torch, DeepSpeed, Ray: measured before the model is built) comes on top.
 """
 
@@ -75,7 +75,7 @@ def worker_budget(
     bytes_per_value: int = 4,
 ) -> dict[str, int]:
     """Bytes per component of one worker's memory (module doc); `max_tokens` is the largest micro-batch's
-    rows x padded length, `max_logit_rows` its rows x scored positions."""
+    rows x padded length, `max_logit_rows` its scored positions (each row's own)."""
     b, n = bytes_per_value, sizes.num_params
     part = math.ceil(n / world_size) * b
     gathered = n if not zero3_buffer_numel else min(n, zero3_buffer_numel + sizes.largest_param)

@@ -38,7 +38,7 @@ from psr_ray.trainer.batches import (
     sequence_tokens,
 )
 from psr_ray.trainer.forward import forward_logps
-from psr_ray.trainer.loss import scored_positions, sft_row_losses, step_dpo_loss
+from psr_ray.trainer.loss import scored_mask, sft_row_losses, step_dpo_loss
 
 DATASET_NAME = "pairs"
 
@@ -225,8 +225,7 @@ def train_epochs(
                 real = i < len(local)
                 batch = {k: v.to(device) for k, v in (local[i] if real else padding).batch.items()}
                 if real:
-                    rows = batch["input_ids"].shape[0]
-                    shape = [batch["input_ids"].numel(), rows * len(scored_positions(batch["loss_mask"]))]
+                    shape = [batch["input_ids"].numel(), int(scored_mask(batch["loss_mask"]).sum())]
                     largest = torch.maximum(largest, torch.tensor(shape, device=device))
                 policy.set_gradient_accumulation_boundary(i == num_micro - 1)
                 if mode == "dpo":

@@ -10,8 +10,9 @@ pytestmark = pytest.mark.ray
 
 def test_seeded_propose_and_sample_over_many_long_prompts(ray_cluster, tiny_model_dir):
     from psr_ray.config import PSRConfig
-    from psr_ray.engines.actor import EngineActor, engine_settings
+    from psr_ray.engines.actor import EngineActor
     from psr_ray.engines.api import ProposeRequest
+    from psr_ray.engines.settings import engine_settings
 
     engine = (
         ray_cluster.remote(EngineActor)

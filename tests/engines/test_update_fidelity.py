@@ -70,7 +70,8 @@ def engine(request, ray_cluster, tiny_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer
 
     from psr_ray import config as C
-    from psr_ray.engines.actor import EngineActor, engine_settings
+    from psr_ray.engines.actor import EngineActor
+    from psr_ray.engines.settings import engine_settings
 
     model_dir = tiny_model_dir if request.param == "tiny" else request.getfixturevalue("embedded_model_dir")
     cfg = C.load([], [f"model.path={model_dir}", "model.max_model_len=512"])

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psr_ray.engines.actor import EngineActor, engine_env
+from psr_ray.engines.actor import EngineActor
+from psr_ray.engines.settings import engine_env
 
 RECIPE = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "qwen2.5-math-7b.yaml"
 # The recipe's judge runs on its rollout engines (one pool); these give it a pool of its own GPU engines.

@@ -47,15 +47,21 @@ def test_a_short_row_weighs_what_a_long_row_weighs():
 
 
 class _Policy(torch.nn.Module):
-    """What `sft_micro_step` asks of a DeepSpeed engine: a HF-style forward and `backward(loss)`."""
+    """What `sft_micro_step` asks of a DeepSpeed engine: a HF-style forward through an output head (here the
+    identity on fixed logits) and `backward(loss)`."""
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
         self.logits = torch.nn.Parameter(logits.clone())
+        self.head = torch.nn.Identity()
         self.losses: list[float] = []
 
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
     def forward(self, *, input_ids, attention_mask, use_cache, logits_to_keep):
-        return SimpleNamespace(logits=self.logits[:, logits_to_keep])
+        assert logits_to_keep == 0  # every position reaches the head, whose pre-hook keeps the scored ones
+        return SimpleNamespace(logits=self.head(self.logits))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.losses.append(loss.item())

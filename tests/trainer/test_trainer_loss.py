@@ -62,38 +62,45 @@ def test_sequence_logps_matches_naive_log_softmax():
     assert got[2].item() == 0.0
 
 
-def test_sequence_logps_on_the_scored_positions_only_equals_the_full_logits():
-    from psr_ray.trainer.loss import scored_positions
+def test_scored_mask_keeps_each_rows_own_positions():
+    from psr_ray.trainer.loss import next_tokens, scored_mask
 
-    torch.manual_seed(1)
-    logits = torch.randn(3, 9, 13)
-    labels = torch.randint(0, 13, (3, 9))
-    mask = torch.zeros(3, 9, dtype=torch.long)
-    mask[0, 5:8] = 1
-    mask[1, 2:4] = 1  # rows score different spans: their union is kept
-    positions = scored_positions(mask)
-    assert positions.tolist() == [1, 2, 4, 5, 6]
-    got = sequence_logps(logits[:, positions], labels, mask, positions=positions)
-    torch.testing.assert_close(got, sequence_logps(logits, labels, mask), atol=0, rtol=0)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    mask[0, 4:6] = 1
+    mask[1, 1:3] = 1  # rows score different spans: each keeps its own, not their union
+    scored = scored_mask(mask)
+    assert scored.nonzero().tolist() == [[0, 3], [0, 4], [1, 0], [1, 1]]
+    ids = torch.arange(12).view(2, 6)
+    assert next_tokens(ids, scored).tolist() == [4, 5, 7, 8]
 
 
 def test_logits_at_the_scored_positions_match_a_real_models_full_forward(tiny_model_dir):
-    # What forward_logps asks of a HF causal LM (`logits_to_keep` = the positions) on the tiny Llama.
+    # forward.scored_logits cuts the head's input to each row's scored positions (a pre-hook on the tiny
+    # Llama's head): the log-probabilities and their gradients equal the full forward's.
     from transformers import AutoModelForCausalLM
 
-    from psr_ray.trainer.loss import scored_positions
+    from psr_ray.trainer.forward import batch_logps, scored_logits
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.randint(0, 500, (2, 12))
     mask = torch.zeros(2, 12, dtype=torch.long)
     mask[0, 8:11] = 1
     mask[1, 4:6] = 1
-    positions = scored_positions(mask)
-    with torch.no_grad():
-        full = sequence_logps(model(input_ids=ids).logits, ids, mask)
-        kept = model(input_ids=ids, logits_to_keep=positions).logits
-    assert kept.shape[1] == len(positions) == 5
-    torch.testing.assert_close(sequence_logps(kept, ids, mask, positions=positions), full, atol=1e-5, rtol=0)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": mask}
+
+    def run(logps_of):
+        model.zero_grad()
+        logps = logps_of()
+        logps.sum().backward()
+        return logps.detach(), model.get_input_embeddings().weight.grad.clone()
+
+    full, full_grad = run(lambda: sequence_logps(model(input_ids=ids).logits, ids, mask))
+    scored = scored_logits(model, batch)
+    assert scored.logits.shape[0] == 5  # 3 + 2 positions, not the 2 x 6 of their union
+    got, got_grad = run(lambda: batch_logps(scored_logits(model, batch), batch))
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_grad, full_grad, atol=1e-5, rtol=1e-4)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed after the forward
 
 
 def test_sequence_logps_position_zero_is_never_scored():
@@ -105,13 +112,15 @@ def test_sequence_logps_position_zero_is_never_scored():
 
 
 def test_token_kl_hand_computed_on_masked_positions_only():
-    from psr_ray.trainer.loss import token_kl
-
     # Vocabulary of 2, one sequence of 3 tokens; positions 0 and 1 predict tokens 1 and 2. Only token 2 is in
     # the mask, so only position 1's distributions count: p = softmax([0, ln 3]) = (1/4, 3/4), q = (1/2, 1/2).
+    from psr_ray.trainer.loss import scored_mask, token_kl
+
     policy = torch.tensor([[[5.0, 0.0], [0.0, math.log(3.0)], [9.0, 9.0]]])
     reference = torch.tensor([[[0.0, 5.0], [0.0, 0.0], [1.0, 2.0]]])
-    total, count = token_kl(policy, reference, torch.tensor([[0, 0, 1]]))
+    mask = scored_mask(torch.tensor([[0, 0, 1]]))
+    total, count = token_kl(policy[mask], reference[mask])
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
     assert count.item() == 1 and total.item() == pytest.approx(expected, abs=1e-6)
-    assert token_kl(policy, policy, torch.tensor([[0, 1, 1]]))[0].item() == pytest.approx(0.0, abs=1e-7)
+    both = scored_mask(torch.tensor([[0, 1, 1]]))
+    assert token_kl(policy[both], policy[both])[0].item() == pytest.approx(0.0, abs=1e-7)

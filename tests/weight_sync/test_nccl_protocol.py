@@ -29,7 +29,7 @@ def setup(ray_cluster, tiny_model_dir):
     from transformers import AutoTokenizer
 
     from psr_ray import config as C
-    from psr_ray.engines.actor import engine_settings
+    from psr_ray.engines.settings import engine_settings
     from psr_ray.runtime.models import load_safetensors_dir
 
     ray_cluster.cloudpickle.register_pickle_by_value(gloo_transfer)  # Ray workers cannot import test modules

@@ -21,7 +21,8 @@ def setup(ray_cluster, tiny_model_dir):
     from transformers import AutoTokenizer
 
     from psr_ray import config as C
-    from psr_ray.engines.actor import EngineActor, engine_settings
+    from psr_ray.engines.actor import EngineActor
+    from psr_ray.engines.settings import engine_settings
     from psr_ray.runtime.models import load_safetensors_dir
 
     cfg = C.load([], [f"model.path={tiny_model_dir}", "model.max_model_len=512"])
