@@ -8,6 +8,7 @@ init's heldout_pairs.parquet for `bench/judge_accuracy.py --pairs`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import time
@@ -44,11 +45,11 @@ def main() -> None:
     engine = EngineActor(EngineSettings(model_path=resolve_model_path(args.model, args.cache_dir), role="rollout"),
                          name="bench-proposer")  # fmt: skip
     started = time.perf_counter()
-    found = engine.propose(
+    found = asyncio.run(engine.propose(
         [ProposeRequest(s.problem.question, s.prefix, s.index + 1) for s in sites],
         num_candidates=init.num_candidates, temperature=init.temperature, top_p=rollout.top_p,
         max_tokens=rollout.max_step_tokens, seed=[(args.seed + i) * 1_000 for i in range(len(sites))],
-    )  # fmt: skip
+    ))  # fmt: skip
     rng, pairs, num_right = random.Random(args.seed), [], 0
     for site, candidates in zip(sites, found, strict=True):
         labels = label_steps(site.problem, site.prefix, candidates.steps)

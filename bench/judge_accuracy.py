@@ -15,6 +15,7 @@ token (what judge.mode=likelihood uses) and summed, from the same scores. Prints
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import time
@@ -76,7 +77,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         started = time.perf_counter()
         if mode == "likelihood":
-            scored = engine.score_steps(score_requests(pairs))
+            scored = asyncio.run(engine.score_steps(score_requests(pairs)))
             wall_s = time.perf_counter() - started
             sums = [x.logprob if x.num_tokens else float("-inf") for x in scored]
             for name, scores in (("likelihood (mean/token)", [x.score for x in scored]), ("likelihood (sum)", sums)):
@@ -86,7 +87,7 @@ def main() -> None:
             examples += [f"- likelihood, {kind} step: {x.num_tokens} tokens, sum {x.logprob:.2f}, mean {x.score:.3f}"
                          for kind, x in zip(("right", "wrong"), scored[:2], strict=True)]  # fmt: skip
             continue
-        judgments = engine.judge(requests, mode=mode, temperature=0.0, max_tokens=args.max_tokens)
+        judgments = asyncio.run(engine.judge(requests, mode=mode, temperature=0.0, max_tokens=args.max_tokens))
         wall_s = time.perf_counter() - started
         rows.append(_row(mode, score_judgments(judgments, labels), sum(j.num_tokens for j in judgments), wall_s))
         examples += [f"- {mode}, right verdict {labels[i]}: `{_one_line(judgments[i].text)}`" for i in range(2)]

@@ -25,6 +25,7 @@ under --work, so a rerun continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -128,7 +129,7 @@ def measure(model: str, pairs_json: str, modes: list[str], max_tokens: int, kv_c
     out: dict[str, Any] = {"engine_start_s": time.perf_counter() - started, "modes": {}}
     for mode in modes:
         started = time.perf_counter()
-        judgments = engine.judge(requests, mode=mode, temperature=0.0, max_tokens=max_tokens)
+        judgments = asyncio.run(engine.judge(requests, mode=mode, temperature=0.0, max_tokens=max_tokens))
         out["modes"][mode] = {
             "wall_s": time.perf_counter() - started,
             "judgments": [
