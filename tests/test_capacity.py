@@ -103,7 +103,7 @@ def test_an_unplaceable_run_fails_against_the_real_clusters_nodes_before_any_eng
     cfg = load([str(DEFAULT_CONFIG)], ["rollout.node_resource=psr_engine", "run.autoscaling=false"])
     before = set(ray.util.list_named_actors())
     with pytest.raises(ValueError, match=r"the run asks for 1 psr_engine in all, the cluster has 0; no node can hold "
-                       r"rollout engine 0 \(CPU: 1, psr_engine: 1\)"):  # fmt: skip
+                       r"rollout engine 0 \(CPU: 2, psr_engine: 1\)"):  # fmt: skip
         check_capacity(cfg)  # the nodes as ray.nodes() reports them
     assert set(ray.util.list_named_actors()) == before
     assert check_capacity(load([str(DEFAULT_CONFIG)], [])) == []

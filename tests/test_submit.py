@@ -223,7 +223,7 @@ def test_submit_shows_the_cluster_and_refuses_a_run_it_cannot_place(ray_head, tm
     assert lines[0] == f"[psr_ray] the cluster at {address}: 1 node: 6 CPU, 4 psr_engine, 2 psr_trainer", output
     assert lines[-1] == (
         "psr-ray submit: this run cannot be placed on the cluster (1 node: 6 CPU, 4 psr_engine, 2 psr_trainer): "
-        "the run asks for 9 CPU in all, the cluster has 6; the run asks for 7 psr_engine in all, the cluster has 4; "
+        "the run asks for 15 CPU in all, the cluster has 6; the run asks for 7 psr_engine in all, the cluster has 4; "
         "add nodes with those resources, lower the run's asks (num_engines, num_*_per_engine, trainer.num_workers), "
         "or set run.autoscaling=true if an autoscaler adds nodes"
     ), output
