@@ -43,19 +43,10 @@ def arm_session(session, threads: int):
 
 
 def eval_arm(session, engines: int, threads: int, limit: int) -> dict:
-    from psr_ray.evaluation.benchmarks import evaluate
-    from psr_ray.pipeline.session import stop_engines
+    """bench/cpu_engines.py's evaluation arm on engines of `threads` threads each."""
+    import cpu_engines
 
-    arm = arm_session(session, threads)
-    pool = arm.start_pool("rollout", num_engines=engines)
-    try:
-        result = evaluate(pool.actors, arm.tokenizer, list(arm.cfg.eval.benchmarks), limit=limit,
-                          max_tokens=arm.cfg.eval.max_tokens)  # fmt: skip
-    finally:
-        stop_engines(pool.actors, pool.names)
-    answers = [s.predicted for b in result.benchmarks for s in b.scores]
-    return {"engines": engines, "threads": threads, "seconds": result.elapsed_s, "tokens": result.num_tokens,
-            "problems": result.num_problems, "answers": answers}  # fmt: skip
+    return cpu_engines.eval_arm(arm_session(session, threads), engines, limit) | {"threads": threads}
 
 
 def search_arm(session, threads: int, problems: list, work: Path) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from psr_ray.config import EnginePoolConfig, WeightSyncBackend
+from psr_ray.runtime.cluster import cpu_threads
 
 ROLES = ("rollout", "judge")
 
@@ -57,7 +58,7 @@ def engine_settings(cfg: Any, role: str, model_path: str) -> EngineSettings:
         gpu_memory_utilization=section.gpu_memory_utilization,
         cpu_kv_cache_gib=section.cpu_kv_cache_gib,
         cpu_kv_block_size=section.cpu_kv_block_size,
-        cpu_threads=max(1, int(section.num_cpus_per_engine)),
+        cpu_threads=cpu_threads(section.num_cpus_per_engine),
         enable_prefix_caching=section.enable_prefix_caching,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,

@@ -22,6 +22,11 @@ from psr_ray.config import PSRConfig
 from psr_ray.config.errors import UserError
 
 
+def cpu_threads(num_cpus: float) -> int:
+    """A CPU process's torch threads (a trainer worker's, an engine's): the whole CPUs it reserved, at least one."""
+    return max(1, int(num_cpus))
+
+
 def required_cpus(cfg: PSRConfig) -> int:
     """Logical CPUs the run's actors reserve at once: engines, trainer workers, and room for Ray Data tasks."""
     engines = sum(pool.num_engines * pool.num_cpus_per_engine for pool in (cfg.rollout, cfg.judge))

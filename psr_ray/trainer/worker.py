@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from psr_ray.runtime import kill_windows
+from psr_ray.runtime.cluster import cpu_threads
 from psr_ray.runtime.memory import read_pss
 from psr_ray.trainer.batches import (
     PADDING_ROWS,
@@ -270,11 +271,6 @@ def worker_memory(policy: Any, tcfg: Any, world_size: int, last: dict[str, float
                            max_tokens=int(last["train/max_micro_tokens"]), max_logit_rows=int(last["train/max_micro_logit_rows"]),
                            gradient_checkpointing=tcfg.gradient_checkpointing, zero3_buffer_numel=tcfg.zero3_buffer_numel)  # fmt: skip
     return memory_metrics(budget, runtime_bytes=runtime_bytes, measured=measured)
-
-
-def cpu_threads(num_cpus_per_worker: float) -> int:
-    """A CPU worker's torch threads: the whole CPUs it reserved, at least one."""
-    return max(1, int(num_cpus_per_worker))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
