@@ -62,13 +62,18 @@ def _eval(tiny_model_dir: str, *flags: str) -> str:
 def test_ray_notices_during_a_short_command_go_to_its_log_not_under_its_line(capsys, caplog):
     import logging
 
+    from ray._private.worker import print_to_stdstream
+
     log = logging.getLogger("psr_ray.test_notices")
+    notice = "WARNING: 4 PYTHON worker processes have been started on node"
     with caplog.at_level(logging.DEBUG, logger=log.name), console.ray_notices_to_log(log):
-        print("(raylet) WARNING: 4 PYTHON worker processes have been started on node", file=sys.stderr)
-    assert capsys.readouterr().err == ""
-    assert [r.getMessage() for r in caplog.records] == [
-        "ray: (raylet) WARNING: 4 PYTHON worker processes have been started on node"
-    ]
+        # What Ray's driver-side error listener does with a raylet's notice (it goes to stdout), and a stderr line.
+        print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        print("a stderr notice", file=sys.stderr)
+    said = capsys.readouterr()
+    assert said.out == said.err == ""
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2 and notice in logged[0] and "(raylet)" in logged[0] and logged[1] == "ray: a stderr notice"
 
 
 @pytest.mark.ray

@@ -64,13 +64,14 @@ def ray_init_kwargs(*, local: bool) -> dict[str, Any]:
 @contextlib.contextmanager
 def ray_notices_to_log(log: logging.Logger) -> Iterator[None]:
     """For a short command that joins a running cluster (`psr-ray scale`): what Ray's error listener prints on
-    the driver's stderr meanwhile (node-wide notices such as the raylet's "N worker processes have been started"
-    about the run's own workers) goes to `log` at debug level instead of under the command's one line."""
+    the driver meanwhile (node-wide notices such as the raylet's "N worker processes have been started" about
+    the run's own workers, which Ray 2.60 writes to stdout, not stderr) goes to `log` at debug level instead of
+    under the command's one line."""
     import io
 
     caught = io.StringIO()
     try:
-        with contextlib.redirect_stderr(caught):
+        with contextlib.redirect_stderr(caught), contextlib.redirect_stdout(caught):
             yield
     finally:
         for line in caught.getvalue().splitlines():
