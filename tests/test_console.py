@@ -71,9 +71,11 @@ def test_ray_notices_during_a_short_command_go_to_its_log_not_under_its_line(cap
         print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
         print("a stderr notice", file=sys.stderr)
     said = capsys.readouterr()
-    assert said.out == said.err == ""
+    # (A Ray connection left by an earlier test in this process may print its workers' lines meanwhile: those go
+    # to the log too, so only these two are looked for.)
+    assert notice not in said.out + said.err and "a stderr notice" not in said.out + said.err
     logged = [r.getMessage() for r in caplog.records]
-    assert len(logged) == 2 and notice in logged[0] and "(raylet)" in logged[0] and logged[1] == "ray: a stderr notice"
+    assert [m for m in logged if notice in m and "(raylet)" in m] != [] and "ray: a stderr notice" in logged
 
 
 @pytest.mark.ray
