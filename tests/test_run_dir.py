@@ -125,6 +125,31 @@ def test_write_atomic_leaves_the_new_file_whole_and_no_temp(tmp_path):
     assert fsync_tree(tmp_path) == 1
 
 
+def test_write_atomic_writers_keep_their_own_temps_and_a_failed_write_leaves_the_old_file(tmp_path):
+    from psr_ray.runtime.durable import write_atomic
+
+    write_atomic(tmp_path / "a.json", '{"v": 1}')
+    temps: list = []
+
+    def second_writer(tmp):  # another writer of the same path, while the first has its temp open
+        tmp.write_text('{"v": 3}')
+        write_atomic(tmp_path / "a.json", lambda other: (temps.append(other), other.write_text('{"v": 2}')))
+        temps.append(tmp)
+
+    write_atomic(tmp_path / "a.json", second_writer)
+    assert temps[0] != temps[1] and all(t.name.endswith(".tmp") for t in temps)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"v": 3}  # the last rename wins, whole
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "a.json", failing)
+    assert json.loads((tmp_path / "a.json").read_text()) == {"v": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temp left behind
+
+
 def test_kill_windows_are_inert_unless_armed(tmp_path, monkeypatch):
     monkeypatch.delenv(kill_windows.ENV, raising=False)
     kill_windows.reached("eval")  # returns at once

@@ -9,6 +9,7 @@ point names is on disk before the commit point is.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,15 +34,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
 def write_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path], None]) -> None:
     """Writes `data` (bytes, text, or a function that writes the file it is given) to a temp file beside
     `path`, fsyncs it, renames it to `path` and fsyncs the directory. Readers see the old file or the new
-    one, never a part; after a crash the new one is either complete or absent."""
+    one, never a part; after a crash the new one is either complete or absent. The temp name is the writer's
+    own (two writers of one path never share a half-written temp; the last rename wins) and ends in `.tmp`,
+    which readers of a folder skip and clean (data/pairs_io.py); a write that fails removes it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if callable(data):
-        data(tmp)
-    else:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
