@@ -7,8 +7,7 @@ long the search holds each pair before releasing it.
 
 `--engines two` (default): one rollout and one judge engine of one CPU each, and the one-pool / separate-pools
 comparison on them. `--engines preset`: the config's own engines (the embedded preset: one rollout engine of two
-CPUs that also judges), and the search run twice on them: the engine serving the oldest problem first
-(`search.oldest_problem_first`, the default; the headline rows) against first come, first served.
+CPUs that also judges), the one-pool search only (there is no second engine to separate the roles onto).
 
 Phases, all on the same two engines, in one run:
 1. Search: `generate_pairs` on the problems, first on one pool (both engines take either role, the preset's
@@ -34,7 +33,6 @@ Writes bench/results/search_throughput.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -163,60 +161,6 @@ def topology_report(runs: dict[str, tuple], cost: tuple[float, float] | None) ->
     ]
 
 
-def same_pairs(dir_a: Path, dir_b: Path) -> tuple[int, int]:
-    """How many pairs both runs wrote identically (id, prefix, chosen, rejected), and how many in all."""
-    from psr_ray.data.pairs_io import read_pairs
-
-    def pairs(folder: Path) -> set[tuple]:
-        return {(r["pair_id"], r["prefix"], r["chosen"], r["rejected"]) for r in read_pairs(str(folder), 1).to_pylist()}
-
-    a, b = pairs(dir_a), pairs(dir_b)
-    return len(a & b), len(a | b)
-
-
-def order_report(runs: dict[str, tuple], cost: tuple[float, float] | None) -> list[str]:
-    """The engine serving the oldest problem first against first come, first served: the same engine, problems
-    and seeds, one after the other in this run; each row computed from its run and its pair ledger."""
-    rows = []
-    for arm, (summary, search, tracking, search_start, _) in runs.items():
-        ledger = tracking.ledger
-        waits = sorted(ledger.waits)
-        equivalent = (
-            "-"
-            if cost is None
-            else f"{(cost[0] * search['computed'] + cost[1] * search['generated']) / search['seconds']:.2f}x"
-        )
-        first = min(ledger.released_at) - search_start if ledger.released_at else float("nan")
-        released = sorted(t - search_start for t in ledger.released_at)
-        half = released[len(released) // 2] if released else float("nan")
-        mean = sum(waits) / len(waits) if waits else float("nan")
-        median = waits[len(waits) // 2] if waits else float("nan")
-        rows.append(f"| {arm} | {summary.pairs} | {search['seconds']:.1f} | {equivalent} | {first:.1f} | {half:.1f} | "
-                    f"{mean:.1f} | {median:.1f} | {max(waits, default=float('nan')):.1f} |")  # fmt: skip
-    (name_a, run_a), (name_b, run_b) = runs.items()
-    same, total = same_pairs(run_a[4], run_b[4])
-    wait_a, wait_b = (sum(r[2].ledger.waits) / max(1, len(r[2].ledger.waits)) for r in (run_a, run_b))
-    return [
-        "",
-        "## The engine's order: oldest problem first against first come, first served (issue 25)",
-        "",
-        "The same engine, problems and seeds, one after the other in this run (prefix cache emptied before each). "
-        "`oldest problem first` (`search.oldest_problem_first: true`, the default): each request carries its "
-        "problem's start order as its vLLM priority, so the engine takes the oldest problem's waiting requests "
-        "first; `first come, first served`: every request at priority 0. Wait = release time minus the time its "
-        "step was decided, over the released pairs; half released = when half the pairs had reached the writer.",
-        "",
-        "| order | pairs | search s | search / raw (cost model) | first pair released s | half released s "
-        "| pair wait mean s | median s | max s |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        f"Pairs written identically by both runs (id, prefix, chosen, rejected): {same} of {total}. Mean pair wait, "
-        f"{name_b} / {name_a}: **{wait_b / wait_a:.2f}x**; search wall time, {name_b} / {name_a}: "
-        f"{run_b[1]['seconds'] / run_a[1]['seconds']:.2f}x.",
-    ]
-
-
 def reset_prefix_cache(ray, engines) -> None:
     ray.get([e.__ray_call__.remote(lambda actor: actor.llm.reset_prefix_cache()) for e in engines])
 
@@ -249,24 +193,22 @@ def main() -> int:
     # 1. The search on one pool: both engines take either role (the preset's `judge.num_engines: 0` topology),
     # its scheduler wrapped to stamp each pair's life. 1b. The same search on separate pools (one rollout, one
     # judge engine), the same engines and seeds: the topology comparison (issue 25 item 2).
-    if cfg.judge.num_engines == 0:  # the judge already runs on the rollout engines: the engine's order compared
-        fcfs = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, oldest_problem_first=False))
-        oldest = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, oldest_problem_first=True))
-        arms = {"oldest problem first": (rollout, judge, oldest), "first come, first served": (rollout, judge, fcfs)}
+    if cfg.judge.num_engines == 0:  # the judge already runs on the rollout engines: one pool only
+        arms = {"one pool": (rollout, judge)}
     else:
-        arms = {"one pool": (*one_pool(rollout, judge), cfg), "separate pools": (rollout, judge, cfg)}
+        arms = {"one pool": one_pool(rollout, judge), "separate pools": (rollout, judge)}
     runs: dict[str, tuple] = {}
-    for arm, (arm_rollout, arm_judge, arm_cfg) in arms.items():
+    for arm, (arm_rollout, arm_judge) in arms.items():
         tracking = tracking_scheduler()
         search_generate.SearchScheduler = tracking
         out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"psr_bench_search_{os.getpid()}_{len(runs)}"
         reset_prefix_cache(ray, actors)
         c0 = engine_counts(ray, actors)
         search_start = time.monotonic()
-        summary = search_generate.generate_pairs(arm_cfg, problems, iteration=1, policy_version=0, rollout=arm_rollout,
+        summary = search_generate.generate_pairs(cfg, problems, iteration=1, policy_version=0, rollout=arm_rollout,
                                                  judge=arm_judge, output_dir=str(out_dir))  # fmt: skip
         runs[arm] = (summary, phase(c0, engine_counts(ray, actors), summary.seconds), tracking, search_start, out_dir)
-    summary, search, tracking, search_start, _ = next(iter(runs.values()))  # the headline: the first arm
+    summary, search, tracking, search_start, _ = runs["one pool"]
 
     # 2. Raw decode: the proposal shape (num_candidates samples per prompt), about the search's generated tokens.
     tokenizer = session.tokenizer
@@ -299,8 +241,6 @@ def main() -> int:
     lines = report(args, cfg, summary, search, decode, prefill, tracking, search_start, len(chosen), len(actors))
     if "separate pools" in runs:
         lines += topology_report(runs, fit_cost(decode, prefill))
-    else:
-        lines += order_report(runs, fit_cost(decode, prefill))
     for run in runs.values():
         shutil.rmtree(run[4], ignore_errors=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

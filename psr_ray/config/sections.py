@@ -118,10 +118,6 @@ class SearchConfig:
     # How often one problem may roll back (all candidates tied) before it is abandoned.
     max_rollbacks: int = 5
     max_problems_in_flight: int = 64
-    # The engines serve the earliest-started problem first (vLLM's priority scheduling, the problem's start order
-    # as each request's priority): the problems in flight finish one after another, so their pairs reach the
-    # trainer sooner, instead of all finishing near the end together. False: first come, first served.
-    oldest_problem_first: bool = True
     # Pairs per Parquet part: a killed driver loses at most the pairs not yet in a part (their problems are
     # searched again on resume, with the same seeds); smaller parts mean more files.
     flush_pairs: int = 64

@@ -77,9 +77,6 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             kwargs["block_size"] = settings.cpu_kv_block_size
         if settings.sleep_mode:
             kwargs["enable_sleep_mode"] = True
-        # Waiting requests by their call's `priority`, then arrival (search.oldest_problem_first); calls that
-        # give none all have 0, which is first come, first served.
-        kwargs["scheduling_policy"] = "priority"
         if settings.weight_transfer_backend is not None:
             from vllm.config import WeightTransferConfig
 
@@ -143,13 +140,11 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         top_p: float,
         max_tokens: int,
         seed: int | list[int] | None = None,
-        priority: int = 0,
     ) -> list[Candidates]:
         """`num_candidates` samples of step `step_index` for every request, in one engine call.
 
         `seed`: one base seed per request (sample j of request i uses `seed[i] + j`), or one int for the
         batch (request i then starts at `seed + i * num_candidates`), or None for unseeded sampling.
-        `priority`: the engine takes waiting requests of a lower value first (the search's oldest problem).
 
         Every request gets exactly `num_candidates` strings, cleaned with `steps.clean_step`. A sample that
         cleans to "" stays in as "": the count stays fixed and the judge loses it against any real step.
@@ -176,7 +171,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             )
             for i in range(len(requests))
         ]
-        outputs, v = await self._generate(texts, params, room=max_tokens, priority=priority)
+        outputs, v = await self._generate(texts, params, room=max_tokens)
         result = []
         for out in outputs:
             if out is None:
@@ -192,13 +187,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         return result
 
     async def judge(
-        self,
-        requests: list[JudgeRequest],
-        *,
-        mode: str,
-        temperature: float = 0.0,
-        max_tokens: int = 512,
-        priority: int = 0,
+        self, requests: list[JudgeRequest], *, mode: str, temperature: float = 0.0, max_tokens: int = 512
     ) -> list[Judgment]:
         """Which of two steps is better, for every request, in one engine call.
 
@@ -212,10 +201,10 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             for r in requests
         ]
         if mode is JudgeMode.EXPLAIN:
-            return await self._judge_explain(texts, temperature, max_tokens, priority)
-        return await self._judge_direct(texts, priority)
+            return await self._judge_explain(texts, temperature, max_tokens)
+        return await self._judge_direct(texts)
 
-    async def score_steps(self, requests: list[ScoreRequest], *, priority: int = 0) -> list[StepLikelihood]:
+    async def score_steps(self, requests: list[ScoreRequest]) -> list[StepLikelihood]:
         """The policy's log-probability of each request's step under the solver prompt that proposed it
         (`judge.mode: likelihood`): one prefill per step, read from vLLM's prompt log-probs (engines/likelihood.py).
         An empty step, or one whose prompt does not fit the context, gets 0 tokens."""
@@ -227,9 +216,7 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
         # prompt_logprobs=0: each prompt token's own log-prob. vLLM then does not read the prefix cache for the
         # request (positions served from it would have none): every step costs a whole prefill.
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        outputs, v = await self._generate_ids(
-            [ids for ids, _ in inputs], [params] * len(inputs), room=1, priority=priority
-        )
+        outputs, v = await self._generate_ids([ids for ids, _ in inputs], [params] * len(inputs), room=1)
         return [StepLikelihood(step_logprob(out.prompt_logprobs, ids, n), n, v) if out is not None and n
                 else StepLikelihood(0.0, 0, v) for (ids, n), out in zip(inputs, outputs, strict=True)]  # fmt: skip
 
@@ -273,39 +260,31 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
 
     # ---- internals ---------------------------------------------------------------------------------
 
-    async def _generate(
-        self, texts: list[str], params: list[Any], *, room: int, priority: int = 0
-    ) -> tuple[list[Any], int]:
+    async def _generate(self, texts: list[str], params: list[Any], *, room: int) -> tuple[list[Any], int]:
         """vLLM's output for every prompt that fits the context (prompt + `room` new tokens), None in place of
         a prompt that does not, so one long problem cannot fail the whole call; and the policy version that
         served them (read as they enter the engine: an update drains them before the weights change). Refused
         while the weights are changing (weight_sync/gate.py)."""
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # templates hold specials
-        return await self._generate_ids(ids, params, room=room, priority=priority)
+        return await self._generate_ids(ids, params, room=room)
 
-    async def _generate_ids(
-        self, ids: list[list[int]], params: list[Any], *, room: int, priority: int = 0
-    ) -> tuple[list[Any], int]:
+    async def _generate_ids(self, ids: list[list[int]], params: list[Any], *, room: int) -> tuple[list[Any], int]:
         """`_generate` of prompts given as token ids."""
         self._gate.check_serving()
         version = self._policy_version
         limit = self.settings.max_model_len - room
         keep = [i for i, token_ids in enumerate(ids) if len(token_ids) <= limit]
-        outputs = await self._batcher.generate(
-            [{"prompt_token_ids": ids[i]} for i in keep], [params[i] for i in keep], priority=priority
-        )
+        outputs = await self._batcher.generate([{"prompt_token_ids": ids[i]} for i in keep], [params[i] for i in keep])
         by_index: list[Any] = [None] * len(ids)
         for i, out in zip(keep, outputs, strict=True):
             by_index[i] = out
         return by_index, version
 
-    async def _judge_explain(
-        self, texts: list[str], temperature: float, max_tokens: int, priority: int
-    ) -> list[Judgment]:
+    async def _judge_explain(self, texts: list[str], temperature: float, max_tokens: int) -> list[Judgment]:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
-        outputs, v = await self._generate(texts, [params] * len(texts), room=max_tokens, priority=priority)
+        outputs, v = await self._generate(texts, [params] * len(texts), room=max_tokens)
         judgments = []
         for out in outputs:
             text = "" if out is None else out.outputs[0].text
@@ -315,13 +294,13 @@ class EngineActor(ObjectStoreReceiver, CudaIpcReceiver, NcclReceiver, ExportRece
             judgments.append(Judgment(verdict.value, prob_a, text, num_tokens, v))
         return judgments
 
-    async def _judge_direct(self, texts: list[str], priority: int) -> list[Judgment]:
+    async def _judge_direct(self, texts: list[str]) -> list[Judgment]:
         from vllm import SamplingParams
 
         a_ids, b_ids = self._verdict_tokens()
         # logprob_token_ids: raw log-probabilities of exactly these tokens, whatever is sampled.
         params = SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=a_ids + b_ids)
-        outputs, v = await self._generate(texts, [params] * len(texts), room=1, priority=priority)
+        outputs, v = await self._generate(texts, [params] * len(texts), room=1)
         judgments = []
         for out in outputs:
             if out is None:

@@ -33,15 +33,13 @@ class ContinuousBatcher:
     def num_unfinished(self) -> int:
         return len(self._waiting)
 
-    async def generate(self, prompts: list[Any], params: list[Any], *, priority: int = 0) -> list[Any]:
-        """vLLM's final `RequestOutput` of each prompt, in order, once all of them have finished. The engine
-        schedules waiting requests by `priority` (lower first), then by arrival."""
+    async def generate(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+        """vLLM's final `RequestOutput` of each prompt, in order, once all of them have finished."""
         if not prompts:
             return []
         loop = asyncio.get_running_loop()
         # vLLM answers under the id it was given; `enqueue` returns it with a random suffix (`<id>-<8 chars>`).
-        enqueued = self._llm.enqueue(prompts, params, priority=[priority] * len(prompts), use_tqdm=False)
-        request_ids = [internal.rsplit("-", 1)[0] for internal in enqueued]
+        request_ids = [internal.rsplit("-", 1)[0] for internal in self._llm.enqueue(prompts, params, use_tqdm=False)]
         futures = [loop.create_future() for _ in request_ids]
         self._waiting.update(zip(request_ids, futures, strict=True))
         if self._stepper is None or self._stepper.done():

@@ -100,7 +100,6 @@ class SearchScheduler:
         self._active: dict[str, ProblemSearch] = {}
         self._want: dict[CallKind, deque[str]] = {CallKind.PROPOSE: deque(), CallKind.JUDGE: deque()}
         self._calls: dict[Any, InFlightCall] = {}
-        self._start_order: dict[str, int] = {}  # problem in flight -> how many started before it: its priority
 
     def valid(self, problem: Problem) -> bool:
         return bool(problem.question.strip()) and len(problem.question) <= self.cfg.data.max_problem_chars
@@ -174,7 +173,6 @@ class SearchScheduler:
                 min_score_margin=search_cfg.min_score_margin,
                 judge_plan=judge_cfg.plan,
             )
-            self._start_order[problem.problem_id] = self.stats.problems_started
             self._want[CallKind.PROPOSE].append(problem.problem_id)
             self.stats.count("problems_started")
         metrics.set_gauge("problems_in_flight", len(self._active))
@@ -187,7 +185,6 @@ class SearchScheduler:
         elif search.phase is Phase.JUDGE:
             self._want[CallKind.JUDGE].append(key)
         else:
-            self._start_order.pop(key, None)
             self._finish(self._active.pop(key), on_finished)
 
     # ---- dispatch ------------------------------------------------------------------------------------
@@ -207,7 +204,6 @@ class SearchScheduler:
                 top_p=r.top_p,
                 max_tokens=r.max_step_tokens,
                 seed=[self._seed(k) for k in keys],
-                priority=self._priority(keys[0]),
             )
             self._send(ref, InFlightCall(self.rollout, engine, CallKind.PROPOSE, tuple(keys)))
             self.stats.batch("propose", len(requests))
@@ -215,12 +211,12 @@ class SearchScheduler:
             keys = [want_judge.popleft()]
             judging: list[JudgeRequest | ScoreRequest] = list(self._round_requests(keys[0]))
             actor = self.judge.actors[engine]
-            priority = self._priority(keys[0])
             if self.likelihood:
-                ref = actor.score_steps.remote(judging, priority=priority)
+                ref = actor.score_steps.remote(judging)
             else:
-                ref = actor.judge.remote(judging, mode=j.mode, temperature=j.temperature,
-                                         max_tokens=j.max_explanation_tokens, priority=priority)  # fmt: skip
+                ref = actor.judge.remote(
+                    judging, mode=j.mode, temperature=j.temperature, max_tokens=j.max_explanation_tokens
+                )
             self._send(ref, InFlightCall(self.judge, engine, CallKind.JUDGE, tuple(keys)))
             self.stats.batch("judge", len(judging))
 
@@ -247,11 +243,6 @@ class SearchScheduler:
         call.pool.started(call.engine)
         self.stats.in_flight(call.pool.in_flight[call.engine])
         self._calls[ref] = call
-
-    def _priority(self, key: str) -> int:
-        """A problem's requests' engine priority (lower served first): its start order under
-        `search.oldest_problem_first`, so the problems in flight finish one after another; else 0 for all."""
-        return self._start_order[key] if self.cfg.search.oldest_problem_first else 0
 
     def _seed(self, key: str) -> int:
         """The base seed of a problem's next proposal: the same whichever call, batch or engine carries it."""

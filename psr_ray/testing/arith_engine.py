@@ -46,7 +46,7 @@ class ArithEngine:
         self.likelihood = likelihood
         self.policy_version = policy_version
 
-    def propose(self, requests, *, num_candidates, temperature, top_p, max_tokens, seed, priority=0):
+    def propose(self, requests, *, num_candidates, temperature, top_p, max_tokens, seed):
         out = []
         for r in requests:
             steps = self.candidates(r, self.steps[r.question][r.step_index - 1])
@@ -55,7 +55,7 @@ class ArithEngine:
             )
         return out
 
-    def score_steps(self, requests: list[ScoreRequest], *, priority: int = 0) -> list[StepLikelihood]:
+    def score_steps(self, requests: list[ScoreRequest]) -> list[StepLikelihood]:
         out = []
         for r in requests:
             num_tokens = len(r.step.split())

@@ -50,10 +50,8 @@ class FakeLLM:
         self.llm_engine = FakeEngine()
         self._ids = itertools.count()
 
-    def enqueue(self, prompts: list[str], params: list[int], *, priority: list[int], use_tqdm: bool) -> list[str]:
+    def enqueue(self, prompts: list[str], params: list[int], *, use_tqdm: bool) -> list[str]:
         ids = [str(next(self._ids)) for _ in prompts]
-        assert len(priority) == len(prompts)
-        self.priorities = getattr(self, "priorities", []) + list(priority)
         for request_id, prompt, steps in zip(ids, prompts, params, strict=True):
             self.llm_engine.left[request_id] = steps
             self.llm_engine.prompts[request_id] = prompt
@@ -83,18 +81,6 @@ def test_a_call_joins_the_running_batch_and_returns_without_waiting_for_longer_c
     assert joined and all({"l1", "l2"} <= set(batch) for batch in joined)  # s1 ran inside the long call's batch
     assert len(llm.llm_engine.batches) == 8  # one stepping loop for both calls, no second pass for the short one
     assert batcher.num_unfinished == 0 and batcher.busy_seconds > 0
-
-
-def test_a_calls_priority_goes_to_each_of_its_requests():
-    llm = FakeLLM()
-    batcher = ContinuousBatcher(llm)
-
-    async def main() -> None:
-        await batcher.generate(["a", "b"], [1, 2], priority=4)
-        await batcher.generate(["c"], [1])
-
-    asyncio.run(main())
-    assert llm.priorities == [4, 4, 0]  # vLLM's own default when none is given
 
 
 def test_drain_finishes_every_request_in_the_engine_and_wakes_its_call():

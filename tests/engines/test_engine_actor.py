@@ -202,37 +202,6 @@ def test_calls_in_flight_share_the_running_batch_and_an_update_finishes_them_fir
     assert all(g.policy_version == version + 1 for g in after)
 
 
-def test_the_engine_takes_waiting_requests_by_priority_first(ray_cluster, workers):
-    """search.oldest_problem_first rests on vLLM's priority scheduling (engines/actor.py): 30 prompts of 400 tokens
-    at priority 5, then 5 at priority 0; one engine step prefills what fits its 8192-token budget (20 of them,
-    chunked prefill off on CPU): the 5 later ones are among them, ahead of earlier arrivals."""
-    rollout, _ = workers
-
-    def first_step(actor):
-        from vllm import SamplingParams
-
-        params = SamplingParams(temperature=0.0, max_tokens=1)
-        enqueue = actor.llm.enqueue
-
-        def prompts(first: int, n: int) -> list:
-            return [{"prompt_token_ids": [first + i] + [7] * 399} for i in range(n)]
-
-        low = enqueue(prompts(100, 30), [params] * 30, priority=[5] * 30, use_tqdm=False)
-        high = enqueue(prompts(200, 5), [params] * 5, priority=[0] * 5, use_tqdm=False)
-        steps = []
-        while actor.llm.llm_engine.has_unfinished_requests():  # the whole queue, so the engine is left empty
-            steps.append({out.request_id for out in actor.llm.llm_engine.step() if out.finished})
-        strip = [[i.rsplit("-", 1)[0] for i in ids] for ids in (low, high)]
-        return strip, steps
-
-    (low, high), steps = ray_cluster.get(rollout.__ray_call__.remote(first_step), timeout=300)
-    assert len(steps) >= 2 and set().union(*steps) == set(low) | set(high)  # more than one step's budget
-    assert set(high) <= steps[0] and steps[0] & set(low)  # the late high-priority ones went first, with the rest
-    # And the engine calls take a priority through the batcher (the search passes each problem's).
-    direct = ray_cluster.get(rollout.judge.remote(JUDGE_REQUESTS, mode="direct", priority=3))
-    assert direct == ray_cluster.get(rollout.judge.remote(JUDGE_REQUESTS, mode="direct"))
-
-
 def test_update_weights_changes_outputs_and_restores_exactly(ray_cluster, workers, tiny_model_dir):
     import torch
     from safetensors.torch import load_file

@@ -30,10 +30,8 @@ class FakeEngine:
 
     def __init__(self, delay: float = 0.05):
         self.delay = delay
-        self.priorities: list[tuple[str, str, int]] = []  # (call kind, first word of the question, priority)
 
-    def propose(self, requests, *, num_candidates, temperature, top_p, max_tokens, seed, priority=0):
-        self.priorities += [("propose", r.question.split()[0], priority) for r in requests]
+    def propose(self, requests, *, num_candidates, temperature, top_p, max_tokens, seed):
         time.sleep(self.delay)
         out = []
         for i, r in enumerate(requests):
@@ -50,8 +48,7 @@ class FakeEngine:
             out.append(Candidates(steps=steps, num_tokens=5 * num_candidates, policy_version=1))
         return out
 
-    def judge(self, requests, *, mode, temperature, max_tokens, priority=0):
-        self.priorities += [("judge", r.question.split()[0], priority) for r in requests]
+    def judge(self, requests, *, mode, temperature, max_tokens):
         time.sleep(self.delay)
         out = []
         for r in requests:
@@ -252,29 +249,6 @@ def test_a_judge_with_no_engines_of_its_own_runs_on_the_rollout_engines(ray_clus
     finally:
         for actor in actors:
             ray.kill(actor)
-
-
-def test_each_problems_requests_carry_its_start_order_as_their_engine_priority(ray_cluster):
-    # search.oldest_problem_first: the engines serve the earliest-started problem's requests first (vLLM's priority
-    # scheduling, tests/engines/test_engine_priority.py); off, every request has priority 0 (first come, first served).
-    ray = ray_cluster
-    for oldest_first in (True, False):
-        cfg = make_cfg(max_problems_in_flight=3, oldest_problem_first=oldest_first)
-        rollout, judge = fake_pool(ray, "rollout", 1, delay=0.01), fake_pool(ray, "judge", 1, delay=0.01)
-        finished: list = []
-        SearchScheduler(cfg, iteration=0, policy_version=1, rollout=rollout, judge=judge).run(
-            problems(7, tie_every=100), finished.append, lambda: None
-        )
-        assert sorted(r.problem_id for r in finished) == [f"p{i}" for i in range(7)]
-        seen = ray.get([e.__ray_call__.remote(lambda engine: engine.priorities) for e in rollout.actors + judge.actors])
-        by_problem: dict[str, set[int]] = {}
-        for _kind, word, priority in seen[0] + seen[1]:
-            by_problem.setdefault(word, set()).add(priority)
-        # Started in order (q0 first) as the 3 in flight made room: q_i's every request at priority i.
-        assert by_problem == {f"q{i}": {i if oldest_first else 0} for i in range(7)}
-        assert {kind for kind, _, _ in seen[0]} == {"propose"} and {kind for kind, _, _ in seen[1]} == {"judge"}
-        for a in rollout.actors + judge.actors:
-            ray.kill(a)
 
 
 class NoRoomEngine(FakeEngine):
