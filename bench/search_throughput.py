@@ -9,16 +9,16 @@ long the search holds each pair before releasing it.
 comparison on them. `--engines preset`: the config's own engines (the embedded preset: one rollout engine of two
 CPUs that also judges), the one-pool search only (there is no second engine to separate the roles onto).
 
-Phases, all on the same two engines, in one run:
-1. Search: `generate_pairs` on the problems, first on one pool (both engines take either role, the preset's
-   topology; the headline), then again on separate pools (one rollout, one judge engine) for the topology
-   table: wall time, tokens, and agreement of the first step's best and worst pick. The engines' vLLM counters give the prompt tokens computed
+Phases, all on the same engines, in one run:
+1. Search: `generate_pairs` on the problems, first on one pool (every engine takes either role, the preset's
+   topology; the headline), then, with `--engines two`, again on separate pools (one rollout, one judge engine)
+   for the topology table: wall time, tokens, and agreement of the first step's best and worst pick. The engines' vLLM counters give the prompt tokens computed
    (prompt tokens minus prefix-cache hits) and the generated tokens.
-2. Raw decode: each engine samples `rollout.num_candidates` completions of half the problems' solution
-   prompts (the search's proposal shape), `max_tokens` chosen so the total matches the search's generated
-   tokens; both engines at once, prefix cache emptied first.
+2. Raw decode: each engine samples `rollout.num_candidates` completions of its share of the problems'
+   solution prompts (the search's proposal shape), `max_tokens` chosen so the total matches the search's
+   generated tokens; every engine at once, prefix cache emptied first.
 3. Raw prefill: the search's own judge prompts (every k-th, up to --num-prefill), one generated token each,
-   split over both engines at once, prefix cache emptied first.
+   split over every engine at once, prefix cache emptied first.
 Cost model: engine time is linear in the work, t = a x (prompt tokens computed) + b x (generated tokens),
 with a and b solved exactly from the two raw phases (two equations, two unknowns). The search's raw-equivalent
 time is a x its prompt tokens computed + b x its generated tokens; the headline is raw-equivalent time over
@@ -161,6 +161,11 @@ def topology_report(runs: dict[str, tuple], cost: tuple[float, float] | None) ->
     ]
 
 
+def per_engine(items: list, num_engines: int) -> list[list]:
+    """`items` dealt out in turn to `num_engines` engines: one share each, for a raw phase run on all at once."""
+    return [items[k::num_engines] for k in range(num_engines)]
+
+
 def reset_prefix_cache(ray, engines) -> None:
     ray.get([e.__ray_call__.remote(lambda actor: actor.llm.reset_prefix_cache()) for e in engines])
 
@@ -213,15 +218,14 @@ def main() -> int:
     # 2. Raw decode: the proposal shape (num_candidates samples per prompt), about the search's generated tokens.
     tokenizer = session.tokenizer
     n = cfg.rollout.num_candidates
-    halves = [problems[k :: len(actors)] for k in range(len(actors))]  # one share per engine
     max_tokens = max(8, int(search["generated"]) // (n * len(problems)))
     reset_prefix_cache(ray, actors)
     c1 = engine_counts(ray, actors)
     start = time.perf_counter()
     ray.get([
-        e.sample.remote([render_solution_prompt(tokenizer, p.question) for p in half], num_samples=n,
+        e.sample.remote([render_solution_prompt(tokenizer, p.question) for p in share], num_samples=n,
                         temperature=cfg.rollout.temperature, max_tokens=max_tokens, seed=cfg.run.seed)
-        for e, half in zip(actors, halves, strict=True) if half
+        for e, share in zip(actors, per_engine(problems, len(actors)), strict=True) if share
     ])  # fmt: skip
     decode = phase(c1, engine_counts(ray, actors), time.perf_counter() - start)
 
@@ -233,7 +237,7 @@ def main() -> int:
     reset_prefix_cache(ray, actors)
     c2 = engine_counts(ray, actors)
     start = time.perf_counter()
-    shares = [texts[k :: len(actors)] for k in range(len(actors))]
+    shares = per_engine(texts, len(actors))
     ray.get([e.generate.remote(share, max_tokens=1) for e, share in zip(actors, shares, strict=True) if share])
     prefill = phase(c2, engine_counts(ray, actors), time.perf_counter() - start)
     ray.shutdown()
