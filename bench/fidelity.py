@@ -99,9 +99,7 @@ def stage_loop(args: argparse.Namespace, work: Path, arm: str) -> dict[str, Any]
         extra.append("judge.mode=oracle")
     cfg = load_cfg(args, *extra)
     init_ray(cfg)
-    out = work / arm
-    if not (out / "state.json").is_file():
-        _share_m1_eval(work, arm, cfg)
+    out = work / arm  # M1's evaluation (iteration 0) is measured once per init and read back by the other arm
     resume = str(out) if (out / "state.json").is_file() else None
     start = time.perf_counter()
     with PeakMemory() as memory:
@@ -135,25 +133,6 @@ def stage_self_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"output_dir": str(folder), "state": state, "seconds": seconds, "taken_from": str(folder),
             "peak_gib": max(state.get("peak_memory_gib", {}).values(), default=None),
             "judge_mode": str(cfg.judge.mode)}  # fmt: skip
-
-
-def _share_m1_eval(work: Path, arm: str, cfg: Any) -> None:
-    """M1 is the same model in both arms (the same cached init): an arm starting after the other one takes
-    its M1 evaluation (iteration 0) instead of evaluating the same model on the same problems again."""
-    from psr_ray.pipeline.run_state import RunState
-
-    for other in ("self", "oracle"):
-        state = arm_folder(work, other) / "state.json"
-        if other == arm or not state.is_file():
-            continue
-        first = json.loads(state.read_text())["iterations"].get("0", {}).get("eval")
-        if first is None or json.loads(state.read_text())["config"]["eval"] != cfg.to_dict()["eval"]:
-            continue
-        mine = RunState(work / arm)
-        mine.set_config(cfg.to_dict())
-        mine.record(0, "eval", first | {"shared_from": other})
-        print(f"[fidelity] {arm}: M1's evaluation taken from the {other} run (same model, same problems)", flush=True)
-        return
 
 
 def random_preferences(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:

@@ -315,3 +315,46 @@ def test_a_search_that_fails_mid_fit_ends_the_fit_at_once(monkeypatch, tmp_path)
         assert time.monotonic() - started < 10
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_m1_scores_are_measured_once_per_init_and_read_back_by_later_runs(monkeypatch, tmp_path):
+    """Iteration 0 evaluates M1, the cached init's model: the first run measures it and keeps the scores in the
+    init folder; a second run on that init reads them (not measured again) and says so; a damaged file is
+    measured again. Another judge mode is kept apart."""
+    from types import SimpleNamespace
+
+    from psr_ray.pipeline import eval_stage, loop
+    from psr_ray.pipeline.run_state import RunState
+    from psr_ray.pipeline.session import RunSession
+
+    measured = []
+    row = {"benchmark": "arith", "n": 3, "accuracy": 1 / 3, "accuracy_boxed": 1 / 3}
+
+    def measure(psr, iteration, mode):
+        measured.append((iteration, mode.value))
+        return {"benchmarks": [row], "eval_s": 12.5, "judge": {"accuracy": 0.5}, "judge_s": 1.5}
+
+    monkeypatch.setattr(eval_stage, "measure", measure)
+    monkeypatch.setattr(loop, "serve_policy", lambda psr: {"reloaded_from_export": 0})
+    monkeypatch.setattr(loop, "_write_results", lambda psr: None)
+    init = SimpleNamespace(output_dir=str(tmp_path / "init"))
+    (tmp_path / "init").mkdir()
+
+    def evaluate_in(run: str, *overrides: str) -> dict:
+        cfg = C.load([], [f"run.output_dir={tmp_path / run}", *overrides])
+        psr = SimpleNamespace(cfg=cfg, out=tmp_path / run, state=RunState(tmp_path / run), init=init,
+                              session=RunSession, problems=[], policy_version=1, logger=_Logger())  # fmt: skip
+        loop._evaluate(psr, iteration=0)
+        return psr.state.stage(0, "eval")
+
+    first = evaluate_in("a")
+    assert measured == [(0, "explain")] and first["from_cache"] is None
+    second = evaluate_in("b")
+    assert measured == [(0, "explain")]  # read back
+    assert second["rows"] == first["rows"] and second["judge"] == first["judge"] and second["seconds"] == 12.5
+    kept = list((tmp_path / "init").glob("scores_M1_*_explain.json"))
+    assert len(kept) == 1 and second["from_cache"] == str(kept[0])
+    kept[0].write_text("{not json")
+    assert evaluate_in("c")["from_cache"] is None and measured == [(0, "explain"), (0, "explain")]
+    evaluate_in("d", "judge.mode=direct")
+    assert measured[-1] == (0, "direct")

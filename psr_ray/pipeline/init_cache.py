@@ -7,7 +7,8 @@ recipe: `init_stage.RECIPE`). A finished init leaves
 One process builds it at a time (a file lock); another waiting on the same key then reuses it.
 
 M0's scores for the run's table are cached beside it per evaluation setting (`init_stage.scores_of`), so changing
-`eval.*` re-evaluates M0 but never re-trains M1.
+`eval.*` re-evaluates M0 but never re-trains M1; so are M1's, measured by the first run's iteration-0 evaluation
+on its own engines (`m1_scores_path`) and read back by later runs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from psr_ray.config import PSRConfig
-from psr_ray.pipeline.init_stage import RECIPE, InitResult, eft_mode, initialize, read_result, scores_of
+from psr_ray.config import JudgeMode, PSRConfig
+from psr_ray.pipeline.init_stage import RECIPE, InitResult, eft_mode, eval_key, initialize, read_result, scores_of
 from psr_ray.pipeline.session import RunSession
 
 
@@ -104,3 +105,19 @@ def _m0_scores(session: RunSession, result: InitResult) -> dict[str, Any]:
 
     pairs = [p.pair for p in read_pairs(result.data_files["heldout_pairs"])]
     return scores_of(session, Path(result.output_dir), "M0", session.model_path, 0, pairs)
+
+
+def m1_scores_path(init: InitResult, cfg: PSRConfig, mode: JudgeMode) -> Path:
+    """Where a run's iteration-0 scores of M1 (the init's model) are kept for the evaluation settings and the
+    judge mode they were measured with."""
+    return Path(init.output_dir) / f"scores_M1_{eval_key(cfg)}_{mode.value}.json"
+
+
+def read_scores(path: Path) -> dict[str, Any] | None:
+    """Scores kept by an earlier run; None when absent or unreadable (measured again, then)."""
+    try:
+        scores = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = {"benchmarks", "eval_s", "judge", "judge_s"}
+    return scores if isinstance(scores, dict) and keys <= scores.keys() else None

@@ -327,9 +327,9 @@ def serve_policy(psr: Driver, *, pushed: dict[str, Any] | None = None) -> dict[s
 
 
 def _evaluate(psr: Driver, *, iteration: int) -> None:
-    from psr_ray.evaluation.benchmarks import evaluate
-    from psr_ray.evaluation.judging import iteration_pair_precision, judge_accuracy
+    from psr_ray.evaluation.judging import iteration_pair_precision
     from psr_ray.evaluation.run_results import result_row
+    from psr_ray.pipeline.eval_stage import iteration_scores
     from psr_ray.pipeline.init_stage import eft_mode
 
     done = psr.state.stage(iteration, "eval")
@@ -339,19 +339,15 @@ def _evaluate(psr: Driver, *, iteration: int) -> None:
         if reloaded:
             print(f"[psr_ray] eval {iteration}: {reloaded} engine(s) no longer served policy {psr.policy_version}; "
                   "reloaded from its export, verified")  # fmt: skip
-        result = evaluate(psr.engines, psr.tokenizer, list(cfg.eval.benchmarks), limit=cfg.eval.limit or None,
-                          max_tokens=cfg.eval.max_tokens, policy_version=psr.policy_version,
-                          engine_names=psr.engine_names, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
-        start = time.perf_counter()
         # The judge the search uses: the likelihood ablation's own, else the pairwise judge the init trained.
         mode = cfg.judge.mode if cfg.judge.mode == JudgeMode.LIKELIHOOD else eft_mode(cfg)
-        judge = judge_accuracy(psr.engines, psr.heldout_pairs, mode=mode.value,
-                               max_tokens=cfg.judge.max_explanation_tokens, timeout_s=cfg.run.engine_call_timeout_s)  # fmt: skip
+        scores, from_cache = iteration_scores(psr, iteration, mode)
+        judge = scores["judge"]
         precision = iteration_pair_precision(str(psr.out), iteration, psr.problems) if iteration else None
-        done = {"rows": [result_row(psr.state, row, iteration, psr.policy_version) | {"eval_s": result.elapsed_s}
-                         for row in result.rows(iteration)],
-                "seconds": result.elapsed_s, "policy_version": psr.policy_version, "judge": judge,
-                "pair_precision": precision, "judge_s": time.perf_counter() - start}  # fmt: skip
+        done = {"rows": [result_row(psr.state, row, iteration, psr.policy_version) | {"eval_s": scores["eval_s"]}
+                         for row in scores["benchmarks"]],
+                "seconds": scores["eval_s"], "policy_version": psr.policy_version, "judge": judge,
+                "pair_precision": precision, "judge_s": scores["judge_s"], "from_cache": from_cache}  # fmt: skip
         kill_windows.reached("eval")
         psr.state.record(iteration, "eval", done)
         for row in done["rows"]:
