@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +223,4 @@ def test_a_running_ray_start_head_is_left_alone_and_named(tiny_model_dir, tmp_pa
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
         head.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
