@@ -81,11 +81,11 @@ def main() -> None:
                            cpu_kv_cache_gib=args.kv_cache_gib), name="bench-judge",
         )  # fmt: skip
         starts.append(time.perf_counter() - started)
-        prefix = f"{label} | " if len(models) > 1 else ""
         for mode in args.modes.split(","):
-            new_rows, new_examples = _judge(engine, mode, pairs, requests, labels, args.max_tokens)
-            rows += [f"| {prefix}{row[2:]}" for row in new_rows]
-            examples += [f"- {prefix.replace(' | ', ': ')}{line[2:]}" for line in new_examples]
+            new_rows, new_examples = _judge(engine, mode, pairs, requests, labels, args.max_tokens,
+                                            model_label=label if len(models) > 1 else None)  # fmt: skip
+            rows += new_rows
+            examples += new_examples
         del engine
         gc.collect()
 
@@ -122,8 +122,11 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def _judge(engine, mode: str, pairs, requests, labels, max_tokens: int) -> tuple[list[str], list[str]]:
-    """One mode's table rows and first examples for one engine."""
+def _judge(engine, mode: str, pairs, requests, labels, max_tokens: int,
+           model_label: str | None) -> tuple[list[str], list[str]]:  # fmt: skip
+    """One mode's table rows and first examples for one engine (`model_label`: its model column and example
+    prefix, when the table compares models)."""
+    lead, who = (f"{model_label} | ", f"{model_label}: ") if model_label else ("", "")
     started = time.perf_counter()
     if mode == "likelihood":
         scored = asyncio.run(engine.score_steps(score_requests(pairs)))
@@ -132,16 +135,18 @@ def _judge(engine, mode: str, pairs, requests, labels, max_tokens: int) -> tuple
         rows = []
         for name, scores in (("likelihood (mean/token)", [x.score for x in scored]), ("likelihood (sum)", sums)):
             judgments = likelihood_judgments(scores)
-            rows.append(_row(name, score_judgments(judgments, labels), sum(x.num_tokens for x in scored), wall_s))
+            rows.append(
+                _row(lead + name, score_judgments(judgments, labels), sum(x.num_tokens for x in scored), wall_s)
+            )
             print(rows[-1], flush=True)
-        examples = [f"- likelihood, {kind} step: {x.num_tokens} tokens, sum {x.logprob:.2f}, mean {x.score:.3f}"
+        examples = [f"- {who}likelihood, {kind} step: {x.num_tokens} tokens, sum {x.logprob:.2f}, mean {x.score:.3f}"
                     for kind, x in zip(("right", "wrong"), scored[:2], strict=True)]  # fmt: skip
         return rows, examples
     judgments = asyncio.run(engine.judge(requests, mode=mode, temperature=0.0, max_tokens=max_tokens))
     wall_s = time.perf_counter() - started
-    row = _row(mode, score_judgments(judgments, labels), sum(j.num_tokens for j in judgments), wall_s)
+    row = _row(lead + mode, score_judgments(judgments, labels), sum(j.num_tokens for j in judgments), wall_s)
     print(row, flush=True)
-    return [row], [f"- {mode}, right verdict {labels[i]}: `{_one_line(judgments[i].text)}`" for i in range(2)]
+    return [row], [f"- {who}{mode}, right verdict {labels[i]}: `{_one_line(judgments[i].text)}`" for i in range(2)]
 
 
 def _row(mode: str, scores, tokens: int, wall_s: float) -> str:
