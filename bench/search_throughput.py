@@ -24,15 +24,17 @@ with a and b solved exactly from the two raw phases (two equations, two unknowns
 time is a x its prompt tokens computed + b x its generated tokens; the headline is raw-equivalent time over
 the search's wall time (1.0x: the search kept the engines as busy as raw generate does). The generated-only
 ratio of the earlier table is kept as a second row.
-Pair release (the same search): the scheduler is wrapped so that a `psr_ray.search.release.PairLedger` stamps
-when each pair's step is decided, when it passes out of roll-back reach and when it is released (its problem
-finishes), and counts pairs popped by roll-backs and pairs dropped with abandoned problems.
+Pair release (the same search): the scheduler and the pair writer are wrapped so that a
+`psr_ray.search.release.PairLedger` stamps when each pair's step is decided, each problem's rounds, and when
+each pair is listed in the manifest (the trainer's stream), and counts pairs popped by roll-backs and dropped
+with abandoned problems.
 Writes bench/results/search_throughput.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import sys
@@ -53,7 +55,8 @@ ENGINES = {
 
 
 def tracking_scheduler():
-    """A `SearchScheduler` that keeps every judge request it sends and a `PairLedger` of its pairs."""
+    """A `SearchScheduler` that keeps every judge request it sends and a `PairLedger` of its pairs (install
+    `tracking_flush` too, for the flushes)."""
     from psr_ray.search.release import PairLedger
     from psr_ray.search.scheduler import SearchScheduler
 
@@ -72,10 +75,26 @@ def tracking_scheduler():
                 Tracking.ledger.after(self._active[key], before[key], now)
 
         def _finish(self, search, on_finished):
-            Tracking.ledger.finish(search, time.monotonic())
+            Tracking.ledger.finish(search)
             super()._finish(search, on_finished)
 
     return Tracking
+
+
+def tracking_flush(ledger):
+    """Wraps `PairWriter.flush` so that `ledger` stamps the pairs each flush lists in the manifest; returns
+    the original, to put back."""
+    from psr_ray.data.pairs_io import PairWriter
+
+    original = PairWriter.flush
+
+    def flush(self):
+        pair_ids = [p.pair_id for p in self._pairs]
+        original(self)
+        ledger.flushed(pair_ids, time.monotonic())
+
+    PairWriter.flush = flush
+    return original
 
 
 def engine_counts(ray, engines) -> dict[str, float]:
@@ -206,12 +225,14 @@ def main() -> int:
     for arm, (arm_rollout, arm_judge) in arms.items():
         tracking = tracking_scheduler()
         search_generate.SearchScheduler = tracking
+        original_flush = tracking_flush(tracking.ledger)
         out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"psr_bench_search_{os.getpid()}_{len(runs)}"
         reset_prefix_cache(ray, actors)
         c0 = engine_counts(ray, actors)
         search_start = time.monotonic()
         summary = search_generate.generate_pairs(cfg, problems, iteration=1, policy_version=0, rollout=arm_rollout,
                                                  judge=arm_judge, output_dir=str(out_dir))  # fmt: skip
+        search_generate.PairWriter.flush = original_flush
         runs[arm] = (summary, phase(c0, engine_counts(ray, actors), summary.seconds), tracking, search_start, out_dir)
     summary, search, tracking, search_start, _ = runs["one pool"]
 
@@ -265,6 +286,7 @@ def engines_said(cfg, num_engines: int) -> str:
 
 def report(args, cfg, summary, search, decode, prefill, tracking, search_start, num_prefill, num_engines) -> list[str]:
     """The results table, every cell computed from the measured phases and the tracked pairs."""
+    from psr_ray.data.pairs_io import PairWriter
 
     def tokens(x):
         return (f"{x['prompt']:.0f} prompt ({x['computed']:.0f} computed) + {x['generated']:.0f} generated "
@@ -289,11 +311,24 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
         cost_row = f"{a * 1e3:.3f} ms per prompt token computed, {b * 1e3:.2f} ms per generated token"
     gen_ratio = (search["generated"] / search["seconds"]) / (decode["generated"] / decode["seconds"])
     ledger = tracking.ledger
-    waits, early = ledger.waits, ledger.early
-    first = min(ledger.released_at) - search_start if ledger.released_at else None
+    waits, step_times = ledger.waits, ledger.step_times
+    flush_seconds = inspect.signature(PairWriter).parameters["flush_seconds"].default
+    first = min(ledger.flushed_at) - search_start if ledger.flushed_at else None
 
     def spread(xs):
-        return f"mean {sum(xs) / len(xs):.1f} s, max {max(xs):.1f} s (n = {len(xs)})" if xs else "- (none)"
+        if not xs:
+            return "- (none)"
+        xs = sorted(xs)
+        return (f"mean {sum(xs) / len(xs):.1f} s, median {xs[len(xs) // 2]:.1f} s, p90 {xs[int(0.9 * (len(xs) - 1))]:.1f} s, "
+                f"max {xs[-1]:.1f} s (n = {len(xs)})")  # fmt: skip
+
+    step_time = sum(step_times) / len(step_times) if step_times else None
+    within = (
+        f"{sum(w <= step_time for w in waits)} of {len(waits)} ({sum(w <= step_time for w in waits) / len(waits):.0%}); "
+        f"mean wait / mean step time = {sum(waits) / len(waits) / step_time:.2f}"
+        if waits and step_time
+        else "-"
+    )
 
     queries = search["prompt"]
     rows = [
@@ -329,11 +364,20 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
             "requests per call: propose / judge (the engine batches across calls)",
             f"{summary.mean_propose_batch:.1f} / {summary.mean_judge_batch:.1f}",
         ),
-        ("first pair released after", f"{first:.1f} s of {search['seconds']:.1f} s" if first is not None else "-"),
-        ("pair wait, step decided -> released", spread(waits)),
+        ("first pair in the stream after", f"{first:.1f} s of {search['seconds']:.1f} s" if first is not None else "-"),
+        ("**pair wait, step decided -> listed in the manifest (the trainer's stream)**", spread(waits)),
+        (
+            "of which: step decided -> committed (its problem's next step decided, or the problem's end)",
+            spread(ledger.commit_waits),
+        ),
+        (
+            "of which: committed -> listed in the manifest (the writer's flush)",
+            spread([w - c for w, c in zip(waits, ledger.commit_waits, strict=True)]),
+        ),
+        ("one step's decision time (between consecutive decisions of a problem)", spread(step_times)),
+        ("**pairs in the stream within one step's decision time (the mean) of their decision**", within),
         ("pairs popped by roll-backs (never released)", f"{ledger.popped}"),
-        ("pairs dropped with abandoned problems", f"{ledger.dropped}"),
-        ("released pairs out of roll-back reach before release; wait from then", spread(early)),
+        ("uncommitted pairs dropped with abandoned problems", f"{ledger.dropped}"),
     ]
     lines = [
         "# Search throughput",
@@ -357,27 +401,12 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in rows],
         "",
-        "Pair release: a pair is released when its problem finishes (`psr_ray/search/problem.py`). Wait = release "
-        "time minus the time its step was decided (the latest decision of that step, after any roll-back). Out of "
-        "roll-back reach: fewer roll-backs left in the problem's budget than steps from the newest step down to "
-        "this one; such a pair can still be lost, because an abandoned problem releases none of its pairs.",
-        "",
-        "Early release (issue 17 section 2) is not done; why, from the figures above: exactly-once means a "
-        "released pair is never retracted. Out of roll-back reach is not enough: once a problem's roll-back "
-        "budget is spent every kept pair is out of reach, and its next tie abandons the problem and drops them "
-        f"all. In this search {ledger.dropped} pairs were dropped with abandoned problems (each had been out of "
-        f"reach before it was lost) and {ledger.popped} popped by roll-backs, against {len(waits)} released; "
-        "releasing pairs as soon as they leave roll-back reach would change the rule that an abandoned path "
-        f"trains nothing ({ledger.dropped} pairs here). Two more things hold pairs to the problem's end: each "
-        "pair's `answer_correct` is the problem's final answer, known only then, and `PairWriter`'s resume is per "
-        "problem (manifest `done_problems`): a problem released in part and re-searched after a crash would write "
-        "its released pairs again. What early release could save: "
-        + (
-            f"released pairs waited {sum(early) / len(early):.1f} s on average after leaving reach, of "
-            f"{sum(waits) / len(waits):.1f} s after their step was decided."
-            if early and waits
-            else "no released pair left roll-back reach before its release."
-        ),
+        "Pair release: a pair is released when its step is committed, i.e. when its problem's next step is "
+        "decided (a roll-back pops only an uncommitted step; `psr_ray/search/problem.py`), the last ones when the "
+        "problem ends; the pair writer lists it in the manifest at its next flush (every "
+        f"{cfg.search.flush_pairs} pairs or {flush_seconds:g} s). Wait = the flush that listed it minus the time its step was "
+        "decided (the latest decision of that step, after any roll-back). One step's decision time = the time "
+        "between two consecutive decided rounds of one problem (propose + judge, ties included), over every problem.",
     ]
     return lines
 

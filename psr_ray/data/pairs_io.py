@@ -4,9 +4,11 @@ Layout of one iteration, `<output_dir>/pairs/iter_<i>/`:
   part-00000.parquet ...   one file per flushed chunk (temp name, fsync, rename, fsync of the folder:
                            never seen half-written, on disk before the manifest names it)
   manifest.json            the commit point (written the same way): the parts written so far, the problems
-                           finished so far (their pairs are all in those parts), and `complete`.
+                           finished so far (their pairs are all in those parts), the checkpoint of each
+                           problem with pairs written but not finished (`open_problems`), and `complete`.
 A part is visible only once the manifest lists it; a part not listed (a crash between the rename and the
-manifest) is deleted on resume and its problems are searched again, so every pair_id lands exactly once.
+manifest) is deleted on resume and its problems are searched again from the checkpoint the manifest names (or
+from the start), so every pair_id lands exactly once.
 
 Streaming: `stream_pairs_dataset` builds a Dataset from `ManifestDatasource`,
 whose single read task polls the manifest and yields each new part as soon as it is listed, until
@@ -23,6 +25,7 @@ node-local `output_dir` works on a multi-node cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -33,7 +36,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from psr_ray.data.schema import STEP_PAIR_SCHEMA, StepPair, check_table, to_table
+from psr_ray.data.schema import STEP_PAIR_SCHEMA, Checkpoint, StepPair, check_table, to_table
 from psr_ray.runtime import kill_windows
 from psr_ray.runtime.durable import write_atomic
 
@@ -49,7 +52,7 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The manifest of an iteration folder; an empty one when none was written yet."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        return {"parts": [], "done_problems": [], "num_pairs": 0, "complete": False}
+        return {"parts": [], "done_problems": [], "open_problems": {}, "num_pairs": 0, "complete": False}
     with path.open() as f:
         return json.load(f)
 
@@ -67,14 +70,17 @@ def _part_number(directory: Path, name: str) -> int:
 
 
 class PairWriter:
-    """Appends finished problems' pairs to Parquet parts under `pairs_dir(output_dir, iteration)`.
+    """Appends step pairs to Parquet parts under `pairs_dir(output_dir, iteration)`.
 
-    `add()` buffers one finished problem (pairs may be empty: an abandoned problem is still done);
-    a chunk is flushed once it holds `flush_pairs` pairs or is `flush_seconds` old. Opening a folder
-    that already has a manifest resumes it: `done_problems` says which problems to skip.
+    `commit()` buffers a problem's committed pairs with its checkpoint while it is still searched; `add()`
+    buffers one finished problem's remaining pairs (may be empty: an abandoned problem is still done); a chunk
+    is flushed once it holds `flush_pairs` pairs or is `flush_seconds` old. Opening a folder that already has a
+    manifest resumes it: `done_problems` says which problems to skip, `open_problems` where to resume others.
     """
 
-    def __init__(self, output_dir: str, iteration: int, *, flush_pairs: int = 64, flush_seconds: float = 10.0):
+    # A committed pair reaches the stream within `flush_seconds`: small against a step's decision time (about a
+    # minute on CPU), and a part every 2 s or more is nothing for the reader.
+    def __init__(self, output_dir: str, iteration: int, *, flush_pairs: int = 64, flush_seconds: float = 2.0):
         self.directory = pairs_dir(output_dir, iteration)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.iteration = iteration
@@ -88,8 +94,10 @@ class PairWriter:
         numbers = [_part_number(self.directory, name) for name in listed]
         self._next_part = max(numbers, default=-1) + 1
         self.done_problems: set[str] = set(self._manifest["done_problems"])
+        self.open_problems = _checkpoints(self.directory, self._manifest.get("open_problems", {}))
         self._pairs: list[StepPair] = []
         self._problems: list[str] = []
+        self._open: dict[str, Checkpoint] = {}  # checkpoints buffered with the chunk
         self._oldest: float | None = None
         self._manifest["complete"] = False
         self._manifest.pop("error", None)
@@ -105,6 +113,16 @@ class PairWriter:
             raise ValueError(f"problem {problem_id!r} was already written for iteration {self.iteration}")
         self._pairs.extend(pairs)
         self._problems.append(problem_id)
+        self._open.pop(problem_id, None)
+        self._oldest = self._oldest or time.monotonic()
+        self.maybe_flush()
+
+    def commit(self, problem_id: str, pairs: list[StepPair], checkpoint: Checkpoint) -> None:
+        """Buffers pairs of a problem still being searched; a resumed run restarts it from `checkpoint`."""
+        if problem_id in self.done_problems or problem_id in self._problems:
+            raise ValueError(f"problem {problem_id!r} was already written for iteration {self.iteration}")
+        self._pairs.extend(pairs)
+        self._open[problem_id] = checkpoint
         self._oldest = self._oldest or time.monotonic()
         self.maybe_flush()
 
@@ -115,7 +133,7 @@ class PairWriter:
             self.flush()
 
     def flush(self) -> None:
-        if not self._problems:
+        if not self._problems and not self._open:
             return
         parts = list(self._manifest["parts"])
         if self._pairs:
@@ -126,15 +144,19 @@ class PairWriter:
             parts.append(name)
             self._next_part += 1
         self.done_problems.update(self._problems)
+        self.open_problems.update(self._open)
+        for problem_id in self._problems:
+            self.open_problems.pop(problem_id, None)
         self._manifest = {
             "parts": parts,
             "done_problems": sorted(self.done_problems),
+            "open_problems": {k: dataclasses.asdict(v) for k, v in sorted(self.open_problems.items())},
             "num_pairs": self.num_pairs + len(self._pairs),
             "complete": False,
         }
         _write_manifest(self.directory, self._manifest)
         wrote_part = bool(self._pairs)
-        self._pairs, self._problems, self._oldest = [], [], None
+        self._pairs, self._problems, self._open, self._oldest = [], [], {}, None
         if wrote_part:
             kill_windows.reached("search.after_flush")
 
@@ -150,6 +172,17 @@ class PairWriter:
         self.flush()
         self._manifest["error"] = reason
         _write_manifest(self.directory, self._manifest)
+
+
+def _checkpoints(directory: Path, listed: Any) -> dict[str, Checkpoint]:
+    """The manifest's `open_problems`, checked: a damaged entry names the manifest."""
+    try:
+        return {
+            str(k): Checkpoint(tuple(str(x) for x in v["steps"]), int(v["num_proposals"]), int(v["num_rollbacks"]))
+            for k, v in dict(listed).items()
+        }
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{directory / MANIFEST} has a damaged open_problems entry ({err!r})") from None
 
 
 def read_pairs(output_dir: str, iteration: int) -> pa.Table:

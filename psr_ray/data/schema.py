@@ -86,6 +86,17 @@ class StepPair:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a resumed search of a problem starts (`psr_ray.search.problem`): its committed steps, and the
+    number of proposals accepted and rollbacks spent when the newest of them was decided. Kept per unfinished
+    problem in the pairs manifest."""
+
+    steps: tuple[str, ...]
+    num_proposals: int
+    num_rollbacks: int
+
+
 def to_table(pairs: list[StepPair]) -> pa.Table:
     """Pairs -> an Arrow table of exactly `STEP_PAIR_SCHEMA` (types are checked by pyarrow)."""
     return _check_required(pa.Table.from_pylist([p.to_row() for p in pairs], schema=STEP_PAIR_SCHEMA))

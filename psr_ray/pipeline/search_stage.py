@@ -12,7 +12,7 @@ from psr_ray.config import PSRConfig
 from psr_ray.data.pairs_io import PairWriter, read_pairs
 from psr_ray.data.problems import Problem, check_unique_ids
 from psr_ray.engines.pool import EnginePool
-from psr_ray.search.scheduler import FinishedProblem, SearchScheduler
+from psr_ray.search.scheduler import CommittedSteps, FinishedProblem, SearchScheduler
 from psr_ray.search.stats import SearchSummary, margin_summary
 
 
@@ -35,9 +35,9 @@ def generate_pairs(
     stop: threading.Event | None = None,
     on_turn: Callable[[], None] | None = None,
 ) -> SearchSummary:
-    """Searches `problems` and writes their step pairs to `<output_dir>/pairs/iter_<iteration>/` as they
-        finish (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this iteration
-        finished are skipped (resume). `policy_dir` (the HF folder of `policy_version`) is what an engine that
+    """Searches `problems` and writes their step pairs to `<output_dir>/pairs/iter_<iteration>/` as their
+        steps are committed (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this
+        iteration finished are skipped, and those it left half-searched continue from their checkpoint (resume). `policy_dir` (the HF folder of `policy_version`) is what an engine that
         comes back from a crash on other weights reloads; without it such an engine fails the run. `on_pairs`
         sees each finished problem after its pairs are buffered. Setting `stop` ends the search within a turn
         with `SearchStopped` (finished problems committed). `on_turn` runs between scheduling turns (the run's
@@ -66,6 +66,10 @@ def generate_pairs(
         if on_pairs is not None:
             on_pairs(result)
 
+    def committed(result: CommittedSteps) -> None:
+        writer.commit(result.problem_id, result.pairs, result.checkpoint)
+        progress.set_postfix(pairs=stats.pairs, rollbacks=stats.rollbacks, refresh=False)
+
     def tick() -> None:
         writer.maybe_flush()
         if on_turn is not None:
@@ -76,7 +80,7 @@ def generate_pairs(
             )
 
     try:
-        scheduler.run(todo, finished, on_tick=tick)
+        scheduler.run(todo, finished, tick, on_committed=committed, resume=writer.open_problems)
         progress.update(stats.problems_skipped)
         writer.close(complete=True)
     except BaseException as err:

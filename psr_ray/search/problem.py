@@ -26,8 +26,15 @@ Rules the paper leaves open, decided here:
 - When every non-empty candidate is the same text the step advances without a pair: the policy agrees with
   itself on an easy step, which is no sign that the previous step was a dead end (the paper's literal rule,
   all scores equal, would roll it back).
-- Pairs are held until the problem finishes (exactly once: a rollback can still drop them until then). A
-  problem abandoned after `max_rollbacks` rollbacks releases no pairs: its path is not trusted.
+- A step is committed once the step after it is decided: its pair is released then (`take_commit()`), one
+  step's decision time after it was decided, not at the problem's end. A rollback pops only an uncommitted
+  step; a tie right above the committed steps proposes that step again (as a tie at step 1 does), so a
+  released pair is never retracted (exactly once). A problem abandoned after `max_rollbacks` rollbacks drops
+  its uncommitted pair; the released ones stay. Pairs released before the problem's end carry
+  `answer_correct = None` (the answer is not known yet); those released at its end carry it.
+- A `Checkpoint` is the search's state when its newest committed step was decided (steps, proposals and
+  rollbacks so far): a search resumed from it after a crash proposes exactly what the lost one proposed next
+  (the same seeds), and never writes a released pair_id again.
 - With one order per pair, which candidate is shown first alternates from pair to pair to spread position
   bias over the candidates.
 - `judge.mode: likelihood` (an ablation) asks no comparisons: the round scores each candidate once by the
@@ -44,7 +51,7 @@ from psr_ray.config import JudgeMode, JudgePlan
 from psr_ray.core.steps import is_final_step, join_steps
 from psr_ray.core.verify import extract_answer, is_equivalent
 from psr_ray.data.problems import Problem
-from psr_ray.data.schema import StepPair
+from psr_ray.data.schema import Checkpoint, StepPair
 from psr_ray.engines.api import Candidates, JudgeRequest, Judgment, ProposeRequest, ScoreRequest, StepLikelihood
 from psr_ray.search.likelihood import LikelihoodRun
 from psr_ray.search.plans import KnockoutRun, PlanResult, RoundRobinRun, start_plan
@@ -67,7 +74,7 @@ class ProblemSearch:
     """The search of one problem as a state machine driven by a scheduler:
     PROPOSE: `propose_request()` -> engine -> `on_candidates()`;
     JUDGE: `judge_requests()` -> judges -> `on_judgments()` (judge.mode=likelihood: `score_requests()` ->
-    engines -> `on_likelihoods()`); until DONE, then `finished_pairs()`.
+    engines -> `on_likelihoods()`); `take_commit()` after every round until DONE, then `finished_pairs()`.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class ProblemSearch:
         judge_mode: JudgeMode = JudgeMode.EXPLAIN,
         min_score_margin: float = 1.0,
         judge_plan: JudgePlan = JudgePlan.ROUND_ROBIN,
+        resume_from: Checkpoint | None = None,
     ) -> None:
         self.problem = problem
         self.iteration = iteration
@@ -90,11 +98,16 @@ class ProblemSearch:
         self.judge_mode = JudgeMode(judge_mode)
         self.min_score_margin = min_score_margin
         self.judge_plan = JudgePlan(judge_plan)
-        self.steps: list[str] = []
-        self.pairs: list[StepPair | None] = []  # pairs[k] belongs to steps[k]
+        start = resume_from or Checkpoint((), 0, 0)
+        self.steps: list[str] = list(start.steps)
+        self.pairs: list[StepPair | None] = [None] * len(self.steps)  # pairs[k] belongs to steps[k]
         self.phase = Phase.PROPOSE
         self.outcome: Outcome | None = None
-        self.num_rollbacks = 0
+        self.num_rollbacks = start.num_rollbacks
+        self.num_proposals = start.num_proposals  # accepted proposals: the attempt number of the next one's seed
+        self.committed = len(self.steps)  # steps[:committed] can no longer be popped
+        self._released = self.committed  # pairs[:_released] were handed out (take_commit / finished_pairs)
+        self._decided_at: list[tuple[int, int]] = [(start.num_proposals, start.num_rollbacks)] * self.committed
         # Totals over every round, dropped ones included (for counters).
         self.num_candidates_seen = 0
         self.num_generated_tokens = 0
@@ -123,6 +136,7 @@ class ProblemSearch:
     def on_candidates(self, candidates: Candidates) -> None:
         assert self.phase is Phase.PROPOSE, self.phase
         self._candidates = candidates
+        self.num_proposals += 1
         self.num_candidates_seen += len(candidates.steps)
         self.num_generated_tokens += candidates.num_tokens
         self._all_right = True
@@ -216,6 +230,8 @@ class ProblemSearch:
             )
         self.steps.append(cands.steps[best].strip())
         self.pairs.append(pair)
+        self._decided_at.append((self.num_proposals, self.num_rollbacks))
+        self.committed = max(self.committed, len(self.steps) - 1)  # the step below the newest is now final
         if is_final_step(self.steps[-1]):
             self._finish(Outcome.FINAL_ANSWER)
         elif len(self.steps) >= self.max_steps:
@@ -228,9 +244,10 @@ class ProblemSearch:
             self._finish(Outcome.ABANDONED)
             return
         self.num_rollbacks += 1
-        if self.steps:  # at step 1 there is nothing to drop: step 1 is simply proposed again
+        if len(self.steps) > self.committed:  # at step 1, or above a committed step: it is proposed again
             self.steps.pop()
             self.pairs.pop()
+            self._decided_at.pop()
         self.phase = Phase.PROPOSE
 
     def _finish(self, outcome: Outcome) -> None:
@@ -252,10 +269,26 @@ class ProblemSearch:
             self._answer_correct = is_equivalent(extract_answer(self.solution), self.problem.answer)
         return self._answer_correct
 
+    def take_commit(self) -> tuple[list[StepPair], Checkpoint] | None:
+        """The pairs committed since the last call and the checkpoint after them; None when no step was
+        committed since. Call after every round, before the problem is done (then `finished_pairs()`)."""
+        if self.done or self.committed == self._released:
+            return None
+        pairs = [p for p in self.pairs[self._released : self.committed] if p is not None]
+        self._released = self.committed
+        return pairs, self.checkpoint()
+
+    def checkpoint(self) -> Checkpoint:
+        """The state when the newest committed step was decided (see `Checkpoint`)."""
+        proposals, rollbacks = self._decided_at[self.committed - 1] if self.committed else (0, 0)
+        return Checkpoint(tuple(self.steps[: self.committed]), proposals, rollbacks)
+
     def finished_pairs(self) -> list[StepPair]:
-        """The problem's pairs, released once it is DONE (none when abandoned)."""
+        """The pairs not released yet, once the problem is DONE (none when abandoned), with the problem's
+        `answer_correct`."""
         assert self.done, self.phase
+        rest, self._released = self.pairs[self._released :], len(self.pairs)
         if self.outcome is Outcome.ABANDONED:
             return []
         correct = self.answer_correct()
-        return [dataclasses.replace(p, answer_correct=correct) for p in self.pairs if p is not None]
+        return [dataclasses.replace(p, answer_correct=correct) for p in rest if p is not None]

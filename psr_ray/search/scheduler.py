@@ -6,7 +6,9 @@ Every problem is a `ProblemSearch` state machine; the scheduler only moves reque
   dispatch  send each problem's pending `ProposeRequest` to the least-loaded rollout engine, and each pending
             judge round (all comparisons of one problem's round travel together; `judge.plan: knockout` asks
             up to 3 rounds per step, each routed back here) to the least-loaded judge, one problem per call
-  collect   take every finished call (`ray.wait`) and feed its results back to the searches
+  collect   take every finished call (`ray.wait`) and feed its results back to the searches; a problem's
+            pairs go to `on_committed` as soon as their steps are committed (the next step decided), the
+            rest to `on_finished` when it is done
 
 Engines batch continuously (engines/batching.py): a call joins the batch already running on its engine, so a
 problem's next request goes out the moment its last result lands and no problem waits for a cohort.
@@ -23,7 +25,8 @@ is discarded and re-queued like a failed one while that engine reloads the itera
 export (`update_weights_from_path(policy_dir)`; the pool holds calls back meanwhile). Policies never mix in
 a pair. Sampling seeds are per request, derived from (run seed, iteration, problem, proposals accepted so
 far), so a re-queued request is sampled with the seed it first had and the pairs do not depend on batching
-or on which engine answers.
+or on which engine answers. A problem resumed from its `Checkpoint` (`resume=`) continues with the seeds the
+lost search would have used.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 
 from psr_ray.config import JudgeMode, PSRConfig
 from psr_ray.data.problems import Problem, check_unique_ids
-from psr_ray.data.schema import StepPair
+from psr_ray.data.schema import Checkpoint, StepPair
 from psr_ray.engines.api import JudgeRequest, ScoreRequest
 from psr_ray.engines.pool import EnginePool
 from psr_ray.runtime import metrics
@@ -68,7 +71,19 @@ class InFlightCall:
 
 
 @dataclass(frozen=True)
+class CommittedSteps:
+    """Pairs of a problem still being searched whose steps can no longer be rolled back, and the checkpoint a
+    resumed search of it starts from."""
+
+    problem_id: str
+    pairs: list[StepPair]
+    checkpoint: Checkpoint
+
+
+@dataclass(frozen=True)
 class FinishedProblem:
+    """A problem done: `pairs` are those not handed to `on_committed` before (all of them without it)."""
+
     problem_id: str
     outcome: Outcome
     pairs: list[StepPair]
@@ -95,11 +110,13 @@ class SearchScheduler:
         self.rollout, self.judge = rollout, judge
         self.stats = SearchStats()
         self.likelihood = cfg.judge.mode == JudgeMode.LIKELIHOOD
-        self._num_proposals: dict[str, int] = {}  # accepted proposals per problem: the seed's attempt number
         self._queue: deque[Problem] = deque()
         self._active: dict[str, ProblemSearch] = {}
         self._want: dict[CallKind, deque[str]] = {CallKind.PROPOSE: deque(), CallKind.JUDGE: deque()}
         self._calls: dict[Any, InFlightCall] = {}
+        self._resume: dict[str, Checkpoint] = {}
+        self._on_committed: Callable[[CommittedSteps], None] | None = None
+        self._held: dict[str, list[StepPair]] = {}  # committed pairs, without `on_committed`
 
     def valid(self, problem: Problem) -> bool:
         return bool(problem.question.strip()) and len(problem.question) <= self.cfg.data.max_problem_chars
@@ -109,13 +126,20 @@ class SearchScheduler:
         problems: Iterable[Problem],
         on_finished: Callable[[FinishedProblem], None],
         on_tick: Callable[[], None] | None = None,
+        *,
+        on_committed: Callable[[CommittedSteps], None] | None = None,
+        resume: dict[str, Checkpoint] | None = None,
     ) -> SearchStats:
-        """Searches every problem; `on_finished` gets each one once, as soon as it is done. Problems that
-        are empty or too long are skipped and counted (callers pass already-resumed problems filtered out)."""
+        """Searches every problem; `on_finished` gets each one once, as soon as it is done. `on_committed`
+        gets a problem's pairs as soon as their steps are committed (without it they are held and handed to
+        `on_finished` with the rest). Problems that are empty or too long are skipped and counted (callers pass
+        already-finished problems filtered out); a problem in `resume` starts from its checkpoint."""
         import ray
 
         problems = list(problems)
         check_unique_ids(problems)
+        self._resume = dict(resume or {})
+        self._on_committed = on_committed
         for problem in problems:
             if self.valid(problem):
                 self._queue.append(problem)
@@ -172,14 +196,24 @@ class SearchScheduler:
                 judge_mode=judge_cfg.mode,
                 min_score_margin=search_cfg.min_score_margin,
                 judge_plan=judge_cfg.plan,
+                resume_from=self._resume.pop(problem.problem_id, None),
             )
             self._want[CallKind.PROPOSE].append(problem.problem_id)
             self.stats.count("problems_started")
         metrics.set_gauge("problems_in_flight", len(self._active))
 
     def _route(self, key: str, on_finished: Callable[[FinishedProblem], None]) -> None:
-        """Puts a problem in the queue its phase needs next, or hands it over when it is done."""
+        """Hands over the problem's newly committed pairs, then puts it in the queue its phase needs next, or
+        hands it over when it is done."""
         search = self._active[key]
+        commit = search.take_commit()
+        if commit is not None:
+            pairs, checkpoint = commit
+            self.stats.count("pairs", len(pairs))
+            if self._on_committed is None:
+                self._held.setdefault(key, []).extend(pairs)
+            else:
+                self._on_committed(CommittedSteps(key, pairs, checkpoint))
         if search.phase is Phase.PROPOSE:
             self._want[CallKind.PROPOSE].append(key)
         elif search.phase is Phase.JUDGE:
@@ -246,7 +280,7 @@ class SearchScheduler:
 
     def _seed(self, key: str) -> int:
         """The base seed of a problem's next proposal: the same whichever call, batch or engine carries it."""
-        attempt = self._num_proposals.get(key, 0)
+        attempt = self._active[key].num_proposals
         text = f"{self.cfg.run.seed}/{self.iteration}/{key}/{attempt}".encode()
         return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") % 2**31
 
@@ -308,7 +342,6 @@ class SearchScheduler:
         if len(results) != len(keys):
             raise RuntimeError(f"a rollout engine answered {len(results)} of {len(keys)} propose requests")
         for key, candidates in zip(keys, results, strict=True):
-            self._num_proposals[key] = self._num_proposals.get(key, 0) + 1
             self._active[key].on_candidates(candidates)
             self.stats.count("candidates", len(candidates.steps))
             self.stats.count("rollout_tokens", candidates.num_tokens)
@@ -334,9 +367,10 @@ class SearchScheduler:
     def _finish(self, search: ProblemSearch, on_finished: Callable[[FinishedProblem], None]) -> None:
         assert search.outcome is not None  # set together with Phase.DONE, the only phase routed here
         pairs = search.finished_pairs()
+        self.stats.count("pairs", len(pairs))
+        pairs = self._held.pop(search.problem.problem_id, []) + pairs
         self.stats.count("rollbacks", search.num_rollbacks)
         self.stats.count("steps_without_pair", search.num_steps_without_pair)
-        self.stats.count("pairs", len(pairs))
         if search.outcome is Outcome.ABANDONED:
             self.stats.count("problems_abandoned")
         elif search.outcome is Outcome.FINAL_ANSWER:

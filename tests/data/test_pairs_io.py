@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from psr_ray.data.pairs_io import PairWriter, pairs_dir, read_manifest, read_pairs, stream_pairs_dataset
-from psr_ray.data.schema import StepPair, check_table
+from psr_ray.data.schema import Checkpoint, StepPair, check_table
 from psr_ray.testing import make_pair as base_pair
 
 
@@ -30,6 +30,7 @@ def test_writer_flushes_parts_atomically_and_commits_in_the_manifest(tmp_path):
     assert manifest == {
         "parts": ["part-00000.parquet"],
         "done_problems": ["a", "b", "c"],
+        "open_problems": {},
         "num_pairs": 3,
         "complete": True,
     }
@@ -54,6 +55,31 @@ def test_resume_drops_uncommitted_parts_and_continues_numbering(tmp_path):
     resumed.close()
     assert read_manifest(resumed.directory)["parts"] == ["part-00000.parquet", "part-00001.parquet"]
     assert read_pairs(str(tmp_path), 0).column("pair_id").to_pylist() == ["0/a/1", "0/b/1"]
+
+
+def test_committed_pairs_are_written_with_their_checkpoint_until_the_problem_is_done(tmp_path):
+    writer = PairWriter(str(tmp_path), 0, flush_pairs=1)
+    first = Checkpoint(("step one",), num_proposals=2, num_rollbacks=1)
+    writer.commit("a", [make_pair("a", 1)], first)
+    manifest = read_manifest(writer.directory)
+    assert manifest["open_problems"] == {"a": {"steps": ["step one"], "num_proposals": 2, "num_rollbacks": 1}}
+    assert manifest["done_problems"] == [] and manifest["num_pairs"] == 1
+    assert PairWriter(str(tmp_path), 0).open_problems == {"a": first}  # a resumed run starts "a" there
+    writer = PairWriter(str(tmp_path), 0, flush_pairs=1)
+    writer.add("a", [make_pair("a", 2)])
+    manifest = read_manifest(writer.directory)
+    assert manifest["open_problems"] == {} and manifest["done_problems"] == ["a"] and manifest["num_pairs"] == 2
+    with pytest.raises(ValueError, match="already written"):
+        writer.commit("a", [], first)
+
+
+def test_resume_rejects_a_damaged_checkpoint_naming_the_manifest(tmp_path):
+    directory = PairWriter(str(tmp_path), 0).directory
+    (directory / "manifest.json").write_text(
+        '{"parts": [], "done_problems": [], "open_problems": {"a": {"steps": []}}, "complete": false}'
+    )
+    with pytest.raises(ValueError, match=r"manifest.json has a damaged open_problems entry"):
+        PairWriter(str(tmp_path), 0)
 
 
 def test_resume_rejects_a_manifest_listing_a_name_that_is_not_a_part(tmp_path):

@@ -1,12 +1,13 @@
-"""PairLedger: when a search's pairs are decided, pass out of roll-back reach, and are released or lost,
-stamped on the real `ProblemSearch` state machine with a deterministic judge fake and a counted clock."""
+"""PairLedger: when a search's pairs are decided and reach the stream, and which are lost, stamped on the real
+`ProblemSearch` state machine with a deterministic judge fake and a counted clock (each round's commit flushed
+at once, as `flush_pairs=1` does)."""
 
 from __future__ import annotations
 
 from psr_ray.data.problems import Problem
 from psr_ray.engines.api import Candidates, JudgeRequest, Judgment
 from psr_ray.search.problem import Phase, ProblemSearch
-from psr_ray.search.release import PairLedger, out_of_reach
+from psr_ray.search.release import PairLedger
 
 
 def judge(req: JudgeRequest) -> Judgment:
@@ -17,15 +18,19 @@ def judge(req: JudgeRequest) -> Judgment:
 
 
 def run(search: ProblemSearch, rounds: list[tuple[str, ...]], ledger: PairLedger) -> None:
-    """Feeds one candidate set per round (time = the round's number) and finishes at the end."""
+    """Feeds one candidate set per round (time = the round's number), flushing what each round commits."""
     for now, steps in enumerate(rounds, start=1):
         search.on_candidates(Candidates(steps=steps, num_tokens=10, policy_version=0))
         before = ledger.snapshot(search)
         if search.phase is Phase.JUDGE:
             search.on_judgments([judge(r) for r in search.judge_requests()])
         ledger.after(search, before, float(now))
+        commit = search.take_commit()
+        if commit is not None:
+            ledger.flushed([p.pair_id for p in commit[0]], float(now))
     assert search.done
-    ledger.finish(search, float(len(rounds) + 10))
+    ledger.finish(search)
+    ledger.flushed([p.pair_id for p in search.finished_pairs()], float(len(rounds)))
 
 
 def make(max_rollbacks: int) -> ProblemSearch:
@@ -37,27 +42,19 @@ TIE = ("2 a", "2 b", "2 c")
 FINAL = ("1 x", r"3 \boxed{4}", "2 y")
 
 
-def test_out_of_reach_needs_more_rollbacks_than_are_left():
-    assert not out_of_reach(3, 2, 1)  # the newest step: one roll-back pops it
-    assert out_of_reach(3, 2, 0)
-    assert not out_of_reach(3, 1, 2) and out_of_reach(3, 0, 2)
-
-
-def test_rollback_pops_a_pair_and_the_redecided_step_waits_from_its_new_decision():
+def test_a_pair_waits_one_step_and_a_redecided_step_waits_from_its_new_decision():
     ledger = PairLedger()
-    # t1 step 1; t2 step 2; t3 tie at step 3 pops step 2; t4 step 2 again; t5 final step 3; released at t15.
+    # t1 step 1; t2 step 2 (commits step 1); t3 tie at step 3 pops step 2; t4 step 2 again; t5 final step 3.
     run(make(max_rollbacks=1), [GOOD, GOOD, TIE, GOOD, FINAL], ledger)
     assert ledger.popped == 1 and ledger.dropped == 0
-    assert ledger.waits == [15 - 1, 15 - 4, 15 - 5]
-    assert ledger.released_at == [15.0] * 3
-    # One roll-back left until t3, none after: step 1 is out of reach at t2 (2 pops needed, 1 left), the
-    # redecided step 2 at t4 and step 3 at t5 (none left).
-    assert ledger.early == [15 - 2, 15 - 4, 15 - 5]
+    assert ledger.waits == [2 - 1, 5 - 4, 5 - 5]
+    assert ledger.commit_waits == ledger.waits  # flushed as soon as committed
+    assert ledger.flushed_at == [2.0, 5.0, 5.0]
+    assert ledger.step_times == [1.0] * 4
 
 
-def test_abandoned_problem_drops_its_pairs_even_out_of_reach():
+def test_an_abandoned_problem_drops_only_its_uncommitted_pair():
     ledger = PairLedger()
     run(make(max_rollbacks=0), [GOOD, GOOD, TIE], ledger)
-    assert ledger.dropped == 2 and ledger.popped == 0
-    assert ledger.waits == [] and ledger.early == [] and ledger.released_at == []
-    assert set(ledger.reach_left) == {"1/p0/1", "1/p0/2"}  # both were out of reach, and both were lost
+    assert ledger.dropped == 1 and ledger.popped == 0
+    assert ledger.waits == [1.0] and ledger.flushed_at == [2.0]  # step 1's pair left before the tie

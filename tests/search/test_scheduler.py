@@ -135,7 +135,8 @@ def test_many_problems_in_flight_survive_killed_actors_exactly_once(ray_cluster,
     for result in finished:
         if result.outcome is Outcome.FINAL_ANSWER:
             assert [p.step_index for p in result.pairs] == [1, 2, 3]
-            assert all(p.answer_correct is True for p in result.pairs)
+            # Step 1 was committed (step 2 decided) before the answer was known; steps 2-3 left with it.
+            assert [p.answer_correct for p in result.pairs] == [None, True, True]
     assert stats.problems_final_answer + stats.problems_abandoned + stats.problems_max_steps == 40
     assert stats.rollbacks > 0  # the "tie" problems rolled back at least once
     for a in rollout.actors + judge.actors:
@@ -168,6 +169,46 @@ def test_generate_pairs_summary_and_resume_skip_finished_problems(ray_cluster, t
     assert len(pair_ids) == len(set(pair_ids)) == first.pairs + second.pairs == second.pairs_total
     with pytest.raises(ValueError, match="appears twice"):
         search(problems(2) + problems(1), iteration=3)
+    for a in rollout.actors + judge.actors:
+        ray.kill(a)
+
+
+def test_a_search_stopped_mid_problem_resumes_from_the_committed_steps(ray_cluster, tmp_path):
+    """Pairs are written as their steps are committed, before their problem ends; a search stopped then and
+    run again continues those problems from the manifest's checkpoints: the pairs equal an undisturbed run's,
+    none twice."""
+    import threading
+
+    from psr_ray.pipeline.search_stage import SearchStopped
+
+    ray = ray_cluster
+    cfg = make_cfg(max_problems_in_flight=4)
+    rollout, judge = fake_pool(ray, "rollout", 1, 0.01), fake_pool(ray, "judge", 1, 0.01)
+
+    def search(folder, **kwargs):
+        return generate_pairs(cfg, problems(8, tie_every=2), iteration=1, policy_version=1, rollout=rollout,
+                              judge=judge, output_dir=str(folder), flush_pairs=1, **kwargs)  # fmt: skip
+
+    search(tmp_path / "whole")
+    stop, seen_open = threading.Event(), []
+
+    def on_turn():
+        manifest = read_manifest(tmp_path / "cut" / "pairs" / "iter_1")
+        if manifest.get("open_problems") and not stop.is_set():
+            seen_open.append((dict(manifest["open_problems"]), list(manifest["done_problems"])))
+            stop.set()
+
+    with pytest.raises(SearchStopped):
+        search(tmp_path / "cut", stop=stop, on_turn=on_turn)
+    (open_problems, done), cut = seen_open[0], read_pairs(str(tmp_path / "cut"), 1).to_pylist()
+    # Pairs of a problem not yet done reached the manifest (the trainer's stream) with its checkpoint.
+    assert any(row["problem_id"] in open_problems and row["problem_id"] not in done for row in cut)
+    search(tmp_path / "cut")
+    whole = {r["pair_id"]: r for r in read_pairs(str(tmp_path / "whole"), 1).to_pylist()}
+    resumed = read_pairs(str(tmp_path / "cut"), 1).to_pylist()
+    assert len(resumed) == len({r["pair_id"] for r in resumed})  # none twice
+    assert {r["pair_id"]: r for r in resumed} == whole
+    assert read_manifest(tmp_path / "cut" / "pairs" / "iter_1")["open_problems"] == {}
     for a in rollout.actors + judge.actors:
         ray.kill(a)
 
