@@ -65,14 +65,13 @@ def tracking_scheduler():
         ledger = PairLedger()
 
         def _take_judgments(self, keys, results, *, all_right=False):
-            before = {}
             for key in keys:
                 Tracking.judge_requests += self._active[key].judge_requests()
-                before[key] = Tracking.ledger.snapshot(self._active[key])
             super()._take_judgments(keys, results, all_right=all_right)
-            now = time.monotonic()
-            for key in keys:
-                Tracking.ledger.after(self._active[key], before[key], now)
+
+        def _route(self, key, on_finished):
+            Tracking.ledger.after(self._active[key], time.monotonic())
+            super()._route(key, on_finished)
 
         def _finish(self, search, on_finished):
             Tracking.ledger.finish(search)

@@ -115,11 +115,13 @@ class JudgeConfig(EnginePoolConfig):
 @dataclass(frozen=True)
 class SearchConfig:
     max_steps: int = 20
-    # How often one problem may roll back (all candidates tied) before it is abandoned.
+    # How often one problem may roll back (all candidates tied) before it is abandoned (which drops only its
+    # newest, uncommitted pair: a step's pair streams out once the next step is decided).
     max_rollbacks: int = 5
     max_problems_in_flight: int = 64
-    # Pairs per Parquet part: a killed driver loses at most the pairs not yet in a part (their problems are
-    # searched again on resume, with the same seeds); smaller parts mean more files.
+    # Pairs per Parquet part at most (a part is also written every 2 s that has pairs): a killed driver loses
+    # at most the pairs not yet in a part (their steps are searched again on resume, from the problem's last
+    # committed step, with the same seeds); smaller parts mean more files.
     flush_pairs: int = 64
     # A pair needs chosen_score - rejected_score >= this, else the round is a tie (roll back). Scores count
     # won comparisons: a hard vote is 1 per comparison, a soft vote (judge.mode=direct) its P(win), which

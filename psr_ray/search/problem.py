@@ -244,7 +244,8 @@ class ProblemSearch:
             self._finish(Outcome.ABANDONED)
             return
         self.num_rollbacks += 1
-        if len(self.steps) > self.committed:  # at step 1, or above a committed step: it is proposed again
+        # The newest step is dropped unless committed (or none: step 1); else the same step is proposed again.
+        if len(self.steps) > self.committed:
             self.steps.pop()
             self.pairs.pop()
             self._decided_at.pop()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from psr_ray.data.schema import StepPair
 from psr_ray.search.problem import Outcome, ProblemSearch
 
 
@@ -28,25 +27,31 @@ class PairLedger:
     popped: int = 0  # pairs popped by roll-backs (never released)
     dropped: int = 0  # uncommitted pairs dropped with abandoned problems
 
-    @staticmethod
-    def snapshot(search: ProblemSearch) -> list[StepPair]:
-        """The search's pairs before it is fed a judge round (pass to `after`)."""
-        return [p for p in search.pairs if p is not None]
+    _seen: dict[str, tuple] = field(default_factory=dict)  # problem_id -> its state at the last look
 
-    def after(self, search: ProblemSearch, before: list[StepPair], now: float) -> None:
-        """Stamps what one decided round changed: the round's time, pairs popped, a new pair decided."""
+    def after(self, search: ProblemSearch, now: float) -> None:
+        """Looks at a search after a result was fed to it: when its state moved (a step kept, a roll-back, the
+        end) a round was decided now; stamps the pairs it popped, the new pair and the pairs now committed."""
         key = search.problem.problem_id
+        pairs = [p for p in search.pairs if p is not None]
+        state = (tuple(id(p) for p in pairs), len(search.steps), search.num_rollbacks, search.done)
+        if key not in self._seen:
+            self._seen[key] = ((), 0, 0, False)
+        old = self._seen[key]
+        if state == old:
+            return  # candidates arrived: nothing decided yet
         if key in self.last_round:
             self.step_times.append(now - self.last_round[key])
         self.last_round[key] = now
-        kept = {id(p) for p in search.pairs if p is not None}
-        self.popped += sum(1 for p in before if id(p) not in kept)
-        old = {id(p) for p in before}
+        self.popped += len(set(old[0]) - set(state[0]))
         for index, pair in enumerate(search.pairs):
-            if pair is not None and id(pair) not in old:  # a step decided (again, after a roll-back: same id)
+            if pair is None:
+                continue
+            if id(pair) not in old[0]:  # a step decided (again, after a roll-back: the same pair_id)
                 self.decided[pair.pair_id] = now
-            if pair is not None and (index < search.committed or search.done):
+            if index < search.committed or search.done:
                 self.committed_at.setdefault(pair.pair_id, now)
+        self._seen[key] = state
 
     def finish(self, search: ProblemSearch) -> None:
         """The problem is done: an abandoned one drops its uncommitted pairs."""

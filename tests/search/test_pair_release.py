@@ -21,10 +21,10 @@ def run(search: ProblemSearch, rounds: list[tuple[str, ...]], ledger: PairLedger
     """Feeds one candidate set per round (time = the round's number), flushing what each round commits."""
     for now, steps in enumerate(rounds, start=1):
         search.on_candidates(Candidates(steps=steps, num_tokens=10, policy_version=0))
-        before = ledger.snapshot(search)
+        ledger.after(search, now - 0.5)  # candidates in: nothing decided
         if search.phase is Phase.JUDGE:
             search.on_judgments([judge(r) for r in search.judge_requests()])
-        ledger.after(search, before, float(now))
+        ledger.after(search, float(now))
         commit = search.take_commit()
         if commit is not None:
             ledger.flushed([p.pair_id for p in commit[0]], float(now))
@@ -38,6 +38,7 @@ def make(max_rollbacks: int) -> ProblemSearch:
 
 
 GOOD = ("1 a", "3 b", "2 c")
+SAME = ("2 s", "2 s", "2 s")  # identical: the step advances without a pair, decided without a judge call
 TIE = ("2 a", "2 b", "2 c")
 FINAL = ("1 x", r"3 \boxed{4}", "2 y")
 
@@ -58,3 +59,11 @@ def test_an_abandoned_problem_drops_only_its_uncommitted_pair():
     run(make(max_rollbacks=0), [GOOD, GOOD, TIE], ledger)
     assert ledger.dropped == 1 and ledger.popped == 0
     assert ledger.waits == [1.0] and ledger.flushed_at == [2.0]  # step 1's pair left before the tie
+
+
+def test_a_step_decided_without_a_judge_call_commits_the_pair_below_it():
+    ledger = PairLedger()
+    run(make(max_rollbacks=0), [GOOD, SAME, FINAL], ledger)
+    # Step 2 (identical candidates) is decided when its candidates land, at t1.5: step 1's pair commits then.
+    assert ledger.commit_waits == [0.5, 0.0] and ledger.step_times == [0.5, 1.5]
+    assert ledger.waits == [1.0, 0.0]  # flushed at t2 and t3
