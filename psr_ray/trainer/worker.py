@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +39,7 @@ from psr_ray.trainer.batches import (
 )
 from psr_ray.trainer.forward import forward_logps
 from psr_ray.trainer.loss import scored_mask, sft_row_losses, step_dpo_loss
+from psr_ray.trainer.staging import staging_dir
 
 DATASET_NAME = "pairs"
 
@@ -346,7 +346,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sender = loop_config.get("weight_sender")
     # CUDA IPC feeds each engine from the rank on its GPU: every rank needs the whole weights (weight_sync/cuda_ipc.py).
     state_dict = gather_full_state_dict(policy, every_rank=getattr(sender, "every_rank", False))
-    with tempfile.TemporaryDirectory(prefix=f"psr_ckpt_rank{rank}_") as tmp:
+    with staging_dir(rank) as tmp:  # a killed worker's leftover is swept by the next (trainer/staging.py)
         ckpt.save_deepspeed(policy, tmp)
         sync_report: Any = None  # rank 0's SyncReport
         if sender is not None:
