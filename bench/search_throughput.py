@@ -153,15 +153,21 @@ def first_step_agreement(dir_a: Path, dir_b: Path) -> tuple[int, int, int]:
     return len(same), sum(a[k][1] == b[k][1] for k in same), sum(a[k][2] == b[k][2] for k in same)
 
 
+def raw_equivalent(cost: tuple[float, float], run: dict[str, float]) -> float:
+    """The seconds raw `generate` would take for a run's tokens at `cost` = (a, b) (see `fit_cost`)."""
+    a, b = cost
+    return a * run["computed"] + b * run["generated"]
+
+
+def cost_said(cost: tuple[float, float]) -> str:
+    return f"{cost[0] * 1e3:.3f} ms per prompt token computed, {cost[1] * 1e3:.2f} ms per generated token"
+
+
 def topology_report(runs: dict[str, tuple], cost: tuple[float, float] | None) -> list[str]:
     """One pool against separate pools on the same engines and problems, each row computed from its run."""
     rows = []
     for arm, (summary, search, *_rest) in runs.items():
-        equivalent = (
-            "-"
-            if cost is None
-            else f"{(cost[0] * search['computed'] + cost[1] * search['generated']) / search['seconds']:.2f}x"
-        )
+        equivalent = "-" if cost is None else f"{raw_equivalent(cost, search) / search['seconds']:.2f}x"
         rows.append(f"| {arm} | {summary.problems_total} | {summary.pairs} | {search['seconds']:.1f} | "
                     f"{summary.problems_total / search['seconds'] * 60:.2f} | {search['generated']:.0f} | "
                     f"{search['computed']:.0f} | {equivalent} | {', '.join(f'{b:.0%}' for b in search['busy'])} |")  # fmt: skip
@@ -320,20 +326,18 @@ def report(args, cfg, summary, search, decodes, prefill, tracking, search_start,
         headline = "- (the raw phases do not determine a positive cost per token; see their rows)"
         cost_row = "-"
     else:
-        a, b = cost
-        equivalent = a * search["computed"] + b * search["generated"]
+        equivalent = raw_equivalent(cost, search)
         ratio = equivalent / search["seconds"]
         verdict = "met" if ratio >= goal else f"missed by {goal - ratio:.2f}"
         headline = (f"{equivalent:.1f} s raw-equivalent / {search['seconds']:.1f} s search = {ratio:.2f}x "
                     f"(goal >= {goal}x: {verdict})")  # fmt: skip
-        cost_row = f"{a * 1e3:.3f} ms per prompt token computed, {b * 1e3:.2f} ms per generated token"
+        cost_row = cost_said(cost)
     gen_ratio = (search["generated"] / search["seconds"]) / (decode["generated"] / decode["seconds"])
     bare_cost = fit_cost(decode_bare, prefill)
     bare_ratio = (
         "-"
         if bare_cost is None
-        else f"{(bare_cost[0] * search['computed'] + bare_cost[1] * search['generated']) / search['seconds']:.2f}x "
-        f"({bare_cost[0] * 1e3:.3f} ms per prompt token computed, {bare_cost[1] * 1e3:.2f} ms per generated token)"
+        else f"{raw_equivalent(bare_cost, search) / search['seconds']:.2f}x ({cost_said(bare_cost)})"
     )
     ledger = tracking.ledger
     waits, step_times = ledger.waits, ledger.step_times
@@ -348,12 +352,12 @@ def report(args, cfg, summary, search, decodes, prefill, tracking, search_start,
                 f"max {xs[-1]:.1f} s (n = {len(xs)})")  # fmt: skip
 
     step_time = sum(step_times) / len(step_times) if step_times else None
-    within = (
-        f"{sum(w <= step_time for w in waits)} of {len(waits)} ({sum(w <= step_time for w in waits) / len(waits):.0%}); "
-        f"mean wait / mean step time = {sum(waits) / len(waits) / step_time:.2f}"
-        if waits and step_time
-        else "-"
-    )
+    if waits and step_time:
+        on_time = sum(w <= step_time for w in waits)
+        within = (f"{on_time} of {len(waits)} ({on_time / len(waits):.0%}); "
+                  f"mean wait / mean step time = {sum(waits) / len(waits) / step_time:.2f}")  # fmt: skip
+    else:
+        within = "-"
 
     queries = search["prompt"]
     rows = [

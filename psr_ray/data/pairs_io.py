@@ -109,22 +109,22 @@ class PairWriter:
         return int(self._manifest["num_pairs"])
 
     def add(self, problem_id: str, pairs: list[StepPair]) -> None:
-        if problem_id in self.done_problems or problem_id in self._problems:
-            raise ValueError(f"problem {problem_id!r} was already written for iteration {self.iteration}")
-        self._pairs.extend(pairs)
+        self._buffer(problem_id, pairs)
         self._problems.append(problem_id)
         self._open.pop(problem_id, None)
-        self._oldest = self._oldest or time.monotonic()
         self.maybe_flush()
 
     def commit(self, problem_id: str, pairs: list[StepPair], checkpoint: Checkpoint) -> None:
         """Buffers pairs of a problem still being searched; a resumed run restarts it from `checkpoint`."""
+        self._buffer(problem_id, pairs)
+        self._open[problem_id] = checkpoint
+        self.maybe_flush()
+
+    def _buffer(self, problem_id: str, pairs: list[StepPair]) -> None:
         if problem_id in self.done_problems or problem_id in self._problems:
             raise ValueError(f"problem {problem_id!r} was already written for iteration {self.iteration}")
         self._pairs.extend(pairs)
-        self._open[problem_id] = checkpoint
         self._oldest = self._oldest or time.monotonic()
-        self.maybe_flush()
 
     def maybe_flush(self) -> None:
         """Flushes when the chunk is big or old enough; cheap to call often."""

@@ -36,13 +36,13 @@ def generate_pairs(
     on_turn: Callable[[], None] | None = None,
 ) -> SearchSummary:
     """Searches `problems` and writes their step pairs to `<output_dir>/pairs/iter_<iteration>/` as their
-        steps are committed (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this
-        iteration finished are skipped, and those it left half-searched continue from their checkpoint (resume). `policy_dir` (the HF folder of `policy_version`) is what an engine that
-        comes back from a crash on other weights reloads; without it such an engine fails the run. `on_pairs`
-        sees each finished problem after its pairs are buffered. Setting `stop` ends the search within a turn
-        with `SearchStopped` (finished problems committed). `on_turn` runs between scheduling turns (the run's
-    `psr-ray scale` requests: pipeline/elastic.py). Parts hold `flush_pairs` pairs (default
-        `search.flush_pairs`)."""
+    steps are committed (readable meanwhile with `stream_pairs_dataset`). Problems an earlier run of this
+    iteration finished are skipped, and those it left half-searched continue from their checkpoint (resume).
+    `policy_dir` (the HF folder of `policy_version`) is what an engine that comes back from a crash on other
+    weights reloads; without it such an engine fails the run. `on_pairs` sees each finished problem after its
+    pairs are buffered. Setting `stop` ends the search within a turn with `SearchStopped` (finished problems
+    committed). `on_turn` runs between scheduling turns (the run's `psr-ray scale` requests:
+    pipeline/elastic.py). Parts hold `flush_pairs` pairs (default `search.flush_pairs`)."""
     from tqdm import tqdm
 
     problems = list(problems)

@@ -35,9 +35,7 @@ class PairLedger:
         key = search.problem.problem_id
         pairs = [p for p in search.pairs if p is not None]
         state = (tuple(id(p) for p in pairs), len(search.steps), search.num_rollbacks, search.done)
-        if key not in self._seen:
-            self._seen[key] = ((), 0, 0, False)
-        old = self._seen[key]
+        old = self._seen.get(key, ((), 0, 0, False))  # a search not looked at yet: nothing decided
         if state == old:
             return  # candidates arrived: nothing decided yet
         if key in self.last_round:
